@@ -1,0 +1,1 @@
+"""ImageWorks operator console (Streamlit). Talks to the chat proxy over HTTP only."""

@@ -1,0 +1,1 @@
+"""ImageWorks OpenAI-compatible chat proxy."""

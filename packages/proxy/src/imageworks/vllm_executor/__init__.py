@@ -1,0 +1,1 @@
+"""imageworks-vllm: the executor that runs one vLLM server at a time for the proxy."""

@@ -1,0 +1,229 @@
+"""`imageworks-models`: inspect the registry and the deployment profiles.
+
+Thin by design: parse, call the library, print. Every domain error becomes a one-line message
+and a non-zero exit (click.ClickException), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from imageworks.model_loader.errors import RegistryError, RegistryValidationError
+from imageworks.model_loader.profiles import PROFILES_FILE, ProfileManager
+from imageworks.model_loader.registry import Registry, build_registry, load_registry, registry_dir
+from imageworks.model_loader.schema import ModelEntry
+
+
+@dataclass
+class Context:
+    registry_dir: Path
+    staging_dir: Path
+
+    def registry(self) -> Registry:
+        return load_registry(self.registry_dir)
+
+    def profiles(self) -> ProfileManager:
+        return ProfileManager(self.registry_dir / PROFILES_FILE, self.staging_dir)
+
+
+@contextmanager
+def domain_errors() -> Iterator[None]:
+    try:
+        yield
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"{exc.filename or ''}: {exc.strerror or exc}") from None
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--registry-dir",
+    envvar="IMAGEWORKS_REGISTRY_DIR",
+    default="configs",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory with the registry layers and deployment_profiles.json.",
+)
+@click.option(
+    "--staging-dir",
+    envvar="IMAGEWORKS_STAGING_DIR",
+    default="_staging",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for runtime state (the active profile, autostart logs).",
+)
+@click.pass_context
+def main(ctx: click.Context, registry_dir: Path, staging_dir: Path) -> None:
+    """Inspect the ImageWorks model registry and deployment profiles."""
+    ctx.obj = Context(registry_dir, staging_dir)
+
+
+def _summary(entry: ModelEntry) -> dict[str, Any]:
+    return {
+        "name": entry.name,
+        "display_name": entry.label,
+        "backend": entry.backend,
+        "served_model_id": entry.upstream_id,
+        "capabilities": sorted(k for k, v in entry.capabilities.model_dump().items() if v is True),
+        "profiles": entry.profiles,
+        "vram_estimate_mb": entry.vram_estimate_mb,
+        "deprecated": entry.deprecated,
+    }
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=False)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += [
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    ]
+    return "\n".join(lines)
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
+@click.option("--profile", help="Filter by this deployment profile (default: the active one).")
+@click.option("--backend", help="Only entries of this backend.")
+@click.option(
+    "--all",
+    "show_all",
+    is_flag=True,
+    help="Include deprecated entries and entries hidden by the profile.",
+)
+@pass_ctx
+def list_models(
+    obj: Context, as_json: bool, profile: str | None, backend: str | None, show_all: bool
+) -> None:
+    """List registry entries visible in a deployment profile."""
+    with domain_errors():
+        registry = obj.registry()
+        active = obj.profiles().get(profile) if profile else obj.profiles().active
+        entries = [
+            e
+            for e in registry
+            if (show_all or (active.admits(e) and not e.deprecated and e.servable))
+            and (backend is None or e.backend == backend)
+        ]
+    if as_json:
+        click.echo(json.dumps([_summary(e) for e in entries], indent=2))
+        return
+    if not entries:
+        click.echo(
+            f"no models in profile {active.name!r}"
+            + (f" for backend {backend!r}" if backend else "")
+        )
+        return
+    rows = [
+        [
+            s["name"],
+            s["backend"],
+            s["served_model_id"],
+            ",".join(s["capabilities"]),
+            "-" if s["vram_estimate_mb"] is None else str(s["vram_estimate_mb"]),
+            "deprecated" if s["deprecated"] else "",
+        ]
+        for s in map(_summary, entries)
+    ]
+    click.echo(_table(rows, ["NAME", "BACKEND", "SERVED ID", "CAPABILITIES", "VRAM MB", ""]))
+    if not show_all:
+        click.echo(f"\nprofile: {active.name} ({len(entries)} of {len(registry)} entries)")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print entry, origins and sources as JSON.")
+@pass_ctx
+def show(obj: Context, name: str, as_json: bool) -> None:
+    """Show the merged entry NAME and which layer each field came from."""
+    with domain_errors():
+        registry = obj.registry()
+        entry = registry.resolve(name)
+        raw, origins = registry.raw(entry.name), registry.origins(entry.name)
+        sources = [
+            {"layer": s[0], "file": s[1], "index": s[2]} for s in registry.sources(entry.name)
+        ]
+    if as_json:
+        click.echo(json.dumps({"entry": raw, "origins": origins, "sources": sources}, indent=2))
+        return
+    click.echo(json.dumps(raw, indent=2))
+    click.echo("\nfield origins:")
+    width = max(map(len, origins), default=0)
+    for field_name in sorted(origins):
+        click.echo(f"  {field_name.ljust(width)}  {origins[field_name]}")
+    click.echo(
+        "defined in: " + "; ".join(f"{s['layer']} ({s['file']} #{s['index']})" for s in sources)
+    )
+
+
+@main.command()
+@pass_ctx
+def validate(obj: Context) -> None:
+    """Check every layer file and the profiles; list every problem and exit 1 if there are any."""
+    problems: list[str] = []
+    count = 0
+    try:
+        count = len(build_registry(obj.registry_dir, write_snapshot=False))
+    except RegistryValidationError as exc:
+        problems += [str(p) for p in exc.problems]
+    try:
+        obj.profiles()
+    except RegistryValidationError as exc:
+        problems += [str(p) for p in exc.problems]
+    except RegistryError as exc:
+        problems.append(str(exc))
+    if problems:
+        for line in problems:
+            click.echo(line, err=True)
+        raise click.ClickException(f"{len(problems)} problem(s) in {obj.registry_dir}")
+    click.echo(f"ok: {count} entries in {registry_dir(obj.registry_dir)}")
+
+
+@main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def profiles(ctx: click.Context, as_json: bool) -> None:
+    """List deployment profiles (the active one is marked with *)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    obj: Context = ctx.obj
+    with domain_errors():
+        manager = obj.profiles()
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "active": manager.active.name,
+                    "profiles": [p.model_dump() for p in manager.profiles],
+                },
+                indent=2,
+            )
+        )
+        return
+    for profile in manager.profiles:
+        mark = "*" if profile.name == manager.active.name else " "
+        click.echo(f"{mark} {profile.name:<12} {profile.description}")
+
+
+@profiles.command("use")
+@click.argument("name")
+@pass_ctx
+def profiles_use(obj: Context, name: str) -> None:
+    """Make NAME the active deployment profile (persisted under the staging dir)."""
+    with domain_errors():
+        profile = obj.profiles().use(name)
+    click.echo(f"active profile: {profile.name}")
+
+
+if __name__ == "__main__":
+    main()

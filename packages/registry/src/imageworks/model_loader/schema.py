@@ -1,0 +1,121 @@
+"""The typed view of one registry entry.
+
+The registry keeps each entry's raw JSON object as the source of truth (so unknown fields and key
+order survive a save); these models only validate it and give callers typed access.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Backends the proxy can serve, and legacy values from the existing ImageWorks registry that load
+# without error but are never listed or routed (DESIGN.md §3; seed inventory §3.2).
+SERVABLE_BACKENDS = ("vllm", "ollama", "llamacpp", "openai")
+LEGACY_BACKENDS = ("lmdeploy", "triton", "gguf", "unassigned")
+
+
+class _Open(BaseModel):
+    """Nested objects accept fields we do not know yet."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class BackendConfig(_Open):
+    host: str | None = None
+    port: int | None = Field(default=None, ge=0, le=65535)
+    base_url: str | None = None
+    model_path: str | None = None
+    extra_args: list[str] = Field(default_factory=list)
+
+
+class Capabilities(_Open):
+    text: bool = True
+    vision: bool = False
+    tools: bool = False
+    reasoning: bool = False
+    embedding: bool = False
+
+
+class ChatTemplate(_Open):
+    # embedded: the weights carry one; external/extracted: a Jinja file at ``path``;
+    # builtin: an engine's named template (llama.cpp's "gemma", "chatml", ...) given in ``name``.
+    source: Literal["embedded", "external", "extracted", "builtin"] = "embedded"
+    path: str | None = None
+    name: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        if self.source in ("external", "extracted"):
+            return bool(self.path)
+        if self.source == "builtin":
+            return bool(self.name)
+        return True
+
+
+class GenerationDefaults(_Open):
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+
+
+class ModelEntry(_Open):
+    """One model as the registry describes it. Only ``name`` and ``backend`` are required."""
+
+    name: str = Field(min_length=1)
+    backend: str
+    display_name: str | None = None
+    served_model_id: str | None = None
+    model_aliases: list[str] = Field(default_factory=list)
+    backend_config: BackendConfig = Field(default_factory=BackendConfig)
+    capabilities: Capabilities = Field(default_factory=Capabilities)
+    generation_defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
+    chat_template: ChatTemplate | None = None
+    vram_estimate_mb: int | None = Field(default=None, ge=0)
+    profiles: list[str] | None = None
+    deprecated: bool = False
+    quantization: str | None = None
+    family: str | None = None
+    roles: list[str] = Field(default_factory=list)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_trimmed(cls, value: str) -> str:
+        if value != value.strip():
+            raise ValueError("must not start or end with whitespace")
+        return value
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_is_known(cls, value: str) -> str:
+        if value not in SERVABLE_BACKENDS + LEGACY_BACKENDS:
+            known = ", ".join(SERVABLE_BACKENDS + LEGACY_BACKENDS)
+            raise ValueError(f"unknown backend {value!r} (known: {known})")
+        return value
+
+    @field_validator("served_model_id")
+    @classmethod
+    def _none_string_is_null(cls, value: str | None) -> str | None:
+        # The old registry wrote the string "None" for a missing served id.
+        return None if value in (None, "", "None") else value
+
+    @property
+    def label(self) -> str:
+        """What people see: the display name, else the logical name."""
+        return self.display_name or self.name
+
+    @property
+    def upstream_id(self) -> str:
+        """The model id sent to the backend (vLLM --served-model-name, the Ollama tag, ...)."""
+        return self.served_model_id or self.name
+
+    @property
+    def servable(self) -> bool:
+        return self.backend in SERVABLE_BACKENDS
+
+    def visible_in(self, profile: str) -> bool:
+        return self.profiles is None or profile in self.profiles
