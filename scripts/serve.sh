@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Quick start: install uv if missing, then run the main job with the shipped configuration.
+# Quick start: install uv if missing, then run the proxy with the shipped configuration.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/ensure-uv.sh
-exec uv run --frozen imageworks-models list "$@"
+exec uv run --frozen imageworks-chat-proxy "$@"

@@ -1,0 +1,21 @@
+"""Backend kinds, chosen by the registry entry's ``backend`` through this name table."""
+
+from __future__ import annotations
+
+from imageworks.chat_proxy.backends.base import Backend
+from imageworks.chat_proxy.backends.llamacpp import LlamaCppBackend
+from imageworks.chat_proxy.backends.ollama import OllamaBackend
+from imageworks.chat_proxy.backends.openai import OpenAIBackend
+from imageworks.chat_proxy.backends.vllm import VllmBackend
+from imageworks.chat_proxy.config import ProxyConfig
+
+BACKEND_KINDS: dict[str, type[Backend]] = {
+    cls.kind: cls for cls in (VllmBackend, OllamaBackend, LlamaCppBackend, OpenAIBackend)
+}
+
+
+def build_backends(config: ProxyConfig) -> dict[str, Backend]:
+    return {kind: cls(config) for kind, cls in BACKEND_KINDS.items()}
+
+
+__all__ = ["BACKEND_KINDS", "Backend", "build_backends"]

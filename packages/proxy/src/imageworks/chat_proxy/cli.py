@@ -1,0 +1,102 @@
+"""`imageworks-chat-proxy`: start the proxy (hypercorn with uvloop by default, or uvicorn)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any
+
+import click
+
+from imageworks.chat_proxy.app import create_app
+from imageworks.chat_proxy.config import ConfigError, ProxyConfig
+from imageworks.model_loader.errors import RegistryError
+from imageworks.model_loader.profiles import PROFILES_FILE, ProfileManager
+from imageworks.model_loader.registry import build_registry
+
+log = logging.getLogger("imageworks.chat_proxy")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--host", help="Bind address (CHAT_PROXY_HOST, default 127.0.0.1).")
+@click.option("--port", type=int, help="Port (CHAT_PROXY_PORT, default 8100).")
+@click.option(
+    "--server",
+    type=click.Choice(["hypercorn", "uvicorn"]),
+    help="ASGI server (CHAT_PROXY_SERVER, default hypercorn).",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+def main(host: str | None, port: int | None, server: str | None, log_level: str) -> None:
+    """Run the ImageWorks chat proxy. Configuration comes from CHAT_PROXY_* variables,
+    .env.local and .env (see docs/configuration.md)."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    overrides: dict[str, Any] = {
+        k: v for k, v in {"host": host, "port": port, "server": server}.items() if v
+    }
+    try:
+        config = ProxyConfig.load(**overrides)
+        # Fail before binding the port, with the registry's own one-line message.
+        build_registry(config.registry_dir)
+        ProfileManager(config.registry_dir / PROFILES_FILE, config.staging_dir)
+    except (ConfigError, RegistryError) as exc:
+        raise click.ClickException(str(exc)) from None
+    app = create_app(config)
+    click.echo(
+        f"imageworks-chat-proxy listening on http://{config.host}:{config.port} "
+        f"({config.server}); Ctrl+C to stop",
+        err=True,
+    )
+    if config.server == "uvicorn":
+        import uvicorn
+
+        uvicorn.run(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=30,
+        )
+        return
+    _run_hypercorn(app, config)
+
+
+def _run_hypercorn(app: Any, config: ProxyConfig) -> None:
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    hconfig = Config()
+    hconfig.bind = [f"{config.host}:{config.port}"]
+    hconfig.accesslog = None
+    hconfig.errorlog = "-"
+    hconfig.graceful_timeout = 30.0  # in-flight requests get this long to finish on Ctrl+C
+    hconfig.keep_alive_timeout = 75.0
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(app, hconfig, shutdown_trigger=stop.wait)
+
+    try:
+        import uvloop
+    except ImportError:  # e.g. Windows: the asyncio loop works, only slower
+        asyncio.run(run())
+    else:
+        uvloop.run(run())
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

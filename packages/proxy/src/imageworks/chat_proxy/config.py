@@ -1,0 +1,146 @@
+"""ProxyConfig: typed settings with a written precedence.
+
+Precedence, highest first: the process environment, ``.env.local``, ``.env``, the defaults
+below (each rule has its own test). Files are read from the working directory. A bad value
+fails at start with the variable's name and the reason (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from dotenv import dotenv_values
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PREFIX = "CHAT_PROXY_"
+ENV_FILES = (".env", ".env.local")  # lowest precedence first
+SECRET_FIELDS = frozenset({"api_keys", "admin_token"})
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the variable."""
+
+
+def env_name(field_name: str) -> str:
+    return PREFIX + field_name.upper()
+
+
+class ProxyConfig(BaseModel):
+    """Every CHAT_PROXY_* variable is a field named like the variable without the prefix."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8100, ge=1, le=65535)
+    server: Literal["hypercorn", "uvicorn"] = "hypercorn"
+    vllm_remote_url: str = "http://127.0.0.1:8600"
+    ollama_base_url: str = "http://127.0.0.1:11434"
+    autostart_enabled: bool = True
+    require_template: bool = True
+    registry_dir: Path = Path("configs")
+    staging_dir: Path = Path("_staging")
+    log_path: Path = Path("logs/chat_proxy.jsonl")
+    max_log_bytes: int = Field(default=25_000_000, ge=1024)
+    log_backups: int = Field(default=5, ge=0, le=1000)
+    log_prompts: bool = False
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    # Longest silence allowed while reading from a backend (first byte included): a non-streaming
+    # generation sends nothing until it is done, so this is generous. No total cap on streams.
+    read_timeout_s: float = Field(default=600.0, gt=0)
+    vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    api_keys: tuple[str, ...] = ()
+    admin_token: str | None = None
+    recent_requests: int = Field(default=500, ge=1, le=100_000)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(k.strip() for k in value.split(",") if k.strip())
+        return value
+
+    @field_validator("vllm_remote_url", "ollama_base_url")
+    @classmethod
+    def _is_http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _blank_token_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _exposed_needs_a_token(self) -> ProxyConfig:
+        if not _is_loopback(self.host) and not self.admin_token:
+            raise ValueError(
+                f"binding to {self.host} (not loopback) requires {env_name('admin_token')}"
+            )
+        return self
+
+    @classmethod
+    def load(
+        cls, environ: Mapping[str, str] | None = None, cwd: Path | None = None, **overrides: Any
+    ) -> ProxyConfig:
+        """Build the config from env files and the environment; ``overrides`` win over both."""
+        base = cwd or Path.cwd()
+        merged: dict[str, str] = {}
+        for filename in ENV_FILES:
+            path = base / filename
+            if path.is_file():
+                merged.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+        merged.update(os.environ if environ is None else environ)
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            if env_name(name) in merged:
+                values[name] = merged[env_name(name)]
+        # The registry and staging dirs are shared with the CLI and the console.
+        if "registry_dir" not in values and merged.get("IMAGEWORKS_REGISTRY_DIR"):
+            values["registry_dir"] = merged["IMAGEWORKS_REGISTRY_DIR"]
+        if "staging_dir" not in values and merged.get("IMAGEWORKS_STAGING_DIR"):
+            values["staging_dir"] = merged["IMAGEWORKS_STAGING_DIR"]
+        values.update(overrides)
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from None
+
+    def public(self) -> dict[str, Any]:
+        """The settings safe to show (GUI, /admin/state): secrets become a flag."""
+        shown = self.model_dump(mode="json", exclude=set(SECRET_FIELDS))
+        shown["api_keys_set"] = bool(self.api_keys)
+        shown["admin_token_set"] = bool(self.admin_token)
+        return shown
+
+    def __str__(self) -> str:
+        lines = [f"{env_name(k)}={v}" for k, v in self.public().items() if not k.endswith("_set")]
+        lines.append(f"{env_name('api_keys')}={'<set>' if self.api_keys else '<unset>'}")
+        lines.append(f"{env_name('admin_token')}={'<set>' if self.admin_token else '<unset>'}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"ProxyConfig(host={self.host!r}, port={self.port}, ...)"
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        where = env_name(field) if field else "configuration"
+        problems.append(f"{where}: {error['msg']}")
+    return "; ".join(problems)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,184 @@
+"""The proxy's error tree and its one rendering, the OpenAI error envelope.
+
+Every error leaves as ``{"error": {"message", "type", "param", "code"}}`` with the status its
+class carries. Before the first streamed byte that is an HTTP response; after it, an in-band
+``data: {"error": ...}`` event followed by ``data: [DONE]`` (see forwarding).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+
+def error_type(status: int) -> str:
+    """OpenAI's error ``type`` for a status (SDKs choose the exception class by status)."""
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 429:
+        return "rate_limit_error"
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
+class ProxyError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+        if status is not None:
+            self.status = status  # type: ignore[misc]
+
+    @property
+    def log_code(self) -> str:
+        return f"err_{self.code}"
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": error_type(self.status),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.body()).encode()
+
+
+class InvalidRequest(ProxyError):
+    status = 400
+    code = "invalid_request"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    code = "unauthorized"
+
+
+class ModelNotFound(ProxyError):
+    status = 404
+    code = "model_not_found"
+
+
+class NotFound(ProxyError):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class TemplateRequired(ProxyError):
+    status = 409
+    code = "template_required"
+
+
+class CapabilityMismatch(ProxyError):
+    status = 409
+    code = "capability_mismatch"
+
+
+class RegistryInvalid(ProxyError):
+    """A reload found a bad layer; the last good registry stays in service."""
+
+    status = 409
+    code = "registry_invalid"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    code = "payload_too_large"
+
+
+class GpuLeaseActive(ProxyError):
+    status = 423
+    code = "gpu_lease_active"
+
+
+class QueueFull(ProxyError):
+    status = 503
+    code = "queue_full"
+
+
+class BackendUnavailable(ProxyError):
+    status = 502
+    code = "backend_unavailable"
+
+
+class BackendTimeout(ProxyError):
+    status = 504
+    code = "backend_timeout"
+
+
+class ModelStartTimeout(ProxyError):
+    status = 504
+    code = "model_start_timeout"
+
+
+class UpstreamError(ProxyError):
+    """A backend's own 4xx, passed through with its status and message."""
+
+    code = "upstream_error"
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        upstream_code: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message, param=param, status=status)
+        self.upstream_code = upstream_code
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        body["error"]["code"] = self.upstream_code or self.code
+        return body
+
+
+def upstream_error(status: int, raw: bytes) -> ProxyError:
+    """Turn a backend's error response (vLLM flat, OpenAI nested, Ollama native) into ours."""
+    message, code, param = _parse_upstream_error(raw)
+    text = message or raw[:500].decode("utf-8", "replace").strip() or f"HTTP {status}"
+    if 400 <= status < 500:
+        return UpstreamError(status, text, upstream_code=code, param=param)
+    return BackendUnavailable(f"backend error (HTTP {status}): {text}")
+
+
+def _parse_upstream_error(raw: bytes) -> tuple[str | None, str | None, str | None]:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None, None, None
+    if not isinstance(data, dict):
+        return None, None, None
+    inner = data.get("error", data)
+    if isinstance(inner, str):  # Ollama native: {"error": "text"}
+        return inner, None, None
+    if not isinstance(inner, dict):
+        return None, None, None
+    message = inner.get("message") or data.get("detail")
+    code = inner.get("code")
+    param = inner.get("param")
+    return (
+        str(message) if message else None,
+        str(code) if isinstance(code, str) else None,
+        str(param) if param else None,
+    )

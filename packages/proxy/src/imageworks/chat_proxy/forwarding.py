@@ -1,0 +1,222 @@
+"""Pass-through forwarding to a backend, streaming and not.
+
+Bodies travel as bytes: the upstream response is relayed unchanged, chunk by chunk as aiohttp
+reads it from the socket (``iter_any``: no re-chunking, no coalescing, one ASGI message per
+network read). The only inspection is what the request log needs: where the first byte came,
+how many events passed, and the usage object near the end.
+
+A client that goes away cancels the upstream request, whether it was streaming or still
+waiting for a non-streaming answer: both paths watch ``receive()`` for ``http.disconnect``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from imageworks.chat_proxy.errors import (
+    BackendTimeout,
+    BackendUnavailable,
+    ProxyError,
+    upstream_error,
+)
+
+T = TypeVar("T")
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+DONE = b"data: [DONE]\n\n"
+_TAIL_CHUNKS = 8  # the usage chunk and [DONE] are in the last few network reads
+
+
+class ClientGone(Exception):
+    """The client disconnected before the answer was complete."""
+
+
+@dataclass
+class Outcome:
+    """What happened to one forwarded request; becomes the JSONL record and the metrics."""
+
+    started: float = field(default_factory=time.perf_counter)
+    status: int = 0
+    error: ProxyError | None = None
+    client_gone: bool = False
+    first_byte_at: float | None = None
+    finished_at: float | None = None
+    events: int = 0
+    usage: dict[str, Any] | None = None
+
+    @property
+    def ttft_ms(self) -> float | None:
+        if self.first_byte_at is None:
+            return None
+        return round((self.first_byte_at - self.started) * 1000, 2)
+
+    @property
+    def total_ms(self) -> float:
+        end = self.finished_at or time.perf_counter()
+        return round((end - self.started) * 1000, 2)
+
+
+def _classify(exc: BaseException, url: str, during: str) -> ProxyError:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return BackendUnavailable(f"timed out connecting to {url}")
+    if isinstance(exc, TimeoutError):
+        return BackendTimeout(f"backend sent nothing for too long {during} ({url})")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return BackendUnavailable(f"cannot connect to backend at {url}: {exc.os_error.strerror}")
+    detail = str(exc) or type(exc).__name__
+    return BackendUnavailable(f"backend connection failed {during} ({url}): {detail}")
+
+
+async def open_upstream(
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
+) -> aiohttp.ClientResponse:
+    """POST and wait for the response head. A backend 4xx/5xx becomes our error here."""
+    try:
+        response = await session.post(url, data=body, headers=headers)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise _classify(exc, url, "before answering") from exc
+    if response.status >= 400:
+        try:
+            raw = await response.read()
+        except (aiohttp.ClientError, TimeoutError):
+            raw = b""
+        finally:
+            response.release()
+        raise upstream_error(response.status, raw)
+    return response
+
+
+async def read_body(response: aiohttp.ClientResponse, outcome: Outcome) -> bytes:
+    try:
+        raw = await response.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise _classify(exc, str(response.url), "while answering") from exc
+    finally:
+        response.release()
+    outcome.first_byte_at = outcome.finished_at = time.perf_counter()
+    outcome.status = response.status
+    if b'"usage"' in raw:
+        try:
+            usage = json.loads(raw).get("usage")
+        except (ValueError, AttributeError):
+            usage = None
+        outcome.usage = usage if isinstance(usage, dict) else None
+    return raw
+
+
+async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
+    """Run ``work``; if the client disconnects first, cancel it and raise ``ClientGone``."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise ClientGone()
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class SSEResponse(Response):
+    """Relays an upstream event stream; ends it with an in-band error event if the backend fails.
+
+    ``on_finish(outcome)`` runs exactly once, whether the stream completed, failed or the
+    client left (the upstream connection is closed in every case).
+    """
+
+    def __init__(
+        self,
+        upstream: aiohttp.ClientResponse,
+        outcome: Outcome,
+        on_finish: Callable[[Outcome], None],
+        extra_headers: list[tuple[bytes, bytes]],
+    ):
+        self.status_code = 200
+        self.background = None
+        self.upstream = upstream
+        self.outcome = outcome
+        self.on_finish = on_finish
+        self.sse_headers = SSE_HEADERS + extra_headers
+        self.tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await until_disconnect(receive, self._pump(send))
+        except ClientGone:
+            self.outcome.client_gone = True
+        except OSError:  # the server noticed the closed socket while we were sending
+            self.outcome.client_gone = True
+        finally:
+            self.upstream.close()  # aborts the backend's generation if it is still running
+            self.outcome.finished_at = time.perf_counter()
+            self._account()
+            self.on_finish(self.outcome)
+
+    async def _pump(self, send: Send) -> None:
+        outcome = self.outcome
+        outcome.status = 200
+        await send({"type": "http.response.start", "status": 200, "headers": self.sse_headers})
+        try:
+            async for chunk in self.upstream.content.iter_any():
+                if outcome.first_byte_at is None:
+                    outcome.first_byte_at = time.perf_counter()
+                outcome.events += chunk.count(b"data:")
+                self.tail.append(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if not self._saw_done():
+                raise aiohttp.ClientPayloadError("stream ended without [DONE]")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            error = _classify(exc, str(self.upstream.url), "mid-stream")
+            outcome.error = error
+            event = b"data: " + error.to_bytes() + b"\n\n" + DONE
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _saw_done(self) -> bool:
+        return b"[DONE]" in b"".join(list(self.tail)[-2:])
+
+    def _account(self) -> None:
+        """Find the usage object and any in-band upstream error in the last events."""
+        tail = b"".join(self.tail)
+        for line in reversed(tail.split(b"\n")):
+            if not line.startswith(b"data: {"):
+                continue
+            if b'"usage"' in line and self.outcome.usage is None:
+                try:
+                    usage = json.loads(line[6:]).get("usage")
+                except ValueError:
+                    continue
+                if isinstance(usage, dict):
+                    self.outcome.usage = usage
+            if line.startswith(b'data: {"error"') and self.outcome.error is None:
+                try:
+                    error = json.loads(line[6:])["error"]
+                    self.outcome.error = upstream_error(500, json.dumps({"error": error}).encode())
+                except (ValueError, KeyError, TypeError):
+                    pass

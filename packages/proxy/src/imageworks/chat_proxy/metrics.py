@@ -1,0 +1,58 @@
+"""Prometheus metrics, one registry per app (tests and several apps in one process stay apart).
+
+Labels are low-cardinality on purpose: logical model names (bounded by the registry), backend
+kinds, endpoint names and error codes; never request ids, clients or raw model strings.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "chat_proxy_requests",
+            "Requests answered, by outcome",
+            ["endpoint", "model", "backend", "status"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "chat_proxy_errors",
+            "Requests that failed, by error code",
+            ["endpoint", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "chat_proxy_request_seconds",
+            "Time from request to the last byte",
+            ["endpoint", "backend"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "chat_proxy_ttft_seconds",
+            "Time to the first streamed byte from the backend",
+            ["backend"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "chat_proxy_tokens",
+            "Tokens reported (or estimated) by backends",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "chat_proxy_in_flight_requests", "Requests being forwarded now", registry=r
+        )
+        self.registry_reloads = Counter(
+            "chat_proxy_registry_reloads", "Registry reloads, by result", ["result"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,174 @@
+"""Checking and preparing an OpenAI request body before it is forwarded.
+
+Validation covers what the proxy relies on and what the OpenAI API rejects with a clear 400;
+every other field passes through untouched for the backend to judge.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from imageworks.chat_proxy.errors import CapabilityMismatch, InvalidRequest, TemplateRequired
+from imageworks.model_loader.schema import ModelEntry
+
+CHAT, COMPLETIONS, EMBEDDINGS = "chat", "completions", "embeddings"
+PATHS = {CHAT: "/chat/completions", COMPLETIONS: "/completions", EMBEDDINGS: "/embeddings"}
+
+_NUMBERS = (
+    "temperature",
+    "top_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "min_p",
+)
+_INTEGERS = ("max_tokens", "max_completion_tokens", "n", "top_k", "seed", "min_tokens")
+_IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
+# generation_defaults keys that describe the model rather than a request.
+_NOT_REQUEST_FIELDS = frozenset({"context_window", "stop_sequences"})
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        raise InvalidRequest("request body is empty; expected a JSON object")
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return data
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def validate(endpoint: str, body: dict[str, Any]) -> str:
+    """Check the fields the proxy depends on; return the requested model name."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequest(
+            "you must provide a model parameter (a non-empty string)", param="model"
+        )
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise InvalidRequest("'stream_options' must be an object", param="stream_options")
+    for name in _NUMBERS:
+        if name in body and body[name] is not None and not _is_number(body[name]):
+            raise InvalidRequest(f"'{name}' must be a number", param=name)
+    for name in _INTEGERS:
+        if (
+            name in body
+            and body[name] is not None
+            and not (_is_int(body[name]) and body[name] >= 0)
+        ):
+            raise InvalidRequest(f"'{name}' must be a non-negative integer", param=name)
+    stop = body.get("stop")
+    if stop is not None and not (
+        isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+    ):
+        raise InvalidRequest("'stop' must be a string or a list of strings", param="stop")
+    if endpoint == CHAT:
+        _validate_messages(body.get("messages"))
+    elif endpoint == COMPLETIONS:
+        if not isinstance(body.get("prompt"), str | list):
+            raise InvalidRequest("'prompt' is required (a string or a list)", param="prompt")
+    elif endpoint == EMBEDDINGS and not isinstance(body.get("input"), str | list):
+        raise InvalidRequest("'input' is required (a string or a list)", param="input")
+    return model
+
+
+def _validate_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty list", param="messages")
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise InvalidRequest(f"'{where}' must be an object", param=where)
+        if not isinstance(message.get("role"), str):
+            raise InvalidRequest(f"'{where}.role' must be a string", param=f"{where}.role")
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise InvalidRequest(
+                f"'{where}.content' must be a string, a list of parts or null",
+                param=f"{where}.content",
+            )
+        if isinstance(content, list):
+            for part_index, part in enumerate(content):
+                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                    param = f"{where}.content[{part_index}]"
+                    raise InvalidRequest(f"'{param}' must be an object with a 'type'", param=param)
+
+
+def count_images(body: dict[str, Any]) -> int:
+    count = 0
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            count += sum(1 for part in content if part.get("type") in _IMAGE_PARTS)
+    return count
+
+
+def check_capabilities(endpoint: str, entry: ModelEntry, body: dict[str, Any]) -> None:
+    caps = entry.capabilities
+    if endpoint == EMBEDDINGS:
+        if not caps.embedding:
+            raise CapabilityMismatch(
+                f"model {entry.name!r} is not an embedding model", param="model"
+            )
+        return
+    if not caps.text and caps.embedding:
+        raise CapabilityMismatch(
+            f"model {entry.name!r} is an embedding model; use /v1/embeddings", param="model"
+        )
+    images = count_images(body) if endpoint == CHAT else 0
+    if images and not caps.vision:
+        raise CapabilityMismatch(
+            f"model {entry.name!r} does not accept images ({images} sent); "
+            "choose a model with the vision capability or send text only",
+            param="messages",
+        )
+
+
+def check_template(entry: ModelEntry, required: bool, template_needed: bool) -> None:
+    if not (required and template_needed):
+        return
+    template = entry.chat_template
+    if template is None or not template.usable:
+        raise TemplateRequired(
+            f"model {entry.name!r} has no usable chat template; set chat_template in its "
+            'registry entry (e.g. {"source": "external", "path": '
+            '"configs/chat_templates/<model>.jinja"}) or start the proxy with '
+            "CHAT_PROXY_REQUIRE_TEMPLATE=0",
+            param="model",
+        )
+
+
+def prepare(endpoint: str, entry: ModelEntry, body: dict[str, Any], raw: bytes) -> bytes:
+    """Fill generation defaults the request omits and send the served id; re-encode only if
+    something changed (large image bodies then travel as they came)."""
+    changed = False
+    if body["model"] != entry.upstream_id:
+        body["model"] = entry.upstream_id
+        changed = True
+    if endpoint != EMBEDDINGS:
+        defaults = entry.generation_defaults.model_dump(exclude_none=True)
+        if "stop_sequences" in defaults and "stop" not in defaults:
+            defaults["stop"] = defaults["stop_sequences"]
+        for key, value in defaults.items():
+            if key in _NOT_REQUEST_FIELDS or key in body:
+                continue
+            if key == "max_tokens" and "max_completion_tokens" in body:
+                continue
+            body[key] = value
+            changed = True
+    return json.dumps(body).encode() if changed else raw

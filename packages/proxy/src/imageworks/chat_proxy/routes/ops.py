@@ -1,0 +1,42 @@
+"""Operations endpoints that never touch a backend: liveness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from imageworks.chat_proxy.routes.openai import JSON, proxy_state
+
+VERSION = "0.1.0"
+
+
+async def healthz(request: Request) -> Response:
+    state = proxy_state(request)
+    registry = state.registry
+    body = {
+        "status": "ok",
+        "version": VERSION,
+        "uptime_s": round(time.time() - state.started_at, 3),
+        "registry_version": registry.version,
+        "registry_error": state.watcher.last_error,
+        "profile": state.profile.name,
+        "models": sum(1 for e in registry if state.visible(e)),
+        "in_flight": sum(state.lifecycle.in_flight.values()),
+    }
+    return Response(json.dumps(body).encode(), media_type=JSON)
+
+
+async def metrics(request: Request) -> Response:
+    return Response(proxy_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+ROUTES = [
+    Route("/v1/healthz", healthz, methods=["GET"]),
+    Route("/v1/health", healthz, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+]

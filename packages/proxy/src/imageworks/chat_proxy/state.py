@@ -1,0 +1,130 @@
+"""Everything one running proxy owns. Created and closed by the app's lifespan."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from imageworks.chat_proxy.backends import Backend
+from imageworks.chat_proxy.config import ProxyConfig
+from imageworks.chat_proxy.forwarding import Outcome
+from imageworks.chat_proxy.lifecycle import Lifecycle
+from imageworks.chat_proxy.metrics import Metrics
+from imageworks.chat_proxy.requestlog import RequestLog
+from imageworks.model_loader.profiles import DeploymentProfile, ProfileManager
+from imageworks.model_loader.registry import Registry
+from imageworks.model_loader.schema import ModelEntry
+from imageworks.model_loader.watch import RegistryWatcher
+
+
+@dataclass
+class RequestInfo:
+    """What the log needs to know about a request before it is forwarded."""
+
+    request_id: str
+    endpoint: str
+    client: str | None
+    model: str | None = None
+    entry: ModelEntry | None = None
+    stream: bool = False
+    prompt_bytes: int = 0
+
+
+@dataclass
+class ProxyState:
+    config: ProxyConfig
+    watcher: RegistryWatcher
+    profiles: ProfileManager
+    session: aiohttp.ClientSession
+    log: RequestLog
+    metrics: Metrics
+    lifecycle: Lifecycle
+    backends: dict[str, Backend]
+    autostart: bool
+    started_at: float = field(default_factory=time.time)
+    _models_cache: tuple[tuple[str, str, int], bytes] | None = None
+
+    @property
+    def registry(self) -> Registry:
+        return self.watcher.current
+
+    @property
+    def profile(self) -> DeploymentProfile:
+        return self.profiles.active
+
+    def visible(self, entry: ModelEntry) -> bool:
+        return entry.servable and not entry.deprecated and self.profile.admits(entry)
+
+    def record(self, info: RequestInfo, outcome: Outcome) -> None:
+        """Write the JSONL record and update the metrics for one finished request."""
+        error = outcome.error
+        entry = info.entry
+        backend = entry.backend if entry else None
+        # The HTTP status the client got: 200 for a stream even if it ended with an error
+        # event; 499 (nginx's "client closed request") when it left before any answer.
+        status = outcome.status or (error.status if error else 499)
+        if outcome.client_gone and not error:
+            code: str | None = "err_client_disconnected"
+        else:
+            code = error.log_code if error else None
+        usage = outcome.usage or {}
+        prompt_tokens = usage.get("prompt_tokens")
+        completion_tokens = usage.get("completion_tokens")
+        estimated = False
+        if (
+            error is None
+            and not outcome.client_gone
+            and info.endpoint != "embeddings"
+            and completion_tokens is None
+        ):
+            # No usage from the backend: estimate (4 bytes a token; one token per streamed
+            # event, less the role, finish and [DONE] events) and say so.
+            estimated = True
+            prompt_tokens = max(1, info.prompt_bytes // 4)
+            completion_tokens = max(0, outcome.events - 3) if info.stream else None
+        total_s = outcome.total_ms / 1000
+        gen_s = (outcome.finished_at or 0) - (outcome.first_byte_at or 0)
+        tokens_per_s = (
+            round(completion_tokens / gen_s, 2)
+            if isinstance(completion_tokens, int) and gen_s > 0.001
+            else None
+        )
+        record: dict[str, Any] = {
+            "event": "request",
+            "request_id": info.request_id,
+            "endpoint": info.endpoint,
+            "client": info.client,
+            "model": info.model,
+            "logical_name": entry.name if entry else None,
+            "backend": backend,
+            "served_model_id": entry.upstream_id if entry else None,
+            "stream": info.stream,
+            "status": status,
+            "error_code": code,
+            "queue_ms": 0.0,
+            "load_ms": 0.0,
+            "ttft_ms": outcome.ttft_ms,
+            "total_ms": outcome.total_ms,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "tokens_per_s": tokens_per_s,
+            "usage_estimated": estimated,
+        }
+        if error is not None:
+            record["error_message"] = error.message[:500]
+        self.log.write(record)
+        m = self.metrics
+        model_label = entry.name if entry else "-"
+        m.requests.labels(info.endpoint, model_label, backend or "-", str(status)).inc()
+        m.latency.labels(info.endpoint, backend or "-").observe(total_s)
+        if code:
+            m.errors.labels(info.endpoint, code.removeprefix("err_")).inc()
+        if outcome.first_byte_at is not None and backend:
+            m.ttft.labels(backend).observe((outcome.ttft_ms or 0) / 1000)
+        if isinstance(prompt_tokens, int):
+            m.tokens.labels(model_label, "prompt").inc(prompt_tokens)
+        if isinstance(completion_tokens, int):
+            m.tokens.labels(model_label, "completion").inc(completion_tokens)

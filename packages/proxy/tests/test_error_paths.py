@@ -1,0 +1,199 @@
+"""Every error path ends in an OpenAI envelope with the right status, and in the JSONL log."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from testkit.fake_engine import entry_for, sse_events
+from testkit.servers import free_port
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def envelope(response) -> dict[str, object]:
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) >= {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    return body["error"]
+
+
+def test_unknown_model_is_404_with_suggestions(proxy_factory, fake_vllm) -> None:
+    proxy = proxy_factory([entry_for("qwen2-7b-instruct", fake_vllm.url)])
+    answer = proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "qwen2-7b"})
+    error = envelope(answer)
+    assert answer.status_code == 404 and error["code"] == "model_not_found"
+    assert "did you mean 'qwen2-7b-instruct'" in error["message"]
+    assert error["param"] == "model"
+
+
+def test_a_model_outside_the_active_profile_is_404(proxy_factory, fake_vllm) -> None:
+    proxy = proxy_factory([entry_for("staged", fake_vllm.url, profiles=["staging"])])
+    answer = proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "staged"})
+    assert answer.status_code == 404
+    assert "not offered in deployment profile 'production'" in envelope(answer)["message"]
+
+
+def test_backend_4xx_passes_through(proxy_factory, fake_vllm) -> None:
+    proxy = proxy_factory([entry_for("m", fake_vllm.url, served="fail-400")])
+    answer = proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "m"})
+    assert answer.status_code == 400
+    assert envelope(answer)["message"] == "scripted failure fail-400"
+
+
+def test_backend_5xx_is_502(proxy_factory, fake_ollama) -> None:
+    proxy = proxy_factory([entry_for("m", fake_ollama.url, "ollama", "fail-500")])
+    answer = proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "m"})
+    assert answer.status_code == 502 and envelope(answer)["code"] == "backend_unavailable"
+
+
+def test_ollama_model_not_pulled_is_its_404(proxy_factory, fake_ollama) -> None:
+    proxy = proxy_factory([entry_for("m", fake_ollama.url, "ollama", "never-pulled:1b")])
+    answer = proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "m"})
+    assert answer.status_code == 404 and "try pulling it first" in envelope(answer)["message"]
+
+
+def test_nothing_listening_is_502_and_logged(proxy_factory) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    proxy = proxy_factory([entry_for("m", dead)])
+    for stream in (False, True):
+        answer = proxy.client.post(
+            "/v1/chat/completions", json={**CHAT, "model": "m", "stream": stream}
+        )
+        assert answer.status_code == 502
+        assert envelope(answer)["code"] == "backend_unavailable"
+        assert "cannot connect" in envelope(answer)["message"]
+    models = proxy.client.get("/v1/models").json()["data"]
+    assert models[0]["imageworks"]["state"] == "unreachable"
+    proxy.server.stop()
+    assert [r["error_code"] for r in proxy.records()] == ["err_backend_unavailable"] * 2
+    assert [r["status"] for r in proxy.records()] == [502, 502]
+
+
+def test_a_backend_that_never_answers_is_504(proxy_factory, fake_vllm) -> None:
+    proxy = proxy_factory([entry_for("m", fake_vllm.url, served="hang")], read_timeout_s=0.5)
+    answer = proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "m"})
+    assert answer.status_code == 504 and envelope(answer)["code"] == "backend_timeout"
+
+
+def test_a_backend_dying_mid_stream_ends_with_an_error_event_and_done(
+    proxy_factory, fake_vllm
+) -> None:
+    proxy = proxy_factory([entry_for("m", fake_vllm.url, served="die")])
+    answer = proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": True})
+    assert answer.status_code == 200
+    events = sse_events(answer.text)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "backend_unavailable" and "mid-stream" in error["message"]
+    assert json.loads(events[1])["choices"][0]["delta"]["content"] == "Hello"
+    proxy.server.stop()
+    (record,) = proxy.records()
+    assert record["status"] == 200 and record["error_code"] == "err_backend_unavailable"
+
+
+def test_a_stream_that_goes_silent_times_out_in_band(proxy_factory, fake_llamacpp) -> None:
+    proxy = proxy_factory(
+        [entry_for("m", fake_llamacpp.url, "llamacpp", "hang-stream")], read_timeout_s=0.5
+    )
+    answer = proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": True})
+    events = sse_events(answer.text)
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "backend_timeout"
+
+
+def test_template_required_for_vllm_unless_disabled(proxy_factory, fake_vllm) -> None:
+    bare = entry_for("m", fake_vllm.url)
+    del bare["chat_template"]
+    proxy = proxy_factory([bare])
+    answer = proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "m"})
+    assert answer.status_code == 409 and envelope(answer)["code"] == "template_required"
+    assert "CHAT_PROXY_REQUIRE_TEMPLATE=0" in envelope(answer)["message"]
+    relaxed = proxy_factory([bare], require_template=False)
+    assert (
+        relaxed.client.post("/v1/chat/completions", json={**CHAT, "model": "m"}).status_code == 200
+    )
+
+
+def test_images_to_a_text_model_are_409(proxy_factory, fake_vllm) -> None:
+    proxy = proxy_factory([entry_for("m", fake_vllm.url)])
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    answer = proxy.client.post(
+        "/v1/chat/completions",
+        json={"model": "m", "messages": [{"role": "user", "content": [image]}]},
+    )
+    assert answer.status_code == 409 and envelope(answer)["code"] == "capability_mismatch"
+
+
+def test_a_body_over_the_limit_is_413(proxy_factory, fake_vllm) -> None:
+    proxy = proxy_factory([entry_for("m", fake_vllm.url)], max_body_bytes=4096)
+    big = {**CHAT, "model": "m", "padding": "x" * 5000}
+    answer = proxy.client.post("/v1/chat/completions", json=big)
+    assert answer.status_code == 413 and envelope(answer)["code"] == "payload_too_large"
+
+    def chunks():  # no content-length: the limit is enforced while reading
+        yield json.dumps(big).encode()
+
+    answer = proxy.client.post(
+        "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert answer.status_code == 413
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"{not json", None),
+        (b'{"model": "m", "messages": "hi"}', "messages"),
+        (b'{"model": "m", "messages": [{"role": "user"}], "temperature": "x"}', "temperature"),
+        (b'{"messages": []}', "model"),
+    ],
+)
+def test_malformed_requests_are_400_naming_the_field(
+    proxy_factory, fake_vllm, body: bytes, param: str | None
+) -> None:
+    proxy = proxy_factory([entry_for("m", fake_vllm.url)])
+    answer = proxy.client.post("/v1/chat/completions", content=body)
+    assert answer.status_code == 400
+    error = envelope(answer)
+    assert error["code"] == "invalid_request" and error["param"] == param
+    assert error["type"] == "invalid_request_error"
+
+
+def test_unknown_routes_and_methods_are_enveloped(proxy_factory) -> None:
+    proxy = proxy_factory([])
+    missing = proxy.client.get("/v1/nothing")
+    assert missing.status_code == 404 and envelope(missing)["code"] == "not_found"
+    wrong = proxy.client.get("/v1/chat/completions")
+    assert wrong.status_code == 405 and envelope(wrong)["code"] == "method_not_allowed"
+
+
+def test_api_keys_protect_v1_but_not_health(proxy_factory, fake_vllm) -> None:
+    proxy = proxy_factory([entry_for("m", fake_vllm.url)], api_keys=("k1", "k2"))
+    denied = proxy.client.get("/v1/models")
+    assert denied.status_code == 401 and envelope(denied)["code"] == "unauthorized"
+    assert envelope(denied)["type"] == "authentication_error"
+    assert proxy.client.get("/v1/models", headers={"authorization": "Bearer k2"}).status_code == 200
+    assert proxy.client.get("/v1/models", headers={"x-api-key": "k1"}).status_code == 200
+    assert (
+        proxy.client.post(
+            "/v1/chat/completions",
+            json={**CHAT, "model": "m"},
+            headers={"authorization": "Bearer nope"},
+        ).status_code
+        == 401
+    )
+    assert proxy.client.get("/v1/healthz").status_code == 200
+
+
+def test_the_admin_token_protects_admin(proxy_factory) -> None:
+    proxy = proxy_factory([], admin_token="t0k")
+    assert proxy.client.get("/admin/state").status_code == 401
+    assert proxy.client.get("/admin/state", headers={"x-admin-token": "t0k"}).status_code == 200
+    assert (
+        proxy.client.put(
+            "/admin/profile", json={"name": "testing"}, headers={"authorization": "Bearer bad"}
+        ).status_code
+        == 401
+    )

@@ -1,0 +1,353 @@
+"""Fake LLM engines that speak the real protocols, for tests and the benchmark.
+
+One aiohttp app per flavour: ``vllm`` (flat error bodies, ``usage: null`` on chunks when usage
+is requested), ``llamacpp`` (``timings``, nested errors, ``/health``) and ``ollama`` (its
+OpenAI layer at ``/v1`` plus ``/api/tags``, ``/api/ps``, ``/api/generate``, ``/api/chat``).
+
+The served model id picks the behaviour, so a registry entry's ``served_model_id`` is the
+test's script:
+
+=================  ===============================================================
+``<anything>``     a normal answer ("Hello from <flavour>!"), tool calls if tools were sent
+``slow``           10 content chunks, 50 ms apart
+``fail-400``       HTTP 400 in the flavour's error shape; ``fail-500`` likewise
+``die``            streams three chunks, then drops the connection
+``hang``           accepts the request and never answers
+``hang-stream``    sends the role chunk, then nothing
+``no-usage``       never reports usage
+``json-for-stream`` answers a stream request with plain JSON
+=================  ===============================================================
+Every request is recorded (``requests``); handlers cut off by a client that left are listed
+in ``cancelled`` by their ``x-request-id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+ANSWER_WORDS = ["Hello", " from", " {flavour}", "!"]
+
+
+@dataclass
+class Recorded:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any] | None
+
+
+@dataclass
+class FakeEngine:
+    flavour: str = "vllm"
+    requests: list[Recorded] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    # Ollama: tags that are "pulled" and those resident in (fake) VRAM.
+    tags: list[str] = field(default_factory=lambda: ["qwen2.5vl:7b", "llama3.1:8b"])
+    loaded: dict[str, float] = field(default_factory=dict)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        if self.flavour == "ollama":
+            app.router.add_get("/api/tags", self.api_tags)
+            app.router.add_get("/api/ps", self.api_ps)
+            app.router.add_get("/api/version", self.api_version)
+            app.router.add_post("/api/generate", self.api_generate)
+            app.router.add_post("/api/chat", self.api_generate)
+        return app
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def error(self, status: int, message: str) -> web.Response:
+        if self.flavour == "vllm":
+            body: dict[str, Any] = {
+                "object": "error",
+                "message": message,
+                "type": "BadRequestError",
+                "param": None,
+                "code": status,
+            }
+        elif self.flavour == "ollama":
+            body = {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
+        else:
+            body = {"error": {"code": status, "message": message, "type": "invalid_request_error"}}
+        return web.json_response(body, status=status)
+
+    async def record(self, request: web.Request) -> dict[str, Any]:
+        body: dict[str, Any] = await request.json()
+        self.requests.append(
+            Recorded(request.path, {k.lower(): v for k, v in request.headers.items()}, body)
+        )
+        return body
+
+    def chunk(
+        self,
+        model: str,
+        cid: str,
+        delta: dict[str, Any] | None,
+        finish: str | None = None,
+        usage_null: bool = False,
+    ) -> bytes:
+        data: dict[str, Any] = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+            "choices": []
+            if delta is None
+            else [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        if usage_null:
+            data["usage"] = None
+        if self.flavour == "llamacpp":
+            data["system_fingerprint"] = "b0-fake"
+        return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+    def usage(self, body: dict[str, Any], completion: int) -> dict[str, int]:
+        prompt = max(1, len(json.dumps(body.get("messages") or body.get("prompt") or "")) // 4)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+    # --- OpenAI-compatible endpoints ---------------------------------------------------------
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await self.record(request)
+        model = str(body.get("model"))
+        rid = request.headers.get("x-request-id", "")
+        if self.flavour == "ollama" and model not in self.tags and not _scripted(model):
+            return self.error(404, f'model "{model}" not found, try pulling it first')
+        if model.startswith("fail-"):
+            return self.error(int(model[5:]), f"scripted failure {model}")
+        try:
+            if model == "hang":
+                await asyncio.sleep(3600)
+            if self.flavour == "ollama":
+                self.loaded[model] = time.time()
+            words = [w.format(flavour=self.flavour) for w in ANSWER_WORDS]
+            if model == "slow":
+                words = [f" w{i}" for i in range(10)]
+            tools = body.get("tools")
+            if body.get("stream") and model != "json-for-stream":
+                return await self.stream_chat(request, body, model, words, bool(tools))
+            return web.json_response(self.full_chat(body, model, words, bool(tools)))
+        except asyncio.CancelledError:
+            self.cancelled.append(rid)
+            raise
+
+    def full_chat(
+        self, body: dict[str, Any], model: str, words: list[str], tools: bool
+    ) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(words)}
+        finish = "stop"
+        if tools:
+            message = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            }
+            finish = "tool_calls"
+        data: dict[str, Any] = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+        }
+        if model != "no-usage":
+            data["usage"] = self.usage(body, len(words))
+        return data
+
+    async def stream_chat(
+        self, request: web.Request, body: dict[str, Any], model: str, words: list[str], tools: bool
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        usage_null = include_usage and self.flavour == "vllm"
+        cid = "chatcmpl-fakestream"
+        await response.write(
+            self.chunk(model, cid, {"role": "assistant", "content": ""}, usage_null=usage_null)
+        )
+        if model == "hang-stream":
+            await asyncio.sleep(3600)
+        pieces: list[dict[str, Any]]
+        if tools:
+            pieces = [
+                {
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": ""},
+                        }
+                    ]
+                },
+                {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]},
+                {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]},
+            ]
+            finish = "tool_calls"
+        else:
+            pieces = [{"content": w} for w in words]
+            finish = "stop"
+        for index, delta in enumerate(pieces):
+            if model == "slow":
+                await asyncio.sleep(0.05)
+            await response.write(self.chunk(model, cid, delta, usage_null=usage_null))
+            if model == "die" and index == 2:
+                assert request.transport is not None
+                await asyncio.sleep(0.05)  # let the chunks already written reach the client
+                request.transport.abort()  # an engine crash: the socket just goes away
+                return response
+        await response.write(self.chunk(model, cid, {}, finish, usage_null=usage_null))
+        if include_usage and model != "no-usage":
+            usage_chunk = json.loads(self.chunk(model, cid, None)[6:])
+            usage_chunk["usage"] = self.usage(body, len(pieces))
+            await response.write(b"data: " + json.dumps(usage_chunk).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await self.record(request)
+        model = str(body.get("model"))
+        if model.startswith("fail-"):
+            return self.error(int(model[5:]), f"scripted failure {model}")
+        text = f"completion from {self.flavour}"
+        if body.get("stream"):
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            for word in text.split():
+                data = {
+                    "id": "cmpl-fake",
+                    "object": "text_completion",
+                    "model": model,
+                    "choices": [{"index": 0, "text": word + " ", "finish_reason": None}],
+                }
+                await response.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+        return web.json_response(
+            {
+                "id": "cmpl-fake",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
+                "usage": self.usage(body, 3),
+            }
+        )
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = await self.record(request)
+        inputs = body.get("input")
+        items = inputs if isinstance(inputs, list) else [inputs]
+        return web.json_response(
+            {
+                "object": "list",
+                "model": body.get("model"),
+                "data": [
+                    {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
+                    for i in range(len(items))
+                ],
+                "usage": {"prompt_tokens": len(items), "total_tokens": len(items)},
+            }
+        )
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {"id": tag, "object": "model", "created": 0, "owned_by": self.flavour}
+                    for tag in self.tags
+                ],
+            }
+        )
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    # --- Ollama's native API -----------------------------------------------------------------
+
+    async def api_tags(self, request: web.Request) -> web.Response:
+        return web.json_response({"models": [{"name": t, "model": t} for t in self.tags]})
+
+    async def api_ps(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"models": [{"name": t, "model": t, "size_vram": 1 << 30} for t in self.loaded]}
+        )
+
+    async def api_version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": "0.12.0"})
+
+    async def api_generate(self, request: web.Request) -> web.Response:
+        body = await self.record(request)
+        model = str(body.get("model"))
+        if model not in self.tags:
+            return web.json_response({"error": f'model "{model}" not found'}, status=404)
+        if body.get("keep_alive") in (0, "0", "0s"):
+            self.loaded.pop(model, None)
+        else:
+            self.loaded[model] = time.time()
+        return web.json_response(
+            {
+                "model": model,
+                "done": True,
+                "done_reason": "unload" if model not in self.loaded else "stop",
+                "response": "",
+            }
+        )
+
+
+def _scripted(model: str) -> bool:
+    return model.startswith("fail-") or model in {
+        "slow",
+        "die",
+        "hang",
+        "hang-stream",
+        "no-usage",
+        "json-for-stream",
+    }
+
+
+def entry_for(
+    name: str, url: str, backend: str = "vllm", served: str | None = None, **fields: Any
+) -> dict[str, Any]:
+    """A registry entry pointing at a fake engine (its OpenAI base is ``url + '/v1'``)."""
+    data: dict[str, Any] = {
+        "name": name,
+        "backend": backend,
+        "served_model_id": served or name,
+        "backend_config": {"base_url": url + "/v1"},
+    }
+    if backend == "vllm":
+        data["chat_template"] = {"source": "external", "path": "configs/chat_templates/t.jinja"}
+    data.update(fields)
+    return data
+
+
+def sse_events(text: str) -> list[str]:
+    """The data payloads of an SSE body, in order (comments and blank lines dropped)."""
+    return [line[6:] for line in text.split("\n") if line.startswith("data: ")]

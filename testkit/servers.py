@@ -1,0 +1,99 @@
+"""Run servers on 127.0.0.1 in background threads, each with its own event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class LoopThread:
+    """A thread running an event loop until ``stop()``."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def call(self, coro: Awaitable[Any], timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+class AiohttpServer:
+    """An aiohttp application served on a free loopback port."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._loop = LoopThread("aiohttp-server")
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+
+        async def start() -> None:
+            await self._runner.setup()
+            await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+        self._loop.call(start())
+
+    def stop(self) -> None:
+        self._loop.call(self._runner.cleanup())
+        self._loop.close()
+
+
+class HypercornServer:
+    """An ASGI application under hypercorn (as in production) on a free loopback port."""
+
+    def __init__(self, app: Callable[..., Any], port: int | None = None) -> None:
+        from hypercorn.asyncio import serve
+        from hypercorn.config import Config
+
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = Config()
+        config.bind = [f"127.0.0.1:{self.port}"]
+        config.accesslog = None
+        config.graceful_timeout = 2.0
+        self._loop = LoopThread("hypercorn-server")
+        self._stop = asyncio.Event()
+        self._done = threading.Event()
+
+        async def run() -> None:
+            try:
+                await serve(app, config, shutdown_trigger=self._stop.wait)
+            finally:
+                self._done.set()
+
+        self._task = asyncio.run_coroutine_threadsafe(run(), self._loop.loop)
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        self._loop.loop.call_soon_threadsafe(self._stop.set)
+        self._done.wait(15)
+        self._loop.close()
+
+
+def wait_for_port(port: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
