@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import httpx
 import pytest
 
 from testkit.fake_engine import FakeEngine
+from testkit.processes import our_processes
 from testkit.servers import AiohttpServer, HypercornServer
 
 REPO = Path(__file__).resolve().parent
@@ -107,3 +109,16 @@ def proxy_factory(tmp_path: Path) -> Iterator[ProxyFactory]:
     for proxy in started:
         proxy.client.close()
         proxy.server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """After the whole suite, no llama.cpp server, executor or fake engine may still run."""
+    before = {pid for pid, _ in our_processes()}
+    yield
+    deadline = time.monotonic() + 10
+    left = [p for p in our_processes() if p[0] not in before]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = [p for p in our_processes() if p[0] not in before]
+    assert not left, f"processes left running after the tests: {left}"

@@ -351,3 +351,34 @@ def entry_for(
 def sse_events(text: str) -> list[str]:
     """The data payloads of an SSE body, in order (comments and blank lines dropped)."""
     return [line[6:] for line in text.split("\n") if line.startswith("data: ")]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run a fake engine as its own process (for the executor's launch template in tests):
+    ``python -m testkit.fake_engine --port N [--flavour vllm] [--startup-delay S] [--exit-code C]``.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--flavour", default="vllm")
+    parser.add_argument("--startup-delay", type=float, default=0.0)
+    parser.add_argument("--exit-code", type=int, help="print a line and exit with this code")
+    args, _unknown = parser.parse_known_args(argv)  # ignore vLLM's flags
+    print(f"fake {args.flavour} engine starting on {args.port}", flush=True)
+    if args.exit_code is not None:
+        print("fatal: scripted start failure (CUDA out of memory)", flush=True)
+        raise SystemExit(args.exit_code)
+    time.sleep(args.startup_delay)
+    web.run_app(
+        FakeEngine(args.flavour).app(),
+        host=args.host,
+        port=args.port,
+        print=None,
+        handler_cancellation=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -97,9 +97,17 @@ def test_admin_state_requests_and_autostart(proxy_factory, fake_vllm) -> None:
     proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "missing"})
     state = proxy.client.get("/admin/state").json()
     assert state["profile"] == "production" and state["autostart"] is True
-    assert state["models"] == [
-        {"name": "m", "backend": "vllm", "visible": True, "state": "ready", "in_flight": 0}
-    ]
+    (model,) = state["models"]
+    assert {
+        k: model[k] for k in ("name", "backend", "visible", "managed", "state", "in_flight")
+    } == {
+        "name": "m",
+        "backend": "vllm",
+        "visible": True,
+        "managed": False,
+        "state": "ready",
+        "in_flight": 0,
+    }
     assert "admin_token" not in json.dumps(state["config"]).replace("admin_token_set", "")
     recent = proxy.client.get("/admin/requests", params={"limit": 5}).json()["data"]
     assert [r["error_code"] for r in recent] == ["err_model_not_found", None]

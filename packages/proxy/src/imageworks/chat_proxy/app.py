@@ -142,6 +142,15 @@ def open_state(config: ProxyConfig) -> ProxyState:
         skip_auto_headers=("User-Agent",),
     )
     backends = build_backends(config)
+    for backend in backends.values():
+        backend.attach(session)
+    lifecycle = Lifecycle(
+        backends,
+        staging_dir=config.staging_dir,
+        start_timeout=config.start_timeout_s,
+        queue_timeout=config.queue_timeout_s,
+        request_log=request_log,
+    )
     state = ProxyState(
         config=config,
         watcher=watcher,
@@ -149,7 +158,7 @@ def open_state(config: ProxyConfig) -> ProxyState:
         session=session,
         log=request_log,
         metrics=metrics,
-        lifecycle=Lifecycle(backends),
+        lifecycle=lifecycle,
         backends=backends,
         autostart=config.autostart_enabled,
     )
@@ -174,6 +183,10 @@ def open_state(config: ProxyConfig) -> ProxyState:
 
 async def close_state(state: ProxyState) -> None:
     state.watcher.stop()
+    try:
+        await state.lifecycle.shutdown()  # no model process outlives the proxy
+    except Exception:
+        log.exception("stopping models at shutdown failed")
     await state.session.close()
     state.log.event("shutdown", "proxy")
     state.log.close()

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
-import sys
 from typing import Any
 
 import click
 
 from imageworks.chat_proxy.app import create_app
 from imageworks.chat_proxy.config import ConfigError, ProxyConfig
+from imageworks.chat_proxy.serving import serve_hypercorn
 from imageworks.model_loader.errors import RegistryError
 from imageworks.model_loader.profiles import PROFILES_FILE, ProfileManager
 from imageworks.model_loader.registry import build_registry
@@ -68,34 +66,7 @@ def main(host: str | None, port: int | None, server: str | None, log_level: str)
             timeout_graceful_shutdown=30,
         )
         return
-    _run_hypercorn(app, config)
-
-
-def _run_hypercorn(app: Any, config: ProxyConfig) -> None:
-    from hypercorn.asyncio import serve
-    from hypercorn.config import Config
-
-    hconfig = Config()
-    hconfig.bind = [f"{config.host}:{config.port}"]
-    hconfig.accesslog = None
-    hconfig.errorlog = "-"
-    hconfig.graceful_timeout = 30.0  # in-flight requests get this long to finish on Ctrl+C
-    hconfig.keep_alive_timeout = 75.0
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(app, hconfig, shutdown_trigger=stop.wait)
-
-    try:
-        import uvloop
-    except ImportError:  # e.g. Windows: the asyncio loop works, only slower
-        asyncio.run(run())
-    else:
-        uvloop.run(run())
-    sys.exit(0)
+    serve_hypercorn(app, config.host, config.port)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,11 @@ class ProxyConfig(BaseModel):
     # Longest silence allowed while reading from a backend (first byte included): a non-streaming
     # generation sends nothing until it is done, so this is generous. No total cap on streams.
     read_timeout_s: float = Field(default=600.0, gt=0)
+    # Lifecycle: how long a model may take to load, how long a request may wait for its turn
+    # while another model drains, and how often waiting streams get an SSE comment.
+    start_timeout_s: float = Field(default=600.0, gt=0)
+    queue_timeout_s: float = Field(default=120.0, gt=0)
+    keepalive_s: float = Field(default=5.0, gt=0)
     vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     api_keys: tuple[str, ...] = ()
     admin_token: str | None = None

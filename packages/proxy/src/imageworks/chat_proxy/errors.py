@@ -121,6 +121,13 @@ class BackendUnavailable(ProxyError):
     code = "backend_unavailable"
 
 
+class ModelStartFailed(ProxyError):
+    """The backend of a model exited or refused to start; the message has its log tail."""
+
+    status = 502
+    code = "model_start_failed"
+
+
 class BackendTimeout(ProxyError):
     status = 504
     code = "backend_timeout"

@@ -144,58 +144,101 @@ async def _wait_for_disconnect(receive: Receive) -> None:
 
 
 class SSEResponse(Response):
-    """Relays an upstream event stream; ends it with an in-band error event if the backend fails.
+    """Relays an upstream event stream; ends it with an in-band error event if anything fails.
 
+    Either the upstream is already open, or ``connect`` opens it: that may mean waiting for a
+    model to load, so the client gets an SSE comment (``: loading <model>``) at once and every
+    ``keepalive_s`` until the backend answers, which keeps proxies and clients from timing out.
     ``on_finish(outcome)`` runs exactly once, whether the stream completed, failed or the
     client left (the upstream connection is closed in every case).
     """
 
     def __init__(
         self,
-        upstream: aiohttp.ClientResponse,
         outcome: Outcome,
         on_finish: Callable[[Outcome], None],
-        extra_headers: list[tuple[bytes, bytes]],
-    ):
+        *,
+        upstream: aiohttp.ClientResponse | None = None,
+        connect: Callable[[], Awaitable[aiohttp.ClientResponse]] | None = None,
+        waiting_comment: bytes = b": loading\n\n",
+        keepalive_s: float = 5.0,
+    ) -> None:
         self.status_code = 200
         self.background = None
         self.upstream = upstream
+        self.connect = connect
         self.outcome = outcome
         self.on_finish = on_finish
-        self.sse_headers = SSE_HEADERS + extra_headers
+        self.waiting_comment = waiting_comment
+        self.keepalive_s = keepalive_s
         self.tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
+        self.complete = False  # [DONE] was relayed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await until_disconnect(receive, self._pump(send))
-        except ClientGone:
-            self.outcome.client_gone = True
-        except OSError:  # the server noticed the closed socket while we were sending
-            self.outcome.client_gone = True
+            await until_disconnect(receive, self._run(send))
+        except (ClientGone, OSError):  # OSError: the server saw the socket close mid-send
+            self.outcome.client_gone = not self.complete
         finally:
-            self.upstream.close()  # aborts the backend's generation if it is still running
+            if self.upstream is not None:
+                self.upstream.close()  # aborts the backend's generation if it still runs
             self.outcome.finished_at = time.perf_counter()
             self._account()
             self.on_finish(self.outcome)
 
-    async def _pump(self, send: Send) -> None:
-        outcome = self.outcome
-        outcome.status = 200
-        await send({"type": "http.response.start", "status": 200, "headers": self.sse_headers})
+    async def _run(self, send: Send) -> None:
+        self.outcome.status = 200
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        if self.upstream is None:
+            assert self.connect is not None
+            try:
+                self.upstream = await self._keep_alive(self.connect(), send)
+            except ProxyError as error:
+                await self._fail(error, send)
+                return
+        await self._pump(self.upstream, send)
+
+    async def _keep_alive(self, work: Awaitable[T], send: Send) -> T:
+        task = asyncio.ensure_future(work)
         try:
-            async for chunk in self.upstream.content.iter_any():
+            while True:
+                await send(
+                    {"type": "http.response.body", "body": self.waiting_comment, "more_body": True}
+                )
+                done, _ = await asyncio.wait({task}, timeout=self.keepalive_s)
+                if done:
+                    return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    async def _pump(self, upstream: aiohttp.ClientResponse, send: Send) -> None:
+        outcome = self.outcome
+        try:
+            async for chunk in upstream.content.iter_any():
                 if outcome.first_byte_at is None:
                     outcome.first_byte_at = time.perf_counter()
                 outcome.events += chunk.count(b"data:")
                 self.tail.append(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            if not self._saw_done():
+                if chunk.endswith(DONE):
+                    # Complete. Clients hang up on [DONE]; do not wait for the backend to
+                    # close its side first (and then mistake their hang-up for a disconnect).
+                    self.complete = True
+                    break
+            if not self.complete and not self._saw_done():
                 raise aiohttp.ClientPayloadError("stream ended without [DONE]")
+            self.complete = True
         except (aiohttp.ClientError, TimeoutError) as exc:
-            error = _classify(exc, str(self.upstream.url), "mid-stream")
-            outcome.error = error
-            event = b"data: " + error.to_bytes() + b"\n\n" + DONE
-            await send({"type": "http.response.body", "body": event, "more_body": True})
+            await self._fail(_classify(exc, str(upstream.url), "mid-stream"), send)
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _fail(self, error: ProxyError, send: Send) -> None:
+        self.outcome.error = error
+        event = b"data: " + error.to_bytes() + b"\n\n" + DONE
+        await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _saw_done(self) -> bool:

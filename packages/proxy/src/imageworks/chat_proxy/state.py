@@ -31,6 +31,8 @@ class RequestInfo:
     entry: ModelEntry | None = None
     stream: bool = False
     prompt_bytes: int = 0
+    wait_ms: float = 0.0  # waiting for the model: for its turn, and for it to load
+    loaded: bool = False  # whether the model was (re)started while this request waited
 
 
 @dataclass
@@ -104,8 +106,8 @@ class ProxyState:
             "stream": info.stream,
             "status": status,
             "error_code": code,
-            "queue_ms": 0.0,
-            "load_ms": 0.0,
+            "queue_ms": 0.0 if info.loaded else info.wait_ms,
+            "load_ms": info.wait_ms if info.loaded else 0.0,
             "ttft_ms": outcome.ttft_ms,
             "total_ms": outcome.total_ms,
             "prompt_tokens": prompt_tokens,

@@ -17,6 +17,7 @@ import click
 
 from imageworks.model_loader.errors import RegistryError, RegistryValidationError
 from imageworks.model_loader.profiles import PROFILES_FILE, ProfileManager
+from imageworks.model_loader.proxy_client import DEFAULT_PROXY_URL, call
 from imageworks.model_loader.registry import Registry, build_registry, load_registry, registry_dir
 from imageworks.model_loader.schema import ModelEntry
 
@@ -223,6 +224,80 @@ def profiles_use(obj: Context, name: str) -> None:
     with domain_errors():
         profile = obj.profiles().use(name)
     click.echo(f"active profile: {profile.name}")
+
+
+# --- commands that talk to a running proxy -------------------------------------------------
+
+proxy_url = click.option(
+    "--proxy-url",
+    envvar="IMAGEWORKS_CHAT_PROXY_URL",
+    default=DEFAULT_PROXY_URL,
+    show_default=True,
+    help="The chat proxy (IMAGEWORKS_CHAT_PROXY_URL).",
+)
+admin_token = click.option(
+    "--admin-token",
+    envvar="CHAT_PROXY_ADMIN_TOKEN",
+    default=None,
+    help="The proxy's admin token, if it has one (CHAT_PROXY_ADMIN_TOKEN).",
+)
+
+
+@main.command("activate-model")
+@click.argument("name")
+@proxy_url
+@admin_token
+def activate_model(name: str, proxy_url: str, admin_token: str | None) -> None:
+    """Start NAME through the proxy (swapping out a model that shares its slot); waits until
+    it is ready."""
+    click.echo(f"activating {name} via {proxy_url} ...", err=True)
+    with domain_errors():
+        state = call(proxy_url, "POST", "/admin/activate", {"model": name}, token=admin_token)
+    load = f" in {state['load_ms'] / 1000:.1f} s" if state.get("load_ms") else ""
+    click.echo(f"{state['name']}: {state['state']}{load}")
+
+
+@main.command("deactivate-model")
+@click.argument("name", required=False)
+@proxy_url
+@admin_token
+def deactivate_model(name: str | None, proxy_url: str, admin_token: str | None) -> None:
+    """Stop NAME (or every model the proxy started) once its requests have finished."""
+    with domain_errors():
+        answer = call(
+            proxy_url,
+            "POST",
+            "/admin/deactivate",
+            {"model": name} if name else None,
+            token=admin_token,
+        )
+    stopped = answer.get("stopped") or []
+    click.echo("stopped: " + ", ".join(stopped) if stopped else "nothing was running")
+
+
+@main.command("current-model")
+@click.option("--json", "as_json", is_flag=True)
+@proxy_url
+@admin_token
+def current_model(as_json: bool, proxy_url: str, admin_token: str | None) -> None:
+    """Show the models the proxy has running or loading."""
+    with domain_errors():
+        state = call(proxy_url, "GET", "/admin/state", token=admin_token)
+    active = [
+        m
+        for m in state.get("models", [])
+        if m.get("managed") and m.get("state") in ("starting", "ready", "stopping")
+    ]
+    if as_json:
+        click.echo(json.dumps(active, indent=2))
+        return
+    if not active:
+        click.echo("none")
+    for model in active:
+        click.echo(
+            f"{model['name']}  {model['backend']}  {model['state']}  "
+            f"in flight: {model['in_flight']}"
+        )
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ from starlette.routing import Route
 from imageworks.chat_proxy.auth import require_admin
 from imageworks.chat_proxy.errors import InvalidRequest, RegistryInvalid
 from imageworks.chat_proxy.payloads import parse_body
-from imageworks.chat_proxy.routes.openai import JSON, proxy_state
+from imageworks.chat_proxy.routes.openai import JSON, proxy_state, resolve
 from imageworks.chat_proxy.state import ProxyState
 from imageworks.model_loader.errors import RegistryError, UnknownProfileError
+from imageworks.model_loader.schema import ModelEntry
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -33,17 +34,7 @@ async def _body(request: Request) -> dict[str, Any]:
 
 async def admin_state(request: Request) -> Response:
     state = await _admin(request)
-    models = []
-    for entry in state.registry:
-        models.append(
-            {
-                "name": entry.name,
-                "backend": entry.backend,
-                "visible": state.visible(entry),
-                "state": state.lifecycle.state(entry.name),
-                "in_flight": state.lifecycle.in_flight.get(entry.name, 0),
-            }
-        )
+    models = [model_state(state, entry) for entry in state.registry]
     return _json(
         {
             "registry": {
@@ -59,6 +50,60 @@ async def admin_state(request: Request) -> Response:
             "request_log": {"path": str(state.log.path), "dropped": state.log.dropped},
         }
     )
+
+
+def model_state(state: ProxyState, entry: ModelEntry) -> dict[str, Any]:
+    lifecycle = state.lifecycle
+    return (
+        {
+            "name": entry.name,
+            "backend": entry.backend,
+            "visible": state.visible(entry),
+            "managed": entry.servable and lifecycle.managed(entry),
+            **lifecycle.status(entry).public(),
+            "in_flight": lifecycle.in_flight.get(entry.name, 0),
+        }
+        if entry.servable
+        else {
+            "name": entry.name,
+            "backend": entry.backend,
+            "visible": False,
+            "managed": False,
+            "state": "unsupported",
+            "in_flight": 0,
+        }
+    )
+
+
+def _managed_entry(state: ProxyState, name: Any) -> ModelEntry:
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest("'model' must be a model name", param="model")
+    entry = resolve(state, name)
+    if not state.lifecycle.managed(entry):
+        raise InvalidRequest(
+            f"model {entry.name!r} is not started by the proxy ({entry.backend} with its own "
+            "address, or a server the proxy only forwards to)",
+            param="model",
+        )
+    return entry
+
+
+async def admin_activate(request: Request) -> Response:
+    """Start a model (swapping out another if they share a slot); answers once it is ready."""
+    state = await _admin(request)
+    entry = _managed_entry(state, (await _body(request)).get("model"))
+    await state.lifecycle.activate(entry)
+    return _json(model_state(state, entry))
+
+
+async def admin_deactivate(request: Request) -> Response:
+    """Stop one model (``{"model": ...}``) or every model the proxy started (no body)."""
+    state = await _admin(request)
+    raw = await request.body()
+    name = parse_body(raw).get("model") if raw.strip() else None
+    entry = _managed_entry(state, name) if name is not None else None
+    stopped = await state.lifecycle.deactivate(entry)
+    return _json({"stopped": stopped})
 
 
 async def admin_requests(request: Request) -> Response:
@@ -117,4 +162,6 @@ ROUTES = [
     Route("/admin/profile", admin_profile, methods=["GET", "PUT"]),
     Route("/admin/autostart", admin_autostart, methods=["GET", "PUT"]),
     Route("/admin/registry/reload", registry_reload, methods=["POST"]),
+    Route("/admin/activate", admin_activate, methods=["POST"]),
+    Route("/admin/deactivate", admin_deactivate, methods=["POST"]),
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import aiohttp
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -70,7 +71,7 @@ def model_object(state: ProxyState, entry: ModelEntry) -> dict[str, Any]:
             "served_model_id": entry.upstream_id,
             "aliases": entry.model_aliases,
             "capabilities": entry.capabilities.model_dump(),
-            "state": state.lifecycle.state(entry.name),
+            "state": state.lifecycle.state(entry),
         },
     }
 
@@ -145,6 +146,28 @@ class _Gone(Response):
         return None
 
 
+class Exchange:
+    """One forwarded request: its hold on the model, and the bookkeeping when it ends."""
+
+    def __init__(self, state: ProxyState, info: RequestInfo) -> None:
+        self.state = state
+        self.info = info
+        self.ticket: Ticket | None = None
+        state.metrics.in_flight.inc()
+
+    async def acquire(self, entry: ModelEntry) -> str:
+        self.ticket = await self.state.lifecycle.acquire(entry, autostart=self.state.autostart)
+        self.info.wait_ms, self.info.loaded = self.ticket.wait_ms, self.ticket.loaded
+        return self.ticket.base_url
+
+    def finish(self, outcome: Outcome) -> None:
+        if self.ticket is not None:
+            refused = isinstance(outcome.error, BackendUnavailable) and outcome.status == 0
+            self.ticket.release(reached=None if outcome.client_gone else not refused)
+        self.state.metrics.in_flight.dec()
+        self.state.record(self.info, outcome)
+
+
 async def forward(request: Request, endpoint: str) -> Response:
     state = proxy_state(request)
     client = request.client.host if request.client else None
@@ -159,57 +182,48 @@ async def forward(request: Request, endpoint: str) -> Response:
         info.prompt_bytes = len(raw)
         info.entry = entry = resolve(state, info.model)
         check_capabilities(endpoint, entry, body)
-        backend = state.lifecycle.backend(entry)
         check_template(
-            entry, state.config.require_template, endpoint == CHAT and backend.requires_template
+            entry,
+            state.config.require_template,
+            endpoint == CHAT and state.lifecycle.backend(entry).requires_template,
         )
         payload = prepare(endpoint, entry, body, raw)
-        ticket = await state.lifecycle.acquire(entry)
     except ProxyError as exc:
         outcome.error = exc
         state.record(info, outcome)
         raise
-    state.metrics.in_flight.inc()
-
-    def finish(result: Outcome) -> None:
-        reached = not (isinstance(result.error, BackendUnavailable) and result.status == 0)
-        ticket.release(reached=reached if not result.client_gone else None)
-        state.metrics.in_flight.dec()
-        state.record(info, result)
-
-    return await _exchange(request, state, ticket, endpoint, payload, info, outcome, finish)
-
-
-async def _exchange(
-    request: Request,
-    state: ProxyState,
-    ticket: Ticket,
-    endpoint: str,
-    payload: bytes,
-    info: RequestInfo,
-    outcome: Outcome,
-    finish: Any,
-) -> Response:
-    url = ticket.base_url + PATHS[endpoint]
+    exchange = Exchange(state, info)
     headers = {"content-type": JSON, "x-request-id": info.request_id}
-    try:
-        upstream = await until_disconnect(
-            request.receive, open_upstream(state.session, url, payload, headers)
+
+    async def connect() -> aiohttp.ClientResponse:
+        base_url = await exchange.acquire(entry)
+        return await open_upstream(state.session, base_url + PATHS[endpoint], payload, headers)
+
+    if info.stream and state.lifecycle.needs_start(entry):
+        # Answer at once and keep the connection alive while the model loads.
+        return SSEResponse(
+            outcome,
+            exchange.finish,
+            connect=connect,
+            waiting_comment=f": loading {entry.name}\n\n".encode(),
+            keepalive_s=state.config.keepalive_s,
         )
+    try:
+        upstream = await until_disconnect(request.receive, connect())
         if info.stream and upstream.content_type == "text/event-stream":
-            return SSEResponse(upstream, outcome, finish, [])
+            return SSEResponse(outcome, exchange.finish, upstream=upstream)
         # Not streaming, or a backend that answered a stream request with plain JSON.
         content_type = upstream.headers.get("content-type", JSON)
         raw = await until_disconnect(request.receive, read_body(upstream, outcome))
     except ClientGone:
         outcome.client_gone = True
-        finish(outcome)
+        exchange.finish(outcome)
         return _Gone()
     except ProxyError as exc:
         outcome.error = exc
-        finish(outcome)
+        exchange.finish(outcome)
         raise
-    finish(outcome)
+    exchange.finish(outcome)
     return Response(
         raw, status_code=outcome.status, media_type=None, headers={"content-type": content_type}
     )

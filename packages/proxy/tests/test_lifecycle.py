@@ -1,0 +1,195 @@
+"""The lifecycle state machine, driven through the real Lifecycle with a scripted backend.
+
+The backend is a fake at the production seam (Backend.start/stop): it records what it was
+asked to do and when, so the tests can check ordering without timing assertions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from imageworks.chat_proxy.backends.base import Backend
+from imageworks.chat_proxy.config import ProxyConfig
+from imageworks.chat_proxy.errors import (
+    BackendUnavailable,
+    ModelStartFailed,
+    ProxyError,
+    QueueFull,
+)
+from imageworks.chat_proxy.lifecycle import FAILED, READY, STOPPED, Lifecycle
+from imageworks.model_loader.schema import ModelEntry
+
+
+class ScriptedBackend(Backend):
+    kind = "vllm"  # stands in for the executor: one model at a time
+
+    def __init__(self) -> None:
+        super().__init__(ProxyConfig.load(environ={}))
+        self.events: list[str] = []
+        self.running: set[str] = set()
+        self.fail_next: dict[str, str] = {}
+        self.gate: asyncio.Event | None = None  # when set, starts wait for it
+
+    def slot_key(self, entry: ModelEntry) -> str | None:
+        return "one-gpu"
+
+    async def start(self, entry: ModelEntry, log_path: Path, timeout: float) -> str:
+        self.events.append(f"start {entry.name}")
+        if self.gate is not None:
+            await self.gate.wait()
+        await asyncio.sleep(0.01)
+        if entry.name in self.fail_next:
+            raise ModelStartFailed(self.fail_next.pop(entry.name))
+        assert not self.running, f"{self.running} still running while starting {entry.name}"
+        self.running.add(entry.name)
+        return f"http://backend/{entry.name}/v1"
+
+    async def stop(self, name: str) -> None:
+        self.events.append(f"stop {name}")
+        self.running.discard(name)
+
+
+def entry(name: str) -> ModelEntry:
+    return ModelEntry.model_validate({"name": name, "backend": "vllm"})
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Lifecycle, ScriptedBackend]:
+    backend = ScriptedBackend()
+    return Lifecycle(
+        {"vllm": backend}, staging_dir=tmp_path, start_timeout=5, queue_timeout=2
+    ), backend
+
+
+async def test_concurrent_first_requests_start_the_model_once(setup) -> None:
+    lifecycle, backend = setup
+    tickets = await asyncio.gather(
+        *[lifecycle.acquire(entry("a"), autostart=True) for _ in range(10)]
+    )
+    assert backend.events == ["start a"]
+    assert {t.base_url for t in tickets} == {"http://backend/a/v1"}
+    assert lifecycle.in_flight["a"] == 10 and lifecycle.state(entry("a")) == READY
+    assert all(t.loaded for t in tickets)
+    for ticket in tickets:
+        ticket.release()
+    assert "a" not in lifecycle.in_flight
+
+
+async def test_a_busy_model_is_not_stopped_until_it_drains(setup) -> None:
+    lifecycle, backend = setup
+    held = await lifecycle.acquire(entry("a"), autostart=True)
+    waiting = asyncio.create_task(lifecycle.acquire(entry("b"), autostart=True))
+    await asyncio.sleep(0.1)
+    assert not waiting.done() and backend.events == ["start a"]
+    # While b waits for its turn, a newcomer for a must not jump the queue and starve b.
+    late = asyncio.create_task(lifecycle.acquire(entry("a"), autostart=True))
+    await asyncio.sleep(0.05)
+    assert not late.done()
+    held.release()
+    b_ticket = await waiting
+    assert backend.events == ["start a", "stop a", "start b"]
+    b_ticket.release()
+    (await late).release()
+    assert backend.events == ["start a", "stop a", "start b", "stop b", "start a"]
+
+
+async def test_everyone_waiting_for_a_model_is_served_before_it_is_swapped_out(setup) -> None:
+    lifecycle, backend = setup
+    first = await lifecycle.acquire(entry("a"), autostart=True)
+    for_b = [asyncio.create_task(lifecycle.acquire(entry("b"), autostart=True)) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    for_a = asyncio.create_task(lifecycle.acquire(entry("a"), autostart=True))
+    await asyncio.sleep(0.05)
+    first.release()
+    b_tickets = await asyncio.gather(*for_b)  # all three b requests got b before a came back
+    assert backend.events == ["start a", "stop a", "start b"]
+    for ticket in b_tickets:
+        ticket.release()
+    (await for_a).release()
+    assert backend.events[-2:] == ["stop b", "start a"]
+
+
+async def test_a_failed_start_fails_its_waiters_and_does_not_wedge_the_model(setup) -> None:
+    lifecycle, backend = setup
+    backend.fail_next["a"] = "exit code 1; last log lines: CUDA out of memory"
+    results = await asyncio.gather(
+        *[lifecycle.acquire(entry("a"), autostart=True) for _ in range(3)], return_exceptions=True
+    )
+    assert all(isinstance(r, ModelStartFailed) for r in results)
+    assert backend.events == ["start a"]  # one failed start, reported to all three
+    status = lifecycle.status(entry("a"))
+    assert status.state == FAILED and "CUDA out of memory" in (status.last_error or "")
+    ticket = await lifecycle.acquire(entry("a"), autostart=True)  # the next request retries
+    assert backend.events == ["start a", "start a"] and lifecycle.state(entry("a")) == READY
+    ticket.release()
+
+
+async def test_autostart_disabled_refuses_a_stopped_model_but_serves_a_running_one(setup) -> None:
+    lifecycle, _ = setup
+    with pytest.raises(BackendUnavailable, match="autostart is disabled"):
+        await lifecycle.acquire(entry("a"), autostart=False)
+    await lifecycle.activate(entry("a"))
+    (await lifecycle.acquire(entry("a"), autostart=False)).release()
+
+
+async def test_waiting_too_long_for_a_busy_model_is_queue_full_with_retry_after(setup) -> None:
+    lifecycle, backend = setup
+    held = await lifecycle.acquire(entry("a"), autostart=True)
+    with pytest.raises(QueueFull) as caught:
+        await lifecycle.acquire(entry("b"), autostart=True)  # queue_timeout is 2 s
+    assert caught.value.headers["Retry-After"] and caught.value.status == 503
+    assert "'a' is still serving 1 request(s)" in caught.value.message
+    held.release()
+    # b gave up, so its claim is gone: a is still usable without a swap.
+    (await lifecycle.acquire(entry("a"), autostart=True)).release()
+    assert backend.events == ["start a"]
+
+
+async def test_a_waiter_that_leaves_releases_its_claim(setup) -> None:
+    lifecycle, backend = setup
+    held = await lifecycle.acquire(entry("a"), autostart=True)
+    leaving = asyncio.create_task(lifecycle.acquire(entry("b"), autostart=True))
+    await asyncio.sleep(0.05)
+    leaving.cancel()  # the client disconnected while queued
+    await asyncio.gather(leaving, return_exceptions=True)
+    (await lifecycle.acquire(entry("a"), autostart=True)).release()
+    held.release()
+    assert backend.events == ["start a"]
+
+
+async def test_deactivate_waits_for_requests_then_stops(setup) -> None:
+    lifecycle, backend = setup
+    held = await lifecycle.acquire(entry("a"), autostart=True)
+    stopping = asyncio.create_task(lifecycle.deactivate(entry("a")))
+    await asyncio.sleep(0.05)
+    assert not stopping.done() and backend.running == {"a"}
+    held.release()
+    assert await stopping == ["a"]
+    assert backend.running == set() and lifecycle.state(entry("a")) == STOPPED
+
+
+async def test_shutdown_stops_everything(setup) -> None:
+    lifecycle, backend = setup
+    await lifecycle.activate(entry("a"))
+    await lifecycle.shutdown()
+    assert backend.running == set() and backend.events[-1] == "stop a"
+
+
+async def test_unmanaged_models_only_count_requests(tmp_path: Path) -> None:
+    from imageworks.chat_proxy.backends import build_backends
+
+    lifecycle = Lifecycle(build_backends(ProxyConfig.load(environ={})), staging_dir=tmp_path)
+    external = ModelEntry.model_validate(
+        {"name": "x", "backend": "openai", "backend_config": {"base_url": "http://h:1/v1"}}
+    )
+    ticket = await lifecycle.acquire(external, autostart=False)
+    assert ticket.base_url == "http://h:1/v1" and lifecycle.in_flight["x"] == 1
+    ticket.release(reached=False)
+    assert lifecycle.state(external) == "unreachable"
+
+
+def test_errors_are_proxy_errors() -> None:
+    assert issubclass(ModelStartFailed, ProxyError) and ModelStartFailed.status == 502

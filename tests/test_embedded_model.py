@@ -1,0 +1,120 @@
+"""The embedded default: a real llama.cpp server with Gemma 3 270M, started by the proxy.
+
+This is the newcomer's path: the shipped registry, no GPU, one command.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from testkit.fake_engine import sse_events
+
+REPO = Path(__file__).resolve().parents[1]
+MARKUP = re.compile(r"<\|[^|]*\|>|<(start|end)_of_[a-z_]+>|\[multimodal\]|<eos>|<bos>|<pad>")
+PROMPTS = [
+    "Tell me about cats.",
+    "Write a haiku about the sea.",
+    "What is 2+2?",
+    "List three colours.",
+    "Describe a photograph of a mountain at dawn.",
+]
+
+
+@pytest.fixture
+def shipped(proxy_factory):
+    """A proxy over the registry exactly as shipped."""
+    entries = json.loads((REPO / "configs" / "model_registry.curated.json").read_text())
+    proxy = proxy_factory(entries)
+    shutil.copytree(REPO / "configs" / "chat_templates", proxy.root / "configs" / "chat_templates")
+    return proxy
+
+
+def test_a_newcomer_gets_a_real_answer_streaming_and_not(shipped) -> None:
+    client = openai.OpenAI(base_url=shipped.url + "/v1", api_key="none", max_retries=0)
+    assert "gemma3-270m" in [m.id for m in client.models.list()]
+    # First request: a cold start. The stream opens at once with a loading comment (which the
+    # SDK skips), then relays the model's own chunks.
+    chunks = list(
+        client.chat.completions.create(
+            model="gemma3-270m",
+            messages=[{"role": "user", "content": "Tell me about cats."}],
+            stream=True,
+            max_tokens=24,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip(), "the embedded model produced no text"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    completion = client.chat.completions.create(
+        model="gemma3-270m", messages=[{"role": "user", "content": "Say hello."}], max_tokens=16
+    )
+    assert completion.choices[0].message.content
+    assert completion.model == "gemma3-270m"
+    client.close()
+
+    records = {r["stream"]: r for r in shipped.records()}
+    metrics = shipped.client.get("/metrics").text
+    shipped.server.stop()
+    cold, warm = records[True], records[False]
+    assert cold["status"] == warm["status"] == 200 and cold["error_code"] is None
+    assert cold["backend"] == "llamacpp" and cold["load_ms"] > 0 and warm["load_ms"] == 0
+    assert cold["completion_tokens"] > 0 and warm["completion_tokens"] > 0
+    assert cold["usage_estimated"] is False and cold["tokens_per_s"] > 0
+    assert (
+        'chat_proxy_requests_total{backend="llamacpp",endpoint="chat",model="gemma3-270m",'
+        'status="200"} 2.0'
+    ) in metrics
+    assert (shipped.root / "_staging" / "autostart" / "gemma3-270m.log").stat().st_size > 0
+    events = [r["event"] for r in shipped.records("autostart")]
+    assert events == ["autostart"]
+
+
+def test_the_cold_start_stream_opens_with_a_loading_comment(shipped) -> None:
+    with httpx.stream(
+        "POST",
+        shipped.url + "/v1/chat/completions",
+        timeout=120,
+        json={
+            "model": "gemma3-270m",
+            "stream": True,
+            "max_tokens": 4,
+            "messages": [{"role": "user", "content": "Hi"}],
+        },
+    ) as response:
+        body = response.read().decode()
+    assert body.startswith(": loading gemma3-270m\n\n")
+    assert sse_events(body)[-1] == "[DONE]"
+
+
+def test_no_control_token_reaches_a_reply(shipped) -> None:
+    shipped.client.post("/admin/activate", json={"model": "gemma3-270m"}, timeout=120)
+    for prompt in PROMPTS:
+        for stream in (False, True):
+            answer = shipped.client.post(
+                "/v1/chat/completions",
+                timeout=120,
+                json={
+                    "model": "gemma3-270m",
+                    "stream": stream,
+                    "max_tokens": 64,
+                    "messages": [{"role": "user", "content": prompt}],
+                },
+            )
+            assert answer.status_code == 200
+            if stream:
+                text = "".join(
+                    json.loads(e)["choices"][0]["delta"].get("content") or ""
+                    for e in sse_events(answer.text)[:-1]
+                    if json.loads(e).get("choices")
+                )
+            else:
+                text = answer.json()["choices"][0]["message"]["content"]
+            assert not MARKUP.search(text), f"control token in reply to {prompt!r}: {text!r}"

