@@ -86,7 +86,7 @@ def proxy_factory(tmp_path: Path) -> Iterator[ProxyFactory]:
 
     started: list[Proxy] = []
 
-    def start(entries: list[dict[str, Any]], **settings: Any) -> Proxy:
+    def start(entries: list[dict[str, Any]], probe: Any = None, **settings: Any) -> Proxy:
         root = tmp_path / f"proxy{len(started)}"
         (root / "configs").mkdir(parents=True)
         shutil.copy(REPO / "configs" / "deployment_profiles.json", root / "configs")
@@ -99,7 +99,7 @@ def proxy_factory(tmp_path: Path) -> Iterator[ProxyFactory]:
             log_path=root / "logs" / "chat_proxy.jsonl",
             **settings,
         )
-        server = HypercornServer(create_app(config))
+        server = HypercornServer(create_app(config, probe=probe))
         client = httpx.Client(base_url=server.url, timeout=30)
         proxy = Proxy(server.url, config, root, server, client)
         started.append(proxy)

@@ -30,8 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def first_token_s(url: str) -> float:
-    body = {"model": "gemma3-270m", "stream": True, "max_tokens": 8,
-            "messages": [{"role": "user", "content": "Tell me about cats."}]}
+    body = {
+        "model": "gemma3-270m",
+        "stream": True,
+        "max_tokens": 8,
+        "messages": [{"role": "user", "content": "Tell me about cats."}],
+    }
     started = time.perf_counter()
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as response:
         for line in response.iter_lines():
@@ -49,8 +53,11 @@ def one_run() -> dict[str, float]:
         started = time.perf_counter()
         proxy = subprocess.Popen(
             [sys.executable, "-m", "imageworks.chat_proxy.cli", "--port", str(port)],
-            cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env={k: v for k, v in os.environ.items() if not k.startswith("CHAT_PROXY_")})
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={k: v for k, v in os.environ.items() if not k.startswith("CHAT_PROXY_")},
+        )
         try:
             while True:
                 try:
@@ -64,8 +71,11 @@ def one_run() -> dict[str, float]:
         finally:
             proxy.send_signal(signal.SIGINT)
             proxy.wait(60)
-        return {"proxy_start_to_healthy_s": healthy, "cold_first_token_s": cold,
-                "warm_first_token_s": warm}
+        return {
+            "proxy_start_to_healthy_s": healthy,
+            "cold_first_token_s": cold,
+            "warm_first_token_s": warm,
+        }
 
 
 def main() -> None:
@@ -75,9 +85,11 @@ def main() -> None:
     runs = [one_run() for _ in range(args.runs)]
     summary = {key: round(statistics.median(r[key] for r in runs), 3) for key in runs[0]}
     print(json.dumps({"runs": runs, "median": summary}, indent=2))
-    print(f"\nmedian over {args.runs} runs: proxy healthy in {summary['proxy_start_to_healthy_s']} s;"
-          f" first token cold {summary['cold_first_token_s']} s,"
-          f" warm {summary['warm_first_token_s']} s")
+    print(
+        f"\nmedian over {args.runs} runs: proxy healthy in {summary['proxy_start_to_healthy_s']} s;"
+        f" first token cold {summary['cold_first_token_s']} s,"
+        f" warm {summary['warm_first_token_s']} s"
+    )
 
 
 if __name__ == "__main__":

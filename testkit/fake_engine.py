@@ -49,6 +49,12 @@ class FakeEngine:
     # Ollama: tags that are "pulled" and those resident in (fake) VRAM.
     tags: list[str] = field(default_factory=lambda: ["qwen2.5vl:7b", "llama3.1:8b"])
     loaded: dict[str, float] = field(default_factory=dict)
+    vram_mb: dict[str, int] = field(default_factory=dict)  # per tag; 4096 when not listed
+    unload_requests: list[str] = field(default_factory=list)
+
+    def holdings(self) -> dict[str, int]:
+        """What this fake Ollama holds in (fake) VRAM, for a FakeProbe."""
+        return {f"ollama:{tag}": self.vram_mb.get(tag, 4096) for tag in self.loaded}
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -296,7 +302,12 @@ class FakeEngine:
 
     async def api_ps(self, request: web.Request) -> web.Response:
         return web.json_response(
-            {"models": [{"name": t, "model": t, "size_vram": 1 << 30} for t in self.loaded]}
+            {
+                "models": [
+                    {"name": t, "model": t, "size_vram": self.vram_mb.get(t, 4096) * 1024 * 1024}
+                    for t in self.loaded
+                ]
+            }
         )
 
     async def api_version(self, request: web.Request) -> web.Response:
@@ -308,7 +319,11 @@ class FakeEngine:
         if model not in self.tags:
             return web.json_response({"error": f'model "{model}" not found'}, status=404)
         if body.get("keep_alive") in (0, "0", "0s"):
-            self.loaded.pop(model, None)
+            self.unload_requests.append(f"{request.path} {model}")
+            if request.path == "/api/generate" and model.startswith("generate-broken"):
+                return web.json_response({"error": "scripted generate failure"}, status=500)
+            if not model.startswith("sticky"):  # "sticky" models answer but stay loaded
+                self.loaded.pop(model, None)
         else:
             self.loaded[model] = time.time()
         return web.json_response(

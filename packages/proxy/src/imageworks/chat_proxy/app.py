@@ -13,24 +13,17 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from imageworks.chat_proxy.backends import build_backends
+from imageworks.chat_proxy.arbiter.gpu import GpuProbe
 from imageworks.chat_proxy.config import ProxyConfig
 from imageworks.chat_proxy.errors import MethodNotAllowed, NotFound, ProxyError
-from imageworks.chat_proxy.lifecycle import Lifecycle
-from imageworks.chat_proxy.metrics import Metrics
-from imageworks.chat_proxy.requestlog import RequestLog
-from imageworks.chat_proxy.routes import admin, openai, ops
-from imageworks.chat_proxy.state import ProxyState
-from imageworks.model_loader.profiles import PROFILES_FILE, ProfileManager
-from imageworks.model_loader.registry import Registry
-from imageworks.model_loader.watch import RegistryWatcher
+from imageworks.chat_proxy.lifespan import close_state, open_state, start_background
+from imageworks.chat_proxy.routes import admin, gpu, openai, ops
 
 log = logging.getLogger("imageworks.chat_proxy")
 
@@ -99,97 +92,28 @@ class RequestIdMiddleware:
             await _error_response(error)(scope, receive, send_with_id)
 
 
-def create_app(config: ProxyConfig | None = None) -> Starlette:
+def create_app(config: ProxyConfig | None = None, *, probe: GpuProbe | None = None) -> Starlette:
+    """The proxy app. ``probe`` replaces the configured GPU probe (tests inject a fake one)."""
     config = config or ProxyConfig.load()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        state = open_state(config)
+        state = open_state(config, probe=probe)
         app.state.proxy = state
+        background = start_background(state)
         try:
             yield
         finally:
-            await close_state(state)
+            await close_state(state, background)
 
     app = Starlette(
-        routes=[*openai.ROUTES, *ops.ROUTES, *admin.ROUTES],
+        routes=[*openai.ROUTES, *ops.ROUTES, *admin.ROUTES, *gpu.ROUTES],
         exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error},
         lifespan=lifespan,
     )
     app.add_middleware(RequestIdMiddleware)
     app.state.config = config
     return app
-
-
-def open_state(config: ProxyConfig) -> ProxyState:
-    watcher = RegistryWatcher(config.registry_dir).start()
-    profiles = ProfileManager(config.registry_dir / PROFILES_FILE, config.staging_dir)
-    request_log = RequestLog(
-        config.log_path,
-        max_bytes=config.max_log_bytes,
-        backups=config.log_backups,
-        recent=config.recent_requests,
-    ).start()
-    metrics = Metrics()
-    # No connection limit: every open stream holds a connection, and aiohttp's default of 100
-    # would silently queue stream 101. No total timeout: generations can take minutes.
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=config.connect_timeout_s, sock_read=config.read_timeout_s
-        ),
-        auto_decompress=False,  # relay bytes as the backend sent them
-        skip_auto_headers=("User-Agent",),
-    )
-    backends = build_backends(config)
-    for backend in backends.values():
-        backend.attach(session)
-    lifecycle = Lifecycle(
-        backends,
-        staging_dir=config.staging_dir,
-        start_timeout=config.start_timeout_s,
-        queue_timeout=config.queue_timeout_s,
-        request_log=request_log,
-    )
-    state = ProxyState(
-        config=config,
-        watcher=watcher,
-        profiles=profiles,
-        session=session,
-        log=request_log,
-        metrics=metrics,
-        lifecycle=lifecycle,
-        backends=backends,
-        autostart=config.autostart_enabled,
-    )
-
-    def on_reload(registry: Registry) -> None:
-        metrics.registry_reloads.labels("ok").inc()
-        request_log.event(
-            "registry_reload", "registry", version=registry.version, entries=len(registry)
-        )
-
-    watcher.subscribe(on_reload)
-    request_log.event(
-        "startup",
-        "proxy",
-        host=config.host,
-        port=config.port,
-        registry_version=watcher.current.version,
-        profile=profiles.active.name,
-    )
-    return state
-
-
-async def close_state(state: ProxyState) -> None:
-    state.watcher.stop()
-    try:
-        await state.lifecycle.shutdown()  # no model process outlives the proxy
-    except Exception:
-        log.exception("stopping models at shutdown failed")
-    await state.session.close()
-    state.log.event("shutdown", "proxy")
-    state.log.close()
 
 
 class _DeferredApp:

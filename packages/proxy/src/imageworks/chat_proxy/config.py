@@ -57,6 +57,13 @@ class ProxyConfig(BaseModel):
     start_timeout_s: float = Field(default=600.0, gt=0)
     queue_timeout_s: float = Field(default=120.0, gt=0)
     keepalive_s: float = Field(default=5.0, gt=0)
+    # GPU arbitration.
+    gpu_probe: Literal["auto", "nvml", "none"] = "auto"
+    gpu_total_mb: int | None = Field(default=None, ge=1)
+    gpu_headroom_mb: int = Field(default=1024, ge=0)
+    vram_timeout_s: float = Field(default=60.0, gt=0)
+    lease_ttl_s: float = Field(default=900.0, gt=0)
+    shutdown_step_timeout_s: float = Field(default=30.0, gt=0)
     vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     api_keys: tuple[str, ...] = ()
     admin_token: str | None = None
@@ -75,6 +82,11 @@ class ProxyConfig(BaseModel):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("gpu_total_mb", mode="before")
+    @classmethod
+    def _blank_total_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
 
     @field_validator("admin_token", mode="before")
     @classmethod

@@ -116,6 +116,14 @@ class QueueFull(ProxyError):
     code = "queue_full"
 
 
+class InsufficientVram(ProxyError):
+    """The GPU could not be freed for a model or a lease (busy models, or memory that never
+    came back after an eviction)."""
+
+    status = 503
+    code = "insufficient_vram"
+
+
 class BackendUnavailable(ProxyError):
     status = 502
     code = "backend_unavailable"

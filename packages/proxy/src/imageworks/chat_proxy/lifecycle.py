@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imageworks.chat_proxy.backends import Backend
 from imageworks.chat_proxy.errors import (
@@ -35,6 +35,10 @@ from imageworks.chat_proxy.errors import (
 )
 from imageworks.chat_proxy.requestlog import RequestLog
 from imageworks.model_loader.schema import ModelEntry
+
+if TYPE_CHECKING:
+    from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
+    from imageworks.chat_proxy.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +190,8 @@ class Slot:
 
     def _release_one(self, reached: bool | None) -> None:
         self.in_flight -= 1
+        if self.active is not None:
+            self.owner.touch(self.active)
         if self.in_flight == 0:
             self._notify()
 
@@ -199,6 +205,8 @@ class Slot:
             self.owner._set(name, STARTING)
             self._notify()
             try:
+                if self.owner.arbiter is not None:
+                    await self.owner.arbiter.make_room(entry)
                 base_url = await self.backend.start(
                     entry, self.owner.start_log(name), self.owner.start_timeout
                 )
@@ -209,11 +217,15 @@ class Slot:
                 self.target = None
                 self.owner._set(name, FAILED, error=exc.message)
                 self.owner.event("autostart", model=name, result="failed", error=exc.message)
+                self.owner.count_load(name, "failed", None)
                 return
             load_ms = round((time.monotonic() - self.switch_started) * 1000, 1)
             self.state, self.base_url = READY, base_url
             self.owner._set(name, READY, load_ms=load_ms)
             self.owner.event("autostart", model=name, result="ready", load_ms=load_ms)
+            self.owner.count_load(name, "ready", load_ms)
+            if self.owner.arbiter is not None:
+                await self.owner.arbiter.learn(entry, self.backend.pid_of(name))
             self.reserved = {w for w in self.waiters if w.name == name}
             if not self.reserved:
                 self.target = None
@@ -234,6 +246,20 @@ class Slot:
         self.active, self.state, self.base_url = None, STOPPED, None
         self.owner._set(name, STOPPED)
         self.owner.event("unload", model=name, reason=reason)
+
+    async def evict(self, name: str, reason: str) -> bool:
+        """Stop ``name`` now if it is the idle, ready model here (the arbiter's eviction)."""
+        if (
+            self.active != name
+            or self.state != READY
+            or self.in_flight
+            or self.switch_task is not None
+            or self.target not in (None, name)
+        ):
+            return False
+        await self._stop_active(f"evict ({reason})")
+        self._notify()
+        return True
 
     async def deactivate(self, name: str | None, timeout: float) -> bool:
         """Stop the active model (if it is ``name``, or any when None) once it has drained."""
@@ -268,6 +294,9 @@ class Lifecycle:
         self.queue_timeout = queue_timeout
         self.request_log = request_log
         self.slots: dict[str, Slot] = {}
+        self.arbiter: VramArbiter | None = None  # set by the app once both exist
+        self.metrics: Metrics | None = None
+        self._last_used: dict[str, float] = {}
         self.statuses: dict[str, ModelStatus] = {}
         self.in_flight: Counter[str] = Counter()
         # Bumped on every state change so cached views (the model list) know to refresh.
@@ -295,9 +324,15 @@ class Lifecycle:
             slot.active == entry.name and slot.state == READY and slot.target in (None, entry.name)
         )
 
-    async def acquire(self, entry: ModelEntry, *, autostart: bool) -> Ticket:
+    async def acquire(
+        self, entry: ModelEntry, *, autostart: bool, lease_token: str | None = None
+    ) -> Ticket:
+        if self.arbiter is not None:
+            self.arbiter.admit(entry, lease_token)
         slot = self.slot(entry)
         if slot is None:
+            if self.arbiter is not None and entry.backend == "ollama":
+                await self.arbiter.before_ollama(entry)
             return self._hold(
                 entry.name,
                 Ticket(entry.name, self.backend(entry).base_url(entry), 0.0, False),
@@ -312,6 +347,7 @@ class Lifecycle:
         slot_release = ticket._on_release
 
         def release(reached: bool | None) -> None:
+            self.touch(name)
             self.in_flight[name] -= 1
             if self.in_flight[name] <= 0:
                 del self.in_flight[name]
@@ -349,6 +385,18 @@ class Lifecycle:
                 await slot._stop_active("shutdown")
         for backend in self.backends.values():
             await backend.close()
+
+    def touch(self, name: str) -> None:
+        self._last_used[name] = time.monotonic()
+
+    def last_used(self, name: str) -> float:
+        return self._last_used.get(name, 0.0)
+
+    def count_load(self, name: str, result: str, load_ms: float | None) -> None:
+        if self.metrics is not None:
+            self.metrics.model_loads.labels(name, result).inc()
+            if load_ms is not None:
+                self.metrics.model_load_seconds.labels(name).observe(load_ms / 1000)
 
     def status(self, entry: ModelEntry) -> ModelStatus:
         default = STOPPED if self.managed(entry) else UNKNOWN

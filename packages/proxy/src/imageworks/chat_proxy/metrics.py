@@ -50,6 +50,31 @@ class Metrics:
         self.in_flight = Gauge(
             "chat_proxy_in_flight_requests", "Requests being forwarded now", registry=r
         )
+        self.model_loads = Counter(
+            "chat_proxy_model_loads", "Model starts, by result", ["model", "result"], registry=r
+        )
+        self.model_load_seconds = Histogram(
+            "chat_proxy_model_load_seconds",
+            "Time for a model to become ready",
+            ["model"],
+            buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
+            registry=r,
+        )
+        self.evictions = Counter(
+            "chat_proxy_evictions", "Models evicted to free VRAM, by reason", ["reason"], registry=r
+        )
+        self.vram_total = Gauge(
+            "chat_proxy_vram_total_mb", "GPU memory, as last probed", registry=r
+        )
+        self.vram_used = Gauge(
+            "chat_proxy_vram_used_mb", "GPU memory in use, as last probed", registry=r
+        )
+        self.lease_active = Gauge(
+            "chat_proxy_gpu_lease_active", "1 while the GPU is leased", registry=r
+        )
+        self.lease_events = Counter(
+            "chat_proxy_gpu_lease_events", "Lease grants, releases, ...", ["event"], registry=r
+        )
         self.registry_reloads = Counter(
             "chat_proxy_registry_reloads", "Registry reloads, by result", ["result"], registry=r
         )

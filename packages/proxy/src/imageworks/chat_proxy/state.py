@@ -8,6 +8,8 @@ from typing import Any
 
 import aiohttp
 
+from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
+from imageworks.chat_proxy.arbiter.ollama import OllamaManager
 from imageworks.chat_proxy.backends import Backend
 from imageworks.chat_proxy.config import ProxyConfig
 from imageworks.chat_proxy.forwarding import Outcome
@@ -33,6 +35,7 @@ class RequestInfo:
     prompt_bytes: int = 0
     wait_ms: float = 0.0  # waiting for the model: for its turn, and for it to load
     loaded: bool = False  # whether the model was (re)started while this request waited
+    lease_token: str | None = None
 
 
 @dataclass
@@ -45,6 +48,8 @@ class ProxyState:
     metrics: Metrics
     lifecycle: Lifecycle
     backends: dict[str, Backend]
+    arbiter: VramArbiter
+    ollama_managers: dict[str, OllamaManager]
     autostart: bool
     started_at: float = field(default_factory=time.time)
     _models_cache: tuple[tuple[str, str, int], bytes] | None = None

@@ -73,5 +73,9 @@ class Backend:
     async def stop(self, name: str) -> None:
         """Stop ``name`` and wait until it is gone."""
 
+    def pid_of(self, name: str) -> int | None:
+        """The process serving ``name`` on this host, if known (to learn its VRAM footprint)."""
+        return None
+
     async def close(self) -> None:
         """Release whatever the backend still holds (processes) at shutdown."""

@@ -69,6 +69,10 @@ class LlamaCppBackend(Backend):
         if process is not None:
             await process.stop()
 
+    def pid_of(self, name: str) -> int | None:
+        process = self.processes.get(name)
+        return process.pid if process is not None else None
+
     async def close(self) -> None:
         for name in list(self.processes):
             await self.stop(name)

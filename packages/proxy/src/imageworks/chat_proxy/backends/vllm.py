@@ -8,6 +8,7 @@ from typing import Any
 import aiohttp
 
 from imageworks.chat_proxy.backends.base import Backend, has_explicit_address
+from imageworks.chat_proxy.config import ProxyConfig
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
     ModelStartFailed,
@@ -31,6 +32,10 @@ class VllmBackend(Backend):
     default_port = 24001
     requires_template = True
 
+    def __init__(self, config: ProxyConfig) -> None:
+        super().__init__(config)
+        self.pids: dict[str, int | None] = {}
+
     def slot_key(self, entry: ModelEntry) -> str | None:
         return None if has_explicit_address(entry) else EXECUTOR_SLOT
 
@@ -44,10 +49,17 @@ class VllmBackend(Backend):
         if state.get("status") != "running" or not isinstance(base_url, str):
             raise ModelStartFailed(f"the vLLM executor did not start {entry.name!r}: {state}")
         _note(log_path, f"ready at {base_url} (pid {state.get('pid')})")
+        pid = state.get("pid")
+        self.pids[entry.name] = pid if isinstance(pid, int) else None
         return base_url.rstrip("/") + ("" if base_url.rstrip("/").endswith("/v1") else "/v1")
 
     async def stop(self, name: str) -> None:
         await self._call("/admin/deactivate", {}, 60.0)
+        self.pids.pop(name, None)
+
+    def pid_of(self, name: str) -> int | None:
+        # Only meaningful when the executor shares our process namespace (bare metal).
+        return self.pids.get(name)
 
     async def executor_state(self) -> dict[str, Any]:
         return await self._call("/admin/state", None, 10.0)

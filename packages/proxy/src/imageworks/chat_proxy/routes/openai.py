@@ -156,7 +156,9 @@ class Exchange:
         state.metrics.in_flight.inc()
 
     async def acquire(self, entry: ModelEntry) -> str:
-        self.ticket = await self.state.lifecycle.acquire(entry, autostart=self.state.autostart)
+        self.ticket = await self.state.lifecycle.acquire(
+            entry, autostart=self.state.autostart, lease_token=self.info.lease_token
+        )
         self.info.wait_ms, self.info.loaded = self.ticket.wait_ms, self.ticket.loaded
         return self.ticket.base_url
 
@@ -172,6 +174,7 @@ async def forward(request: Request, endpoint: str) -> Response:
     state = proxy_state(request)
     client = request.client.host if request.client else None
     info = RequestInfo(request_id(request), endpoint, client)
+    info.lease_token = request.headers.get("x-gpu-lease-token")
     outcome = Outcome()
     try:
         require_api_key(request, state.config.api_keys)

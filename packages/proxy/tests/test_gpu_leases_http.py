@@ -1,0 +1,135 @@
+"""GPU leases through the proxy's HTTP API, with a fake GPU shared by a fake Ollama."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from imageworks.chat_proxy.arbiter.gpu import FakeProbe
+from testkit.fake_engine import entry_for
+
+CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
+
+
+def ollama_entry(url: str) -> dict[str, object]:
+    return {
+        "name": "vision",
+        "backend": "ollama",
+        "served_model_id": "qwen2.5vl:7b",
+        "vram_estimate_mb": 9000,
+        "backend_config": {"base_url": url + "/v1"},
+        "capabilities": {"vision": True},
+    }
+
+
+def test_lease_cycle_over_http(proxy_factory, fake_ollama, fake_vllm) -> None:
+    engine = fake_ollama.engine
+    engine.vram_mb = {"qwen2.5vl:7b": 9000}
+    probe = FakeProbe(24000, engine.holdings)
+    proxy = proxy_factory(
+        [ollama_entry(fake_ollama.url), entry_for("cpu-model", fake_vllm.url, "openai")],
+        probe=probe,
+    )
+    http = proxy.client
+    assert http.post("/v1/chat/completions", json={**CHAT, "model": "vision"}).status_code == 200
+    assert engine.loaded and http.get("/v1/gpu/status").json()["gpu"]["used_mb"] == 9000
+
+    granted = http.post(
+        "/v1/gpu/lease",
+        json={"owner": "judge-vision", "reason": "stage 2", "ttl_s": 60, "restart_model": False},
+    )
+    assert granted.status_code == 200, granted.text
+    token = granted.json()["token"]
+    assert granted.json()["lease"]["evicted"] == ["vision"]
+    assert engine.loaded == {}  # Ollama unloaded it through keep_alive 0
+    status = http.get("/v1/gpu/status").json()
+    assert status["leased"] and status["lease"]["owner"] == "judge-vision"
+    assert status["gpu"]["used_mb"] == 0 and token not in json.dumps(status)
+
+    blocked = http.post("/v1/chat/completions", json={**CHAT, "model": "vision"})
+    assert blocked.status_code == 423 and blocked.json()["error"]["code"] == "gpu_lease_active"
+    assert blocked.headers["retry-after"]
+    assert http.post("/v1/chat/completions", json={**CHAT, "model": "cpu-model"}).status_code == 200
+    mine = http.post(
+        "/v1/chat/completions",
+        json={**CHAT, "model": "vision"},
+        headers={"x-gpu-lease-token": token},
+    )
+    assert mine.status_code == 200
+
+    again = http.post("/v1/gpu/lease", json={"owner": "someone-else"})
+    assert again.status_code == 423
+    renewed = http.post("/v1/gpu/renew", json={"token": token}).json()["lease"]
+    assert renewed["renewed_at"] >= status["lease"]["renewed_at"]
+    assert http.post("/v1/gpu/release", json={"token": "wrong"}).status_code == 400
+    released = http.post("/v1/gpu/release", json={"token": token})
+    assert released.json() == {"status": "released", "restoring": []}
+    assert http.post("/v1/chat/completions", json={**CHAT, "model": "vision"}).status_code == 200
+    proxy.server.stop()
+    events = [r["event"] for r in proxy.records("lease_granted") + proxy.records("evict")]
+    assert events == ["lease_granted", "evict"]
+
+
+def test_force_release_and_validation(proxy_factory) -> None:
+    proxy = proxy_factory([], probe=FakeProbe(24000))
+    http = proxy.client
+    assert http.post("/v1/gpu/lease", json={"reason": "no owner"}).status_code == 400
+    assert http.post("/v1/gpu/lease", json={"owner": "x", "ttl_s": -1}).status_code == 400
+    assert http.post("/v1/gpu/lease", json={"owner": "x", "need_mb": "lots"}).status_code == 400
+    assert http.post("/v1/gpu/force_release").json()["status"] == "idle"
+    http.post("/v1/gpu/lease", json={"owner": "stuck-client", "ttl_s": 600})
+    assert http.post("/v1/gpu/force_release", json={"owner": "other"}).status_code == 400
+    assert http.post("/v1/gpu/force_release", json={"max_age_s": 3600}).status_code == 400
+    assert (
+        http.post("/v1/gpu/force_release", json={"owner": "stuck-client"}).json()["status"]
+        == "released"
+    )
+    assert http.get("/v1/gpu/status").json()["leased"] is False
+
+
+def test_lease_mutations_need_the_admin_token_when_one_is_set(proxy_factory) -> None:
+    proxy = proxy_factory([], probe=FakeProbe(24000), admin_token="s3cret")
+    http = proxy.client
+    assert http.post("/v1/gpu/lease", json={"owner": "x"}).status_code == 401
+    assert http.get("/v1/gpu/status").status_code == 200
+    granted = http.post("/v1/gpu/lease", json={"owner": "x"}, headers={"x-admin-token": "s3cret"})
+    assert granted.status_code == 200
+
+
+def test_an_expired_lease_frees_the_gpu_for_everyone(proxy_factory, fake_ollama) -> None:
+    proxy = proxy_factory([ollama_entry(fake_ollama.url)], probe=FakeProbe(24000))
+    proxy.client.post("/v1/gpu/lease", json={"owner": "gone-away", "ttl_s": 0.5})
+    chat = {**CHAT, "model": "vision"}
+    assert proxy.client.post("/v1/chat/completions", json=chat).status_code == 423
+    deadline = time.monotonic() + 10
+    while proxy.client.get("/v1/gpu/status").json()["leased"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proxy.client.post("/v1/chat/completions", json=chat).status_code == 200
+
+
+def test_the_lease_survives_a_proxy_restart(proxy_factory, fake_ollama) -> None:
+    first = proxy_factory([ollama_entry(fake_ollama.url)], probe=FakeProbe(24000))
+    token = first.client.post("/v1/gpu/lease", json={"owner": "jv", "ttl_s": 600}).json()["token"]
+    lease_file = first.root / "_staging" / "gpu_lease.json"
+    saved = lease_file.read_text()
+    first.server.stop()  # a graceful stop releases it; put back what a crash would leave
+    lease_file.write_text(saved)
+    from imageworks.chat_proxy.app import create_app
+    from testkit.servers import HypercornServer
+
+    again = HypercornServer(create_app(first.config, probe=FakeProbe(24000)))
+    try:
+        import httpx
+
+        with httpx.Client(base_url=again.url) as http:
+            assert http.get("/v1/gpu/status").json()["lease"]["owner"] == "jv"
+            chat = {**CHAT, "model": "vision"}
+            assert http.post("/v1/chat/completions", json=chat).status_code == 423
+            assert (
+                http.post(
+                    "/v1/chat/completions", json=chat, headers={"x-gpu-lease-token": token}
+                ).status_code
+                == 200
+            )
+    finally:
+        again.stop()

