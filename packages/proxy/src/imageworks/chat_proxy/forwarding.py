@@ -119,21 +119,27 @@ async def read_body(response: aiohttp.ClientResponse, outcome: Outcome) -> bytes
 
 
 async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
-    """Run ``work``; if the client disconnects first, cancel it and raise ``ClientGone``."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+    """Run ``work`` in this task; if the client disconnects first, cancel it and raise
+    ``ClientGone``. One watcher task per request: this is on the hot path."""
+    current = asyncio.current_task()
+    assert current is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _wait_for_disconnect(receive)
+        gone = True
+        current.cancel()
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
     except asyncio.CancelledError:
-        task.cancel()
+        if gone and current.uncancel() == 0:
+            raise ClientGone() from None
         raise
     finally:
         watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    raise ClientGone()
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
@@ -143,14 +149,24 @@ async def _wait_for_disconnect(receive: Receive) -> None:
             return
 
 
-class SSEResponse(Response):
-    """Relays an upstream event stream; ends it with an in-band error event if anything fails.
+async def _send_error(error: ProxyError, send: Send) -> None:
+    headers = [(b"content-type", b"application/json")]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": error.to_bytes(), "more_body": False})
 
-    Either the upstream is already open, or ``connect`` opens it: that may mean waiting for a
-    model to load, so the client gets an SSE comment (``: loading <model>``) at once and every
-    ``keepalive_s`` until the backend answers, which keeps proxies and clients from timing out.
-    ``on_finish(outcome)`` runs exactly once, whether the stream completed, failed or the
-    client left (the upstream connection is closed in every case).
+
+class SSEResponse(Response):
+    """Relays an upstream event stream; ends it with an in-band error event if anything fails
+    after the first byte.
+
+    ``connect`` acquires the model and opens the upstream. When the model has to load first
+    (``waiting_comment`` given), the client gets that SSE comment (``: loading <model>``) at
+    once and every ``keepalive_s`` until the backend answers, which keeps proxies and clients
+    from timing out; otherwise nothing is sent until the backend has answered, so that its
+    refusal still reaches the client as a real HTTP status. ``on_finish(outcome)`` runs exactly
+    once, whether the stream completed, failed or the client left (the upstream connection is
+    closed in every case).
     """
 
     def __init__(
@@ -158,23 +174,23 @@ class SSEResponse(Response):
         outcome: Outcome,
         on_finish: Callable[[Outcome], None],
         *,
-        upstream: aiohttp.ClientResponse | None = None,
-        connect: Callable[[], Awaitable[aiohttp.ClientResponse]] | None = None,
-        waiting_comment: bytes = b": loading\n\n",
+        connect: Callable[[], Awaitable[aiohttp.ClientResponse]],
+        waiting_comment: bytes | None = None,
         keepalive_s: float = 5.0,
     ) -> None:
         self.status_code = 200
         self.background = None
-        self.upstream = upstream
+        self.upstream: aiohttp.ClientResponse | None = None
         self.connect = connect
         self.outcome = outcome
         self.on_finish = on_finish
         self.waiting_comment = waiting_comment
         self.keepalive_s = keepalive_s
         self.tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
-        self.complete = False  # [DONE] was relayed
+        self.complete = False  # [DONE] (or a whole non-stream answer) was relayed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # One disconnect watch covers opening the upstream and relaying it.
         try:
             await until_disconnect(receive, self._run(send))
         except (ClientGone, OSError):  # OSError: the server saw the socket close mid-send
@@ -187,10 +203,21 @@ class SSEResponse(Response):
             self.on_finish(self.outcome)
 
     async def _run(self, send: Send) -> None:
-        self.outcome.status = 200
-        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-        if self.upstream is None:
-            assert self.connect is not None
+        if self.waiting_comment is None:
+            try:
+                self.upstream = await self.connect()
+            except ProxyError as error:
+                self.outcome.error = error
+                await _send_error(error, send)
+                return
+            if self.upstream.content_type != "text/event-stream":
+                await self._relay_whole(self.upstream, send)
+                return
+            self.outcome.status = 200
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        else:
+            self.outcome.status = 200
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             try:
                 self.upstream = await self._keep_alive(self.connect(), send)
             except ProxyError as error:
@@ -198,7 +225,27 @@ class SSEResponse(Response):
                 return
         await self._pump(self.upstream, send)
 
+    async def _relay_whole(self, upstream: aiohttp.ClientResponse, send: Send) -> None:
+        """A backend that answered a stream request with plain JSON: pass it on as it is."""
+        try:
+            body = await read_body(upstream, self.outcome)
+        except ProxyError as error:
+            self.outcome.error = error
+            await _send_error(error, send)
+            return
+        content_type = upstream.headers.get("content-type", "application/json").encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": upstream.status,
+                "headers": [(b"content-type", content_type)],
+            }
+        )
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        self.complete = True
+
     async def _keep_alive(self, work: Awaitable[T], send: Send) -> T:
+        assert self.waiting_comment is not None
         task = asyncio.ensure_future(work)
         try:
             while True:

@@ -202,20 +202,19 @@ async def forward(request: Request, endpoint: str) -> Response:
         base_url = await exchange.acquire(entry)
         return await open_upstream(state.session, base_url + PATHS[endpoint], payload, headers)
 
-    if info.stream and state.lifecycle.needs_start(entry):
-        # Answer at once and keep the connection alive while the model loads.
+    if info.stream:
+        waiting = (
+            f": loading {entry.name}\n\n".encode() if state.lifecycle.needs_start(entry) else None
+        )
         return SSEResponse(
             outcome,
             exchange.finish,
             connect=connect,
-            waiting_comment=f": loading {entry.name}\n\n".encode(),
+            waiting_comment=waiting,
             keepalive_s=state.config.keepalive_s,
         )
     try:
         upstream = await until_disconnect(request.receive, connect())
-        if info.stream and upstream.content_type == "text/event-stream":
-            return SSEResponse(outcome, exchange.finish, upstream=upstream)
-        # Not streaming, or a backend that answered a stream request with plain JSON.
         content_type = upstream.headers.get("content-type", JSON)
         raw = await until_disconnect(request.receive, read_body(upstream, outcome))
     except ClientGone:

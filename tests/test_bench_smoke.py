@@ -1,0 +1,36 @@
+"""The benchmark harness's quick mode works end to end (no timing is asserted: CI machines are
+shared; the numbers are for docs/performance.md, produced by the full run)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.subprocess
+
+
+def test_quick_benchmark_runs_and_reports_every_measure(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (raw,) = tmp_path.glob("*.json")
+    report = json.loads(raw.read_text())
+    arms = {"direct", "proxy-hypercorn"}
+    for measure in ("c1_m0", "c1_m60", "stream_s20", "throughput_m60", "streams"):
+        assert set(report[measure]) == arms, measure
+    # Fidelity is checked even in the smoke run: every stream whole, none coalesced.
+    assert report["stream_s20"]["proxy-hypercorn"]["chunks_min"] == 66
+    assert report["streams"]["proxy-hypercorn"]["errors"] == 0
+    assert report["stream_count"] > 100  # above aiohttp's default connection limit
+    assert report["rss_mb"]["proxy-hypercorn"]["idle"] > 0
+    assert "| c=1 M0 p50 ms |" in (tmp_path / raw.name.replace(".json", ".md")).read_text()
