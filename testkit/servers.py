@@ -38,9 +38,9 @@ class LoopThread:
 class AiohttpServer:
     """An aiohttp application served on a free loopback port."""
 
-    def __init__(self, app: web.Application) -> None:
+    def __init__(self, app: web.Application, port: int | None = None) -> None:
         self.app = app
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._loop = LoopThread("aiohttp-server")
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
