@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from imageworks.chat_proxy.app import create_app
+from imageworks.chat_proxy.arbiter.gpu import nvml_available
 from imageworks.chat_proxy.config import ConfigError, ProxyConfig
 from imageworks.chat_proxy.serving import serve_hypercorn
 from imageworks.model_loader.errors import RegistryError
@@ -45,6 +46,11 @@ def main(host: str | None, port: int | None, server: str | None, log_level: str)
         # Fail before binding the port, with the registry's own one-line message.
         build_registry(config.registry_dir)
         ProfileManager(config.registry_dir / PROFILES_FILE, config.staging_dir)
+        if config.gpu_probe == "nvml" and not nvml_available():
+            raise ConfigError(
+                "CHAT_PROXY_GPU_PROBE: nvml was asked for, but NVML is not usable "
+                "here (no NVIDIA driver or GPU); use auto or none"
+            )
     except (ConfigError, RegistryError) as exc:
         raise click.ClickException(str(exc)) from None
     app = create_app(config)
