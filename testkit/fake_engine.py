@@ -39,6 +39,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: dict[str, Any] | None
+    peer: Any = None  # the client's (host, port): the same port means a reused connection
 
 
 @dataclass
@@ -90,8 +91,9 @@ class FakeEngine:
 
     async def record(self, request: web.Request) -> dict[str, Any]:
         body: dict[str, Any] = await request.json()
+        peer = request.transport.get_extra_info("peername") if request.transport else None
         self.requests.append(
-            Recorded(request.path, {k.lower(): v for k, v in request.headers.items()}, body)
+            Recorded(request.path, {k.lower(): v for k, v in request.headers.items()}, body, peer)
         )
         return body
 
@@ -231,6 +233,8 @@ class FakeEngine:
             usage_chunk["usage"] = self.usage(body, len(pieces))
             await response.write(b"data: " + json.dumps(usage_chunk).encode() + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
+        # Real servers end the chunked body in a later write than [DONE]; so does this one.
+        await asyncio.sleep(0.005)
         await response.write_eof()
         return response
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -160,3 +161,22 @@ def test_each_request_is_logged_with_timings_and_tokens(proxy_factory, fake_vllm
     assert estimated["usage_estimated"] is True and estimated["completion_tokens"] == 4
     assert estimated["served_model_id"] == "no-usage"
     assert "messages" not in json.dumps(plain)  # prompts are not logged
+
+
+def test_a_finished_stream_hands_its_backend_connection_back(proxy_factory, fake_vllm) -> None:
+    # A new connection per stream costs TTFT; only an unfinished stream must be cut off.
+    proxy = proxy_factory(
+        [entry_for("m", fake_vllm.url, served="hang-stream"), entry_for("n", fake_vllm.url)]
+    )
+    for _ in range(3):
+        proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "n", "stream": True})
+        time.sleep(0.1)  # the fake ends its body 5 ms after [DONE]; let the proxy read it
+    peers = [r.peer for r in fake_vllm.engine.requests]
+    assert peers[0] == peers[1] == peers[2]
+    with httpx.Client(base_url=proxy.url, timeout=0.5) as client, pytest.raises(httpx.ReadTimeout):
+        client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": True})
+    time.sleep(0.2)
+    proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "n", "stream": True})
+    # The abandoned stream's connection was closed (that is what stops the generation), so
+    # the next request needed a new one.
+    assert fake_vllm.engine.requests[-1].peer not in (peers[0], fake_vllm.engine.requests[-2].peer)

@@ -196,11 +196,29 @@ class SSEResponse(Response):
         except (ClientGone, OSError):  # OSError: the server saw the socket close mid-send
             self.outcome.client_gone = not self.complete
         finally:
-            if self.upstream is not None:
-                self.upstream.close()  # aborts the backend's generation if it still runs
             self.outcome.finished_at = time.perf_counter()
             self._account()
-            self.on_finish(self.outcome)
+            self.on_finish(self.outcome)  # before anything that could be cancelled
+            if self.upstream is not None:
+                await self._let_go(self.upstream)
+
+    async def _let_go(self, upstream: aiohttp.ClientResponse) -> None:
+        """A finished stream hands its connection back to the pool (a new connection per
+        stream costs ~0.3 ms of TTFT); an unfinished one is closed, which aborts the backend's
+        generation."""
+        if not self.complete:
+            upstream.close()
+            return
+        try:
+            # Backends end the body right after [DONE]; read that last chunk terminator.
+            await asyncio.wait_for(upstream.content.read(), 1.0)
+        except (aiohttp.ClientError, TimeoutError):
+            upstream.close()
+            return
+        except asyncio.CancelledError:
+            upstream.close()
+            raise
+        upstream.release()
 
     async def _run(self, send: Send) -> None:
         if self.waiting_comment is None:
