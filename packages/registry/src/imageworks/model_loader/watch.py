@@ -18,7 +18,6 @@ from pathlib import Path
 from imageworks.model_loader.errors import RegistryError
 from imageworks.model_loader.registry import (
     Registry,
-    Signature,
     build_registry,
     layer_signature,
     registry_dir,
@@ -110,7 +109,3 @@ class RegistryWatcher:
                 self.poll_once()
             except Exception:  # the watcher must outlive any surprise (a vanished dir, ...)
                 log.exception("registry watcher poll failed")
-
-    @property
-    def signature(self) -> Signature:
-        return self._signature

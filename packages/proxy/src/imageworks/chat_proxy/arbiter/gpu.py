@@ -109,6 +109,3 @@ def nvml_available() -> bool:
     except Exception:  # no library, no driver, no device: all mean "no NVML here"
         return False
     return True
-
-
-PROBE_KINDS = ("auto", "nvml", "none")

@@ -61,9 +61,6 @@ class VllmBackend(Backend):
         # Only meaningful when the executor shares our process namespace (bare metal).
         return self.pids.get(name)
 
-    async def executor_state(self) -> dict[str, Any]:
-        return await self._call("/admin/state", None, 10.0)
-
     async def _call(self, path: str, body: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
         url = self.config.vllm_remote_url + path
         headers = {"x-admin-token": self.config.admin_token} if self.config.admin_token else {}
