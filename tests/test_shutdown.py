@@ -91,8 +91,8 @@ def test_sigterm_releases_stops_unloads_and_exits_zero(tmp_path: Path, fake_olla
     assert steps["unload_ollama"].startswith("ok")
 
 
-def test_a_failing_step_does_not_skip_the_others(tmp_path: Path) -> None:
-    executor_down = f"http://127.0.0.1:{free_port()}"
+def test_a_failing_step_does_not_skip_the_others(tmp_path: Path, fake_vllm) -> None:
+    # The "executor" answers, but with an error (a fake engine has no /admin/deactivate).
     ollama_down = f"http://127.0.0.1:{free_port()}"
     vllm = {
         "name": "v",
@@ -103,7 +103,7 @@ def test_a_failing_step_does_not_skip_the_others(tmp_path: Path) -> None:
     proxy, url = start_proxy(
         tmp_path,
         [GEMMA, vllm],
-        CHAT_PROXY_VLLM_REMOTE_URL=executor_down,
+        CHAT_PROXY_VLLM_REMOTE_URL=fake_vllm.url,
         CHAT_PROXY_OLLAMA_BASE_URL=ollama_down,
     )
     activated = httpx.post(url + "/admin/activate", json={"model": "gemma"}, timeout=120)
@@ -112,10 +112,29 @@ def test_a_failing_step_does_not_skip_the_others(tmp_path: Path) -> None:
     output = proxy.communicate(timeout=60)[0].decode()
     assert proxy.returncode == 0, output
     steps = shutdown_record(tmp_path)["steps"]
-    assert steps["deactivate_vllm"].startswith("failed")  # the executor is not there...
+    assert steps["deactivate_vllm"].startswith("failed")  # the executor refused...
     assert steps["unload_ollama"] == "ok"  # ...and Ollama is down: nothing to free, no error
     assert steps["stop_models"] == "ok"
     assert not [c for _, c in our_processes() if "llamacpp.server" in c and str(tmp_path) in c]
+
+
+def test_no_executor_and_no_ollama_is_a_quiet_clean_exit(tmp_path: Path) -> None:
+    vllm = {
+        "name": "v",
+        "backend": "vllm",
+        "backend_config": {"model_path": "/m"},
+        "chat_template": {"source": "external", "path": "t.jinja"},
+    }
+    proxy, _ = start_proxy(
+        tmp_path,
+        [vllm],
+        CHAT_PROXY_VLLM_REMOTE_URL=f"http://127.0.0.1:{free_port()}",
+        CHAT_PROXY_OLLAMA_BASE_URL=f"http://127.0.0.1:{free_port()}",
+    )
+    proxy.send_signal(signal.SIGINT)
+    output = proxy.communicate(timeout=60)[0].decode()
+    assert proxy.returncode == 0 and "WARNING" not in output, output
+    assert shutdown_record(tmp_path)["steps"]["deactivate_vllm"] == "ok: executor not running"
 
 
 def test_a_stream_in_flight_is_allowed_to_finish(tmp_path: Path, fake_vllm) -> None:

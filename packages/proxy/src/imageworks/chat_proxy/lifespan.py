@@ -8,7 +8,8 @@ one still runs:
 1. release the GPU lease;
 2. stop every model the proxy started (vLLM through the executor, llama.cpp processes);
 3. ask the executor to deactivate whatever it still runs (a vLLM the proxy did not start);
-4. unload Ollama's models with keep-alive requests;
+4. unload Ollama's models with keep-alive requests (an executor or Ollama that is not running
+   holds nothing: not a failure);
 5. close the HTTP pool and flush the request log.
 """
 
@@ -29,6 +30,7 @@ from imageworks.chat_proxy.arbiter.ollama import OllamaManager
 from imageworks.chat_proxy.backends import build_backends
 from imageworks.chat_proxy.backends.vllm import VllmBackend
 from imageworks.chat_proxy.config import ProxyConfig
+from imageworks.chat_proxy.errors import BackendUnavailable
 from imageworks.chat_proxy.lifecycle import Lifecycle
 from imageworks.chat_proxy.metrics import Metrics
 from imageworks.chat_proxy.requestlog import RequestLog
@@ -173,7 +175,7 @@ async def close_state(state: ProxyState, background: list[asyncio.Task[Any]] | N
     if any(e.backend == "vllm" and state.lifecycle.managed(e) for e in registry):
         vllm = state.backends["vllm"]
         assert isinstance(vllm, VllmBackend)
-        steps.append(("deactivate_vllm", vllm.stop("*")))
+        steps.append(("deactivate_vllm", _deactivate_executor(vllm)))
     steps.append(("unload_ollama", unload_ollama_everywhere(managers)))
     for name, step in steps:
         try:
@@ -188,6 +190,15 @@ async def close_state(state: ProxyState, background: list[asyncio.Task[Any]] | N
         "shutdown", "proxy", steps=results, seconds=round(time.monotonic() - started, 3)
     )
     state.log.close()
+
+
+async def _deactivate_executor(vllm: VllmBackend) -> str | None:
+    """An executor that is not running holds no model: nothing to stop, and no failure."""
+    try:
+        await vllm.stop("*")
+    except BackendUnavailable:
+        return "executor not running"
+    return None
 
 
 def _ollama_roots(state: ProxyState, registry: Registry) -> list[str]:
