@@ -24,6 +24,15 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.subprocess
 
 
+# A vLLM entry the proxy would run through the executor (never started in these tests).
+VLLM = {
+    "name": "v",
+    "backend": "vllm",
+    "backend_config": {"model_path": "/m"},
+    "chat_template": {"source": "external", "path": "t.jinja"},
+}
+
+
 def start_proxy(root: Path, entries: list[dict[str, object]], **env: str):
     (root / "configs").mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "configs" / "deployment_profiles.json", root / "configs")
@@ -94,15 +103,9 @@ def test_sigterm_releases_stops_unloads_and_exits_zero(tmp_path: Path, fake_olla
 def test_a_failing_step_does_not_skip_the_others(tmp_path: Path, fake_vllm) -> None:
     # The "executor" answers, but with an error (a fake engine has no /admin/deactivate).
     ollama_down = f"http://127.0.0.1:{free_port()}"
-    vllm = {
-        "name": "v",
-        "backend": "vllm",
-        "backend_config": {"model_path": "/m"},
-        "chat_template": {"source": "external", "path": "t.jinja"},
-    }
     proxy, url = start_proxy(
         tmp_path,
-        [GEMMA, vllm],
+        [GEMMA, VLLM],
         CHAT_PROXY_VLLM_REMOTE_URL=fake_vllm.url,
         CHAT_PROXY_OLLAMA_BASE_URL=ollama_down,
     )
@@ -119,15 +122,9 @@ def test_a_failing_step_does_not_skip_the_others(tmp_path: Path, fake_vllm) -> N
 
 
 def test_no_executor_and_no_ollama_is_a_quiet_clean_exit(tmp_path: Path) -> None:
-    vllm = {
-        "name": "v",
-        "backend": "vllm",
-        "backend_config": {"model_path": "/m"},
-        "chat_template": {"source": "external", "path": "t.jinja"},
-    }
     proxy, _ = start_proxy(
         tmp_path,
-        [vllm],
+        [VLLM],
         CHAT_PROXY_VLLM_REMOTE_URL=f"http://127.0.0.1:{free_port()}",
         CHAT_PROXY_OLLAMA_BASE_URL=f"http://127.0.0.1:{free_port()}",
     )

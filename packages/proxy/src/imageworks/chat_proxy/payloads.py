@@ -161,7 +161,7 @@ def prepare(endpoint: str, entry: ModelEntry, body: dict[str, Any], raw: bytes) 
         body["model"] = entry.upstream_id
         changed = True
     if endpoint != EMBEDDINGS:
-        defaults = entry.generation_defaults.model_dump(exclude_none=True)
+        defaults = dict(entry.request_defaults)  # a copy: stop_sequences may be mapped
         if "stop_sequences" in defaults and "stop" not in defaults:
             defaults["stop"] = defaults["stop_sequences"]
         for key, value in defaults.items():

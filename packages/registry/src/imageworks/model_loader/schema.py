@@ -6,6 +6,7 @@ order survive a save); these models only validate it and give callers typed acce
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -102,6 +103,12 @@ class ModelEntry(_Open):
     def _none_string_is_null(cls, value: str | None) -> str | None:
         # The old registry wrote the string "None" for a missing served id.
         return None if value in (None, "", "None") else value
+
+    @cached_property
+    def request_defaults(self) -> dict[str, Any]:
+        """``generation_defaults`` as request fields, nulls dropped. Computed once: entries are
+        immutable, and the proxy needs this on every request."""
+        return self.generation_defaults.model_dump(exclude_none=True)
 
     @property
     def label(self) -> str:
