@@ -15,7 +15,7 @@ import pytest
 
 from testkit.fake_engine import FakeEngine
 from testkit.processes import our_processes
-from testkit.servers import AiohttpServer, HypercornServer
+from testkit.servers import AiohttpServer, UvicornServer
 
 REPO = Path(__file__).resolve().parent
 
@@ -57,7 +57,7 @@ class Proxy:
     url: str
     config: Any
     root: Path
-    server: HypercornServer
+    server: UvicornServer
     client: httpx.Client
 
     @property
@@ -65,10 +65,19 @@ class Proxy:
         return Path(self.config.log_path)
 
     def records(self, event: str = "request") -> list[dict[str, Any]]:
-        if not self.log_path.exists():
-            return []
-        lines = self.log_path.read_text().splitlines()
+        """The log's records of one kind, once the writer has caught up: it writes in batches
+        up to ``batch_s`` apart, and a stream's record follows its last byte."""
+        lines, deadline = self._log_lines(), time.monotonic() + 2
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            again = self._log_lines()
+            if again == lines:
+                break
+            lines = again
         return [r for r in map(json.loads, lines) if r.get("event") == event]
+
+    def _log_lines(self) -> list[str]:
+        return self.log_path.read_text().splitlines() if self.log_path.exists() else []
 
     def write_registry(self, entries: list[dict[str, Any]]) -> None:
         path = self.root / "configs" / "model_registry.curated.json"
@@ -80,7 +89,7 @@ ProxyFactory = Callable[..., Proxy]
 
 @pytest.fixture
 def proxy_factory(tmp_path: Path) -> Iterator[ProxyFactory]:
-    """Start a real proxy (hypercorn, real sockets) over a registry of the test's own."""
+    """Start a real proxy (uvicorn, real sockets) over a registry of the test's own."""
     from imageworks.chat_proxy.app import create_app
     from imageworks.chat_proxy.config import ProxyConfig
 
@@ -99,7 +108,7 @@ def proxy_factory(tmp_path: Path) -> Iterator[ProxyFactory]:
             log_path=root / "logs" / "chat_proxy.jsonl",
             **settings,
         )
-        server = HypercornServer(create_app(config, probe=probe))
+        server = UvicornServer(create_app(config, probe=probe))
         client = httpx.Client(base_url=server.url, timeout=30)
         proxy = Proxy(server.url, config, root, server, client)
         started.append(proxy)

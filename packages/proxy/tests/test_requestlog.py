@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 from imageworks.chat_proxy.requestlog import RequestLog
@@ -78,3 +79,19 @@ def test_an_unserialisable_record_does_not_stop_the_writer(tmp_path: Path) -> No
     log.close()
     assert log.dropped == 1
     assert all_records(tmp_path / "l.jsonl")[-1]["after"] is True
+
+
+def test_an_idle_log_writes_at_once_and_a_busy_one_in_batches(tmp_path: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    log = RequestLog(path, max_bytes=10_000, backups=1, batch_s=60).start()
+    log.write({"event": "request", "n": 0})
+    deadline = time.monotonic() + 10
+    while not (path.exists() and path.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [r["n"] for r in all_records(path)] == [0]  # the writer was idle: written at once
+    log.write({"event": "request", "n": 1})
+    log.write({"event": "request", "n": 2})
+    time.sleep(0.2)
+    assert len(all_records(path)) == 1  # the writer rests for batch_s after each batch
+    log.close()  # ... and close() writes what is pending
+    assert [r["n"] for r in all_records(path)] == [0, 1, 2]

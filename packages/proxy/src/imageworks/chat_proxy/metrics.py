@@ -2,17 +2,43 @@
 
 Labels are low-cardinality on purpose: logical model names (bounded by the registry), backend
 kinds, endpoint names and error codes; never request ids, clients or raw model strings.
+
+Per-request figures are not added to the counters while the request ends: ``request_done``
+only queues them, and they are folded in when ``/metrics`` is scraped (or when the queue gets
+long). Five labelled updates cost ~45 us of the event loop per request on a cold core; a
+queued tuple costs almost nothing, and a scrape always sees every finished request.
 """
 
 from __future__ import annotations
+
+from collections import deque
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
+_FOLD_AT = 2048  # queued requests: bounds the memory and the time one fold takes
+
+
+class Finished(NamedTuple):
+    """One finished request, as the metrics see it."""
+
+    endpoint: str
+    model: str
+    backend: str
+    status: int
+    error_code: str | None
+    total_s: float
+    ttft_s: float | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
 class Metrics:
     def __init__(self) -> None:
+        self._finished: deque[Finished] = deque()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -79,5 +105,26 @@ class Metrics:
             "chat_proxy_registry_reloads", "Registry reloads, by result", ["result"], registry=r
         )
 
+    def request_done(self, finished: Finished) -> None:
+        self._finished.append(finished)
+        if len(self._finished) >= _FOLD_AT:
+            self.fold()
+
+    def fold(self) -> None:
+        """Add the queued requests to the counters and histograms."""
+        while self._finished:
+            f = self._finished.popleft()
+            self.requests.labels(f.endpoint, f.model, f.backend, str(f.status)).inc()
+            self.latency.labels(f.endpoint, f.backend).observe(f.total_s)
+            if f.error_code:
+                self.errors.labels(f.endpoint, f.error_code).inc()
+            if f.ttft_s is not None:
+                self.ttft.labels(f.backend).observe(f.ttft_s)
+            if f.prompt_tokens is not None:
+                self.tokens.labels(f.model, "prompt").inc(f.prompt_tokens)
+            if f.completion_tokens is not None:
+                self.tokens.labels(f.model, "completion").inc(f.completion_tokens)
+
     def render(self) -> bytes:
+        self.fold()
         return generate_latest(self.registry)

@@ -4,13 +4,18 @@ One writer thread owns the file, so records from concurrent requests never inter
 record is never split: rotation happens only between records. When the next record would take
 the file past ``max_bytes`` the file is renamed to ``.1`` (older backups shift to ``.2`` ...,
 the oldest beyond ``backups`` is deleted) and a new file is started.
+
+Waking a thread costs more than writing a record (futex calls and a GIL hand-over on the same
+core as the event loop: ~80 us of CPU per request, measured), so the writer wakes for the first
+record, writes it at once, then rests ``batch_s`` before looking again: an idle proxy logs each
+request as it ends, a busy one writes a batch at most every ``batch_s`` and the event loop
+never wakes a thread on its own request path.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 from collections import deque
 from datetime import UTC, datetime
@@ -19,21 +24,30 @@ from typing import Any, BinaryIO
 
 log = logging.getLogger(__name__)
 
-_STOP = object()
-
 
 def utc_now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class RequestLog:
-    def __init__(self, path: Path, *, max_bytes: int, backups: int, recent: int = 500) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_bytes: int,
+        backups: int,
+        recent: int = 500,
+        batch_s: float = 0.01,
+    ) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
+        self.batch_s = batch_s
         self.recent: deque[dict[str, Any]] = deque(maxlen=recent)
         self.dropped = 0
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._pending: deque[dict[str, Any]] = deque()  # append and popleft are thread-safe
+        self._ready = threading.Event()
+        self._closing = threading.Event()
         self._thread: threading.Thread | None = None
         self._file: BinaryIO | None = None
         self._size = 0
@@ -49,7 +63,9 @@ class RequestLog:
         record.setdefault("ts", utc_now_iso())
         if record.get("event") == "request":
             self.recent.append(record)
-        self._queue.put(record)
+        self._pending.append(record)
+        if not self._ready.is_set():  # set() only wakes the writer while it is waiting
+            self._ready.set()
 
     def event(self, event: str, component: str, **fields: Any) -> None:
         self.write({"ts": utc_now_iso(), "event": event, "component": component, **fields})
@@ -58,38 +74,63 @@ class RequestLog:
         """Flush everything queued so far, then stop the writer."""
         if self._thread is None:
             return
-        self._queue.put(_STOP)
+        self._closing.set()
+        self._ready.set()
         self._thread.join(timeout)
         self._thread = None
 
     def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                break
-            try:
-                self._append(json.dumps(item, ensure_ascii=False, default=str).encode() + b"\n")
-            except Exception:  # a bad record or a full disk must not kill the writer
-                self.dropped += 1
-                log.exception("request log write failed")
+        while not self._closing.is_set():
+            self._ready.wait()
+            self._ready.clear()  # before draining: a record added after this sets it again
+            self._drain()
+            self._closing.wait(self.batch_s)  # rest, unless closing
+        self._drain()
         if self._file is not None:
             self._file.close()
             self._file = None
 
-    def _append(self, line: bytes) -> None:
-        if self._file is None:
-            self._open()
-        assert self._file is not None
-        if self._size and self._size + len(line) > self.max_bytes:
-            self._rotate()
+    def _drain(self) -> None:
+        """Write every pending record; each file gets one write per batch, so a reader never
+        sees half a line and rotation still falls between records."""
+        batch: list[bytes] = []
+        size = 0
+        while self._pending:
+            record = self._pending.popleft()
+            try:
+                line = json.dumps(record, ensure_ascii=False, default=str).encode() + b"\n"
+            except Exception:  # a bad record must not kill the writer
+                self.dropped += 1
+                log.exception("request log record could not be serialised")
+                continue
+            if batch and self._size + size + len(line) > self.max_bytes:
+                self._write(batch)
+                batch, size = [], 0
+            batch.append(line)
+            size += len(line)
+        if batch:
+            self._write(batch)
+
+    def _write(self, lines: list[bytes]) -> None:
+        try:
+            if self._file is None:
+                self._open()
             assert self._file is not None
-        self._file.write(line)
-        self._file.flush()  # a crash loses at most the record being written
-        self._size += len(line)
+            data = b"".join(lines)
+            if self._size and self._size + len(data) > self.max_bytes:
+                self._rotate()
+                assert self._file is not None
+            view = memoryview(data)
+            while view:  # unbuffered: the batch reaches the file in one write
+                view = view[self._file.write(view) :]
+            self._size += len(data)
+        except OSError:  # a full disk must not kill the writer either
+            self.dropped += len(lines)
+            log.exception("request log write failed")
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("ab")
+        self._file = self.path.open("ab", buffering=0)
         self._size = self._file.tell()
 
     def _rotate(self) -> None:

@@ -14,7 +14,7 @@ from imageworks.chat_proxy.backends import Backend
 from imageworks.chat_proxy.config import ProxyConfig
 from imageworks.chat_proxy.forwarding import Outcome
 from imageworks.chat_proxy.lifecycle import Lifecycle
-from imageworks.chat_proxy.metrics import Metrics
+from imageworks.chat_proxy.metrics import Finished, Metrics
 from imageworks.chat_proxy.requestlog import RequestLog
 from imageworks.model_loader.profiles import DeploymentProfile, ProfileManager
 from imageworks.model_loader.registry import Registry
@@ -123,15 +123,18 @@ class ProxyState:
         if error is not None:
             record["error_message"] = error.message[:500]
         self.log.write(record)
-        m = self.metrics
-        model_label = entry.name if entry else "-"
-        m.requests.labels(info.endpoint, model_label, backend or "-", str(status)).inc()
-        m.latency.labels(info.endpoint, backend or "-").observe(total_s)
-        if code:
-            m.errors.labels(info.endpoint, code.removeprefix("err_")).inc()
-        if outcome.first_byte_at is not None and backend:
-            m.ttft.labels(backend).observe((outcome.ttft_ms or 0) / 1000)
-        if isinstance(prompt_tokens, int):
-            m.tokens.labels(model_label, "prompt").inc(prompt_tokens)
-        if isinstance(completion_tokens, int):
-            m.tokens.labels(model_label, "completion").inc(completion_tokens)
+        self.metrics.request_done(
+            Finished(
+                info.endpoint,
+                entry.name if entry else "-",
+                backend or "-",
+                status,
+                code.removeprefix("err_") if code else None,
+                total_s,
+                (outcome.ttft_ms or 0) / 1000
+                if outcome.first_byte_at is not None and backend
+                else None,
+                prompt_tokens if isinstance(prompt_tokens, int) else None,
+                completion_tokens if isinstance(completion_tokens, int) else None,
+            )
+        )
