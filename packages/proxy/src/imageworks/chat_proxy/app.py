@@ -7,9 +7,10 @@ application from the environment on first use, so importing this module has no s
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import os
 import re
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,12 +23,28 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe
 from imageworks.chat_proxy.config import ProxyConfig
 from imageworks.chat_proxy.errors import MethodNotAllowed, NotFound, ProxyError
+from imageworks.chat_proxy.forwarding import send_error
 from imageworks.chat_proxy.lifespan import close_state, open_state, start_background
 from imageworks.chat_proxy.routes import admin, gpu, openai, ops
 
 log = logging.getLogger("imageworks.chat_proxy")
 
 _CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable, no spaces, bounded
+
+
+class _RequestIds:
+    """Ids unique across processes and restarts without a system call per request (uuid4 reads
+    the kernel's random pool each time): 64 random bits per process, then a counter."""
+
+    def __init__(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.count = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.count):016x}"
+
+
+_request_ids = _RequestIds()
 
 
 def _error_response(exc: ProxyError) -> Response:
@@ -70,7 +87,7 @@ class RequestIdMiddleware:
                 rid = value.decode("latin-1")
                 break
         if not _CLIENT_ID.match(rid):
-            rid = uuid.uuid4().hex
+            rid = _request_ids.next()
         scope.setdefault("state", {})["request_id"] = rid
         header = (b"x-request-id", rid.encode())
         started = False
@@ -92,7 +109,33 @@ class RequestIdMiddleware:
             await _error_response(error)(scope, receive, send_with_id)
 
 
-def create_app(config: ProxyConfig | None = None, *, probe: GpuProbe | None = None) -> Starlette:
+class ProxyApp:
+    """The ASGI app the server runs. The forwarded endpoints (``openai.FORWARDED``) go straight
+    to their handler, with request ids and the 500 envelope but without Starlette's routing
+    table, exception middleware and Request object; everything else, and the lifespan, goes
+    to the Starlette app."""
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+        self.state = app.state
+        self._forwarded = RequestIdMiddleware(self._forward)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in openai.FORWARDED:
+            await self._forwarded(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        if scope["method"] != "POST":
+            error = MethodNotAllowed(f"{scope['method']} is not allowed on {path}; use POST")
+            await send_error(error, send)
+            return
+        await openai.forward(self.state.proxy, openai.FORWARDED[path], scope, receive, send)
+
+
+def create_app(config: ProxyConfig | None = None, *, probe: GpuProbe | None = None) -> ProxyApp:
     """The proxy app. ``probe`` replaces the configured GPU probe (tests inject a fake one)."""
     config = config or ProxyConfig.load()
 
@@ -113,14 +156,14 @@ def create_app(config: ProxyConfig | None = None, *, probe: GpuProbe | None = No
     )
     app.add_middleware(RequestIdMiddleware)
     app.state.config = config
-    return app
+    return ProxyApp(app)
 
 
 class _DeferredApp:
     """Builds ``create_app()`` from the environment on first use."""
 
     def __init__(self) -> None:
-        self._app: Starlette | None = None
+        self._app: ProxyApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._app is None:

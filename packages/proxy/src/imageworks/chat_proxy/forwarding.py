@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import aiohttp
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+from yarl import URL
 
 from imageworks.chat_proxy.errors import (
     BackendTimeout,
@@ -81,12 +82,24 @@ def _classify(exc: BaseException, url: str, during: str) -> ProxyError:
     return BackendUnavailable(f"backend connection failed {during} ({url}): {detail}")
 
 
+_URLS: dict[str, URL] = {}  # parsed backend URLs: a handful of models, each parsed once
+
+
+def _parsed(url: str) -> URL:
+    parsed = _URLS.get(url)
+    if parsed is None:
+        if len(_URLS) > 1024:  # bounded even if base URLs keep changing
+            _URLS.clear()
+        parsed = _URLS[url] = URL(url)
+    return parsed
+
+
 async def open_upstream(
     session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
 ) -> aiohttp.ClientResponse:
     """POST and wait for the response head. A backend 4xx/5xx becomes our error here."""
     try:
-        response = await session.post(url, data=body, headers=headers)
+        response = await session.post(_parsed(url), data=body, headers=headers)
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise _classify(exc, url, "before answering") from exc
     if response.status >= 400:
@@ -149,11 +162,13 @@ async def _wait_for_disconnect(receive: Receive) -> None:
             return
 
 
-async def _send_error(error: ProxyError, send: Send) -> None:
-    headers = [(b"content-type", b"application/json")]
+async def send_error(error: ProxyError, send: Send) -> None:
+    """The error as an OpenAI-shaped JSON response, before anything else was sent."""
+    body = error.to_bytes()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": error.to_bytes(), "more_body": False})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class SSEResponse(Response):
@@ -226,7 +241,7 @@ class SSEResponse(Response):
                 self.upstream = await self.connect()
             except ProxyError as error:
                 self.outcome.error = error
-                await _send_error(error, send)
+                await send_error(error, send)
                 return
             if self.upstream.content_type != "text/event-stream":
                 await self._relay_whole(self.upstream, send)
@@ -249,7 +264,7 @@ class SSEResponse(Response):
             body = await read_body(upstream, self.outcome)
         except ProxyError as error:
             self.outcome.error = error
-            await _send_error(error, send)
+            await send_error(error, send)
             return
         content_type = upstream.headers.get("content-type", "application/json").encode()
         await send(
@@ -286,13 +301,15 @@ class SSEResponse(Response):
                     outcome.first_byte_at = time.perf_counter()
                 outcome.events += chunk.count(b"data:")
                 self.tail.append(chunk)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 if chunk.endswith(DONE):
-                    # Complete. Clients hang up on [DONE]; do not wait for the backend to
-                    # close its side first (and then mistake their hang-up for a disconnect).
+                    # Complete: end the response with this chunk (one write, not two). Clients
+                    # hang up on [DONE]; do not wait for the backend to close its side first
+                    # (and then mistake their hang-up for a disconnect).
                     self.complete = True
-                    break
-            if not self.complete and not self._saw_done():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                    return
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if not self._saw_done():
                 raise aiohttp.ClientPayloadError("stream ended without [DONE]")
             self.complete = True
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -83,6 +83,7 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         ),
         auto_decompress=False,  # relay bytes as the backend sent them
         skip_auto_headers=("User-Agent",),
+        cookie_jar=aiohttp.DummyCookieJar(),  # a backend's cookies must not reach other clients
     )
     backends = build_backends(config)
     for backend in backends.values():

@@ -203,7 +203,7 @@ async def admin_state(request: Request) -> Response:
 
 async def activate(request: Request) -> Response:
     executor = _executor(request)
-    require_admin(request, executor.config.admin_token)
+    require_admin(request.headers, executor.config.admin_token)
     try:
         body = json.loads(await request.body())
     except ValueError:
@@ -215,7 +215,7 @@ async def activate(request: Request) -> Response:
 
 async def deactivate(request: Request) -> Response:
     executor = _executor(request)
-    require_admin(request, executor.config.admin_token)
+    require_admin(request.headers, executor.config.admin_token)
     return JSONResponse(await executor.deactivate())
 
 

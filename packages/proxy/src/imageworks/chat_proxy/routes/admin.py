@@ -24,7 +24,7 @@ def _json(data: Any, status: int = 200) -> Response:
 
 async def _admin(request: Request) -> ProxyState:
     state = proxy_state(request)
-    require_admin(request, state.config.admin_token)
+    require_admin(request.headers, state.config.admin_token)
     return state
 
 

@@ -23,7 +23,7 @@ def _json(data: Any) -> Response:
 
 async def _mutation(request: Request) -> tuple[ProxyState, dict[str, Any]]:
     state = proxy_state(request)
-    require_admin(request, state.config.admin_token)
+    require_admin(request.headers, state.config.admin_token)
     raw = await request.body()
     return state, parse_body(raw) if raw.strip() else {}
 
@@ -49,7 +49,7 @@ def _token(body: dict[str, Any]) -> str:
 
 async def gpu_status(request: Request) -> Response:
     state = proxy_state(request)
-    require_api_key(request, state.config.api_keys)
+    require_api_key(request.headers, state.config.api_keys)
     await state.arbiter.snapshot()
     return _json(state.arbiter.status())
 

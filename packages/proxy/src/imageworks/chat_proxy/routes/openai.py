@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import aiohttp
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -24,6 +25,7 @@ from imageworks.chat_proxy.forwarding import (
     SSEResponse,
     open_upstream,
     read_body,
+    send_error,
     until_disconnect,
 )
 from imageworks.chat_proxy.lifecycle import Ticket
@@ -48,11 +50,6 @@ JSON = "application/json"
 def proxy_state(request: Request) -> ProxyState:
     state: ProxyState = request.app.state.proxy
     return state
-
-
-def request_id(request: Request) -> str:
-    rid: str = request.scope["state"]["request_id"]
-    return rid
 
 
 # --- models ----------------------------------------------------------------------------------
@@ -90,13 +87,13 @@ def models_body(state: ProxyState) -> bytes:
 
 async def list_models(request: Request) -> Response:
     state = proxy_state(request)
-    require_api_key(request, state.config.api_keys)
+    require_api_key(request.headers, state.config.api_keys)
     return Response(models_body(state), media_type=JSON)
 
 
 async def get_model(request: Request) -> Response:
     state = proxy_state(request)
-    require_api_key(request, state.config.api_keys)
+    require_api_key(request.headers, state.config.api_keys)
     entry = resolve(state, request.path_params["model_id"])
     return Response(json.dumps(model_object(state, entry)).encode(), media_type=JSON)
 
@@ -122,28 +119,39 @@ def resolve(state: ProxyState, name: str) -> ModelEntry:
 
 
 # --- forwarding ------------------------------------------------------------------------------
+# The forwarded endpoints are plain ASGI, reached from ``ProxyApp`` without Starlette's routing,
+# middleware stack or Request object: this is the hot path, and on a shared core every layer
+# of code it runs shows in the added latency (docs/performance.md).
+
+FORWARDED = {
+    "/v1/chat/completions": CHAT,
+    "/v1/completions": COMPLETIONS,
+    "/v1/embeddings": EMBEDDINGS,
+}
 
 
-async def read_limited(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+async def read_limited(receive: Receive, declared: str | None, limit: int) -> bytes:
+    """The request body, refused as soon as it is known to exceed ``limit`` bytes."""
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(
             f"request body is {declared} bytes; the limit is {limit} (CHAT_PROXY_MAX_BODY_BYTES)"
         )
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds {limit} bytes (CHAT_PROXY_MAX_BODY_BYTES)")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-class _Gone(Response):
-    """Nothing to send: the client already left."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        return None
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(
+                    f"request body exceeds {limit} bytes (CHAT_PROXY_MAX_BODY_BYTES)"
+                )
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class Exchange:
@@ -170,15 +178,20 @@ class Exchange:
         self.state.record(self.info, outcome)
 
 
-async def forward(request: Request, endpoint: str) -> Response:
-    state = proxy_state(request)
-    client = request.client.host if request.client else None
-    info = RequestInfo(request_id(request), endpoint, client)
-    info.lease_token = request.headers.get("x-gpu-lease-token")
+async def forward(
+    state: ProxyState, endpoint: str, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """Check, resolve and forward one request; every failure becomes an OpenAI error."""
+    headers = Headers(scope=scope)
+    client = scope.get("client")
+    info = RequestInfo(scope["state"]["request_id"], endpoint, client[0] if client else None)
+    info.lease_token = headers.get("x-gpu-lease-token")
     outcome = Outcome()
     try:
-        require_api_key(request, state.config.api_keys)
-        raw = await read_limited(request, state.config.max_body_bytes)
+        require_api_key(headers, state.config.api_keys)
+        raw = await read_limited(
+            receive, headers.get("content-length"), state.config.max_body_bytes
+        )
         body = parse_body(raw)
         info.model = validate(endpoint, body)
         info.stream = body.get("stream") is True
@@ -194,59 +207,69 @@ async def forward(request: Request, endpoint: str) -> Response:
     except ProxyError as exc:
         outcome.error = exc
         state.record(info, outcome)
-        raise
+        await send_error(exc, send)
+        return
+    except ClientGone:
+        outcome.client_gone = True
+        state.record(info, outcome)
+        return
     exchange = Exchange(state, info)
-    headers = {"content-type": JSON, "x-request-id": info.request_id}
+    upstream_headers = {"content-type": JSON, "x-request-id": info.request_id}
 
     async def connect() -> aiohttp.ClientResponse:
         base_url = await exchange.acquire(entry)
-        return await open_upstream(state.session, base_url + PATHS[endpoint], payload, headers)
+        return await open_upstream(
+            state.session, base_url + PATHS[endpoint], payload, upstream_headers
+        )
 
     if info.stream:
         waiting = (
             f": loading {entry.name}\n\n".encode() if state.lifecycle.needs_start(entry) else None
         )
-        return SSEResponse(
+        relay = SSEResponse(
             outcome,
             exchange.finish,
             connect=connect,
             waiting_comment=waiting,
             keepalive_s=state.config.keepalive_s,
         )
+        await relay(scope, receive, send)
+        return
+
+    async def answer() -> tuple[str, bytes]:
+        upstream = await connect()
+        return upstream.headers.get("content-type", JSON), await read_body(upstream, outcome)
+
     try:
-        upstream = await until_disconnect(request.receive, connect())
-        content_type = upstream.headers.get("content-type", JSON)
-        raw = await until_disconnect(request.receive, read_body(upstream, outcome))
+        content_type, raw = await until_disconnect(receive, answer())  # one watch for both
     except ClientGone:
         outcome.client_gone = True
         exchange.finish(outcome)
-        return _Gone()
+        return
     except ProxyError as exc:
         outcome.error = exc
+        try:
+            await send_error(exc, send)
+        finally:
+            exchange.finish(outcome)
+        return
+    try:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": outcome.status,
+                "headers": [
+                    (b"content-type", content_type.encode("latin-1")),
+                    (b"content-length", str(len(raw)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": raw, "more_body": False})
+    finally:  # the answer is on its way: the log and the metrics can wait for it
         exchange.finish(outcome)
-        raise
-    exchange.finish(outcome)
-    return Response(
-        raw, status_code=outcome.status, media_type=None, headers={"content-type": content_type}
-    )
-
-
-async def chat_completions(request: Request) -> Response:
-    return await forward(request, CHAT)
-
-
-async def completions(request: Request) -> Response:
-    return await forward(request, COMPLETIONS)
-
-
-async def embeddings(request: Request) -> Response:
-    return await forward(request, EMBEDDINGS)
 
 
 ROUTES = [
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
-    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-    Route("/v1/completions", completions, methods=["POST"]),
-    Route("/v1/embeddings", embeddings, methods=["POST"]),
 ]
