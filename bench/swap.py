@@ -47,7 +47,7 @@ def main() -> None:
 
     from imageworks.chat_proxy.app import create_app
     from imageworks.chat_proxy.config import ProxyConfig
-    from testkit.servers import HypercornServer
+    from testkit.servers import UvicornServer
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -65,7 +65,7 @@ def main() -> None:
             log_path=root / "log.jsonl",
             vllm_remote_url=executor.url,
         )
-        proxy = HypercornServer(create_app(config))
+        proxy = UvicornServer(create_app(config))
         rows = []
         try:
             for i in range(args.swaps + 1):

@@ -56,26 +56,32 @@ class AiohttpServer:
         self._loop.close()
 
 
-class HypercornServer:
-    """An ASGI application under hypercorn (as in production) on a free loopback port."""
+class UvicornServer:
+    """An ASGI application under uvicorn (the proxy's server in production) on a free loopback
+    port."""
 
     def __init__(self, app: Callable[..., Any], port: int | None = None) -> None:
-        from hypercorn.asyncio import serve
-        from hypercorn.config import Config
+        import uvicorn
 
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = Config()
-        config.bind = [f"127.0.0.1:{self.port}"]
-        config.accesslog = None
-        config.graceful_timeout = 2.0
-        self._loop = LoopThread("hypercorn-server")
-        self._stop = asyncio.Event()
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            proxy_headers=False,
+            timeout_graceful_shutdown=2,
+        )
+        self._server = uvicorn.Server(config)
+        self._loop = LoopThread("uvicorn-server")
         self._done = threading.Event()
 
         async def run() -> None:
             try:
-                await serve(app, config, shutdown_trigger=self._stop.wait)
+                await self._server.serve()  # off the main thread: no signal handlers
             finally:
                 self._done.set()
 
@@ -83,7 +89,7 @@ class HypercornServer:
         wait_for_port(self.port)
 
     def stop(self) -> None:
-        self._loop.loop.call_soon_threadsafe(self._stop.set)
+        self._server.should_exit = True
         self._done.wait(15)
         self._loop.close()
 

@@ -9,10 +9,12 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from testkit.fake_engine import entry_for, sse_events
 from testkit.servers import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[3]
@@ -30,9 +32,17 @@ def environment(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("server", ["hypercorn", "uvicorn"])
-def test_starts_serves_and_stops_cleanly_on_sigint(tmp_path: Path, server: str) -> None:
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+def test_starts_serves_and_stops_cleanly_on_sigint(
+    tmp_path: Path, server: str, fake_llamacpp: Any
+) -> None:
+    """Under either server: models listed, a plain and a streamed answer forwarded with their
+    request ids, and a clean exit on Ctrl+C."""
     cwd = workdir(tmp_path)
+    curated = cwd / "configs" / "model_registry.curated.json"
+    entries = json.loads(curated.read_text())
+    entries.append(entry_for("ext", fake_llamacpp.url, backend="openai"))
+    curated.write_text(json.dumps(entries))
     port = free_port()
     process = subprocess.Popen(
         [
@@ -54,7 +64,16 @@ def test_starts_serves_and_stops_cleanly_on_sigint(tmp_path: Path, server: str) 
         health = httpx.get(f"http://127.0.0.1:{port}/v1/healthz").json()
         assert health["status"] == "ok"
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]
-        assert "gemma3-270m" in [m["id"] for m in models]
+        assert {"gemma3-270m", "ext"} <= {m["id"] for m in models}
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        chat = {"model": "ext", "messages": [{"role": "user", "content": "hi"}]}
+        plain = httpx.post(url, json=chat, headers={"x-request-id": "plain-1"})
+        assert plain.status_code == 200 and plain.json()["object"] == "chat.completion"
+        assert plain.headers["x-request-id"] == "plain-1"
+        streamed = httpx.post(url, json={**chat, "stream": True})
+        assert streamed.headers["content-type"].startswith("text/event-stream")
+        assert len(streamed.headers["x-request-id"]) == 32
+        assert sse_events(streamed.text)[-1] == "[DONE]"
     finally:
         process.send_signal(signal.SIGINT)
         output = process.communicate(timeout=30)[0].decode()

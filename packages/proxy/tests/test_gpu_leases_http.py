@@ -115,9 +115,9 @@ def test_the_lease_survives_a_proxy_restart(proxy_factory, fake_ollama) -> None:
     first.server.stop()  # a graceful stop releases it; put back what a crash would leave
     lease_file.write_text(saved)
     from imageworks.chat_proxy.app import create_app
-    from testkit.servers import HypercornServer
+    from testkit.servers import UvicornServer
 
-    again = HypercornServer(create_app(first.config, probe=FakeProbe(24000)))
+    again = UvicornServer(create_app(first.config, probe=FakeProbe(24000)))
     try:
         import httpx
 

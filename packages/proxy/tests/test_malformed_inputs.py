@@ -61,7 +61,7 @@ def target(tmp_path_factory):
     from imageworks.chat_proxy.app import create_app
     from imageworks.chat_proxy.config import ProxyConfig
     from testkit.fake_engine import FakeEngine
-    from testkit.servers import AiohttpServer, HypercornServer
+    from testkit.servers import AiohttpServer, UvicornServer
 
     root = tmp_path_factory.mktemp("fuzz")
     (root / "configs").mkdir()
@@ -80,7 +80,7 @@ def target(tmp_path_factory):
         staging_dir=root / "s",
         log_path=root / "l.jsonl",
     )
-    proxy = HypercornServer(create_app(config))
+    proxy = UvicornServer(create_app(config))
     with httpx.Client(base_url=proxy.url, timeout=30) as client:
         yield client
     proxy.stop()

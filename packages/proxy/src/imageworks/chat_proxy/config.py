@@ -36,7 +36,7 @@ class ProxyConfig(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8100, ge=1, le=65535)
-    server: Literal["hypercorn", "uvicorn"] = "hypercorn"
+    server: Literal["uvicorn", "hypercorn"] = "uvicorn"
     vllm_remote_url: str = "http://127.0.0.1:8600"
     ollama_base_url: str = "http://127.0.0.1:11434"
     autostart_enabled: bool = True
