@@ -18,7 +18,7 @@ from testkit.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LITELLM_VERSION = "1.93.0"  # the version the published independent comparisons used
-MODELS = ("m0", "m60", "s20")
+MODELS = ("m0", "m60", "s20", "s20-first")
 
 
 def pinned(core: int | None, argv: list[str]) -> list[str]:

@@ -68,7 +68,7 @@ class Stream:
     done: bool
 
 
-async def one_stream(http: aiohttp.ClientSession, url: str) -> Stream:
+async def one_stream(http: aiohttp.ClientSession, url: str, model: str = "s20") -> Stream:
     """An S20 stream: TTFT is the first content delta (the role chunk comes at once)."""
     started = time.perf_counter()
     first: float | None = None
@@ -78,7 +78,7 @@ async def one_stream(http: aiohttp.ClientSession, url: str) -> Stream:
     done = False
     buffer = b""
     async with http.post(
-        url + "/v1/chat/completions", json={**CHAT, "model": "s20", "stream": True}
+        url + "/v1/chat/completions", json={**CHAT, "model": model, "stream": True}
     ) as response:
         if response.status != 200:
             raise RuntimeError(f"HTTP {response.status}")

@@ -3,7 +3,9 @@
     python -m bench.mock_backend --port N
 
 The model name picks the profile: ``m0`` answers a tiny chat.completion at once; ``m60``
-after 60 ms; ``s20`` streams a role chunk, 64 content deltas 20 ms apart, and ``[DONE]``.
+after 60 ms; ``s20`` streams a role chunk, 64 content deltas 20 ms apart, and ``[DONE]``;
+``s20-first`` is the opening of ``s20`` alone (role chunk, first delta 20 ms later, ``[DONE]``),
+so that time to first token can be sampled many times without waiting out 1.3 s streams.
 Responses are prebuilt bytes so the mock stays far faster than anything measured through it.
 """
 
@@ -59,7 +61,8 @@ FINISH = _chunk({}, "stop")
 async def chat(request: web.Request) -> web.StreamResponse:
     body = await request.json()
     model = body.get("model", "m0")
-    if model == "s20" and body.get("stream"):
+    if model in ("s20", "s20-first") and body.get("stream"):
+        deltas = DELTA if model == "s20" else DELTA[:1]
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         sock = request.transport.get_extra_info("socket") if request.transport else None
         if sock is not None:  # small paced writes must not wait for Nagle
@@ -67,7 +70,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         await response.write(ROLE)
         start = time.perf_counter()
-        for i, delta in enumerate(DELTA):
+        for i, delta in enumerate(deltas):
             # Pace against the clock, not sleep-after-write, so the schedule does not drift.
             await asyncio.sleep(max(0.0, start + (i + 1) * PACE_S - time.perf_counter()))
             await response.write(delta)
@@ -87,7 +90,7 @@ async def models(request: web.Request) -> web.Response:
             "object": "list",
             "data": [
                 {"id": m, "object": "model", "created": 0, "owned_by": "bench"}
-                for m in ("m0", "m60", "s20")
+                for m in ("m0", "m60", "s20", "s20-first")
             ],
         }
     )

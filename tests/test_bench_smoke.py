@@ -25,12 +25,12 @@ def test_quick_benchmark_runs_and_reports_every_measure(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     (raw,) = tmp_path.glob("*.json")
     report = json.loads(raw.read_text())
-    arms = {"direct", "proxy-hypercorn"}
-    for measure in ("c1_m0", "c1_m60", "stream_s20", "throughput_m60", "streams"):
+    arms = {"direct", "proxy-uvicorn"}
+    for measure in ("c1_m0", "c1_m60", "ttft_s20", "stream_s20", "throughput_m60", "streams"):
         assert set(report[measure]) == arms, measure
     # Fidelity is checked even in the smoke run: every stream whole, none coalesced.
-    assert report["stream_s20"]["proxy-hypercorn"]["chunks_min"] == 66
-    assert report["streams"]["proxy-hypercorn"]["errors"] == 0
+    assert report["stream_s20"]["proxy-uvicorn"]["chunks_min"] == 66
+    assert report["streams"]["proxy-uvicorn"]["errors"] == 0
     assert report["stream_count"] > 100  # above aiohttp's default connection limit
-    assert report["rss_mb"]["proxy-hypercorn"]["idle"] > 0
+    assert report["rss_mb"]["proxy-uvicorn"]["idle"] > 0
     assert "| c=1 M0 p50 ms |" in (tmp_path / raw.name.replace(".json", ".md")).read_text()
