@@ -1,9 +1,9 @@
 """Pass-through forwarding to a backend, streaming and not.
 
-Bodies travel as bytes: the upstream response is relayed unchanged, chunk by chunk as aiohttp
-reads it from the socket (``iter_any``: no re-chunking, no coalescing, one ASGI message per
-network read). The only inspection is what the request log needs: where the first byte came,
-how many events passed, and the usage object near the end.
+Bodies travel as bytes: the upstream response is relayed unchanged, one chunk per network read
+of the backend's socket (``upstream.UpstreamPool``: no re-chunking, no coalescing). The only
+inspection is what the request log needs: where the first byte came, how many events passed,
+and the usage object near the end.
 
 A client that goes away cancels the upstream request, whether it was streaming or still
 waiting for a non-streaming answer: both paths watch ``receive()`` for ``http.disconnect``.
@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import aiohttp
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 from yarl import URL
@@ -30,6 +29,7 @@ from imageworks.chat_proxy.errors import (
     ProxyError,
     upstream_error,
 )
+from imageworks.chat_proxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 T = TypeVar("T")
 
@@ -71,13 +71,11 @@ class Outcome:
         return round((end - self.started) * 1000, 2)
 
 
-def _classify(exc: BaseException, url: str, during: str) -> ProxyError:
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return BackendUnavailable(f"timed out connecting to {url}")
+def _classify(exc: BaseException, url: object, during: str) -> ProxyError:
     if isinstance(exc, TimeoutError):
         return BackendTimeout(f"backend sent nothing for too long {during} ({url})")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return BackendUnavailable(f"cannot connect to backend at {url}: {exc.os_error.strerror}")
+    if isinstance(exc, UpstreamError) and exc.connecting:
+        return BackendUnavailable(str(exc))
     detail = str(exc) or type(exc).__name__
     return BackendUnavailable(f"backend connection failed {during} ({url}): {detail}")
 
@@ -95,31 +93,33 @@ def _parsed(url: str) -> URL:
 
 
 async def open_upstream(
-    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
-) -> aiohttp.ClientResponse:
+    pool: UpstreamPool, url: str, body: bytes, headers: dict[str, str]
+) -> UpstreamResponse:
     """POST and wait for the response head. A backend 4xx/5xx becomes our error here."""
     try:
-        response = await session.post(_parsed(url), data=body, headers=headers)
-    except (aiohttp.ClientError, TimeoutError) as exc:
+        response = await pool.post(_parsed(url), body, headers)
+    except (UpstreamError, TimeoutError) as exc:
         raise _classify(exc, url, "before answering") from exc
     if response.status >= 400:
         try:
             raw = await response.read()
-        except (aiohttp.ClientError, TimeoutError):
+        except (UpstreamError, TimeoutError):
             raw = b""
         finally:
-            response.release()
+            response.close()
         raise upstream_error(response.status, raw)
     return response
 
 
-async def read_body(response: aiohttp.ClientResponse, outcome: Outcome) -> bytes:
+async def read_body(response: UpstreamResponse, outcome: Outcome) -> bytes:
     try:
         raw = await response.read()
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise _classify(exc, str(response.url), "while answering") from exc
-    finally:
-        response.release()
+    except (UpstreamError, TimeoutError) as exc:
+        response.close()
+        raise _classify(exc, response.url, "while answering") from exc
+    except BaseException:
+        response.close()
+        raise
     outcome.first_byte_at = outcome.finished_at = time.perf_counter()
     outcome.status = response.status
     if b'"usage"' in raw:
@@ -189,13 +189,13 @@ class SSEResponse(Response):
         outcome: Outcome,
         on_finish: Callable[[Outcome], None],
         *,
-        connect: Callable[[], Awaitable[aiohttp.ClientResponse]],
+        connect: Callable[[], Awaitable[UpstreamResponse]],
         waiting_comment: bytes | None = None,
         keepalive_s: float = 5.0,
     ) -> None:
         self.status_code = 200
         self.background = None
-        self.upstream: aiohttp.ClientResponse | None = None
+        self.upstream: UpstreamResponse | None = None
         self.connect = connect
         self.outcome = outcome
         self.on_finish = on_finish
@@ -217,23 +217,15 @@ class SSEResponse(Response):
             if self.upstream is not None:
                 await self._let_go(self.upstream)
 
-    async def _let_go(self, upstream: aiohttp.ClientResponse) -> None:
+    async def _let_go(self, upstream: UpstreamResponse) -> None:
         """A finished stream hands its connection back to the pool (a new connection per
         stream costs ~0.3 ms of TTFT); an unfinished one is closed, which aborts the backend's
         generation."""
         if not self.complete:
             upstream.close()
             return
-        try:
-            # Backends end the body right after [DONE]; read that last chunk terminator.
-            await asyncio.wait_for(upstream.content.read(), 1.0)
-        except (aiohttp.ClientError, TimeoutError):
-            upstream.close()
-            return
-        except asyncio.CancelledError:
-            upstream.close()
-            raise
-        upstream.release()
+        # Backends end the body right after [DONE]; read that last chunk terminator.
+        await upstream.finish(timeout=1.0)
 
     async def _run(self, send: Send) -> None:
         if self.waiting_comment is None:
@@ -258,7 +250,7 @@ class SSEResponse(Response):
                 return
         await self._pump(self.upstream, send)
 
-    async def _relay_whole(self, upstream: aiohttp.ClientResponse, send: Send) -> None:
+    async def _relay_whole(self, upstream: UpstreamResponse, send: Send) -> None:
         """A backend that answered a stream request with plain JSON: pass it on as it is."""
         try:
             body = await read_body(upstream, self.outcome)
@@ -293,10 +285,10 @@ class SSEResponse(Response):
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
-    async def _pump(self, upstream: aiohttp.ClientResponse, send: Send) -> None:
+    async def _pump(self, upstream: UpstreamResponse, send: Send) -> None:
         outcome = self.outcome
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.chunks():
                 if outcome.first_byte_at is None:
                     outcome.first_byte_at = time.perf_counter()
                 outcome.events += chunk.count(b"data:")
@@ -310,9 +302,9 @@ class SSEResponse(Response):
                     return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if not self._saw_done():
-                raise aiohttp.ClientPayloadError("stream ended without [DONE]")
+                raise UpstreamError("stream ended without [DONE]")
             self.complete = True
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (UpstreamError, TimeoutError) as exc:
             await self._fail(_classify(exc, str(upstream.url), "mid-stream"), send)
             return
         await send({"type": "http.response.body", "body": b"", "more_body": False})

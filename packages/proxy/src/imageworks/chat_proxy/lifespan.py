@@ -35,6 +35,7 @@ from imageworks.chat_proxy.lifecycle import Lifecycle
 from imageworks.chat_proxy.metrics import Metrics
 from imageworks.chat_proxy.requestlog import RequestLog
 from imageworks.chat_proxy.state import ProxyState
+from imageworks.chat_proxy.upstream import UpstreamPool
 from imageworks.model_loader.profiles import PROFILES_FILE, ProfileManager
 from imageworks.model_loader.registry import Registry
 from imageworks.model_loader.schema import ModelEntry
@@ -124,6 +125,9 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         watcher=watcher,
         profiles=profiles,
         session=session,
+        upstream=UpstreamPool(
+            connect_timeout=config.connect_timeout_s, read_timeout=config.read_timeout_s
+        ),
         log=request_log,
         metrics=metrics,
         lifecycle=lifecycle,
@@ -185,6 +189,8 @@ async def close_state(state: ProxyState, background: list[asyncio.Task[Any]] | N
         except Exception as exc:  # one failing step must not skip the others
             log.warning("shutdown step %s failed: %s", name, exc or type(exc).__name__)
             results[name] = f"failed: {exc or type(exc).__name__}"
+    with contextlib.suppress(Exception):
+        await state.upstream.close()
     with contextlib.suppress(Exception):
         await state.session.close()
     state.log.event(

@@ -16,6 +16,7 @@ from imageworks.chat_proxy.forwarding import Outcome
 from imageworks.chat_proxy.lifecycle import Lifecycle
 from imageworks.chat_proxy.metrics import Finished, Metrics
 from imageworks.chat_proxy.requestlog import RequestLog
+from imageworks.chat_proxy.upstream import UpstreamPool
 from imageworks.model_loader.profiles import DeploymentProfile, ProfileManager
 from imageworks.model_loader.registry import Registry
 from imageworks.model_loader.schema import ModelEntry
@@ -43,7 +44,8 @@ class ProxyState:
     config: ProxyConfig
     watcher: RegistryWatcher
     profiles: ProfileManager
-    session: aiohttp.ClientSession
+    session: aiohttp.ClientSession  # every backend call but forwarding
+    upstream: UpstreamPool  # forwarding
     log: RequestLog
     metrics: Metrics
     lifecycle: Lifecycle

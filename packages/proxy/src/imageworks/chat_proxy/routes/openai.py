@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import aiohttp
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
@@ -41,6 +40,7 @@ from imageworks.chat_proxy.payloads import (
     validate,
 )
 from imageworks.chat_proxy.state import ProxyState, RequestInfo
+from imageworks.chat_proxy.upstream import UpstreamResponse
 from imageworks.model_loader.errors import UnknownModelError
 from imageworks.model_loader.schema import ModelEntry
 
@@ -216,10 +216,10 @@ async def forward(
     exchange = Exchange(state, info)
     upstream_headers = {"content-type": JSON, "x-request-id": info.request_id}
 
-    async def connect() -> aiohttp.ClientResponse:
+    async def connect() -> UpstreamResponse:
         base_url = await exchange.acquire(entry)
         return await open_upstream(
-            state.session, base_url + PATHS[endpoint], payload, upstream_headers
+            state.upstream, base_url + PATHS[endpoint], payload, upstream_headers
         )
 
     if info.stream:
