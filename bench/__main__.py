@@ -182,6 +182,10 @@ def ratios(report: dict[str, Any], proxy: str) -> dict[str, Any]:
         f"{report['stream_count']}_streams_errors (budget 0)": report["streams"]
         .get(proxy, {})
         .get("errors"),
+        f"{report['stream_count']}_streams_frames_vs_direct (budget >= 0.95)": ratio(
+            report["streams"].get(proxy, {}).get("frames_per_s"),
+            report["streams"].get("direct", {}).get("frames_per_s"),
+        ),
         "idle_rss_mb (budget <= 80)": report["rss_mb"].get(proxy, {}).get("idle"),
     }
     if "litellm" in c1:
@@ -260,6 +264,9 @@ def main() -> None:
             arms.append(OurProxy(mock, workdir, 1 if pinned else None, "uvicorn"))  # default
             if not args.quick:
                 arms.append(OurProxy(mock, workdir, 1 if pinned else None, "hypercorn"))
+                arms.append(
+                    OurProxy(mock, workdir, 1 if pinned else None, "hypercorn", loop="asyncio")
+                )
                 if not args.no_litellm:
                     arms.append(
                         LiteLLM(
@@ -290,7 +297,8 @@ def main() -> None:
         (arm, k)
         for arm, values in report["ratios"].items()
         for k, v in values.items()
-        if k.startswith(("chunks_out", f"{report['stream_count']}_streams")) and v not in (True, 0)
+        if k.startswith(("chunks_out", f"{report['stream_count']}_streams_errors"))
+        and v not in (True, 0)
     ]
     if failures:  # correctness, not speed: a cut or coalesced stream fails even the smoke run
         raise SystemExit(f"stream fidelity failed: {failures}")

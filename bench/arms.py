@@ -101,8 +101,13 @@ class Mock(Arm):
 
 
 class OurProxy(Arm):
-    def __init__(self, mock: Mock, workdir: Path, core: int | None, server: str) -> None:
-        self.name = f"proxy-{server}"
+    """The proxy's own command line; ``loop="asyncio"`` runs it with uvloop hidden, so that
+    hypercorn's plain asyncio worker can be measured next to its uvloop one."""
+
+    def __init__(
+        self, mock: Mock, workdir: Path, core: int | None, server: str, loop: str = "uvloop"
+    ) -> None:
+        self.name = f"proxy-{server}" + ("" if loop == "uvloop" else f"-{loop}")
         root = workdir / self.name
         (root / "configs").mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / "configs" / "deployment_profiles.json", root / "configs")
@@ -120,8 +125,11 @@ class OurProxy(Arm):
                 core,
                 [
                     sys.executable,
-                    "-m",
-                    "imageworks.chat_proxy.cli",
+                    *(
+                        ["-m", "imageworks.chat_proxy.cli"]
+                        if loop == "uvloop"
+                        else [str(REPO / "bench" / "without_uvloop.py")]
+                    ),
                     "--port",
                     str(port),
                     "--server",
