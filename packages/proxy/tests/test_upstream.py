@@ -84,6 +84,26 @@ async def test_a_body_delimited_by_the_connection_closing_is_read_to_its_end(
     server.close()
 
 
+async def test_the_host_header_names_an_ipv6_backend_in_brackets(pool: UpstreamPool) -> None:
+    seen: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await read_request(reader))
+        writer.write(OK)
+        await writer.drain()
+
+    try:
+        server = await asyncio.start_server(record, "::1", 0)
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    port = server.sockets[0].getsockname()[1]
+    response = await pool.post(URL(f"http://[::1]:{port}/v1/embeddings"), b"{}", {})
+    assert await response.read() == b"{}"
+    assert f"Host: [::1]:{port}\r\n".encode() in seen[0]
+    assert seen[0].startswith(b"POST /v1/embeddings HTTP/1.1\r\n")
+    server.close()
+
+
 async def test_a_malformed_head_is_an_upstream_error(pool: UpstreamPool) -> None:
     async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)

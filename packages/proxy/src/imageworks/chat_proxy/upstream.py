@@ -225,7 +225,8 @@ class UpstreamPool:
     async def post(self, url: URL, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
         """Send the request and wait for the response head (status and headers)."""
         host, port = url.raw_host or "127.0.0.1", url.port or 80
-        head = [f"POST {url.raw_path_qs} HTTP/1.1\r\nHost: {host}:{port}\r\n"]
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # IPv6 in brackets
+        head = [f"POST {url.raw_path_qs} HTTP/1.1\r\nHost: {authority}\r\n"]
         head += [f"{name}: {value}\r\n" for name, value in headers.items()]
         head.append(f"content-length: {len(body)}\r\n\r\n")
         request = "".join(head).encode("latin-1") + body
