@@ -34,3 +34,25 @@ def test_quick_benchmark_runs_and_reports_every_measure(tmp_path: Path) -> None:
     assert report["stream_count"] > 100  # above aiohttp's default connection limit
     assert report["rss_mb"]["proxy-uvicorn"]["idle"] > 0
     assert "| c=1 M0 p50 ms |" in (tmp_path / raw.name.replace(".json", ".md")).read_text()
+
+
+def test_cpu_per_request_tool_runs() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.cpu_per_request",
+            "--requests",
+            "200",
+            "--streams",
+            "4",
+            "--rounds",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "us of CPU per M0 request" in result.stdout
