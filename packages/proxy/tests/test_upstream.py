@@ -7,7 +7,6 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from yarl import URL
 
 from imageworks.chat_proxy.upstream import UpstreamError, UpstreamPool
 from testkit.servers import free_port
@@ -26,10 +25,10 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
     return head + await reader.readexactly(length)
 
 
-async def serve(handler: Handler) -> tuple[asyncio.Server, URL]:
+async def serve(handler: Handler) -> tuple[asyncio.Server, str]:
     server = await asyncio.start_server(handler, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    return server, URL(f"http://127.0.0.1:{port}/v1/chat/completions")
+    return server, f"http://127.0.0.1:{port}/v1/chat/completions"
 
 
 @pytest.fixture
@@ -97,7 +96,7 @@ async def test_the_host_header_names_an_ipv6_backend_in_brackets(pool: UpstreamP
     except OSError:
         pytest.skip("no IPv6 loopback on this machine")
     port = server.sockets[0].getsockname()[1]
-    response = await pool.post(URL(f"http://[::1]:{port}/v1/embeddings"), b"{}", {})
+    response = await pool.post(f"http://[::1]:{port}/v1/embeddings", b"{}", {})
     assert await response.read() == b"{}"
     assert f"Host: [::1]:{port}\r\n".encode() in seen[0]
     assert seen[0].startswith(b"POST /v1/embeddings HTTP/1.1\r\n")
@@ -134,5 +133,5 @@ async def test_a_body_that_stalls_times_out_and_a_refused_connect_says_so(
     response.close()
     server.close()
     with pytest.raises(UpstreamError, match="cannot connect") as refused:
-        await pool.post(URL(f"http://127.0.0.1:{free_port()}/v1/x"), b"{}", {})
+        await pool.post(f"http://127.0.0.1:{free_port()}/v1/x", b"{}", {})
     assert refused.value.connecting

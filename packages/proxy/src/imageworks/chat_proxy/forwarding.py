@@ -19,9 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
-from yarl import URL
 
 from imageworks.chat_proxy.errors import (
     BackendTimeout,
@@ -71,7 +69,7 @@ class Outcome:
         return round((end - self.started) * 1000, 2)
 
 
-def _classify(exc: BaseException, url: object, during: str) -> ProxyError:
+def _classify(exc: BaseException, url: str, during: str) -> ProxyError:
     if isinstance(exc, TimeoutError):
         return BackendTimeout(f"backend sent nothing for too long {during} ({url})")
     if isinstance(exc, UpstreamError) and exc.connecting:
@@ -80,24 +78,12 @@ def _classify(exc: BaseException, url: object, during: str) -> ProxyError:
     return BackendUnavailable(f"backend connection failed {during} ({url}): {detail}")
 
 
-_URLS: dict[str, URL] = {}  # parsed backend URLs: a handful of models, each parsed once
-
-
-def _parsed(url: str) -> URL:
-    parsed = _URLS.get(url)
-    if parsed is None:
-        if len(_URLS) > 1024:  # bounded even if base URLs keep changing
-            _URLS.clear()
-        parsed = _URLS[url] = URL(url)
-    return parsed
-
-
 async def open_upstream(
     pool: UpstreamPool, url: str, body: bytes, headers: dict[str, str]
 ) -> UpstreamResponse:
     """POST and wait for the response head. A backend 4xx/5xx becomes our error here."""
     try:
-        response = await pool.post(_parsed(url), body, headers)
+        response = await pool.post(url, body, headers)
     except (UpstreamError, TimeoutError) as exc:
         raise _classify(exc, url, "before answering") from exc
     if response.status >= 400:
@@ -171,7 +157,7 @@ async def send_error(error: ProxyError, send: Send) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-class SSEResponse(Response):
+class SSEResponse:
     """Relays an upstream event stream; ends it with an in-band error event if anything fails
     after the first byte.
 
@@ -180,8 +166,8 @@ class SSEResponse(Response):
     once and every ``keepalive_s`` until the backend answers, which keeps proxies and clients
     from timing out; otherwise nothing is sent until the backend has answered, so that its
     refusal still reaches the client as a real HTTP status. ``on_finish(outcome)`` runs exactly
-    once, whether the stream completed, failed or the client left (the upstream connection is
-    closed in every case).
+    once, whether the stream completed, failed or the client left; the upstream connection then
+    goes back to the pool if the stream completed and is closed otherwise.
     """
 
     def __init__(
@@ -193,8 +179,6 @@ class SSEResponse(Response):
         waiting_comment: bytes | None = None,
         keepalive_s: float = 5.0,
     ) -> None:
-        self.status_code = 200
-        self.background = None
         self.upstream: UpstreamResponse | None = None
         self.connect = connect
         self.outcome = outcome
@@ -305,7 +289,7 @@ class SSEResponse(Response):
                 raise UpstreamError("stream ended without [DONE]")
             self.complete = True
         except (UpstreamError, TimeoutError) as exc:
-            await self._fail(_classify(exc, str(upstream.url), "mid-stream"), send)
+            await self._fail(_classify(exc, upstream.url, "mid-stream"), send)
             return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

@@ -156,7 +156,7 @@ class _Connection(asyncio.Protocol):
 
 
 class UpstreamResponse:
-    def __init__(self, connection: _Connection, url: URL) -> None:
+    def __init__(self, connection: _Connection, url: str) -> None:
         self._connection = connection
         self.url = url
         self.status = connection.status
@@ -221,12 +221,12 @@ class UpstreamPool:
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._busy: set[_Connection] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._targets: dict[str, tuple[tuple[str, int], str]] = {}
 
-    async def post(self, url: URL, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
         """Send the request and wait for the response head (status and headers)."""
-        host, port = url.raw_host or "127.0.0.1", url.port or 80
-        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # IPv6 in brackets
-        head = [f"POST {url.raw_path_qs} HTTP/1.1\r\nHost: {authority}\r\n"]
+        (host, port), request_line = self._target(url)
+        head = [request_line]
         head += [f"{name}: {value}\r\n" for name, value in headers.items()]
         head.append(f"content-length: {len(body)}\r\n\r\n")
         request = "".join(head).encode("latin-1") + body
@@ -251,7 +251,21 @@ class UpstreamPool:
             return UpstreamResponse(connection, url)
         raise AssertionError("unreachable")
 
-    async def _connection(self, key: tuple[str, int], url: URL) -> _Connection:
+    def _target(self, url: str) -> tuple[tuple[str, int], str]:
+        """Where ``url`` is and its request line with Host, parsed once per URL (a handful of
+        models, each asked many times)."""
+        target = self._targets.get(url)
+        if target is None:
+            parsed = URL(url)
+            host, port = parsed.raw_host or "127.0.0.1", parsed.port or 80
+            authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # IPv6
+            line = f"POST {parsed.raw_path_qs} HTTP/1.1\r\nHost: {authority}\r\n"
+            if len(self._targets) > 1024:  # bounded even if base URLs keep changing
+                self._targets.clear()
+            target = self._targets[url] = ((host, port), line)
+        return target
+
+    async def _connection(self, key: tuple[str, int], url: str) -> _Connection:
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
