@@ -64,8 +64,8 @@ async def check(mb: int) -> dict[str, Any]:
     from imageworks.chat_proxy.backends.base import Backend
     from imageworks.chat_proxy.config import ProxyConfig
     from imageworks.chat_proxy.lifecycle import Lifecycle
+    from imageworks.chat_proxy.process import ManagedProcess, free_port
     from imageworks.model_loader.schema import ModelEntry
-    from imageworks.vllm_executor.process import ManagedProcess, free_port
 
     report: dict[str, Any] = {"ok": False, "steps": {}}
     probe = NvmlProbe()
@@ -107,7 +107,6 @@ async def check(mb: int) -> dict[str, Any]:
             return process.pid if process else None
 
     backend = HolderBackend()
-    lifecycle = Lifecycle({"llamacpp": backend}, staging_dir=staging)
     entry = ModelEntry.model_validate(
         {
             "name": "holder",
@@ -126,22 +125,13 @@ async def check(mb: int) -> dict[str, Any]:
         def __iter__(self) -> Any:
             return iter([entry])
 
-    class NoOllama:
-        base_url = "none"
-
-        async def loaded(self) -> dict[str, Any]:
-            return {}
-
-    arbiter = VramArbiter(
-        probe,
-        lifecycle,
+    lifecycle = Lifecycle(
+        {"llamacpp": backend},
         staging_dir=staging,
-        ollama=lambda e: NoOllama(),  # type: ignore[arg-type,return-value]
-        registry=lambda: OneEntryRegistry(),
-        headroom_mb=0,
-        vram_timeout_s=30,
+        registry=lambda: OneEntryRegistry(),  # type: ignore[arg-type,return-value]
     )
-    lifecycle.arbiter = arbiter
+    arbiter = VramArbiter(probe, lifecycle, staging_dir=staging, headroom_mb=0, vram_timeout_s=30)
+    lifecycle.gate = arbiter
     started = time.monotonic()
     await lifecycle.activate(entry)
     held = await probe.snapshot()
@@ -153,7 +143,7 @@ async def check(mb: int) -> dict[str, Any]:
     report["steps"]["learned_footprint_mb"] = arbiter.learned_mb.get("holder")
     report["steps"]["used_mb_while_held"] = held.used_mb
     evict_started = time.monotonic()
-    lease = await arbiter.grant(
+    lease = await arbiter.leases.grant(
         "gpu-check", "evict the holder", restart_model=False, ttl_s=60, need_mb=None
     )
     after = await probe.snapshot()
@@ -162,7 +152,7 @@ async def check(mb: int) -> dict[str, Any]:
     report["steps"]["memory_back_s"] = round(time.monotonic() - evict_started, 3)
     report["steps"]["used_mb_after"] = after.used_mb
     report["steps"]["child_gone"] = pid not in after.processes
-    arbiter.release(lease.token)
+    await arbiter.leases.release(lease.token)
     await lifecycle.shutdown()
     report["ok"] = bool(
         seen

@@ -374,7 +374,8 @@ def sse_events(text: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     """Run a fake engine as its own process (for the executor's launch template in tests):
-    ``python -m testkit.fake_engine --port N [--flavour vllm] [--startup-delay S] [--exit-code C]``.
+    ``python -m testkit.fake_engine --port N [--flavour vllm] [--startup-delay S] [--exit-code C]
+    [--exit-after S]``.
     """
     import argparse
 
@@ -384,14 +385,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--flavour", default="vllm")
     parser.add_argument("--startup-delay", type=float, default=0.0)
     parser.add_argument("--exit-code", type=int, help="print a line and exit with this code")
+    parser.add_argument(
+        "--exit-after", type=float, help="serve, then die this many seconds later (a crash)"
+    )
     args, _unknown = parser.parse_known_args(argv)  # ignore vLLM's flags
     print(f"fake {args.flavour} engine starting on {args.port}", flush=True)
     if args.exit_code is not None:
         print("fatal: scripted start failure (CUDA out of memory)", flush=True)
         raise SystemExit(args.exit_code)
     time.sleep(args.startup_delay)
+    app = FakeEngine(args.flavour).app()
+    if args.exit_after is not None:
+        import os
+
+        def crash() -> None:
+            print("fatal: scripted crash", flush=True)
+            os._exit(3)
+
+        async def arm(app: web.Application) -> None:  # counted from when it serves
+            asyncio.get_running_loop().call_later(args.exit_after, crash)
+
+        app.on_startup.append(arm)
     web.run_app(
-        FakeEngine(args.flavour).app(),
+        app,
         host=args.host,
         port=args.port,
         print=None,

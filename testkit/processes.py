@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,3 +118,28 @@ class Executor:
             self.process.send_signal(signal.SIGTERM)
             return self.process.wait(30)
         return self.process.returncode
+
+
+def start_proxy(
+    root: Path, entries: list[dict[str, object]], **env: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``imageworks-chat-proxy`` as a real process over a registry of the test's own, in
+    ``root`` (its staging dir and log are there); returns the process and its URL."""
+    (root / "configs").mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "configs" / "deployment_profiles.json", root / "configs")
+    (root / "configs" / "model_registry.curated.json").write_text(json.dumps(entries))
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "imageworks.chat_proxy.cli", "--port", str(port)],
+        cwd=root,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("CHAT_PROXY_")},
+            "CHAT_PROXY_GPU_PROBE": "none",
+            "PYTHONPATH": str(REPO),
+            **env,
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    wait_for_port(port, timeout=30)
+    return process, f"http://127.0.0.1:{port}"

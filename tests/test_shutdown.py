@@ -4,11 +4,7 @@ leave no process behind. Real proxy process, real llama.cpp process."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -17,8 +13,8 @@ import pytest
 
 from testkit.entries import GEMMA
 from testkit.fake_engine import sse_events
-from testkit.processes import our_processes
-from testkit.servers import free_port, wait_for_port
+from testkit.processes import our_processes, start_proxy
+from testkit.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.subprocess
@@ -31,26 +27,6 @@ VLLM = {
     "backend_config": {"model_path": "/m"},
     "chat_template": {"source": "external", "path": "t.jinja"},
 }
-
-
-def start_proxy(root: Path, entries: list[dict[str, object]], **env: str):
-    (root / "configs").mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "configs" / "deployment_profiles.json", root / "configs")
-    (root / "configs" / "model_registry.curated.json").write_text(json.dumps(entries))
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "imageworks.chat_proxy.cli", "--port", str(port)],
-        cwd=root,
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith("CHAT_PROXY_")},
-            "CHAT_PROXY_GPU_PROBE": "none",
-            **env,
-        },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    wait_for_port(port, timeout=30)
-    return process, f"http://127.0.0.1:{port}"
 
 
 def shutdown_record(root: Path) -> dict[str, object]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import time
 
-from imageworks.chat_proxy.arbiter.gpu import FakeProbe
 from testkit.fake_engine import entry_for
+from testkit.gpu import FakeProbe
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
 

@@ -7,6 +7,8 @@ asked to do and when, so the tests can check ordering without timing assertions.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,11 +17,14 @@ from imageworks.chat_proxy.backends.base import Backend
 from imageworks.chat_proxy.config import ProxyConfig
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
+    ModelBackoff,
     ModelStartFailed,
     ProxyError,
     QueueFull,
 )
-from imageworks.chat_proxy.lifecycle import FAILED, READY, STOPPED, Lifecycle
+from imageworks.chat_proxy.lifecycle import CRASHED, FAILED, READY, STOPPED, Lifecycle, Ticket
+from imageworks.chat_proxy.modelstate import Restarts
+from imageworks.model_loader.registry import Registry, build_registry
 from imageworks.model_loader.schema import ModelEntry
 
 
@@ -32,6 +37,8 @@ class ScriptedBackend(Backend):
         self.running: set[str] = set()
         self.fail_next: dict[str, str] = {}
         self.gate: asyncio.Event | None = None  # when set, starts wait for it
+        self.raise_next: dict[str, BaseException] = {}  # not a ProxyError: anything at all
+        self.on_exit: dict[str, Callable[[str], None]] = {}
 
     def slot_key(self, entry: ModelEntry) -> str | None:
         return "one-gpu"
@@ -43,6 +50,9 @@ class ScriptedBackend(Backend):
         await asyncio.sleep(0.01)
         if entry.name in self.fail_next:
             raise ModelStartFailed(self.fail_next.pop(entry.name))
+        if entry.name in self.raise_next:
+            self.running.add(entry.name)  # it got as far as spawning something
+            raise self.raise_next.pop(entry.name)
         assert not self.running, f"{self.running} still running while starting {entry.name}"
         self.running.add(entry.name)
         return f"http://backend/{entry.name}/v1"
@@ -51,17 +61,41 @@ class ScriptedBackend(Backend):
         self.events.append(f"stop {name}")
         self.running.discard(name)
 
+    def supervise(self, name: str, on_exit: Callable[[str], None]) -> None:
+        self.on_exit[name] = on_exit
+
+    def die(self, name: str) -> None:
+        """The engine process exits on its own (kill -9)."""
+        self.running.discard(name)
+        self.on_exit[name]("exited with code -9")
+
 
 def entry(name: str) -> ModelEntry:
     return ModelEntry.model_validate({"name": name, "backend": "vllm"})
 
 
+def empty_registry(tmp_path: Path) -> Callable[[], Registry]:
+    (tmp_path / "configs").mkdir(exist_ok=True)
+    (tmp_path / "configs" / "model_registry.curated.json").write_text("[]")
+    registry = build_registry(tmp_path / "configs")
+    return lambda: registry
+
+
+def make_lifecycle(tmp_path: Path, backend: Backend, **restarts: float) -> Lifecycle:
+    return Lifecycle(
+        {backend.kind: backend},
+        staging_dir=tmp_path,
+        registry=empty_registry(tmp_path),
+        start_timeout=5,
+        queue_timeout=2,
+        restarts=lambda: Restarts(**restarts),  # type: ignore[arg-type]
+    )
+
+
 @pytest.fixture
 def setup(tmp_path: Path) -> tuple[Lifecycle, ScriptedBackend]:
     backend = ScriptedBackend()
-    return Lifecycle(
-        {"vllm": backend}, staging_dir=tmp_path, start_timeout=5, queue_timeout=2
-    ), backend
+    return make_lifecycle(tmp_path, backend, base_s=0.05, max_s=0.2, loop_limit=3), backend
 
 
 async def test_concurrent_first_requests_start_the_model_once(setup) -> None:
@@ -119,12 +153,106 @@ async def test_a_failed_start_fails_its_waiters_and_does_not_wedge_the_model(set
         *[lifecycle.acquire(entry("a"), autostart=True) for _ in range(3)], return_exceptions=True
     )
     assert all(isinstance(r, ModelStartFailed) for r in results)
-    assert backend.events == ["start a"]  # one failed start, reported to all three
+    # One failed start, reported to all three, and reaped (a backend's stop is a no-op when
+    # nothing runs).
+    assert backend.events == ["start a", "stop a"]
     status = lifecycle.status(entry("a"))
     assert status.state == FAILED and "CUDA out of memory" in (status.last_error or "")
-    ticket = await lifecycle.acquire(entry("a"), autostart=True)  # the next request retries
-    assert backend.events == ["start a", "start a"] and lifecycle.state(entry("a")) == READY
+    with pytest.raises(ModelBackoff) as backoff:  # at once: the backoff, not a second start
+        await lifecycle.acquire(entry("a"), autostart=True)
+    assert backoff.value.status == 503 and backoff.value.headers["Retry-After"] == "1"
+    assert backend.events == ["start a", "stop a"]
+    ticket = await eventually_acquired(lifecycle, entry("a"))  # after it, a request retries
+    assert backend.events[2:] == ["start a"] and lifecycle.state(entry("a")) == READY
     ticket.release()
+
+
+async def eventually_acquired(lifecycle: Lifecycle, model: ModelEntry) -> Ticket:
+    """Acquire once the backoff has passed (bounded, never a timing assertion)."""
+    for _ in range(200):
+        try:
+            return await lifecycle.acquire(model, autostart=True)
+        except ModelBackoff:
+            await asyncio.sleep(0.01)
+    raise AssertionError("the backoff never ended")
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [OSError(28, "No space left on device"), KeyError("error"), AttributeError("'str'")],
+)
+async def test_any_exception_during_a_start_is_a_failure_never_a_loop(setup, failure) -> None:
+    lifecycle, backend = setup
+    backend.raise_next["a"] = failure
+    results = await asyncio.gather(
+        *[lifecycle.acquire(entry("a"), autostart=True) for _ in range(3)], return_exceptions=True
+    )
+    assert all(isinstance(r, ModelStartFailed) for r in results), results
+    assert type(failure).__name__ in str(results[0])
+    assert backend.events == ["start a", "stop a"]  # one start, and whatever it left is reaped
+    assert backend.running == set() and lifecycle.state(entry("a")) == FAILED
+    with pytest.raises(ModelBackoff):
+        await lifecycle.acquire(entry("a"), autostart=True)
+    assert backend.events == ["start a", "stop a"]
+
+
+async def test_the_backoff_doubles_and_resets_on_success(setup) -> None:
+    lifecycle, backend = setup
+    waits = []
+    for _ in range(3):
+        backend.fail_next["a"] = "boom"
+        with pytest.raises(ModelStartFailed):
+            await eventually_acquired(lifecycle, entry("a"))
+        waits.append(lifecycle.restarts_of("a").retry_at - time.monotonic())
+    assert waits[0] < waits[1] < waits[2] <= 0.2  # 0.05, 0.1, then the 0.2 cap
+    (await eventually_acquired(lifecycle, entry("a"))).release()
+    assert lifecycle.restarts_of("a").failures == 0
+
+
+async def test_an_engine_that_dies_while_ready_is_crashed_and_restarted_on_demand(setup) -> None:
+    lifecycle, backend = setup
+    (await lifecycle.acquire(entry("a"), autostart=True)).release()
+    backend.die("a")
+    status = lifecycle.status(entry("a"))
+    assert status.state == CRASHED and status.last_error == "exited with code -9"
+    ticket = await lifecycle.acquire(entry("a"), autostart=True)  # the first crash: at once
+    assert backend.events == ["start a", "stop a", "start a"]  # reaped, then started again
+    assert lifecycle.state(entry("a")) == READY
+    ticket.release()
+
+
+async def test_a_crash_loop_ends_in_failed_until_activated_by_hand(setup) -> None:
+    lifecycle, backend = setup  # loop_limit=3
+    for _ in range(3):
+        (await eventually_acquired(lifecycle, entry("a"))).release()
+        backend.die("a")
+    assert lifecycle.state(entry("a")) == FAILED
+    assert "crash loop: 3 crashes" in (lifecycle.status(entry("a")).last_error or "")
+    with pytest.raises(ModelStartFailed, match="crash loop"):
+        await lifecycle.acquire(entry("a"), autostart=True)
+    assert backend.events.count("start a") == 3  # no fourth attempt on its own
+    await lifecycle.activate(entry("a"))  # an operator's activation clears it
+    assert lifecycle.state(entry("a")) == READY and backend.events.count("start a") == 4
+
+
+async def test_restart_never_leaves_a_crashed_model_alone(setup) -> None:
+    lifecycle, backend = setup
+    never = ModelEntry.model_validate({"name": "a", "backend": "vllm", "restart": "never"})
+    (await lifecycle.acquire(never, autostart=True)).release()
+    backend.die("a")
+    with pytest.raises(BackendUnavailable, match="restart policy is 'never'"):
+        await lifecycle.acquire(never, autostart=True)
+    assert backend.events.count("start a") == 1
+    await lifecycle.activate(never)
+    assert lifecycle.state(never) == READY
+
+
+async def test_an_exit_during_a_stop_is_not_a_crash(setup) -> None:
+    lifecycle, backend = setup
+    await lifecycle.activate(entry("a"))
+    await lifecycle.deactivate(entry("a"))
+    backend.on_exit["a"]("exited with code 0")  # the watcher fires after the stop
+    assert lifecycle.state(entry("a")) == STOPPED
 
 
 async def test_autostart_disabled_refuses_a_stopped_model_but_serves_a_running_one(setup) -> None:
@@ -181,7 +309,11 @@ async def test_shutdown_stops_everything(setup) -> None:
 async def test_unmanaged_models_only_count_requests(tmp_path: Path) -> None:
     from imageworks.chat_proxy.backends import build_backends
 
-    lifecycle = Lifecycle(build_backends(ProxyConfig.load(environ={})), staging_dir=tmp_path)
+    lifecycle = Lifecycle(
+        build_backends(ProxyConfig.load(environ={})),
+        staging_dir=tmp_path,
+        registry=empty_registry(tmp_path),
+    )
     external = ModelEntry.model_validate(
         {"name": "x", "backend": "openai", "backend_config": {"base_url": "http://h:1/v1"}}
     )

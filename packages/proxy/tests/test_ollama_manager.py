@@ -7,7 +7,7 @@ import logging
 
 import aiohttp
 
-from imageworks.chat_proxy.arbiter.ollama import OllamaManager
+from imageworks.chat_proxy.backends.ollama import OllamaManager
 from testkit.servers import free_port
 
 
@@ -25,7 +25,7 @@ async def test_residency_and_keep_alive_unload(fake_ollama, caplog) -> None:
         }
         assert await manager.unload("qwen2.5vl:7b") is True
         assert list(engine.loaded) == ["llama3.1:8b"]
-        assert await manager.unload_all() == ["llama3.1:8b"]
+        assert await manager.unload("llama3.1:8b") is True
     assert engine.loaded == {}
     assert engine.unload_requests == ["/api/generate qwen2.5vl:7b", "/api/generate llama3.1:8b"]
     assert all(r.body and r.body["keep_alive"] == 0 for r in engine.requests)
@@ -61,4 +61,4 @@ async def test_ollama_down_is_not_an_error() -> None:
         manager = OllamaManager(session, f"http://127.0.0.1:{free_port()}")
         assert await manager.loaded() == {}
         assert manager.reachable is False
-        assert await manager.unload_all() == []
+        assert await manager.unload("llama3.1:8b") is False  # nothing reached, nothing claimed

@@ -17,15 +17,18 @@ import aiohttp
 import pytest
 
 from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
-from imageworks.chat_proxy.arbiter.gpu import FakeProbe
-from imageworks.chat_proxy.arbiter.ollama import OllamaManager
 from imageworks.chat_proxy.backends.base import Backend
 from imageworks.chat_proxy.config import ProxyConfig
-from imageworks.chat_proxy.errors import GpuLeaseActive, InsufficientVram, InvalidRequest
+from imageworks.chat_proxy.errors import (
+    GpuLeaseActive,
+    InsufficientVram,
+    InvalidRequest,
+)
 from imageworks.chat_proxy.lifecycle import READY, STOPPED, Lifecycle
+from imageworks.chat_proxy.modelstate import Restarts
 from imageworks.model_loader.registry import build_registry
 from imageworks.model_loader.schema import ModelEntry
-from testkit.servers import free_port
+from testkit.gpu import FakeProbe
 
 SIZES = {"big-a": 14000, "big-b": 14000, "small": 4000, "cpu": 0}
 
@@ -77,22 +80,23 @@ class World:
         self.registry = build_registry(tmp / "configs")
         self.backend = GpuBackend()
         self.lifecycle = Lifecycle(
-            {"llamacpp": self.backend}, staging_dir=tmp, queue_timeout=wait_s
+            {"llamacpp": self.backend},
+            staging_dir=tmp,
+            registry=lambda: self.registry,
+            queue_timeout=wait_s,
+            restarts=lambda: Restarts(base_s=0.05),
         )
         self.probe = FakeProbe(total_mb, lambda: dict(self.backend.held))
-        dead_ollama = OllamaManager(session, f"http://127.0.0.1:{free_port()}")
         self.arbiter = VramArbiter(
             self.probe,
             self.lifecycle,
             staging_dir=tmp,
-            ollama=lambda entry: dead_ollama,
-            registry=lambda: self.registry,
             headroom_mb=1000,
             vram_timeout_s=0.5,
             wait_timeout_s=wait_s,
             default_ttl_s=ttl_s,
         )
-        self.lifecycle.arbiter = self.arbiter
+        self.lifecycle.gate = self.arbiter
 
     def entry(self, name: str) -> ModelEntry:
         return self.registry.get(name)
@@ -149,7 +153,7 @@ async def test_memory_that_never_comes_back_is_a_clear_503(tmp_path, session, ca
     assert "[gpu-arbiter] waiting for VRAM need=14000 free=10000" in caplog.text
     assert world.lifecycle.state(world.entry("big-b")) == "failed"
     world.backend.leaky, world.backend.held = False, {}  # the memory is finally back
-    await world.use("big-b")  # a failed start does not wedge the model
+    await world.use("big-b")  # no room is not an engine failure: no backoff, no wedge
 
 
 async def test_memory_held_by_a_stranger_is_refused_without_evicting(tmp_path, session) -> None:
@@ -173,7 +177,7 @@ async def test_cpu_models_never_trigger_evictions(tmp_path, session) -> None:
 async def test_a_lease_evicts_blocks_gpu_work_and_restores_on_release(tmp_path, session) -> None:
     world = World(tmp_path, session)
     await world.use("big-a")
-    lease = await world.arbiter.grant(
+    lease = await world.arbiter.leases.grant(
         "judge-vision", "stage 2", restart_model=True, ttl_s=None, need_mb=None
     )
     assert lease.evicted == ["big-a"] and world.backend.held == {}
@@ -183,7 +187,7 @@ async def test_a_lease_evicts_blocks_gpu_work_and_restores_on_release(tmp_path, 
     await world.use("cpu")  # CPU work goes on during a lease
     await world.use("small", token=lease.token)  # the holder may use the GPU
     assert "token" not in json.dumps(world.arbiter.status())
-    restoring = world.arbiter.release(lease.token)
+    restoring = await world.arbiter.leases.release(lease.token)
     assert restoring == ["big-a"]
     for _ in range(100):
         if world.lifecycle.state(world.entry("big-a")) == READY:
@@ -197,7 +201,9 @@ async def test_a_lease_for_some_megabytes_evicts_only_what_it_needs(tmp_path, se
     world = World(tmp_path, session)
     await world.use("small")
     await world.use("big-a")
-    lease = await world.arbiter.grant("tagger", "", restart_model=False, ttl_s=60, need_mb=8000)
+    lease = await world.arbiter.leases.grant(
+        "tagger", "", restart_model=False, ttl_s=60, need_mb=8000
+    )
     assert lease.evicted == ["small"] and world.backend.held == {"big-a": 14000}
 
 
@@ -205,7 +211,7 @@ async def test_a_lease_waits_for_busy_gpu_work_and_blocks_newcomers(tmp_path, se
     world = World(tmp_path, session, wait_s=5)
     held = await world.lifecycle.acquire(world.entry("big-a"), autostart=True)
     granting = asyncio.create_task(
-        world.arbiter.grant("jv", "", restart_model=False, ttl_s=60, need_mb=None)
+        world.arbiter.leases.grant("jv", "", restart_model=False, ttl_s=60, need_mb=None)
     )
     await asyncio.sleep(0.1)
     assert not granting.done()
@@ -218,7 +224,7 @@ async def test_a_lease_waits_for_busy_gpu_work_and_blocks_newcomers(tmp_path, se
 
 async def test_leases_expire_for_any_owner(tmp_path, session) -> None:
     world = World(tmp_path, session)
-    lease = await world.arbiter.grant(
+    lease = await world.arbiter.leases.grant(
         "crashed-client", "", restart_model=False, ttl_s=0.2, need_mb=None
     )
     with pytest.raises(GpuLeaseActive):
@@ -226,54 +232,56 @@ async def test_leases_expire_for_any_owner(tmp_path, session) -> None:
     await asyncio.sleep(0.3)
     await world.use("small")  # expired: GPU work is admitted again
     with pytest.raises(InvalidRequest, match="expired"):
-        world.arbiter.renew(lease.token)
+        await world.arbiter.leases.renew(lease.token)
 
 
 async def test_renewal_keeps_a_lease_alive(tmp_path, session) -> None:
     world = World(tmp_path, session)
-    lease = await world.arbiter.grant("jv", "", restart_model=False, ttl_s=0.4, need_mb=None)
+    lease = await world.arbiter.leases.grant("jv", "", restart_model=False, ttl_s=0.4, need_mb=None)
     for _ in range(4):
         await asyncio.sleep(0.2)
-        world.arbiter.renew(lease.token)
+        await world.arbiter.leases.renew(lease.token)
     assert world.arbiter.status()["leased"] is True
 
 
 async def test_a_lease_survives_a_proxy_restart(tmp_path, session) -> None:
     world = World(tmp_path, session)
-    lease = await world.arbiter.grant("jv", "stage 2", restart_model=False, ttl_s=60, need_mb=None)
+    lease = await world.arbiter.leases.grant(
+        "jv", "stage 2", restart_model=False, ttl_s=60, need_mb=None
+    )
     restarted = World(tmp_path, session)  # a new arbiter over the same staging dir
     assert restarted.arbiter.status()["lease"]["owner"] == "jv"
     with pytest.raises(GpuLeaseActive):
         await restarted.use("small")
     await restarted.use("small", token=lease.token)
     assert (tmp_path / "gpu_lease.json").stat().st_mode & 0o777 == 0o600
-    restarted.arbiter.release(lease.token)
+    await restarted.arbiter.leases.release(lease.token)
     assert not (tmp_path / "gpu_lease.json").exists()
 
 
 async def test_an_expired_lease_found_at_start_is_dropped(tmp_path, session) -> None:
     world = World(tmp_path, session)
-    await world.arbiter.grant("jv", "", restart_model=False, ttl_s=0.1, need_mb=None)
+    await world.arbiter.leases.grant("jv", "", restart_model=False, ttl_s=0.1, need_mb=None)
     await asyncio.sleep(0.2)
     assert World(tmp_path, session).arbiter.status()["leased"] is False
 
 
 async def test_only_one_lease_and_force_release_rules(tmp_path, session) -> None:
     world = World(tmp_path, session)
-    await world.arbiter.grant("jv", "", restart_model=False, ttl_s=60, need_mb=None)
+    await world.arbiter.leases.grant("jv", "", restart_model=False, ttl_s=60, need_mb=None)
     with pytest.raises(GpuLeaseActive, match="already leased to 'jv'"):
-        await world.arbiter.grant("other", "", restart_model=False, ttl_s=60, need_mb=None)
+        await world.arbiter.leases.grant("other", "", restart_model=False, ttl_s=60, need_mb=None)
     with pytest.raises(InvalidRequest, match="belongs to 'jv'"):
-        world.arbiter.force_release(owner="other")
+        await world.arbiter.leases.force_release(owner="other")
     with pytest.raises(InvalidRequest, match="younger than"):
-        world.arbiter.force_release(max_age_s=3600)
-    assert world.arbiter.force_release(owner="jv") == []
-    assert world.arbiter.force_release() is None
+        await world.arbiter.leases.force_release(max_age_s=3600)
+    assert (await world.arbiter.leases.force_release(owner="jv")) == []
+    assert (await world.arbiter.leases.force_release()) is None
 
 
 async def test_an_exclusive_lease_does_not_wait_for_memory_it_cannot_own(tmp_path, session) -> None:
     world = World(tmp_path, session)
     await world.use("big-a")
     world.probe.stuck_mb = 3000  # the driver or a stranger: never ours to free
-    lease = await world.arbiter.grant("jv", "", restart_model=False, ttl_s=60, need_mb=None)
+    lease = await world.arbiter.leases.grant("jv", "", restart_model=False, ttl_s=60, need_mb=None)
     assert lease.evicted == ["big-a"] and world.backend.held == {}

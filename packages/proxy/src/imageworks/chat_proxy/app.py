@@ -143,7 +143,7 @@ def create_app(config: ProxyConfig | None = None, *, probe: GpuProbe | None = No
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state = open_state(config, probe=probe)
         app.state.proxy = state
-        background = start_background(state)
+        background = await start_background(state)
         try:
             yield
         finally:

@@ -60,6 +60,18 @@ class ProxyConfig(BaseModel):
     gpu_probe: Literal["auto", "nvml", "none"] = "auto"
     gpu_total_mb: int | None = Field(default=None, ge=1)
     gpu_headroom_mb: int = Field(default=1024, ge=0)
+    # Supervision: a failed start is retried no sooner than the backoff (doubling from the
+    # first value to the cap, reset on success); so many crashes within the window is a crash
+    # loop, and the model stays failed until activated by hand.
+    restart_backoff_s: float = Field(default=1.0, gt=0)
+    restart_backoff_max_s: float = Field(default=60.0, gt=0)
+    crash_loop_limit: int = Field(default=5, ge=1)
+    crash_loop_window_s: float = Field(default=600.0, gt=0)
+    reconcile_s: float = Field(default=5.0, gt=0)
+    # llama.cpp engines: a JSON array like the executor's template (placeholders: python,
+    # model_path, host, port, served_model_id, logical_name, {chat_template_args},
+    # {extra_args}); empty = the bundled xllamacpp server.
+    llamacpp_launch_template: str | None = None
     vram_timeout_s: float = Field(default=60.0, gt=0)
     lease_ttl_s: float = Field(default=900.0, gt=0)
     shutdown_step_timeout_s: float = Field(default=30.0, gt=0)

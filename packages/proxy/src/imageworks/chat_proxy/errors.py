@@ -136,6 +136,14 @@ class ModelStartFailed(ProxyError):
     code = "model_start_failed"
 
 
+class ModelBackoff(ProxyError):
+    """The model's last start failed (or it crashes in a loop): no new start until the backoff
+    has passed (``Retry-After``), or until an operator activates it by hand."""
+
+    status = 503
+    code = "model_start_backoff"
+
+
 class BackendTimeout(ProxyError):
     status = 504
     code = "backend_timeout"

@@ -1,281 +1,58 @@
-"""Per-model lifecycle: start what a request needs, swap without dropping requests.
+"""Per-model lifecycle: start what a request needs, swap without dropping requests, and keep the
+truth about every engine.
 
-Managed models live in *slots*: a slot holds at most one running model (the vLLM executor is
-one slot for every vLLM model; each llama.cpp model has a slot of its own). A slot is a state
-machine that only its own methods change, all on the event loop, so no caller ever checks a
-state and then acts on it:
+Managed models live in slots (``slot.Slot``: the state machine). This module owns the slots, the
+per-model status and restart accounting (``modelstate``), and the loops that keep them true:
+engine exits are reported by each backend's supervisor the moment they happen, a reconcile loop
+asks every backend every ``CHAT_PROXY_RECONCILE_S`` whether what we believe ready still runs
+(and what Ollama holds), and a refused connection to a ready engine triggers a check at once.
+Models the proxy does not manage (an entry with an explicit address, Ollama, ``openai``) only
+get their in-flight count and the passive state the last request or reconcile saw.
 
-    stopped -> starting -> ready -> stopping -> stopped        failed(reason) after a bad start
-
-A request ``acquire``s its model. If another model holds the slot, the request claims the
-slot's next turn; new requests for the running model then wait too, the running model drains
-(it is never stopped while it serves anyone), and the slot switches. Requests waiting when a
-model becomes ready are all admitted before another model may claim the slot, so swaps always
-make progress. A failed start fails the requests waiting for it at once, and the next request
-tries again. Models the proxy does not manage (an entry with an explicit address, Ollama,
-``openai``) only get their in-flight count and the passive state the last request saw.
+The GPU arbiter is reached only through ``arbiter.seams.GpuGate``, and it reaches back only
+through ``holdings``/``restore`` (``seams.Residency``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from imageworks.chat_proxy.arbiter.seams import GpuGate, Holding
 from imageworks.chat_proxy.backends import Backend
-from imageworks.chat_proxy.errors import (
-    BackendUnavailable,
-    ModelStartTimeout,
-    ProxyError,
-    QueueFull,
+from imageworks.chat_proxy.errors import BackendUnavailable, ModelBackoff, ModelStartFailed
+from imageworks.chat_proxy.modelstate import (
+    CRASHED,
+    FAILED,
+    READY,
+    STARTING,
+    STOPPED,
+    STOPPING,
+    UNKNOWN,
+    UNREACHABLE,
+    ModelStatus,
+    Restarts,
 )
 from imageworks.chat_proxy.requestlog import RequestLog
+from imageworks.chat_proxy.slot import Slot, Ticket
+from imageworks.model_loader.registry import Registry
 from imageworks.model_loader.schema import ModelEntry
 
 if TYPE_CHECKING:
-    from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
     from imageworks.chat_proxy.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-STOPPED, STARTING, READY, STOPPING, FAILED = "stopped", "starting", "ready", "stopping", "failed"
-# States of unmanaged models: what the last request saw.
-UNKNOWN, UNREACHABLE = "unknown", "unreachable"
-
-
-@dataclass
-class ModelStatus:
-    state: str = STOPPED
-    since: float = field(default_factory=time.time)
-    last_error: str | None = None
-    load_ms: float | None = None
-
-    def public(self) -> dict[str, Any]:
-        return {
-            "state": self.state,
-            "since": self.since,
-            "last_error": self.last_error,
-            "load_ms": self.load_ms,
-        }
-
-
-@dataclass
-class Ticket:
-    """One request's hold on a model; ``release`` exactly once when its response is done."""
-
-    name: str
-    base_url: str
-    wait_ms: float
-    loaded: bool
-    _on_release: Any = None
-    released: bool = False
-
-    def release(self, *, reached: bool | None = None) -> None:
-        if not self.released:
-            self.released = True
-            self._on_release(reached)
-
-
-@dataclass(eq=False)
-class _Waiter:
-    name: str
-
-
-class Slot:
-    def __init__(self, key: str, backend: Backend, owner: Lifecycle) -> None:
-        self.key = key
-        self.backend = backend
-        self.owner = owner
-        self.active: str | None = None
-        self.state = STOPPED
-        self.base_url: str | None = None
-        self.in_flight = 0
-        self.target: str | None = None  # the model that has claimed the next turn
-        self.waiters: list[_Waiter] = []
-        self.reserved: set[_Waiter] = set()  # admitted before anyone may claim the slot
-        self.switch_task: asyncio.Task[None] | None = None
-        self.switch_started = 0.0
-        self.failures: Counter[str] = Counter()
-        self.errors: dict[str, ProxyError] = {}
-        self._changed = asyncio.Event()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    def _admissible(self, name: str, waiter: _Waiter) -> bool:
-        if self.active != name or self.state != READY:
-            return False
-        return self.target in (None, name) or waiter in self.reserved
-
-    async def acquire(self, entry: ModelEntry, *, autostart: bool, queue_timeout: float) -> Ticket:
-        name = entry.name
-        started = time.monotonic()
-        deadline = started + queue_timeout
-        failures_seen = self.failures[name]
-        loaded = False
-        waiter = _Waiter(name)
-        self.waiters.append(waiter)
-        try:
-            while True:
-                if self._admissible(name, waiter):
-                    self.in_flight += 1
-                    self._leave_reserved(waiter)
-                    assert self.base_url is not None
-                    wait_ms = round((time.monotonic() - started) * 1000, 2)
-                    return Ticket(name, self.base_url, wait_ms, loaded, self._release_one)
-                if self.failures[name] != failures_seen:
-                    raise self.errors[name]
-                if self.target is None and not (self.active == name and self.state == STARTING):
-                    if not autostart:
-                        raise BackendUnavailable(
-                            f"model {name!r} is not running and autostart is disabled; start it "
-                            f"with 'imageworks-models activate-model {name}' or "
-                            "POST /admin/activate, or enable autostart (PUT /admin/autostart)"
-                        )
-                    self.target = name
-                if self.target == name and self.switch_task is None and self.in_flight == 0:
-                    loaded = True
-                    self.switch_task = asyncio.create_task(self._switch(entry))
-                if self.active == name and self.state == STARTING:
-                    loaded = True
-                    # Once our model is loading, its own start timeout is what bounds the wait.
-                    deadline = max(deadline, self.switch_started + self.owner.start_timeout + 5)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not await self._wait(remaining):
-                    raise self._timeout_error(name, queue_timeout)
-        finally:
-            self.waiters.remove(waiter)
-            self._leave_reserved(waiter)
-            if (
-                self.target == name
-                and self.switch_task is None
-                and not any(w.name == name for w in self.waiters)
-            ):
-                self.target = None  # nobody is left who wanted this model: free the claim
-                self._notify()
-
-    async def _wait(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    def _timeout_error(self, name: str, queue_timeout: float) -> ProxyError:
-        if self.active == name and self.state == STARTING:
-            return ModelStartTimeout(
-                f"model {name!r} is still loading; try again shortly", headers={"Retry-After": "10"}
-            )
-        busy = (
-            f"{self.active!r} is still serving {self.in_flight} request(s)"
-            if self.active and self.in_flight
-            else "the backend is busy switching models"
-        )
-        return QueueFull(
-            f"model {name!r} waited {queue_timeout:.0f} s for its turn: {busy}",
-            headers={"Retry-After": "10"},
-        )
-
-    def _leave_reserved(self, waiter: _Waiter) -> None:
-        if waiter in self.reserved:
-            self.reserved.discard(waiter)
-            if not self.reserved and self.target == waiter.name:
-                self.target = None
-                self._notify()
-
-    def _release_one(self, reached: bool | None) -> None:
-        self.in_flight -= 1
-        if self.active is not None:
-            self.owner.touch(self.active)
-        if self.in_flight == 0:
-            self._notify()
-
-    async def _switch(self, entry: ModelEntry) -> None:
-        name = entry.name
-        try:
-            if self.active is not None:
-                await self._stop_active("swap")
-            self.active, self.state, self.base_url = name, STARTING, None
-            self.switch_started = time.monotonic()
-            self.owner._set(name, STARTING)
-            self._notify()
-            try:
-                if self.owner.arbiter is not None:
-                    await self.owner.arbiter.make_room(entry)
-                base_url = await self.backend.start(
-                    entry, self.owner.start_log(name), self.owner.start_timeout
-                )
-            except ProxyError as exc:
-                self.active, self.state = None, STOPPED
-                self.failures[name] += 1
-                self.errors[name] = exc
-                self.target = None
-                self.owner._set(name, FAILED, error=exc.message)
-                self.owner.event("autostart", model=name, result="failed", error=exc.message)
-                self.owner.count_load(name, "failed", None)
-                return
-            load_ms = round((time.monotonic() - self.switch_started) * 1000, 1)
-            self.state, self.base_url = READY, base_url
-            self.owner._set(name, READY, load_ms=load_ms)
-            self.owner.event("autostart", model=name, result="ready", load_ms=load_ms)
-            self.owner.count_load(name, "ready", load_ms)
-            if self.owner.arbiter is not None:
-                await self.owner.arbiter.learn(entry, self.backend.pid_of(name))
-            self.reserved = {w for w in self.waiters if w.name == name}
-            if not self.reserved:
-                self.target = None
-        finally:
-            self.switch_task = None
-            self._notify()
-
-    async def _stop_active(self, reason: str) -> None:
-        name = self.active
-        assert name is not None
-        self.state = STOPPING
-        self.owner._set(name, STOPPING)
-        self._notify()
-        try:
-            await self.backend.stop(name)
-        except Exception as exc:  # a failed stop must not wedge the slot
-            log.warning("stopping %s failed: %s", name, exc)
-        self.active, self.state, self.base_url = None, STOPPED, None
-        self.owner._set(name, STOPPED)
-        self.owner.event("unload", model=name, reason=reason)
-
-    async def evict(self, name: str, reason: str) -> bool:
-        """Stop ``name`` now if it is the idle, ready model here (the arbiter's eviction)."""
-        if (
-            self.active != name
-            or self.state != READY
-            or self.in_flight
-            or self.switch_task is not None
-            or self.target not in (None, name)
-        ):
-            return False
-        await self._stop_active(f"evict ({reason})")
-        self._notify()
-        return True
-
-    async def deactivate(self, name: str | None, timeout: float) -> bool:
-        """Stop the active model (if it is ``name``, or any when None) once it has drained."""
-        deadline = time.monotonic() + timeout
-        while self.switch_task is not None or (self.active and self.in_flight):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not await self._wait(remaining):
-                raise QueueFull(
-                    f"{self.active!r} is still serving {self.in_flight} request(s)",
-                    headers={"Retry-After": "10"},
-                )
-        if self.active is None or (name is not None and self.active != name):
-            return False
-        await self._stop_active("deactivate")
-        self._notify()
-        return True
+# Re-exported: callers name states and tickets through this module.
+__all__ = ["CRASHED", "FAILED", "READY", "STARTING", "STOPPED", "STOPPING", "UNKNOWN"]
+__all__ += ["UNREACHABLE", "Lifecycle", "ModelStatus", "Ticket"]
 
 
 class Lifecycle:
@@ -284,21 +61,27 @@ class Lifecycle:
         backends: dict[str, Backend],
         *,
         staging_dir: Path,
+        registry: Callable[[], Registry],
         start_timeout: float = 600.0,
         queue_timeout: float = 120.0,
         request_log: RequestLog | None = None,
+        restarts: Callable[[], Restarts] = Restarts,
     ) -> None:
         self.backends = backends
         self.staging_dir = staging_dir
+        self.registry = registry
         self.start_timeout = start_timeout
         self.queue_timeout = queue_timeout
         self.request_log = request_log
+        self.new_restarts = restarts
         self.slots: dict[str, Slot] = {}
-        self.arbiter: VramArbiter | None = None  # set by the app once both exist
+        self.gate: GpuGate | None = None  # set by the app once the arbiter exists
         self.metrics: Metrics | None = None
         self._last_used: dict[str, float] = {}
         self.statuses: dict[str, ModelStatus] = {}
+        self.restarts: dict[str, Restarts] = {}
         self.in_flight: Counter[str] = Counter()
+        self._checks: set[asyncio.Task[None]] = set()
         # Bumped on every state change so cached views (the model list) know to refresh.
         self.version = 0
 
@@ -324,25 +107,25 @@ class Lifecycle:
             slot.active == entry.name and slot.state == READY and slot.target in (None, entry.name)
         )
 
+    # --- requests ------------------------------------------------------------------------------
+
     async def acquire(
         self, entry: ModelEntry, *, autostart: bool, lease_token: str | None = None
     ) -> Ticket:
-        if self.arbiter is not None:
-            self.arbiter.admit(entry, lease_token)
+        backend = self.backend(entry)
+        if self.gate is not None and backend.uses_gpu(entry):
+            self.gate.admit(entry, lease_token)
         slot = self.slot(entry)
         if slot is None:
-            if self.arbiter is not None and entry.backend == "ollama":
-                await self.arbiter.before_ollama(entry)
-            return self._hold(
-                entry.name,
-                Ticket(entry.name, self.backend(entry).base_url(entry), 0.0, False),
-                None,
-            )
+            if self.gate is not None:
+                await backend.prepare(entry, self.gate.make_room)
+            return self._hold(entry, Ticket(entry.name, backend.base_url(entry), 0.0, False), None)
         ticket = await slot.acquire(entry, autostart=autostart, queue_timeout=self.queue_timeout)
-        return self._hold(entry.name, ticket, slot)
+        return self._hold(entry, ticket, slot)
 
-    def _hold(self, name: str, ticket: Ticket, slot: Slot | None) -> Ticket:
+    def _hold(self, entry: ModelEntry, ticket: Ticket, slot: Slot | None) -> Ticket:
         """Count the request in flight; its release also updates the slot or passive state."""
+        name = entry.name
         self.in_flight[name] += 1
         slot_release = ticket._on_release
 
@@ -353,17 +136,67 @@ class Lifecycle:
                 del self.in_flight[name]
             if slot is not None:
                 slot_release(reached)
+                if reached is False:  # refused by an engine we believe ready: look now
+                    self._check_soon(slot)
             elif reached is not None:
-                self._set(name, READY if reached else UNREACHABLE)
+                self.set_status(name, READY if reached else UNREACHABLE)
 
         ticket._on_release = release
         return ticket
 
+    def _check_soon(self, slot: Slot) -> None:
+        task = asyncio.get_running_loop().create_task(slot.check())
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    def may_start(self, entry: ModelEntry) -> None:
+        """Raise if ``entry`` must not be started automatically now."""
+        name = entry.name
+        restarts = self.restarts_of(name)
+        now = time.monotonic()
+        status = self.statuses.get(name)
+        last = status.last_error if status else None
+        if restarts.halted:
+            raise ModelStartFailed(
+                f"model {name!r} is failed ({restarts.halted}; last error: {last}); start it "
+                f"with 'imageworks-models activate-model {name}' or POST /admin/activate"
+            )
+        if status is not None and status.state == CRASHED and entry.restart == "never":
+            raise BackendUnavailable(
+                f"model {name!r} crashed ({last}) and its restart policy is 'never'; start it "
+                f"with 'imageworks-models activate-model {name}' or POST /admin/activate"
+            )
+        wait = restarts.wait_s(now)
+        if wait > 0:
+            raise ModelBackoff(
+                f"model {name!r} is not restarted for another {wait:.1f} s after "
+                f"{'a crash' if status and status.state == CRASHED else 'a failed start'}"
+                f" (last error: {last})",
+                headers={"Retry-After": restarts.retry_after(now)},
+            )
+
+    # --- operator actions ----------------------------------------------------------------------
+
     async def activate(self, entry: ModelEntry) -> ModelStatus:
-        """Start ``entry`` (swapping if needed) regardless of autostart; returns once ready."""
+        """Start ``entry`` (swapping if needed) regardless of autostart, backoff and crash
+        loops (an operator's explicit request); returns once ready."""
+        self.restarts_of(entry.name).reset()
+        if self.state(entry) == CRASHED:
+            self.set_status(entry.name, STOPPED)  # the operator's word overrides 'never'
         ticket = await self.acquire(entry, autostart=True)
         ticket.release()
         return self.status(entry)
+
+    async def restore(self, name: str) -> None:
+        """Start ``name`` again after a lease that evicted it ended (Ollama: load it)."""
+        registry = self.registry()
+        if name not in registry.names:
+            return
+        entry = registry.get(name)
+        if self.managed(entry):
+            await self.activate(entry)
+        else:
+            await self.backend(entry).load(entry)
 
     async def deactivate(self, entry: ModelEntry | None = None) -> list[str]:
         """Stop one managed model, or every one; each waits for its requests to drain."""
@@ -377,14 +210,134 @@ class Lifecycle:
                 stopped.append(name or "")
         return stopped
 
+    async def recover(self) -> list[str]:
+        """At start-up: adopt the engines an earlier proxy left running for our entries."""
+        entries = [e for e in self.registry() if e.servable]
+        adopted: list[str] = []
+        for backend in self.backends.values():
+            try:
+                found = await backend.recover([e for e in entries if e.backend == backend.kind])
+            except Exception as exc:
+                log.warning("recovering %s engines failed: %s", backend.kind, exc)
+                continue
+            for name, base_url in found.items():
+                slot = self.slot(self.registry().get(name))
+                if slot is not None:
+                    slot.adopt(self.registry().get(name), base_url)
+                    adopted.append(name)
+        return adopted
+
     async def shutdown(self) -> None:
         for slot in self.slots.values():
-            if slot.switch_task is not None:
-                slot.switch_task.cancel()
-            if slot.active is not None:
-                await slot._stop_active("shutdown")
+            await slot.shutdown()
+        for task in list(self._checks):
+            task.cancel()
         for backend in self.backends.values():
             await backend.close()
+
+    # --- the truth loop ------------------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        """Check every ready engine, and refresh what unmanaged engines report."""
+        for slot in list(self.slots.values()):
+            await slot.check()
+        entries = [e for e in self.registry() if e.servable and not self.managed(e)]
+        for backend in self.backends.values():
+            mine = [e for e in entries if e.backend == backend.kind]
+            if not mine:
+                continue
+            with contextlib.suppress(Exception):
+                for name, state in (await backend.observed(mine)).items():
+                    self.set_status(name, state)
+
+    async def reconcile_loop(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.reconcile()
+            except Exception as exc:  # the loop must outlive any one bad round
+                log.warning("reconcile failed: %s", exc)
+
+    # --- the Residency the arbiter sees --------------------------------------------------------
+
+    async def holdings(self) -> list[Holding]:
+        registry = self.registry()
+        found: list[Holding] = []
+        for slot in self.slots.values():
+            entry = slot.entry
+            if slot.active is None or entry is None or not slot.backend.uses_gpu(entry):
+                continue
+            found.append(
+                Holding(
+                    entry.name,
+                    entry.vram_estimate_mb or 0,  # the arbiter knows better once it has measured
+                    self.last_used(entry.name),
+                    slot.in_flight,
+                    protected=slot.state != READY,  # starting or stopping: its slot's business
+                    evict=functools.partial(slot.evict, entry.name, "vram"),
+                )
+            )
+        entries = [e for e in registry if e.servable and not self.managed(e)]
+        for backend in self.backends.values():
+            found += await backend.holdings(
+                [e for e in entries if e.backend == backend.kind], self.usage
+            )
+        return found
+
+    def usage(self, name: str) -> tuple[float, int]:
+        return self.last_used(name), self.in_flight.get(name, 0)
+
+    def declared_mb(self) -> list[int]:
+        """Declared sizes of what runs now (the budget when there is no GPU to measure)."""
+        return [
+            slot.entry.vram_estimate_mb or 0
+            for slot in self.slots.values()
+            if slot.active is not None and slot.entry is not None
+        ]
+
+    async def make_room(self, entry: ModelEntry) -> None:
+        if self.gate is not None and self.backend(entry).uses_gpu(entry):
+            await self.gate.make_room(entry)
+
+    async def learn(self, entry: ModelEntry, pid: int | None) -> None:
+        if self.gate is not None and self.backend(entry).uses_gpu(entry):
+            await self.gate.learn(entry, pid)
+
+    # --- what the slots report -----------------------------------------------------------------
+
+    def started(self, entry: ModelEntry, load_ms: float) -> None:
+        self.restarts_of(entry.name).started()
+        self.set_status(entry.name, READY, load_ms=load_ms)
+        self.event("autostart", model=entry.name, result="ready", load_ms=load_ms)
+        self.count_load(entry.name, "ready", load_ms)
+
+    def start_failed(self, entry: ModelEntry, error: Any, *, backoff: bool = True) -> None:
+        restarts = self.restarts_of(entry.name)
+        if backoff:
+            restarts.start_failed(time.monotonic())
+        self.set_status(entry.name, FAILED, error=error.message)
+        self.event(
+            "autostart",
+            model=entry.name,
+            result="failed",
+            error=error.message,
+            retry_in_s=round(restarts.wait_s(time.monotonic()), 2),
+        )
+        self.count_load(entry.name, "failed", None)
+
+    def engine_crashed(self, name: str, why: str) -> None:
+        restarts = self.restarts_of(name)
+        looping = restarts.crashed(time.monotonic())
+        log.warning("engine of %s crashed: %s", name, why)
+        self.set_status(name, FAILED if looping else CRASHED, error=restarts.halted or why)
+        self.event("crash", model=name, error=why, crash_loop=looping)
+        if self.metrics is not None:
+            self.metrics.engine_crashes.labels(name).inc()
+
+    def restarts_of(self, name: str) -> Restarts:
+        if name not in self.restarts:
+            self.restarts[name] = self.new_restarts()
+        return self.restarts[name]
 
     def touch(self, name: str) -> None:
         self._last_used[name] = time.monotonic()
@@ -405,10 +358,18 @@ class Lifecycle:
     def state(self, entry: ModelEntry) -> str:
         return self.status(entry).state
 
+    def describe(self, entry: ModelEntry) -> dict[str, Any]:
+        """The status as ``/admin/state`` shows it, with the restart accounting."""
+        view = self.status(entry).public()
+        if self.managed(entry):
+            view["restart"] = entry.restart
+            view["restarts"] = self.restarts_of(entry.name).public(time.monotonic())
+        return view
+
     def managed(self, entry: ModelEntry) -> bool:
         return self.backend(entry).slot_key(entry) is not None
 
-    def _set(
+    def set_status(
         self, name: str, state: str, *, error: str | None = None, load_ms: float | None = None
     ) -> None:
         current = self.statuses.get(name)
@@ -416,7 +377,7 @@ class Lifecycle:
             return
         status = ModelStatus(
             state=state,
-            last_error=error if state == FAILED else (current.last_error if current else None),
+            last_error=error if error is not None else (current.last_error if current else None),
         )
         status.load_ms = load_ms if load_ms is not None else (current.load_ms if current else None)
         self.statuses[name] = status

@@ -1,5 +1,8 @@
 """What a running proxy owns, opened at start-up and closed at shutdown.
 
+Start-up adopts the engines an earlier proxy left running (a crash must not orphan them, nor
+start second copies), then starts the background loops: lease expiry and the reconcile loop.
+
 Shutdown (SIGINT/SIGTERM, after the server has stopped accepting and let in-flight requests
 finish within its grace period) runs these steps in order, each bounded by
 ``CHAT_PROXY_SHUTDOWN_STEP_TIMEOUT_S``; a step that fails or times out is logged and the next
@@ -7,10 +10,10 @@ one still runs:
 
 1. release the GPU lease;
 2. stop every model the proxy started (vLLM through the executor, llama.cpp processes);
-3. ask the executor to deactivate whatever it still runs (a vLLM the proxy did not start);
-4. unload Ollama's models with keep-alive requests (an executor or Ollama that is not running
-   holds nothing: not a failure);
-5. close the HTTP pool and flush the request log.
+3. each backend kind's own shutdown, in the name table's order: the executor deactivates
+   whatever it still runs (a vLLM the proxy did not start), Ollama unloads the models that are
+   ours (never another program's); an executor or Ollama that is not running holds nothing;
+4. close the HTTP pool and flush the request log.
 """
 
 from __future__ import annotations
@@ -24,27 +27,24 @@ from typing import Any
 
 import aiohttp
 
-from imageworks.chat_proxy.arbiter.arbiter import VramArbiter, unload_ollama_everywhere
+from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe, NoGpuProbe, NvmlProbe
-from imageworks.chat_proxy.arbiter.ollama import OllamaManager
 from imageworks.chat_proxy.backends import build_backends
-from imageworks.chat_proxy.backends.vllm import VllmBackend
 from imageworks.chat_proxy.config import ProxyConfig
-from imageworks.chat_proxy.errors import BackendUnavailable
 from imageworks.chat_proxy.lifecycle import Lifecycle
 from imageworks.chat_proxy.metrics import Metrics
+from imageworks.chat_proxy.modelstate import Restarts
 from imageworks.chat_proxy.requestlog import RequestLog
 from imageworks.chat_proxy.state import ProxyState
 from imageworks.chat_proxy.upstream import UpstreamPool
 from imageworks.model_loader.profiles import PROFILES_FILE, ProfileManager
 from imageworks.model_loader.registry import Registry
-from imageworks.model_loader.schema import ModelEntry
 from imageworks.model_loader.watch import RegistryWatcher
 
 log = logging.getLogger("imageworks.chat_proxy")
 
 
-def make_probe(config: ProxyConfig, lifecycle: Lifecycle, watcher: RegistryWatcher) -> GpuProbe:
+def make_probe(config: ProxyConfig, lifecycle: Lifecycle) -> GpuProbe:
     if config.gpu_probe in ("auto", "nvml"):
         try:
             return NvmlProbe()
@@ -53,16 +53,7 @@ def make_probe(config: ProxyConfig, lifecycle: Lifecycle, watcher: RegistryWatch
                 raise RuntimeError(
                     f"CHAT_PROXY_GPU_PROBE=nvml but NVML is unusable: {exc}"
                 ) from exc
-
-    def declared() -> list[int]:
-        registry = watcher.current
-        return [
-            registry.get(slot.active).vram_estimate_mb or 0
-            for slot in lifecycle.slots.values()
-            if slot.active is not None and slot.active in registry.names
-        ]
-
-    return NoGpuProbe(config.gpu_total_mb, declared)
+    return NoGpuProbe(config.gpu_total_mb, lifecycle.declared_mb)
 
 
 def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxyState:
@@ -89,28 +80,29 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
     backends = build_backends(config)
     for backend in backends.values():
         backend.attach(session)
+
+    def restarts() -> Restarts:
+        return Restarts(
+            base_s=config.restart_backoff_s,
+            max_s=config.restart_backoff_max_s,
+            loop_limit=config.crash_loop_limit,
+            window_s=config.crash_loop_window_s,
+        )
+
     lifecycle = Lifecycle(
         backends,
         staging_dir=config.staging_dir,
+        registry=lambda: watcher.current,
         start_timeout=config.start_timeout_s,
         queue_timeout=config.queue_timeout_s,
         request_log=request_log,
+        restarts=restarts,
     )
     lifecycle.metrics = metrics
-    managers: dict[str, OllamaManager] = {}
-
-    def ollama_for(entry: ModelEntry) -> OllamaManager:
-        root = backends["ollama"].base_url(entry).removesuffix("/v1")
-        if root not in managers:
-            managers[root] = OllamaManager(session, root)
-        return managers[root]
-
     arbiter = VramArbiter(
-        probe or make_probe(config, lifecycle, watcher),
+        probe or make_probe(config, lifecycle),
         lifecycle,
         staging_dir=config.staging_dir,
-        ollama=ollama_for,
-        registry=lambda: watcher.current,
         headroom_mb=config.gpu_headroom_mb,
         vram_timeout_s=config.vram_timeout_s,
         wait_timeout_s=config.queue_timeout_s,
@@ -118,8 +110,7 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         request_log=request_log,
         metrics=metrics,
     )
-    lifecycle.arbiter = arbiter
-    metrics.lease_active.set(1 if arbiter.lease else 0)
+    lifecycle.gate = arbiter
     state = ProxyState(
         config=config,
         watcher=watcher,
@@ -133,7 +124,6 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         lifecycle=lifecycle,
         backends=backends,
         arbiter=arbiter,
-        ollama_managers=managers,
         autostart=config.autostart_enabled,
     )
 
@@ -152,13 +142,21 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         registry_version=watcher.current.version,
         profile=profiles.active.name,
         gpu_probe=arbiter.probe.kind,
-        lease_held=arbiter.lease is not None,
+        lease_held=arbiter.leases.lease is not None,
     )
     return state
 
 
-def start_background(state: ProxyState) -> list[asyncio.Task[Any]]:
-    return [asyncio.get_running_loop().create_task(state.arbiter.expiry_loop())]
+async def start_background(state: ProxyState) -> list[asyncio.Task[Any]]:
+    """Adopt what an earlier proxy left running, then start the loops that keep state true."""
+    adopted = await state.lifecycle.recover()
+    if adopted:
+        log.info("adopted running engines: %s", ", ".join(adopted))
+    loop = asyncio.get_running_loop()
+    return [
+        loop.create_task(state.arbiter.leases.expiry_loop()),
+        loop.create_task(state.lifecycle.reconcile_loop(state.config.reconcile_s)),
+    ]
 
 
 async def close_state(state: ProxyState, background: list[asyncio.Task[Any]] | None = None) -> None:
@@ -168,20 +166,14 @@ async def close_state(state: ProxyState, background: list[asyncio.Task[Any]] | N
     state.watcher.stop()
     timeout = state.config.shutdown_step_timeout_s
     results: dict[str, str] = {}
-    registry = state.registry
-    managers = [
-        state.ollama_managers.get(root) or OllamaManager(state.session, root)
-        for root in _ollama_roots(state, registry)
-    ]
+    entries = [e for e in state.registry if e.servable]
     steps: list[tuple[str, Awaitable[Any]]] = [
-        ("release_lease", state.arbiter.close(release_lease=True)),
+        ("release_lease", state.arbiter.leases.close(release=True)),
         ("stop_models", state.lifecycle.shutdown()),
     ]
-    if any(e.backend == "vllm" and state.lifecycle.managed(e) for e in registry):
-        vllm = state.backends["vllm"]
-        assert isinstance(vllm, VllmBackend)
-        steps.append(("deactivate_vllm", _deactivate_executor(vllm)))
-    steps.append(("unload_ollama", unload_ollama_everywhere(managers)))
+    for backend in state.backends.values():
+        if backend.shutdown_step is not None:
+            steps.append((backend.shutdown_step, backend.shutdown(entries)))
     for name, step in steps:
         try:
             outcome = await asyncio.wait_for(step, timeout)
@@ -197,21 +189,3 @@ async def close_state(state: ProxyState, background: list[asyncio.Task[Any]] | N
         "shutdown", "proxy", steps=results, seconds=round(time.monotonic() - started, 3)
     )
     state.log.close()
-
-
-async def _deactivate_executor(vllm: VllmBackend) -> str | None:
-    """An executor that is not running holds no model: nothing to stop, and no failure."""
-    try:
-        await vllm.stop("*")
-    except BackendUnavailable:
-        return "executor not running"
-    return None
-
-
-def _ollama_roots(state: ProxyState, registry: Registry) -> list[str]:
-    roots = {state.config.ollama_base_url}
-    for entry in registry:
-        if entry.backend == "ollama":
-            with contextlib.suppress(Exception):
-                roots.add(state.backends["ollama"].base_url(entry).removesuffix("/v1"))
-    return sorted(roots)

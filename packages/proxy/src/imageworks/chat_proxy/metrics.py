@@ -86,6 +86,12 @@ class Metrics:
             buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
             registry=r,
         )
+        self.engine_crashes = Counter(
+            "chat_proxy_engine_crashes",
+            "Engines that died while ready, by model",
+            ["model"],
+            registry=r,
+        )
         self.evictions = Counter(
             "chat_proxy_evictions", "Models evicted to free VRAM, by reason", ["reason"], registry=r
         )

@@ -9,7 +9,6 @@ from typing import Any
 import aiohttp
 
 from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
-from imageworks.chat_proxy.arbiter.ollama import OllamaManager
 from imageworks.chat_proxy.backends import Backend
 from imageworks.chat_proxy.config import ProxyConfig
 from imageworks.chat_proxy.forwarding import Outcome
@@ -51,7 +50,6 @@ class ProxyState:
     lifecycle: Lifecycle
     backends: dict[str, Backend]
     arbiter: VramArbiter
-    ollama_managers: dict[str, OllamaManager]
     autostart: bool
     started_at: float = field(default_factory=time.time)
     _models_cache: tuple[tuple[str, str, int], bytes] | None = None

@@ -6,8 +6,9 @@
     POST /admin/deactivate  stop it (process group, SIGKILL after a grace period)
 
 The state is persisted under the staging dir: a restarted executor adopts a still-running
-child (same pid *and* the same command line) or cleans up after it, so a vLLM server is never
-orphaned and the state of a live one is never thrown away.
+child (same pid, kernel start time *and* command line: ``chat_proxy.process``) or cleans up
+after it, so a vLLM server is never orphaned and the state of a live one is never thrown away.
+The child's exit is watched, so ``/admin/state`` says ``failed`` the moment it dies.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -35,12 +35,17 @@ from imageworks.chat_proxy.errors import (
     ModelStartTimeout,
     ProxyError,
 )
+from imageworks.chat_proxy.process import (
+    ManagedProcess,
+    ProcessRecord,
+    StartFailed,
+    StartTimedOut,
+)
 from imageworks.model_loader.errors import RegistryError, UnknownModelError
 from imageworks.model_loader.layers import write_atomic
 from imageworks.model_loader.registry import load_registry
 from imageworks.vllm_executor.config import ExecutorConfig
 from imageworks.vllm_executor.launcher import LaunchError, build_command
-from imageworks.vllm_executor.process import ManagedProcess, StartFailed, StartTimedOut, cmdline
 
 log = logging.getLogger("imageworks.vllm_executor")
 
@@ -76,7 +81,11 @@ class Executor:
             "last_error": self.last_error,
         }
 
-    def _persist(self) -> None:
+    async def _persist(self) -> None:
+        """Write (fsync) the state file in a thread: never block the event loop on a disk."""
+        await asyncio.to_thread(self._write_state)
+
+    def _write_state(self) -> None:
         if self.record is None:
             self.state_path.unlink(missing_ok=True)
         else:
@@ -88,15 +97,16 @@ class Executor:
             record = json.loads(self.state_path.read_text())
         except (OSError, ValueError):
             return
-        pid, argv = record.get("pid"), record.get("argv")
-        if not isinstance(pid, int) or not isinstance(argv, list):
+        identity = ProcessRecord.loads(json.dumps(record.get("process") or {}))
+        if identity is None:
             self.state_path.unlink(missing_ok=True)
             return
-        if cmdline(pid) != argv:
+        pid = identity.pid
+        if not identity.matches():
             log.info("previous vLLM (pid %s) is gone; clearing its state", pid)
             self.state_path.unlink(missing_ok=True)
             return
-        process = ManagedProcess.adopt(pid, argv, Path(record.get("log_file", "")))
+        process = ManagedProcess.adopt(identity)
         self.process, self.record = process, record
         try:
             await process.wait_healthy(self.config.health_url, 15.0)
@@ -104,16 +114,17 @@ class Executor:
             log.warning("adopted vLLM (pid %s) is not healthy, stopping it: %s", pid, exc)
             await process.stop()
             self.process, self.record, self.status = None, None, "stopped"
-            self._persist()
+            await self._persist()
             return
         self.status = "running"
+        process.watch(self._exited(process))
         log.info("adopted running vLLM %s (pid %s)", record.get("logical_name"), pid)
 
     # --- actions -------------------------------------------------------------------------------
 
     async def activate(self, name: str) -> dict[str, Any]:
         try:
-            registry = load_registry(self.config.registry_dir)
+            registry = await asyncio.to_thread(load_registry, self.config.registry_dir)
             entry = registry.resolve(name)
         except UnknownModelError as exc:
             raise ModelNotFound(str(exc), param="model") from None
@@ -151,13 +162,13 @@ class Executor:
                 self.process = process
                 self.record = {
                     "pid": process.pid,
-                    "argv": argv,
+                    "process": json.loads(process.record().dumps()),
                     "logical_name": entry.name,
                     "served_model_id": entry.upstream_id,
                     "log_file": str(log_file),
                     "started_at": time.time(),
                 }
-                self._persist()  # before the wait: a crash now must not orphan the child
+                await self._persist()  # before the wait: a crash now must not orphan the child
                 await process.wait_healthy(self.config.health_url, self.config.start_timeout_s)
             except StartFailed as exc:
                 await self._forget(str(exc))
@@ -166,8 +177,18 @@ class Executor:
                 await self._forget(str(exc))
                 raise ModelStartTimeout(f"{entry.name!r}: {exc}") from None
             self.status = "running"
+            process.watch(self._exited(process))
             log.info("activated %s (pid %s)", entry.name, process.pid)
             return self.state()
+
+    def _exited(self, process: ManagedProcess) -> Any:
+        def exited(code: int | None) -> None:
+            if self.process is process and not process.stopping:
+                self.status = "failed"
+                self.last_error = f"process {process.pid} exited with code {code}"
+                log.warning("vLLM (pid %s) exited with code %s", process.pid, code)
+
+        return exited
 
     async def deactivate(self) -> dict[str, Any]:
         async with self._lock:
@@ -179,13 +200,13 @@ class Executor:
             code = await self.process.stop()
             log.info("stopped %s (exit %s)", (self.record or {}).get("logical_name"), code)
         self.process, self.record, self.status = None, None, "stopped"
-        self._persist()
+        await self._persist()
 
     async def _forget(self, error: str) -> None:
         if self.process is not None and self.process.alive:
             await self.process.stop()
         self.process, self.record, self.status, self.last_error = None, None, "failed", error
-        self._persist()
+        await self._persist()
 
 
 def _executor(request: Request) -> Executor:

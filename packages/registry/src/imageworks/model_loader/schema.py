@@ -76,6 +76,9 @@ class ModelEntry(_Open):
     generation_defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
     chat_template: ChatTemplate | None = None
     vram_estimate_mb: int | None = Field(default=None, ge=0)
+    # What the proxy does when the engine dies while ready: start it again on the next request
+    # (with backoff, until a crash loop), or leave it crashed until activated by hand.
+    restart: Literal["on-failure", "never"] = "on-failure"
     profiles: list[str] | None = None
     deprecated: bool = False
     quantization: str | None = None

@@ -3,52 +3,43 @@
 Before a model starts, ``make_room`` compares free memory (minus ``headroom``) with what the
 model needs (its learned footprint, else ``vram_estimate_mb``), evicts idle models chosen by
 the pure policy (``policy.plan_evictions``), and waits until the probe shows the memory back.
-Busy models are never evicted: the arbiter waits for them (bounded) instead.
+Busy models are never evicted: the arbiter waits for them (bounded) instead. Models someone
+else loaded (a foreign Ollama model) are never evicted either; they are foreign memory.
 
-It also lends the GPU: a lease evicts what it needs, waits for the memory, and while it is held
-any request that would use the GPU gets 423 unless it carries the lease's token.
+What holds the GPU comes from the lifecycle through ``seams.Residency``; leases live in
+``leases.LeaseDesk``, which asks this arbiter to free memory.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe, GpuSnapshot
-from imageworks.chat_proxy.arbiter.leases import Lease, LeaseStore, new_token
-from imageworks.chat_proxy.arbiter.ollama import OllamaManager
+from imageworks.chat_proxy.arbiter.leases import LeaseDesk
 from imageworks.chat_proxy.arbiter.policy import Plan, Resident, plan_evictions, plan_exclusive
-from imageworks.chat_proxy.errors import GpuLeaseActive, InsufficientVram, InvalidRequest
+from imageworks.chat_proxy.arbiter.seams import Holding, Residency
+from imageworks.chat_proxy.errors import InsufficientVram
 from imageworks.model_loader.schema import ModelEntry
 
 if TYPE_CHECKING:
-    from imageworks.chat_proxy.lifecycle import Lifecycle
     from imageworks.chat_proxy.metrics import Metrics
     from imageworks.chat_proxy.requestlog import RequestLog
 
 log = logging.getLogger("imageworks.chat_proxy.arbiter")
 
 
-def uses_gpu(entry: ModelEntry) -> bool:
-    """vLLM always does; other engines when the entry declares a VRAM need (the embedded
-    CPU model declares 0 and keeps working while the GPU is lent out)."""
-    return entry.backend == "vllm" or (entry.vram_estimate_mb or 0) > 0
-
-
 class VramArbiter:
     def __init__(
         self,
         probe: GpuProbe,
-        lifecycle: Lifecycle,
+        residency: Residency,
         *,
-        staging_dir: Any,
-        ollama: Callable[[ModelEntry], OllamaManager],
-        registry: Callable[[], Any],
+        staging_dir: Path,
         headroom_mb: int = 1024,
         vram_timeout_s: float = 60.0,
         wait_timeout_s: float = 120.0,
@@ -57,33 +48,51 @@ class VramArbiter:
         metrics: Metrics | None = None,
     ) -> None:
         self.probe = probe
-        self.lifecycle = lifecycle
-        self.ollama_for = ollama
-        self.registry = registry
+        self.residency = residency
         self.headroom_mb = headroom_mb
         self.vram_timeout_s = vram_timeout_s
         self.wait_timeout_s = wait_timeout_s
-        self.default_ttl_s = default_ttl_s
         self.request_log = request_log
         self.metrics = metrics
         self.learned_mb: dict[str, int] = {}
-        self.ollama_recent: dict[str, float] = {}  # entry name -> when it was last seen loaded
-        self.store = LeaseStore(staging_dir)
-        self.lease: Lease | None = self.store.load()
-        self.pending_lease: str | None = None  # owner of a lease being granted
         self.last_snapshot: GpuSnapshot | None = None
-        self._lease_lock = asyncio.Lock()
+        self.last_holdings: list[Holding] = []
         self._room_lock = asyncio.Lock()
-        self._restoring: set[asyncio.Task[None]] = set()
-        if self.lease is not None and self.lease.expired():
-            self._event("lease_expired", owner=self.lease.owner, while_down=True)
-            self.lease = None
-            self.store.save(None)
+        self.leases = LeaseDesk(
+            staging_dir,
+            free=self._free_for_lease,
+            restore=residency.restore,
+            default_ttl_s=default_ttl_s,
+            request_log=request_log,
+            metrics=metrics,
+        )
 
-    # --- what holds the GPU ------------------------------------------------------------------
+    # --- the GpuGate the lifecycle uses --------------------------------------------------------
+
+    def admit(self, entry: ModelEntry, token: str | None) -> None:
+        self.leases.admit(token)
 
     def need_mb(self, entry: ModelEntry) -> int:
         return self.learned_mb.get(entry.name) or entry.vram_estimate_mb or 0
+
+    async def make_room(self, entry: ModelEntry, need_mb: int | None = None) -> None:
+        """Before ``entry`` starts: evict idle models until it fits, and wait for the memory."""
+        need = need_mb if need_mb is not None else self.need_mb(entry)
+        if need <= 0:
+            return
+        async with self._room_lock:  # two starts must not both count the same free memory
+            await self._free(need, reason=f"start {entry.name}", exclude=entry.name)
+
+    async def learn(self, entry: ModelEntry, pid: int | None) -> None:
+        """After a model is ready: remember what it really holds (per-process NVML usage)."""
+        if pid is None or not self.probe.measures:
+            return
+        snap = await self.snapshot()
+        used = snap.processes.get(pid) if snap else None
+        if used:
+            self.learned_mb[entry.name] = used
+
+    # --- what holds the GPU ------------------------------------------------------------------
 
     async def snapshot(self) -> GpuSnapshot | None:
         snap = await self.probe.snapshot()
@@ -93,60 +102,15 @@ class VramArbiter:
             self.metrics.vram_used.set(snap.used_mb)
         return snap
 
-    async def residents(self) -> tuple[list[Resident], dict[str, Callable[[], Awaitable[bool]]]]:
-        """Everything on the GPU that could be evicted, and how to evict each."""
-        residents: list[Resident] = []
-        evictors: dict[str, Callable[[], Awaitable[bool]]] = {}
-        registry = self.registry()
-        for slot in self.lifecycle.slots.values():
-            name = slot.active
-            if name is None or name not in registry.names:
-                continue
-            entry = registry.get(name)
-            if not uses_gpu(entry):
-                continue
-            # A model that is starting or stopping is not idle: leave it to its slot.
-            residents.append(
-                Resident(
-                    name,
-                    self.need_mb(entry),
-                    self.lifecycle.last_used(name),
-                    slot.in_flight,
-                    protected=slot.state != "ready",
-                )
-            )
-            evictors[name] = functools.partial(slot.evict, name, "vram")
-        managers: dict[str, OllamaManager] = {}
-        for entry in registry:
-            if entry.backend == "ollama":
-                manager = self.ollama_for(entry)
-                managers.setdefault(manager.base_url, manager)
-        for manager in managers.values():
-            for tag, loaded in (await manager.loaded()).items():
-                entry = next(
-                    (e for e in registry if e.backend == "ollama" and e.upstream_id == tag), None
-                )
-                name = entry.name if entry is not None else f"ollama:{tag}"
-                residents.append(
-                    Resident(
-                        name,
-                        loaded.vram_mb or (entry and self.need_mb(entry)) or 0,
-                        self.lifecycle.last_used(name),
-                        self.lifecycle.in_flight.get(name, 0),
-                    )
-                )
-                evictors[name] = functools.partial(manager.unload, tag)
-        return residents, evictors
+    async def holdings(self) -> list[Holding]:
+        self.last_holdings = await self.residency.holdings()
+        return self.last_holdings
 
     # --- making room ---------------------------------------------------------------------------
 
-    async def make_room(self, entry: ModelEntry) -> None:
-        """Before ``entry`` starts: evict idle models until it fits, and wait for the memory."""
-        need = self.need_mb(entry)
-        if not uses_gpu(entry) or need <= 0:
-            return
-        async with self._room_lock:  # two starts must not both count the same free memory
-            await self._free(need, reason=f"start {entry.name}", exclude=entry.name)
+    async def _free_for_lease(self, need: int | None, reason: str) -> list[str]:
+        async with self._room_lock:
+            return await self._free(need, reason=reason)
 
     async def _free(
         self, need: int | None, *, reason: str, exclude: str | None = None
@@ -158,8 +122,18 @@ class VramArbiter:
             snap = await self.snapshot()
             if snap is None and need is not None:
                 return evicted  # no budget to enforce
-            residents, evictors = await self.residents()
-            residents = [r for r in residents if r.name != exclude]
+            holdings = [h for h in await self.holdings() if h.name != exclude and not h.foreign]
+            residents = [
+                Resident(
+                    h.name,
+                    self.learned_mb.get(h.name) or h.vram_mb,
+                    h.last_used,
+                    h.in_flight,
+                    h.protected or not h.evict,
+                )
+                for h in holdings
+            ]
+            evictors = {h.name: h.evict for h in holdings if h.evict is not None}
             plan: Plan
             if need is None:
                 plan = plan_exclusive(residents)
@@ -231,119 +205,13 @@ class VramArbiter:
                 )
             await asyncio.sleep(0.2)
 
-    async def learn(self, entry: ModelEntry, pid: int | None) -> None:
-        """After a model is ready: remember what it really holds (per-process NVML usage)."""
-        if pid is None or not self.probe.measures:
-            return
-        snap = await self.snapshot()
-        used = snap.processes.get(pid) if snap else None
-        if used:
-            self.learned_mb[entry.name] = used
-
-    async def before_ollama(self, entry: ModelEntry) -> None:
-        """Ollama loads models itself on first use: make room first if it is not loaded."""
-        if not uses_gpu(entry):
-            return
-        if time.monotonic() - self.ollama_recent.get(entry.name, -1e9) < 30:
-            return
-        loaded = await self.ollama_for(entry).loaded()
-        if entry.upstream_id not in loaded:
-            await self.make_room(entry)
-        self.ollama_recent[entry.name] = time.monotonic()
-
-    # --- leases --------------------------------------------------------------------------------
-
-    def admit(self, entry: ModelEntry, token: str | None) -> None:
-        """Refuse GPU work while the GPU is lent, unless the request carries the lease token."""
-        if not uses_gpu(entry):
-            return
-        self._expire_if_due()
-        if self.pending_lease is not None:
-            raise GpuLeaseActive(
-                f"the GPU is being lent to {self.pending_lease!r}; retry later",
-                headers={"Retry-After": "30"},
-            )
-        lease = self.lease
-        if lease is not None and token != lease.token:
-            left = max(0, int(lease.expires_at - time.time()))
-            raise GpuLeaseActive(
-                f"the GPU is leased to {lease.owner!r} ({lease.reason or 'no reason given'}) for "
-                f"up to {left} s more; requests that need it must send X-GPU-Lease-Token",
-                headers={"Retry-After": str(min(left, 60) or 1)},
-            )
-
-    async def grant(
-        self,
-        owner: str,
-        reason: str,
-        *,
-        restart_model: bool,
-        ttl_s: float | None,
-        need_mb: int | None,
-    ) -> Lease:
-        async with self._lease_lock:
-            self._expire_if_due()
-            if self.lease is not None:
-                raise GpuLeaseActive(
-                    f"the GPU is already leased to {self.lease.owner!r}",
-                    headers={"Retry-After": "30"},
-                )
-            self.pending_lease = owner
-            try:
-                async with self._room_lock:
-                    evicted = await self._free(need_mb, reason=f"lease {owner}")
-            finally:
-                self.pending_lease = None
-            lease = Lease(
-                new_token(),
-                owner,
-                reason,
-                restart_model,
-                ttl_s or self.default_ttl_s,
-                need_mb,
-                evicted=evicted,
-            )
-            self.lease = lease
-            self.store.save(lease)
-            self._lease_changed("lease_granted", lease)
-            return lease
-
-    def renew(self, token: str) -> Lease:
-        lease = self._held(token)
-        lease.renewed_at = time.time()
-        self.store.save(lease)
-        self._event("lease_renewed", owner=lease.owner)
-        return lease
-
-    def release(self, token: str, *, restart_model: bool | None = None) -> list[str]:
-        return self._end(self._held(token), "lease_released", restart_model)
-
-    def force_release(
-        self,
-        *,
-        owner: str | None = None,
-        max_age_s: float | None = None,
-        restart_model: bool | None = None,
-    ) -> list[str] | None:
-        self._expire_if_due()
-        lease = self.lease
-        if lease is None:
-            return None
-        if owner is not None and owner != lease.owner:
-            raise InvalidRequest(
-                f"the lease belongs to {lease.owner!r}, not {owner!r}", param="owner"
-            )
-        if max_age_s is not None and time.time() - lease.granted_at < max_age_s:
-            raise InvalidRequest(f"the lease is younger than {max_age_s:.0f} s", param="max_age_s")
-        return self._end(lease, "lease_force_released", restart_model)
+    # --- reporting -----------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        self._expire_if_due()
         snap = self.last_snapshot
+        foreign = [{"name": h.name, "vram_mb": h.vram_mb} for h in self.last_holdings if h.foreign]
         return {
-            "leased": self.lease is not None,
-            "lease": self.lease.public() if self.lease else None,
-            "pending": self.pending_lease,
+            **self.leases.public(),
             "probe": self.probe.kind,
             "gpu": None
             if snap is None
@@ -353,75 +221,14 @@ class VramArbiter:
                 "used_mb": snap.used_mb,
                 "free_mb": snap.free_mb,
             },
+            "models": [
+                {"name": h.name, "vram_mb": h.vram_mb, "in_flight": h.in_flight}
+                for h in self.last_holdings
+                if not h.foreign
+            ],
+            "foreign": foreign,
         }
-
-    def _held(self, token: str) -> Lease:
-        self._expire_if_due()
-        if self.lease is None or token != self.lease.token:
-            raise InvalidRequest(
-                "the lease token is invalid or the lease has expired", param="token"
-            )
-        return self.lease
-
-    def _expire_if_due(self) -> None:
-        if self.lease is not None and self.lease.expired():
-            self._end(self.lease, "lease_expired", None)
-
-    def _end(self, lease: Lease, event: str, restart_model: bool | None) -> list[str]:
-        self.lease = None
-        self.store.save(None)
-        self._lease_changed(event, lease)
-        restore = (
-            lease.restart_model
-            if restart_model is None
-            else (restart_model and lease.restart_model)
-        )
-        if not restore:
-            return []
-        registry = self.registry()
-        names = [
-            n
-            for n in lease.evicted
-            if n in registry.names and self.lifecycle.managed(registry.get(n))
-        ]
-        for name in names:
-            task = asyncio.get_running_loop().create_task(self._restore(registry.get(name)))
-            self._restoring.add(task)
-            task.add_done_callback(self._restoring.discard)
-        return names
-
-    async def _restore(self, entry: ModelEntry) -> None:
-        try:
-            await self.lifecycle.activate(entry)
-            self._event("restore", model=entry.name, result="ready")
-        except Exception as exc:
-            self._event("restore", model=entry.name, result="failed", error=str(exc))
-
-    async def expiry_loop(self, interval_s: float = 1.0) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            self._expire_if_due()
-
-    async def close(self, *, release_lease: bool = True) -> None:
-        for task in list(self._restoring):
-            task.cancel()
-        if release_lease and self.lease is not None:
-            self._end(self.lease, "lease_released_at_shutdown", False)
-
-    def _lease_changed(self, event: str, lease: Lease) -> None:
-        self._event(event, owner=lease.owner, reason=lease.reason, evicted=lease.evicted)
-        if self.metrics is not None:
-            self.metrics.lease_active.set(1 if self.lease is not None else 0)
-            self.metrics.lease_events.labels(event.removeprefix("lease_")).inc()
 
     def _event(self, event: str, **fields: Any) -> None:
         if self.request_log is not None:
             self.request_log.event(event, "gpu-arbiter", **fields)
-
-
-async def unload_ollama_everywhere(managers: list[OllamaManager]) -> list[str]:
-    unloaded: list[str] = []
-    for manager in managers:
-        with contextlib.suppress(Exception):
-            unloaded += await manager.unload_all()
-    return unloaded

@@ -1,9 +1,9 @@
 """GPU probes: how much memory the GPU has, uses and gives to each process.
 
-Three implementations behind one interface, chosen by ``CHAT_PROXY_GPU_PROBE``:
-``nvml`` (nvidia-ml-py; every call runs in a thread, off the event loop), ``none`` (no GPU:
-budgets come from the models' declared ``vram_estimate_mb`` against ``CHAT_PROXY_GPU_TOTAL_MB``
-when it is set, otherwise nothing is gated), and ``fake`` (scriptable, for tests).
+Two implementations behind one interface, chosen by ``CHAT_PROXY_GPU_PROBE``: ``nvml``
+(nvidia-ml-py; every call runs in a thread, off the event loop) and ``none`` (no GPU: budgets
+come from the models' declared ``vram_estimate_mb`` against ``CHAT_PROXY_GPU_TOTAL_MB`` when it
+is set, otherwise nothing is gated). Tests bring their own (``testkit.gpu.FakeProbe``).
 """
 
 from __future__ import annotations
@@ -79,28 +79,6 @@ class NoGpuProbe:
         if self.total_mb is None:
             return None
         return GpuSnapshot(self.total_mb, sum(self.resident()), {}, "declared budget")
-
-
-class FakeProbe:
-    """A scriptable GPU for tests: memory is what the holder callbacks report, and the test
-    can hold memory back (``stuck_mb``) to play a process that never lets go."""
-
-    kind = "fake"
-    measures = True
-
-    def __init__(self, total_mb: int, *holders: Callable[[], dict[str, int]]) -> None:
-        self.total_mb = total_mb
-        self.holders = list(holders)
-        self.stuck_mb = 0
-        self.reads = 0
-
-    async def snapshot(self) -> GpuSnapshot | None:
-        self.reads += 1
-        held: dict[int | str, int] = {}
-        for holder in self.holders:
-            held.update(holder())
-        used = sum(held.values()) + self.stuck_mb
-        return GpuSnapshot(self.total_mb, min(used, self.total_mb), held, "fake GPU")
 
 
 def nvml_available() -> bool:

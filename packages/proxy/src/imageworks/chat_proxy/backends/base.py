@@ -1,5 +1,6 @@
-"""What differs between engine kinds: where their OpenAI-compatible API lives, whether the
-proxy starts them, and how.
+"""What differs between engine kinds, behind one interface: where their OpenAI-compatible API
+lives, whether they use the GPU, whether the proxy starts them and how, how their processes are
+watched and reconciled, what they hold on the GPU, and what shutdown does to them.
 
 ``base_url`` is always the OpenAI-compatible base, ending in ``/v1``. An entry's
 ``backend_config.base_url`` wins; then ``host``/``port``; then the kind's default. An entry
@@ -8,14 +9,20 @@ with an explicit address is *external*: the proxy forwards to it but never start
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import ClassVar
 
 import aiohttp
 
+from imageworks.chat_proxy.arbiter.seams import Holding
 from imageworks.chat_proxy.config import ProxyConfig
 from imageworks.chat_proxy.errors import BackendUnavailable
 from imageworks.model_loader.schema import ModelEntry
+
+# How a backend learns what the lifecycle knows of a model: (last used, requests in flight).
+Usage = Callable[[str], tuple[float, int]]
+MakeRoom = Callable[[ModelEntry], Awaitable[None]]
 
 
 def has_explicit_address(entry: ModelEntry) -> bool:
@@ -28,6 +35,8 @@ class Backend:
     default_port: ClassVar[int | None] = None
     # vLLM refuses to guess a chat template (newer transformers), so the entry must name one.
     requires_template: ClassVar[bool] = False
+    # The name of this kind's step in the shutdown record; None: it has nothing to do then.
+    shutdown_step: ClassVar[str | None] = None
 
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
@@ -60,6 +69,12 @@ class Backend:
             f"model {entry.name!r} ({self.kind}) has no backend_config.base_url, host or port"
         )
 
+    def uses_gpu(self, entry: ModelEntry) -> bool:
+        """Does serving ``entry`` take GPU memory (and so wait while the GPU is lent)? Engines
+        other than vLLM do when the entry declares a need (the embedded CPU model declares 0
+        and keeps working while the GPU is lent out)."""
+        return (entry.vram_estimate_mb or 0) > 0
+
     # --- lifecycle: only kinds the proxy starts override these --------------------------------
 
     def slot_key(self, entry: ModelEntry) -> str | None:
@@ -67,14 +82,50 @@ class Backend:
         return None
 
     async def start(self, entry: ModelEntry, log_path: Path, timeout: float) -> str:
-        """Start ``entry`` and return its OpenAI base URL once it answers."""
+        """Start ``entry`` and return its OpenAI base URL once it answers. On any failure
+        nothing it spawned may be left running."""
         raise NotImplementedError(f"{self.kind} models are not started by the proxy")
 
     async def stop(self, name: str) -> None:
-        """Stop ``name`` and wait until it is gone."""
+        """Stop ``name`` and wait until it is gone (a no-op for one that is not running)."""
+
+    def supervise(self, name: str, on_exit: Callable[[str], None]) -> None:
+        """Arrange for ``on_exit(why)`` to be called as soon as ``name``'s engine dies. Kinds
+        whose process the proxy does not parent rely on ``reconcile`` instead."""
+
+    async def reconcile(self, entry: ModelEntry) -> bool | None:
+        """Is the engine the proxy believes ready for ``entry`` still there? None: cannot tell
+        now (e.g. its supervisor is unreachable), so nothing changes."""
+        return None
+
+    async def recover(self, entries: Iterable[ModelEntry]) -> dict[str, str]:
+        """After a restart: engines an earlier proxy started that are still ours, adopted and
+        healthy, as {model name: base URL}; anything else it left behind is stopped."""
+        return {}
 
     def pid_of(self, name: str) -> int | None:
         """The process serving ``name`` on this host, if known (to learn its VRAM footprint)."""
+        return None
+
+    # --- models the proxy does not start but that hold the GPU (Ollama) -----------------------
+
+    async def prepare(self, entry: ModelEntry, make_room: MakeRoom) -> None:
+        """Before forwarding to an unmanaged model (e.g. make room before Ollama loads it)."""
+
+    async def load(self, entry: ModelEntry) -> None:
+        """Load an unmanaged model again (after a lease that evicted it ended)."""
+
+    async def holdings(self, entries: list[ModelEntry], usage: Usage) -> list[Holding]:
+        """What this kind holds on the GPU beyond the proxy's slots (and foreign models)."""
+        return []
+
+    async def observed(self, entries: list[ModelEntry]) -> dict[str, str]:
+        """States of unmanaged models seen from the engine itself (reconcile loop)."""
+        return {}
+
+    async def shutdown(self, entries: list[ModelEntry]) -> str | None:
+        """At proxy shutdown, after the slots were stopped: release what this kind still holds
+        for us (never what others loaded). Returns a note for the shutdown record."""
         return None
 
     async def close(self) -> None:

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +33,21 @@ class VllmBackend(Backend):
     kind = "vllm"
     default_port = 24001
     requires_template = True
+    shutdown_step = "deactivate_vllm"
 
     def __init__(self, config: ProxyConfig) -> None:
         super().__init__(config)
         self.pids: dict[str, int | None] = {}
 
+    def uses_gpu(self, entry: ModelEntry) -> bool:
+        return True
+
     def slot_key(self, entry: ModelEntry) -> str | None:
         return None if has_explicit_address(entry) else EXECUTOR_SLOT
 
     async def start(self, entry: ModelEntry, log_path: Path, timeout: float) -> str:
-        _note(
+        await asyncio.to_thread(
+            _note,
             log_path,
             f"asking the executor at {self.config.vllm_remote_url} to activate {entry.name!r}",
         )
@@ -48,14 +55,47 @@ class VllmBackend(Backend):
         base_url = state.get("base_url")
         if state.get("status") != "running" or not isinstance(base_url, str):
             raise ModelStartFailed(f"the vLLM executor did not start {entry.name!r}: {state}")
-        _note(log_path, f"ready at {base_url} (pid {state.get('pid')})")
+        await asyncio.to_thread(_note, log_path, f"ready at {base_url} (pid {state.get('pid')})")
         pid = state.get("pid")
         self.pids[entry.name] = pid if isinstance(pid, int) else None
-        return base_url.rstrip("/") + ("" if base_url.rstrip("/").endswith("/v1") else "/v1")
+        return _openai_base(base_url)
 
     async def stop(self, name: str) -> None:
         await self._call("/admin/deactivate", {}, 60.0)
         self.pids.pop(name, None)
+
+    async def reconcile(self, entry: ModelEntry) -> bool | None:
+        """The executor's word: is it still running this model? Unreachable: cannot tell."""
+        try:
+            state = await self._call("/admin/state", None, 5.0)
+        except ProxyError:
+            return None
+        return state.get("status") == "running" and state.get("logical_name") == entry.name
+
+    async def recover(self, entries: Iterable[ModelEntry]) -> dict[str, str]:
+        """A vLLM the executor still runs for one of our entries is ours again after a restart."""
+        names = {e.name for e in entries if self.slot_key(e) is not None}
+        try:
+            state = await self._call("/admin/state", None, 5.0)
+        except ProxyError:
+            return {}
+        name, base_url = state.get("logical_name"), state.get("base_url")
+        if state.get("status") != "running" or name not in names or not isinstance(base_url, str):
+            return {}
+        pid = state.get("pid")
+        self.pids[str(name)] = pid if isinstance(pid, int) else None
+        return {str(name): _openai_base(base_url)}
+
+    async def shutdown(self, entries: list[ModelEntry]) -> str | None:
+        """Ask the executor to stop whatever it still runs (a vLLM the proxy did not start
+        too). An executor that is not running holds no model: nothing to stop, no failure."""
+        if not any(self.slot_key(e) is not None for e in entries if e.backend == self.kind):
+            return None
+        try:
+            await self.stop("*")
+        except BackendUnavailable:
+            return "executor not running"
+        return None
 
     def pid_of(self, name: str) -> int | None:
         # Only meaningful when the executor shares our process namespace (bare metal).
@@ -83,18 +123,33 @@ class VllmBackend(Backend):
             ) from None
         try:
             data = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             data = {}
         if status >= 400:
             error: ProxyError
-            message = (data.get("error") or {}).get("message") if isinstance(data, dict) else None
-            text = message or raw[:500].decode("utf-8", "replace")
+            text = _error_text(data) or raw[:500].decode("utf-8", "replace") or f"HTTP {status}"
             if status == 504:
                 error = ModelStartTimeout(f"vLLM executor: {text}")
             else:
                 error = ModelStartFailed(f"vLLM executor: {text}")
             raise error
         return data if isinstance(data, dict) else {}
+
+
+def _openai_base(base_url: str) -> str:
+    base = base_url.rstrip("/")
+    return base if base.endswith("/v1") else base + "/v1"
+
+
+def _error_text(data: Any) -> str | None:
+    """The message of an error body in any shape an executor (or a proxy before it) sends:
+    ``{"error": {"message": ...}}``, ``{"error": "..."}``, ``{"detail": ...}``."""
+    if not isinstance(data, dict):
+        return None
+    error = data.get("error", data.get("detail"))
+    if isinstance(error, dict):
+        error = error.get("message")
+    return error if isinstance(error, str) and error else None
 
 
 def _note(log_path: Path, line: str) -> None:

@@ -60,7 +60,7 @@ def model_state(state: ProxyState, entry: ModelEntry) -> dict[str, Any]:
             "backend": entry.backend,
             "visible": state.visible(entry),
             "managed": entry.servable and lifecycle.managed(entry),
-            **lifecycle.status(entry).public(),
+            **lifecycle.describe(entry),
             "in_flight": lifecycle.in_flight.get(entry.name, 0),
         }
         if entry.servable

@@ -51,6 +51,7 @@ async def gpu_status(request: Request) -> Response:
     state = proxy_state(request)
     require_api_key(request.headers, state.config.api_keys)
     await state.arbiter.snapshot()
+    await state.arbiter.holdings()
     return _json(state.arbiter.status())
 
 
@@ -63,7 +64,7 @@ async def gpu_lease(request: Request) -> Response:
     restart = _optional(body, "restart_model", bool)
     ttl = _optional(body, "ttl_s", (int, float), lambda v: 0 < v <= 86400)
     need = _optional(body, "need_mb", int, lambda v: v > 0)
-    lease = await state.arbiter.grant(
+    lease = await state.arbiter.leases.grant(
         owner, reason, restart_model=restart is not False, ttl_s=ttl, need_mb=need
     )
     return _json({"token": lease.token, "lease": lease.public()})
@@ -71,12 +72,12 @@ async def gpu_lease(request: Request) -> Response:
 
 async def gpu_renew(request: Request) -> Response:
     state, body = await _mutation(request)
-    return _json({"lease": state.arbiter.renew(_token(body)).public()})
+    return _json({"lease": (await state.arbiter.leases.renew(_token(body))).public()})
 
 
 async def gpu_release(request: Request) -> Response:
     state, body = await _mutation(request)
-    restoring = state.arbiter.release(
+    restoring = await state.arbiter.leases.release(
         _token(body), restart_model=_optional(body, "restart_model", bool)
     )
     return _json({"status": "released", "restoring": restoring})
@@ -84,7 +85,7 @@ async def gpu_release(request: Request) -> Response:
 
 async def gpu_force_release(request: Request) -> Response:
     state, body = await _mutation(request)
-    restoring = state.arbiter.force_release(
+    restoring = await state.arbiter.leases.force_release(
         owner=_optional(body, "owner", str),
         max_age_s=_optional(body, "max_age_s", (int, float), lambda v: v >= 0),
         restart_model=_optional(body, "restart_model", bool),

@@ -1,0 +1,51 @@
+"""The two small interfaces between the lifecycle and the GPU arbiter, over plain data.
+
+The lifecycle asks the arbiter (``GpuGate``) whether a request may use the GPU now and to make
+room before a start; the arbiter asks the lifecycle (``Residency``) what holds the GPU, how busy
+it is, how to evict it, and to restore what a lease evicted. Neither imports the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from imageworks.model_loader.schema import ModelEntry
+
+
+@dataclass(frozen=True)
+class Holding:
+    """Something that holds GPU memory now."""
+
+    name: str
+    vram_mb: int
+    last_used: float  # monotonic seconds; lower is older
+    in_flight: int = 0
+    protected: bool = False  # starting or stopping: its slot owns it, not the arbiter
+    foreign: bool = False  # loaded by someone else: never evicted, shown as foreign memory
+    evict: Callable[[], Awaitable[bool]] | None = None
+
+
+class Residency(Protocol):
+    async def holdings(self) -> list[Holding]:
+        """Everything the proxy's engines hold on the GPU (and foreign models it can see)."""
+        ...
+
+    async def restore(self, name: str) -> None:
+        """Start ``name`` again (after a lease that evicted it ends)."""
+        ...
+
+
+class GpuGate(Protocol):
+    def admit(self, entry: ModelEntry, token: str | None) -> None:
+        """Raise ``GpuLeaseActive`` if the GPU is lent and ``token`` is not the lease's."""
+        ...
+
+    async def make_room(self, entry: ModelEntry, need_mb: int | None = None) -> None:
+        """Before ``entry`` starts: evict idle models until it fits, wait for the memory."""
+        ...
+
+    async def learn(self, entry: ModelEntry, pid: int | None) -> None:
+        """After ``entry`` is ready: remember what its process really holds."""
+        ...

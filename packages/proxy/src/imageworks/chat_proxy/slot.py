@@ -1,0 +1,343 @@
+"""A slot: the place one managed model runs, and the state machine that owns it.
+
+A slot holds at most one running model (the vLLM executor is one slot for every vLLM model;
+each llama.cpp model has a slot of its own). Only the slot's own methods change its state, all
+on the event loop, so no caller ever checks a state and then acts on it.
+
+A request ``acquire``s its model. If another model holds the slot, the request claims the
+slot's next turn; new requests for the running model then wait too, the running model drains
+(it is never stopped while it serves anyone), and the slot switches. Requests waiting when a
+model becomes ready are all admitted before another model may claim the slot, so swaps always
+make progress. There is at most one start in flight per slot (``switch_task``).
+
+Any exception during a start is a failure, never a retry loop: the engine is reaped, waiting
+requests get the error at once, and the next start waits for the model's backoff. An engine
+that dies while ready (its supervisor says so, or a reconcile finds it gone) is ``crashed``:
+the slot reaps it and the next request restarts it, until a crash loop halts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from imageworks.chat_proxy.backends import Backend
+from imageworks.chat_proxy.errors import (
+    BackendUnavailable,
+    ModelStartFailed,
+    ModelStartTimeout,
+    ProxyError,
+    QueueFull,
+)
+from imageworks.chat_proxy.modelstate import CRASHED, FAILED, READY, STARTING, STOPPED, STOPPING
+from imageworks.model_loader.schema import ModelEntry
+
+if TYPE_CHECKING:
+    from imageworks.chat_proxy.lifecycle import Lifecycle
+
+log = logging.getLogger("imageworks.chat_proxy.lifecycle")
+
+
+@dataclass
+class Ticket:
+    """One request's hold on a model; ``release`` exactly once when its response is done."""
+
+    name: str
+    base_url: str
+    wait_ms: float
+    loaded: bool
+    _on_release: Any = None
+    released: bool = False
+
+    def release(self, *, reached: bool | None = None) -> None:
+        if not self.released:
+            self.released = True
+            self._on_release(reached)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    name: str
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class Slot:
+    def __init__(self, key: str, backend: Backend, owner: Lifecycle) -> None:
+        self.key = key
+        self.backend = backend
+        self.owner = owner
+        self.active: str | None = None
+        self.entry: ModelEntry | None = None
+        self.state = STOPPED
+        self.base_url: str | None = None
+        self.in_flight = 0
+        self.target: str | None = None  # the model that has claimed the next turn
+        self.waiters: list[_Waiter] = []
+        self.reserved: set[_Waiter] = set()  # admitted before anyone may claim the slot
+        self.switch_task: asyncio.Task[None] | None = None
+        self.switch_started = 0.0
+        self.failures: dict[str, int] = {}
+        self.errors: dict[str, ProxyError] = {}
+        self._changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _admissible(self, name: str, waiter: _Waiter) -> bool:
+        if self.active != name or self.state != READY:
+            return False
+        return self.target in (None, name) or waiter in self.reserved
+
+    async def acquire(self, entry: ModelEntry, *, autostart: bool, queue_timeout: float) -> Ticket:
+        name = entry.name
+        started = time.monotonic()
+        deadline = started + queue_timeout
+        failures_seen = self.failures.get(name, 0)
+        loaded = False
+        waiter = _Waiter(name)
+        self.waiters.append(waiter)
+        try:
+            while True:
+                if self._admissible(name, waiter):
+                    self.in_flight += 1
+                    self._leave_reserved(waiter)
+                    assert self.base_url is not None
+                    wait_ms = round((time.monotonic() - started) * 1000, 2)
+                    return Ticket(name, self.base_url, wait_ms, loaded, self._release_one)
+                if self.failures.get(name, 0) != failures_seen:
+                    raise self.errors[name]
+                if self.target is None and not (self.active == name and self.state == STARTING):
+                    if not autostart:
+                        raise BackendUnavailable(
+                            f"model {name!r} is not running and autostart is disabled; start it "
+                            f"with 'imageworks-models activate-model {name}' or "
+                            "POST /admin/activate, or enable autostart (PUT /admin/autostart)"
+                        )
+                    self.owner.may_start(entry)  # backoff, crash loop, restart policy
+                    self.target = name
+                if self.target == name and self.switch_task is None and self.in_flight == 0:
+                    loaded = True
+                    self.switch_task = asyncio.create_task(self._switch(entry))
+                if self.active == name and self.state == STARTING:
+                    loaded = True
+                    # Once our model is loading, its own start timeout is what bounds the wait.
+                    deadline = max(deadline, self.switch_started + self.owner.start_timeout + 5)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not await self._wait(remaining):
+                    raise self._timeout_error(name, queue_timeout)
+        finally:
+            self.waiters.remove(waiter)
+            self._leave_reserved(waiter)
+            if (
+                self.target == name
+                and self.switch_task is None
+                and not any(w.name == name for w in self.waiters)
+            ):
+                self.target = None  # nobody is left who wanted this model: free the claim
+                self._notify()
+
+    async def _wait(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _timeout_error(self, name: str, queue_timeout: float) -> ProxyError:
+        if self.active == name and self.state == STARTING:
+            return ModelStartTimeout(
+                f"model {name!r} is still loading; try again shortly", headers={"Retry-After": "10"}
+            )
+        busy = (
+            f"{self.active!r} is still serving {self.in_flight} request(s)"
+            if self.active and self.in_flight
+            else "the backend is busy switching models"
+        )
+        return QueueFull(
+            f"model {name!r} waited {queue_timeout:.0f} s for its turn: {busy}",
+            headers={"Retry-After": "10"},
+        )
+
+    def _leave_reserved(self, waiter: _Waiter) -> None:
+        if waiter in self.reserved:
+            self.reserved.discard(waiter)
+            if not self.reserved and self.target == waiter.name:
+                self.target = None
+                self._notify()
+
+    def _release_one(self, reached: bool | None) -> None:
+        self.in_flight -= 1
+        if self.active is not None:
+            self.owner.touch(self.active)
+        if self.in_flight == 0:
+            self._notify()
+
+    # --- starting ------------------------------------------------------------------------------
+
+    async def _switch(self, entry: ModelEntry) -> None:
+        name = entry.name
+        try:
+            if self.active is not None:
+                await self._stop_active("swap")
+            self.active, self.entry, self.state, self.base_url = name, entry, STARTING, None
+            self.switch_started = time.monotonic()
+            self.owner.set_status(name, STARTING)
+            self._notify()
+            try:
+                await self.owner.make_room(entry)
+            except Exception as exc:  # no room: nothing was started, so no backoff either
+                await self._start_failed(entry, exc, backoff=False)
+                return
+            try:
+                base_url = await self.backend.start(
+                    entry, self.owner.start_log(name), self.owner.start_timeout
+                )
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await self.backend.stop(name)  # an abandoned start leaves no child
+                self.active, self.entry, self.state = None, None, STOPPED
+                raise
+            except Exception as exc:
+                await self._start_failed(entry, exc)
+                return
+            load_ms = round((time.monotonic() - self.switch_started) * 1000, 1)
+            self.state, self.base_url = READY, base_url
+            self.owner.started(entry, load_ms)
+            self.backend.supervise(name, functools.partial(self.crashed, name))
+            with contextlib.suppress(Exception):  # learning a footprint is best effort
+                await self.owner.learn(entry, self.backend.pid_of(name))
+            self.reserved = {w for w in self.waiters if w.name == name}
+            if not self.reserved:
+                self.target = None
+        finally:
+            self.switch_task = None
+            self._notify()
+
+    async def _start_failed(
+        self, entry: ModelEntry, exc: Exception, *, backoff: bool = True
+    ) -> None:
+        name = entry.name
+        error = (
+            exc
+            if isinstance(exc, ProxyError)
+            else ModelStartFailed(f"model {name!r} failed to start: {describe(exc)}")
+        )
+        if not isinstance(exc, ProxyError):
+            log.warning("starting %s failed: %s", name, describe(exc), exc_info=exc)
+        try:
+            await self.backend.stop(name)  # reap whatever the start left behind
+        except Exception as stop_exc:
+            log.warning("cleaning up after %s's failed start: %s", name, describe(stop_exc))
+        self.active, self.entry, self.state = None, None, STOPPED
+        self.failures[name] = self.failures.get(name, 0) + 1
+        self.errors[name] = error
+        self.target = None
+        self.owner.start_failed(entry, error, backoff=backoff)
+
+    def adopt(self, entry: ModelEntry, base_url: str) -> None:
+        """Take over an engine an earlier proxy started (it answered its health check)."""
+        self.active, self.entry, self.state, self.base_url = entry.name, entry, READY, base_url
+        self.owner.set_status(entry.name, READY)
+        self.owner.event("adopt", model=entry.name, base_url=base_url)
+        self.backend.supervise(entry.name, functools.partial(self.crashed, entry.name))
+        self._notify()
+
+    # --- crashes -------------------------------------------------------------------------------
+
+    def crashed(self, name: str, why: str) -> None:
+        """The engine serving ``name`` died while ready: reap it; the next request restarts it."""
+        if self.active != name or self.state != READY or self.switch_task is not None:
+            return  # already stopping, swapping or restarting: not a crash of a ready engine
+        self.state, self.base_url = CRASHED, None
+        self.owner.engine_crashed(name, why)
+        self.switch_task = asyncio.get_running_loop().create_task(self._reap(name))
+        self._notify()
+
+    async def _reap(self, name: str) -> None:
+        try:
+            with contextlib.suppress(Exception):
+                await self.backend.stop(name)
+            self.active, self.entry, self.state = None, None, STOPPED
+        finally:
+            self.switch_task = None
+            self._notify()
+
+    async def check(self) -> None:
+        """Reconcile: is the engine we believe ready still there?"""
+        name, entry = self.active, self.entry
+        if name is None or entry is None or self.state != READY or self.switch_task is not None:
+            return
+        try:
+            alive = await self.backend.reconcile(entry)
+        except Exception as exc:
+            log.warning("reconciling %s failed: %s", name, describe(exc))
+            return
+        if alive is False:
+            self.crashed(name, f"the {self.backend.kind} engine of {name!r} is no longer running")
+
+    # --- stopping ------------------------------------------------------------------------------
+
+    async def _stop_active(self, reason: str) -> None:
+        name = self.active
+        assert name is not None
+        self.state = STOPPING
+        self.owner.set_status(name, STOPPING)
+        self._notify()
+        try:
+            await self.backend.stop(name)
+        except Exception as exc:  # a failed stop must not wedge the slot
+            log.warning("stopping %s failed: %s", name, exc)
+        self.active, self.entry, self.state, self.base_url = None, None, STOPPED, None
+        self.owner.set_status(name, STOPPED)
+        self.owner.event("unload", model=name, reason=reason)
+
+    async def evict(self, name: str, reason: str) -> bool:
+        """Stop ``name`` now if it is the idle, ready model here (the arbiter's eviction)."""
+        if (
+            self.active != name
+            or self.state != READY
+            or self.in_flight
+            or self.switch_task is not None
+            or self.target not in (None, name)
+        ):
+            return False
+        await self._stop_active(f"evict ({reason})")
+        self._notify()
+        return True
+
+    async def deactivate(self, name: str | None, timeout: float) -> bool:
+        """Stop the active model (if it is ``name``, or any when None) once it has drained."""
+        deadline = time.monotonic() + timeout
+        while self.switch_task is not None or (self.active and self.in_flight):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not await self._wait(remaining):
+                raise QueueFull(
+                    f"{self.active!r} is still serving {self.in_flight} request(s)",
+                    headers={"Retry-After": "10"},
+                )
+        if self.active is None or (name is not None and self.active != name):
+            return False
+        await self._stop_active("deactivate")
+        self._notify()
+        return True
+
+    async def shutdown(self) -> None:
+        task = self.switch_task
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task  # its own cleanup stops a half-started engine
+        if self.active is not None:
+            await self._stop_active("shutdown")
+
+
+__all__ = ["CRASHED", "FAILED", "READY", "STARTING", "STOPPED", "STOPPING", "Slot", "Ticket"]
