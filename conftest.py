@@ -95,7 +95,12 @@ def proxy_factory(tmp_path: Path) -> Iterator[ProxyFactory]:
 
     started: list[Proxy] = []
 
-    def start(entries: list[dict[str, Any]], probe: Any = None, **settings: Any) -> Proxy:
+    def start(
+        entries: list[dict[str, Any]],
+        probe: Any = None,
+        slow_callback_s: float = 0,
+        **settings: Any,
+    ) -> Proxy:
         root = tmp_path / f"proxy{len(started)}"
         (root / "configs").mkdir(parents=True)
         shutil.copy(REPO / "configs" / "deployment_profiles.json", root / "configs")
@@ -108,7 +113,7 @@ def proxy_factory(tmp_path: Path) -> Iterator[ProxyFactory]:
             log_path=root / "logs" / "chat_proxy.jsonl",
             **settings,
         )
-        server = UvicornServer(create_app(config, probe=probe))
+        server = UvicornServer(create_app(config, probe=probe), slow_callback_s=slow_callback_s)
         client = httpx.Client(base_url=server.url, timeout=30)
         proxy = Proxy(server.url, config, root, server, client)
         started.append(proxy)

@@ -60,7 +60,11 @@ class UvicornServer:
     """An ASGI application under uvicorn (the proxy's server in production) on a free loopback
     port."""
 
-    def __init__(self, app: Callable[..., Any], port: int | None = None) -> None:
+    def __init__(
+        self, app: Callable[..., Any], port: int | None = None, *, slow_callback_s: float = 0
+    ) -> None:
+        """``slow_callback_s``: run the loop in asyncio's debug mode, which logs (logger
+        ``asyncio``) every callback that holds the loop longer than this."""
         import uvicorn
 
         self.port = port or free_port()
@@ -77,6 +81,9 @@ class UvicornServer:
         )
         self._server = uvicorn.Server(config)
         self._loop = LoopThread("uvicorn-server")
+        if slow_callback_s:
+            self._loop.loop.set_debug(True)
+            self._loop.loop.slow_callback_duration = slow_callback_s
         self._done = threading.Event()
 
         async def run() -> None:

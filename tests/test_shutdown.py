@@ -56,10 +56,13 @@ def test_sigterm_releases_stops_unloads_and_exits_zero(tmp_path: Path, fake_olla
         == 200
     )
     assert list(engine.loaded) == ["qwen2.5vl:7b"]
+    engine.loaded["someone-elses:3b"] = 1.0  # loaded by another program, not in our registry
+    foreign = httpx.get(url + "/v1/gpu/status").json()["foreign"]
+    assert foreign == [{"name": "ollama:someone-elses:3b", "vram_mb": 4096}]
     lease = httpx.post(
         url + "/v1/gpu/lease", json={"owner": "jv", "restart_model": False}, timeout=60
     ).json()
-    assert lease["token"] and engine.loaded == {}
+    assert lease["token"] and list(engine.loaded) == ["someone-elses:3b"]  # never evicted
     engine.loaded["qwen2.5vl:7b"] = 1.0  # someone used Ollama directly meanwhile
     llama = [pid for pid, cmd in our_processes() if "llamacpp.server" in cmd and "gemma" in cmd]
     assert llama
@@ -69,7 +72,9 @@ def test_sigterm_releases_stops_unloads_and_exits_zero(tmp_path: Path, fake_olla
     assert proxy.returncode == 0, output
     assert "Traceback" not in output
     assert not [p for p in our_processes() if p[0] in llama]
-    assert engine.loaded == {}  # unloaded with keep_alive 0 at shutdown
+    # Ours unloaded with keep_alive 0 at shutdown; another program's model left loaded.
+    assert list(engine.loaded) == ["someone-elses:3b"]
+    assert "/api/generate someone-elses:3b" not in engine.unload_requests
     assert not (tmp_path / "_staging" / "gpu_lease.json").exists()
     steps = shutdown_record(tmp_path)["steps"]
     assert steps["release_lease"] == "ok" and steps["stop_models"] == "ok"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imageworks.model_loader.errors import Problem, RegistryValidationError
+from imageworks.model_loader.errors import Problem
 
 DISCOVERED_FILE = "model_registry.discovered.json"
 CURATED_FILE = "model_registry.curated.json"
@@ -180,8 +180,3 @@ def write_atomic(path: Path, content: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def raise_if_problems(problems: list[Problem]) -> None:
-    if problems:
-        raise RegistryValidationError(problems)

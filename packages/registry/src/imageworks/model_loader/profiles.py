@@ -16,7 +16,6 @@ from imageworks.model_loader.schema import ModelEntry
 
 PROFILES_FILE = "deployment_profiles.json"
 STATE_FILE = "active_profile.json"
-STAGING_DIR_ENV = "IMAGEWORKS_STAGING_DIR"
 PROFILE_ENV = "IMAGEWORKS_DEPLOYMENT_PROFILE"
 
 
@@ -41,12 +40,6 @@ class ProfilesFile(BaseModel):
 
     default: str
     profiles: list[DeploymentProfile]
-
-
-def staging_dir(directory: str | os.PathLike[str] | None = None) -> Path:
-    if directory is not None:
-        return Path(directory)
-    return Path(os.environ.get(STAGING_DIR_ENV) or "_staging")
 
 
 def load_profiles(path: Path) -> ProfilesFile:
@@ -93,16 +86,6 @@ class ProfileManager:
         self._lock = threading.Lock()
         self._subscribers: list[Subscriber] = []
         self._active = self._by_name[self._initial_name()]
-
-    @classmethod
-    def from_dirs(
-        cls,
-        registry: str | os.PathLike[str] | None = None,
-        staging: str | os.PathLike[str] | None = None,
-    ) -> ProfileManager:
-        from imageworks.model_loader.registry import registry_dir
-
-        return cls(registry_dir(registry) / PROFILES_FILE, staging_dir(staging))
 
     def _initial_name(self) -> str:
         forced = os.environ.get(PROFILE_ENV)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -123,7 +124,7 @@ async def admin_profile(request: Request) -> Response:
             raise InvalidRequest("'name' must be a profile name", param="name")
         previous = state.profile.name
         try:
-            state.profiles.use(name)
+            await asyncio.to_thread(state.profiles.use, name)  # an fsync'd write
         except UnknownProfileError as exc:
             raise InvalidRequest(str(exc), param="name") from None
         if previous != name:
@@ -146,7 +147,7 @@ async def admin_autostart(request: Request) -> Response:
 async def registry_reload(request: Request) -> Response:
     state = await _admin(request)
     try:
-        registry = state.watcher.reload()
+        registry = await asyncio.to_thread(state.watcher.reload)  # parses and writes files
     except RegistryError as exc:
         state.metrics.registry_reloads.labels("error").inc()
         raise RegistryInvalid(
