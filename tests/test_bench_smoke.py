@@ -56,3 +56,24 @@ def test_cpu_per_request_tool_runs() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "us of CPU per M0 request" in result.stdout
+
+
+def test_crash_recovery_bench_runs_and_reports_every_measure() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.crash", "--runs", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
+    assert set(report["summary"]) == {
+        "cold_start_s",
+        "detected_s_median",
+        "detected_s_max",
+        "served_s_median",
+        "served_minus_cold_s",
+    }
+    assert report["runs"][0]["detected_s"] < report["runs"][0]["served_s"]
+    assert "kill -9 to 'crashed'" in result.stdout

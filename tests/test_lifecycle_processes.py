@@ -26,7 +26,9 @@ def llama_servers() -> list[str]:
 def test_a_process_that_exits_during_start_fails_fast_with_its_log_and_can_retry(
     proxy_factory,
 ) -> None:
-    proxy = proxy_factory([BROKEN], start_timeout_s=300)
+    # A backoff (1 s, doubling) is what keeps a broken model from being restarted in a loop;
+    # here it is shorter than one failed start, so each request makes its own attempt.
+    proxy = proxy_factory([BROKEN], start_timeout_s=300, restart_backoff_s=0.001)
     for _ in range(2):  # a failed start does not wedge the model: the next request tries again
         answer = proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "broken"})
         assert answer.status_code == 502
@@ -102,6 +104,17 @@ def test_cli_activate_current_deactivate_against_a_real_proxy(proxy_factory) -> 
     missing = cli("activate-model", "nope", url=proxy.url)
     assert missing.returncode == 1 and "model_not_found" not in missing.stderr
     assert "The model 'nope' does not exist" in missing.stderr
+
+
+def test_cli_current_model_shows_a_failed_model_with_its_backoff_and_error(
+    proxy_factory,
+) -> None:
+    proxy = proxy_factory([BROKEN], restart_backoff_s=600)
+    assert proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "broken"}).is_error
+    lines = cli("current-model", url=proxy.url).stdout.splitlines()
+    assert lines[0].startswith("broken  llamacpp  failed  in flight: 0  restart: on-failure")
+    assert ", next try in " in lines[0]
+    assert lines[1].startswith("  last error: model 'broken' failed to start")
 
 
 def test_cli_with_the_proxy_down_is_one_line_and_exit_1() -> None:

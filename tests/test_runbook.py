@@ -58,6 +58,7 @@ CHECKED = {
     "ollama-prewarm",
     "autostart-off",
     "lease",
+    "engine-crash",
     "reload",
     "profiles",
 }
@@ -188,6 +189,14 @@ def test_the_runbook_works_as_written(project: Path, cleanup: list[object]) -> N
     logged = shell.run(book["logs"])
     assert '"event":"request"' in logged and '"status":200' in logged
     assert "chat_proxy_requests_total{" in logged
+
+    # §6.1 an engine crash: noticed, reported, and the next request is served again
+    crash = shell.run(book["engine-crash"]).splitlines()
+    assert any(line.startswith("gemma3-270m  llamacpp  crashed") for line in crash)
+    assert any('"model":"gemma3-270m"' in line and "exited with code -9" in line for line in crash)
+    assert 'chat_proxy_engine_crashes_total{model="gemma3-270m"} 1.0' in crash
+    served = json.loads(crash[-1])  # the next request was answered by a restarted engine
+    assert served["model"] == "gemma3-270m" and isinstance(served["content"], str)
 
     # §4 backends
     activation = shell.run(book["activate"])

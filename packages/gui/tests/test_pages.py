@@ -117,3 +117,23 @@ def test_start_and_stop_buttons_run_the_real_proxy(down) -> None:
     assert "Chat proxy running (pid" in texts(app)
     next(b for b in app.button if b.label == "Stop Chat Proxy").click().run()
     assert "stopped (pid" in texts(app)
+
+
+def test_models_page_shows_a_failed_start_with_its_restart_policy(
+    proxy_factory, monkeypatch, tmp_path
+) -> None:
+    broken = {
+        "name": "broken",
+        "backend": "llamacpp",
+        "backend_config": {"model_path": "/nowhere/model.gguf"},
+    }
+    proxy = proxy_factory([broken], restart_backoff_s=600)
+    monkeypatch.setenv("IMAGEWORKS_CHAT_PROXY_URL", proxy.url)
+    monkeypatch.setenv("IMAGEWORKS_GUI_WORKDIR", str(tmp_path))
+    chat = {"model": "broken", "messages": [{"role": "user", "content": "Hi"}]}
+    assert proxy.client.post("/v1/chat/completions", json=chat).status_code == 502
+    app = page("models").run()
+    assert not app.exception
+    errors = "\n".join(e.value for e in app.error)
+    assert "broken (failed; restart: on-failure · next automatic start in" in errors
+    assert "model file not found: /nowhere/model.gguf" in errors

@@ -39,6 +39,9 @@ class ModelRow:
     since: float | None = None
     capabilities: list[str] = field(default_factory=list)
     vram_estimate_mb: int | None = None
+    restart: str | None = None  # the registry's restart policy (managed models)
+    retry_in_s: float = 0.0  # backoff left before the next automatic start
+    halted: str | None = None  # a crash loop: only a manual activation starts it again
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,9 @@ class ProxyClient:
                     model.get("load_ms"),
                     model.get("since"),
                     caps,
+                    restart=model.get("restart"),
+                    retry_in_s=(model.get("restarts") or {}).get("retry_in_s") or 0.0,
+                    halted=(model.get("restarts") or {}).get("halted"),
                 )
             )
         return rows

@@ -9,6 +9,7 @@ STATE_COLOURS = {
     "starting": "orange",
     "stopping": "orange",
     "failed": "red",
+    "crashed": "red",
     "unreachable": "red",
     "stopped": "gray",
     "unknown": "gray",

@@ -280,24 +280,33 @@ def deactivate_model(name: str | None, proxy_url: str, admin_token: str | None) 
 @proxy_url
 @admin_token
 def current_model(as_json: bool, proxy_url: str, admin_token: str | None) -> None:
-    """Show the models the proxy has running or loading."""
+    """Show the models the proxy has running or loading, and those that failed or crashed
+    (with the restart policy, the backoff left and the last error)."""
     with domain_errors():
         state = call(proxy_url, "GET", "/admin/state", token=admin_token)
-    active = [
+    shown = [
         m
         for m in state.get("models", [])
-        if m.get("managed") and m.get("state") in ("starting", "ready", "stopping")
+        if m.get("managed")
+        and m.get("state") in ("starting", "ready", "stopping", "failed", "crashed")
     ]
     if as_json:
-        click.echo(json.dumps(active, indent=2))
+        click.echo(json.dumps(shown, indent=2))
         return
-    if not active:
+    if not shown:
         click.echo("none")
-    for model in active:
-        click.echo(
-            f"{model['name']}  {model['backend']}  {model['state']}  "
-            f"in flight: {model['in_flight']}"
-        )
+    for model in shown:
+        line = f"{model['name']}  {model['backend']}  {model['state']}  "
+        line += f"in flight: {model['in_flight']}"
+        restarts = model.get("restarts") or {}
+        if model["state"] in ("failed", "crashed"):
+            line += f"  restart: {model.get('restart', 'on-failure')}"
+            if restarts.get("retry_in_s"):
+                line += f", next try in {restarts['retry_in_s']:.0f} s"
+            if restarts.get("halted"):
+                line += ", halted (activate it by hand)"
+            line += f"\n  last error: {(model.get('last_error') or '').splitlines()[0][:200]}"
+        click.echo(line)
 
 
 if __name__ == "__main__":

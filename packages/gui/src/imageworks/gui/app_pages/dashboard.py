@@ -27,7 +27,7 @@ def live() -> None:
         proxy_down_banner(str(exc))
         return
     pill(f"Proxy up · profile {health.profile} · {health.models} models", True)
-    broken = [r for r in rows if r.visible and r.state in ("failed", "unreachable")]
+    broken = [r for r in rows if r.visible and r.state in ("failed", "crashed", "unreachable")]
     failing = [
         r
         for r in recent[:20]

@@ -62,5 +62,10 @@ for row in rows:
                 "success",
                 f"stopped {', '.join(stopped)}" if stopped else f"{row.name} was not running",
             )
-    if row.last_error and row.state == "failed":
-        st.error(f"{row.name}: {row.last_error}")
+    if row.last_error and row.state in ("failed", "crashed"):
+        policy = f"restart: {row.restart}"
+        if row.halted:
+            policy += " · halted by a crash loop: Activate restarts it"
+        elif row.retry_in_s:
+            policy += f" · next automatic start in {row.retry_in_s:.0f} s"
+        st.error(f"{row.name} ({row.state}; {policy}): {row.last_error}")
