@@ -9,6 +9,10 @@
    NVML's per-process usage.
 4. A GPU lease is granted: the arbiter evicts the process (SIGTERM to its group) and waits
    until NVML shows the memory back; the script reports how long that took.
+5. The model is started again and its process killed with SIGKILL: the exit watch must mark
+   it crashed within a second, and NVML must show its memory back.
+The holder runs through the real llama.cpp backend (launch template, engine record, exit
+watch), so this is the path a llama.cpp model on the GPU takes.
 Exits 0 when every step holds, 1 otherwise; 2 when there is no usable GPU.
 """
 
@@ -18,6 +22,8 @@ import argparse
 import asyncio
 import ctypes
 import json
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -25,8 +31,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
+SCRIPT = str(Path(__file__).resolve())
 
-def hold_gpu_memory(mb: int, port: int) -> None:
+
+def hold_gpu_memory(mb: int, port: int) -> None:  # the template passes --port after --hold
     """The child: allocate ``mb`` MiB on GPU 0, then answer /health until killed."""
     cuda = ctypes.CDLL("libcuda.so.1")
 
@@ -61,13 +69,13 @@ def hold_gpu_memory(mb: int, port: int) -> None:
 async def check(mb: int) -> dict[str, Any]:
     from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
     from imageworks.chat_proxy.arbiter.gpu import NvmlProbe
-    from imageworks.chat_proxy.backends.base import Backend
+    from imageworks.chat_proxy.backends.llamacpp import LlamaCppBackend
     from imageworks.chat_proxy.config import ProxyConfig
     from imageworks.chat_proxy.lifecycle import Lifecycle
-    from imageworks.chat_proxy.process import ManagedProcess, free_port
     from imageworks.model_loader.schema import ModelEntry
 
     report: dict[str, Any] = {"ok": False, "steps": {}}
+    steps = report["steps"]
     probe = NvmlProbe()
     before = await probe.snapshot()
     assert before is not None
@@ -78,35 +86,14 @@ async def check(mb: int) -> dict[str, Any]:
         "free_mb": before.free_mb,
     }
     staging = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-
-    class HolderBackend(Backend):
-        kind = "llamacpp"  # a process backend, started and stopped like a llama.cpp server
-
-        def __init__(self) -> None:
-            super().__init__(ProxyConfig.load(environ={}))
-            self.processes: dict[str, ManagedProcess] = {}
-
-        def slot_key(self, entry: ModelEntry) -> str | None:
-            return f"holder:{entry.name}"
-
-        async def start(self, entry: ModelEntry, log_path: Path, timeout: float) -> str:
-            port = free_port()
-            process = ManagedProcess(
-                [sys.executable, __file__, "--hold", str(mb), "--port", str(port)], log_path
-            )
-            await process.spawn()
-            self.processes[entry.name] = process
-            await process.wait_healthy(f"http://127.0.0.1:{port}/health", 120)
-            return f"http://127.0.0.1:{port}/v1"
-
-        async def stop(self, name: str) -> None:
-            await self.processes.pop(name).stop()
-
-        def pid_of(self, name: str) -> int | None:
-            process = self.processes.get(name)
-            return process.pid if process else None
-
-    backend = HolderBackend()
+    # The real llama.cpp backend (records, exit watch, stop), with the memory holder as its
+    # server command: the same code path a llama.cpp model on the GPU takes.
+    template = ["{python}", SCRIPT, "--hold", str(mb), "--port", "{port}"]
+    config = ProxyConfig.load(
+        environ={"CHAT_PROXY_LLAMACPP_LAUNCH_TEMPLATE": json.dumps(template)},
+        staging_dir=staging,
+    )
+    backend = LlamaCppBackend(config)
     entry = ModelEntry.model_validate(
         {
             "name": "holder",
@@ -138,21 +125,44 @@ async def check(mb: int) -> dict[str, Any]:
     assert held is not None
     pid = backend.pid_of("holder")
     seen = held.processes.get(pid) if pid else None
-    report["steps"]["child_started_s"] = round(time.monotonic() - started, 2)
-    report["steps"]["nvml_sees_child"] = {"pid": pid, "used_mb": seen}
-    report["steps"]["learned_footprint_mb"] = arbiter.learned_mb.get("holder")
-    report["steps"]["used_mb_while_held"] = held.used_mb
+    steps["child_started_s"] = round(time.monotonic() - started, 2)
+    steps["nvml_sees_child"] = {"pid": pid, "used_mb": seen}
+    steps["learned_footprint_mb"] = arbiter.learned_mb.get("holder")
+    steps["used_mb_while_held"] = held.used_mb
     evict_started = time.monotonic()
     lease = await arbiter.leases.grant(
         "gpu-check", "evict the holder", restart_model=False, ttl_s=60, need_mb=None
     )
     after = await probe.snapshot()
     assert after is not None
-    report["steps"]["lease_evicted"] = lease.evicted
-    report["steps"]["memory_back_s"] = round(time.monotonic() - evict_started, 3)
-    report["steps"]["used_mb_after"] = after.used_mb
-    report["steps"]["child_gone"] = pid not in after.processes
+    steps["lease_evicted"] = lease.evicted
+    steps["memory_back_s"] = round(time.monotonic() - evict_started, 3)
+    steps["used_mb_after"] = after.used_mb
+    steps["child_gone"] = pid not in after.processes
     await arbiter.leases.release(lease.token)
+
+    # A crash: kill -9 of the engine while ready. The exit watch marks it crashed; NVML must
+    # show its memory back without any stop from us.
+    await lifecycle.activate(entry)
+    crashed_pid = backend.pid_of("holder")
+    assert crashed_pid is not None
+    killed = time.monotonic()
+    os.kill(crashed_pid, signal.SIGKILL)
+    for _ in range(2000):  # 10 s at most
+        if lifecycle.state(entry) == "crashed":
+            break
+        await asyncio.sleep(0.005)
+    steps["crash_state"] = lifecycle.state(entry)
+    steps["crash_detected_s"] = round(time.monotonic() - killed, 3)
+    freed = None
+    while time.monotonic() - killed < 30:
+        snap = await probe.snapshot()
+        if snap is not None and crashed_pid not in snap.processes:
+            freed = snap
+            break
+        await asyncio.sleep(0.02)
+    steps["crash_memory_back_s"] = round(time.monotonic() - killed, 3) if freed else None
+    steps["crash_used_mb_after"] = freed.used_mb if freed else None
     await lifecycle.shutdown()
     report["ok"] = bool(
         seen
@@ -160,6 +170,10 @@ async def check(mb: int) -> dict[str, Any]:
         and lease.evicted == ["holder"]
         and pid not in after.processes
         and after.used_mb <= before.used_mb + 256
+        and steps["crash_state"] == "crashed"
+        and steps["crash_detected_s"] < 1
+        and freed is not None
+        and freed.used_mb <= before.used_mb + 256
     )
     return report
 

@@ -1,7 +1,8 @@
 """Which models to evict so that a model (or a lease) fits: a pure function over plain data.
 
-Rules, in order: never a model serving a request; never a model the lease holder protects;
-least recently used first; stop as soon as enough is free. The plan says whether the need can
+Rules, in order: never a model serving a request; never a protected one (starting or
+stopping: its slot owns it; or one the arbiter cannot evict); least recently used first; stop
+as soon as enough is free. The plan says whether the need can
 be met at all, so the caller can refuse early instead of evicting for nothing.
 """
 
@@ -16,7 +17,7 @@ class Resident:
     vram_mb: int
     last_used: float  # monotonic seconds; lower is older
     in_flight: int = 0
-    protected: bool = False  # e.g. a model the lease holder is using
+    protected: bool = False  # starting, stopping, or with no way to evict it
 
     @property
     def evictable(self) -> bool:
