@@ -222,8 +222,9 @@ def test_a_crash_loop_ends_in_failed_after_the_limit(proxy_factory) -> None:
 # --- engines the proxy does not parent: reconciled --------
 
 
+@pytest.mark.parametrize("noticed_by", ["the reconcile loop", "a refused request"])
 def test_a_vllm_stopped_behind_the_proxys_back_is_noticed_and_restarted(
-    tmp_path: Path, proxy_factory
+    tmp_path: Path, proxy_factory, noticed_by: str
 ) -> None:
     root = tmp_path / "exec"
     (root / "configs").mkdir(parents=True)
@@ -236,9 +237,14 @@ def test_a_vllm_stopped_behind_the_proxys_back_is_noticed_and_restarted(
     (root / "configs" / "model_registry.curated.json").write_text(json.dumps([entry]))
     executor = Executor(root, template=FAKE_ENGINE_TEMPLATE)
     try:
-        proxy = proxy_factory([entry], vllm_remote_url=executor.url, reconcile_s=0.2)
+        loop_s = 0.2 if noticed_by == "the reconcile loop" else 3600
+        proxy = proxy_factory([entry], vllm_remote_url=executor.url, reconcile_s=loop_s)
         assert proxy.client.post("/admin/activate", json={"model": "v"}, timeout=60).is_success
         httpx.post(executor.url + "/admin/deactivate", timeout=30)  # behind the proxy's back
+        if noticed_by == "a refused request":
+            refused = proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "v"})
+            assert refused.status_code == 502  # the engine is gone: connection refused...
+        # ...and the proxy looks at once instead of calling it ready forever
         assert eventually(lambda: model_state(proxy, "v")["state"] == "crashed", 10)
         served = proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "v"}, timeout=60)
         assert served.status_code == 200, served.text
