@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+from testkit.entries import eventually
 from testkit.fake_engine import entry_for
 from testkit.gpu import FakeProbe
 
@@ -133,3 +134,58 @@ def test_the_lease_survives_a_proxy_restart(proxy_factory, fake_ollama) -> None:
             )
     finally:
         again.stop()
+
+
+def test_release_restores_the_ollama_model_the_lease_evicted(proxy_factory, fake_ollama) -> None:
+    engine = fake_ollama.engine
+    engine.vram_mb = {"qwen2.5vl:7b": 9000}
+    proxy = proxy_factory([ollama_entry(fake_ollama.url)], probe=FakeProbe(24000, engine.holdings))
+    http = proxy.client
+    assert http.post("/v1/chat/completions", json={**CHAT, "model": "vision"}).status_code == 200
+    token = http.post("/v1/gpu/lease", json={"owner": "jv", "restart_model": True}).json()["token"]
+    assert engine.loaded == {}
+    released = http.post("/v1/gpu/release", json={"token": token}).json()
+    assert released == {"status": "released", "restoring": ["vision"]}
+    assert eventually(lambda: "qwen2.5vl:7b" in engine.loaded)  # loaded again through Ollama
+    proxy.server.stop()
+    assert [r["result"] for r in proxy.records("restore")] == ["ready"]
+
+
+def test_declared_budget_admits_a_model_that_fits_an_empty_budget(proxy_factory, fake_vllm) -> None:
+    """No NVML: the declared sizes are the ledger. A 14,000 MB model on an empty 20,000 MB
+    budget must start; the model being started must not count against itself."""
+    template = [
+        "{python}",
+        "-m",
+        "testkit.fake_engine",
+        "--port",
+        "{port}",
+        "--flavour",
+        "llamacpp",
+    ]
+    big = {
+        "name": "big",
+        "backend": "llamacpp",
+        "vram_estimate_mb": 14000,
+        "backend_config": {"model_path": "none"},
+    }
+    other = {**big, "name": "other", "vram_estimate_mb": 8000}
+    proxy = proxy_factory(
+        [big, other],
+        gpu_probe="none",
+        gpu_total_mb=20000,
+        gpu_headroom_mb=1000,
+        llamacpp_launch_template=json.dumps(template),
+    )
+    http = proxy.client
+    assert http.post("/v1/chat/completions", json={**CHAT, "model": "big"}).status_code == 200
+    assert http.get("/v1/gpu/status").json()["gpu"] == {
+        "name": "declared budget",
+        "total_mb": 20000,
+        "used_mb": 14000,
+        "free_mb": 6000,
+    }
+    # 14,000 + 8,000 + 1,000 headroom > 20,000: the idle big model makes room for the other
+    assert http.post("/v1/chat/completions", json={**CHAT, "model": "other"}).status_code == 200
+    states = {m["name"]: m["state"] for m in http.get("/admin/state").json()["models"]}
+    assert states == {"big": "stopped", "other": "ready"}

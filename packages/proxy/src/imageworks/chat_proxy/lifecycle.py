@@ -292,7 +292,7 @@ class Lifecycle:
         return [
             slot.entry.vram_estimate_mb or 0
             for slot in self.slots.values()
-            if slot.active is not None and slot.entry is not None
+            if slot.active is not None and slot.entry is not None and not slot.making_room
         ]
 
     async def make_room(self, entry: ModelEntry) -> None:

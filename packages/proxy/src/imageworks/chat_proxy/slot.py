@@ -84,6 +84,7 @@ class Slot:
         self.reserved: set[_Waiter] = set()  # admitted before anyone may claim the slot
         self.switch_task: asyncio.Task[None] | None = None
         self.switch_started = 0.0
+        self.making_room = False
         self.failures: dict[str, int] = {}
         self.errors: dict[str, ProxyError] = {}
         self._changed = asyncio.Event()
@@ -192,11 +193,14 @@ class Slot:
             self.switch_started = time.monotonic()
             self.owner.set_status(name, STARTING)
             self._notify()
+            self.making_room = True  # not on the GPU yet: a declared budget must not count it
             try:
                 await self.owner.make_room(entry)
             except Exception as exc:  # no room: nothing was started, so no backoff either
                 await self._start_failed(entry, exc, backoff=False)
                 return
+            finally:
+                self.making_room = False
             try:
                 base_url = await self.backend.start(
                     entry, self.owner.start_log(name), self.owner.start_timeout
