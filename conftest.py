@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -127,12 +128,20 @@ def proxy_factory(tmp_path: Path) -> Iterator[ProxyFactory]:
 
 @pytest.fixture(scope="session", autouse=True)
 def no_process_left_behind() -> Iterator[None]:
-    """After the whole suite, no llama.cpp server, executor or fake engine may still run."""
-    before = {pid for pid, _ in our_processes()}
+    """After the whole suite, no llama.cpp server, executor or fake engine may still run.
+    Only processes of this checkout's environment count: other checkouts' suites may run on
+    the same machine."""
+    venv = str(Path(sys.executable).parent.parent)
+
+    def ours() -> list[tuple[int, str]]:
+        return [p for p in our_processes() if venv in p[1] and p[0] not in before]
+
+    before: set[int] = set()
+    before = {pid for pid, _ in ours()}
     yield
     deadline = time.monotonic() + 10
-    left = [p for p in our_processes() if p[0] not in before]
+    left = ours()
     while left and time.monotonic() < deadline:
         time.sleep(0.2)
-        left = [p for p in our_processes() if p[0] not in before]
+        left = ours()
     assert not left, f"processes left running after the tests: {left}"

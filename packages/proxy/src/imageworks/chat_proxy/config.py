@@ -68,6 +68,10 @@ class ProxyConfig(BaseModel):
     crash_loop_limit: int = Field(default=5, ge=1)
     crash_loop_window_s: float = Field(default=600.0, gt=0)
     reconcile_s: float = Field(default=5.0, gt=0)
+    # Idle unload: a managed model with no request for this long is stopped (0: never; an
+    # entry's ttl_s wins); models named here (comma-separated) start with the proxy.
+    idle_ttl_s: float = Field(default=0.0, ge=0)
+    preload: tuple[str, ...] = ()
     # llama.cpp engines: a JSON array like the executor's template (placeholders: python,
     # model_path, host, port, served_model_id, logical_name, {chat_template_args},
     # {extra_args}); empty = the bundled xllamacpp server.
@@ -80,7 +84,7 @@ class ProxyConfig(BaseModel):
     admin_token: str | None = None
     recent_requests: int = Field(default=500, ge=1, le=100_000)
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "preload", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -21,10 +21,11 @@ import functools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from imageworks.chat_proxy import idle
 from imageworks.chat_proxy.arbiter.seams import GpuGate, Holding
 from imageworks.chat_proxy.backends import Backend
 from imageworks.chat_proxy.errors import BackendUnavailable, ModelBackoff, ModelStartFailed
@@ -66,6 +67,7 @@ class Lifecycle:
         queue_timeout: float = 120.0,
         request_log: RequestLog | None = None,
         restarts: Callable[[], Restarts] = Restarts,
+        idle_ttl_s: float = 0.0,
     ) -> None:
         self.backends = backends
         self.staging_dir = staging_dir
@@ -74,6 +76,7 @@ class Lifecycle:
         self.queue_timeout = queue_timeout
         self.request_log = request_log
         self.new_restarts = restarts
+        self.idle_ttl_s = idle_ttl_s
         self.slots: dict[str, Slot] = {}
         self.gate: GpuGate | None = None  # set by the app once the arbiter exists
         self.metrics: Metrics | None = None
@@ -258,6 +261,22 @@ class Lifecycle:
             except Exception as exc:  # the loop must outlive any one bad round
                 log.warning("reconcile failed: %s", exc)
 
+    # --- preload (idle unload lives in idle.py) ------------------------------------------
+
+    async def preload(self, names: Iterable[str]) -> None:
+        """Start the named models and those marked ``preload`` (at proxy start)."""
+        registry = self.registry()
+        wanted = set(names)
+        for entry in registry:
+            if not entry.servable or not self.managed(entry):
+                continue
+            if entry.preload or entry.name in wanted:
+                try:
+                    await self.activate(entry)
+                    self.event("preload", model=entry.name, result="ready")
+                except Exception as exc:
+                    self.event("preload", model=entry.name, result="failed", error=str(exc))
+
     # --- the Residency the arbiter sees --------------------------------------------------------
 
     async def holdings(self) -> list[Holding]:
@@ -307,6 +326,7 @@ class Lifecycle:
 
     def started(self, entry: ModelEntry, load_ms: float) -> None:
         self.restarts_of(entry.name).started()
+        self.touch(entry.name)  # its idle time counts from now
         self.set_status(entry.name, READY, load_ms=load_ms)
         self.event("autostart", model=entry.name, result="ready", load_ms=load_ms)
         self.count_load(entry.name, "ready", load_ms)
@@ -362,6 +382,9 @@ class Lifecycle:
         """The status as ``/admin/state`` shows it, with the restart accounting."""
         view = self.status(entry).public()
         if self.managed(entry):
+            left = idle.time_left(self, entry)
+            view["idle_unload_in_s"] = None if left is None else round(left, 1)
+            view["pinned"] = entry.pinned
             view["restart"] = entry.restart
             view["restarts"] = self.restarts_of(entry.name).public(time.monotonic())
         return view

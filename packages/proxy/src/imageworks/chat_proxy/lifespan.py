@@ -27,6 +27,7 @@ from typing import Any
 
 import aiohttp
 
+from imageworks.chat_proxy import idle
 from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe, NoGpuProbe, NvmlProbe
 from imageworks.chat_proxy.backends import build_backends
@@ -97,6 +98,7 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         queue_timeout=config.queue_timeout_s,
         request_log=request_log,
         restarts=restarts,
+        idle_ttl_s=config.idle_ttl_s,
     )
     lifecycle.metrics = metrics
     arbiter = VramArbiter(
@@ -156,6 +158,9 @@ async def start_background(state: ProxyState) -> list[asyncio.Task[Any]]:
     return [
         loop.create_task(state.arbiter.leases.expiry_loop()),
         loop.create_task(state.lifecycle.reconcile_loop(state.config.reconcile_s)),
+        loop.create_task(idle.idle_loop(state.lifecycle)),
+        # In the background: the proxy serves (and lists models) while they load.
+        loop.create_task(state.lifecycle.preload(state.config.preload)),
     ]
 
 

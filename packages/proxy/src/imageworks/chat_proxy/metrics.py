@@ -92,6 +92,12 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.idle_unloads = Counter(
+            "chat_proxy_idle_unloads",
+            "Models stopped after their idle TTL, by model",
+            ["model"],
+            registry=r,
+        )
         self.evictions = Counter(
             "chat_proxy_evictions", "Models evicted to free VRAM, by reason", ["reason"], registry=r
         )

@@ -304,17 +304,22 @@ class Slot:
         self.owner.set_status(name, STOPPED)
         self.owner.event("unload", model=name, reason=reason)
 
+    def idle(self, name: str) -> bool:
+        """Is ``name`` the ready model here, serving no one, with nobody waiting for a turn?"""
+        return (
+            self.active == name
+            and self.state == READY
+            and not self.in_flight
+            and self.switch_task is None
+            and self.target in (None, name)
+        )
+
     async def evict(self, name: str, reason: str) -> bool:
-        """Stop ``name`` now if it is the idle, ready model here (the arbiter's eviction)."""
-        if (
-            self.active != name
-            or self.state != READY
-            or self.in_flight
-            or self.switch_task is not None
-            or self.target not in (None, name)
-        ):
+        """Stop ``name`` now if it is idle here (the arbiter's eviction, or an idle TTL:
+        ``reason`` "idle")."""
+        if not self.idle(name):
             return False
-        await self._stop_active(f"evict ({reason})")
+        await self._stop_active("idle" if reason == "idle" else f"evict ({reason})")
         self._notify()
         return True
 

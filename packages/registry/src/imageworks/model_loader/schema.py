@@ -79,6 +79,12 @@ class ModelEntry(_Open):
     # What the proxy does when the engine dies while ready: start it again on the next request
     # (with backoff, until a crash loop), or leave it crashed until activated by hand.
     restart: Literal["on-failure", "never"] = "on-failure"
+    # Idle unload: seconds without a request before the proxy stops the model (None: the global
+    # CHAT_PROXY_IDLE_TTL_S; 0: never); a pinned model is never unloaded for being idle, and a
+    # preloaded one is started with the proxy.
+    ttl_s: float | None = Field(default=None, ge=0)
+    pinned: bool = False
+    preload: bool = False
     profiles: list[str] | None = None
     deprecated: bool = False
     quantization: str | None = None

@@ -92,6 +92,19 @@ class VramArbiter:
         if used:
             self.learned_mb[entry.name] = used
 
+    async def released(self, pid: int | None) -> bool:
+        """Verify an engine's memory came back: its pid gone from the per-process usage."""
+        if pid is None or not self.probe.measures:
+            return True
+        deadline = time.monotonic() + self.vram_timeout_s
+        while time.monotonic() < deadline:
+            snap = await self.snapshot()
+            if snap is None or pid not in snap.processes:
+                return True
+            await asyncio.sleep(0.1)
+        log.warning("[gpu-arbiter] pid %s still holds GPU memory after it stopped", pid)
+        return False
+
     # --- what holds the GPU ------------------------------------------------------------------
 
     async def snapshot(self) -> GpuSnapshot | None:

@@ -49,3 +49,7 @@ class GpuGate(Protocol):
     async def learn(self, entry: ModelEntry, pid: int | None) -> None:
         """After ``entry`` is ready: remember what its process really holds."""
         ...
+
+    async def released(self, pid: int | None) -> bool:
+        """After an engine stopped: wait (bounded) until the GPU no longer shows ``pid``."""
+        ...
