@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -64,7 +65,11 @@ def test_sigterm_releases_stops_unloads_and_exits_zero(tmp_path: Path, fake_olla
     ).json()
     assert lease["token"] and list(engine.loaded) == ["someone-elses:3b"]  # never evicted
     engine.loaded["qwen2.5vl:7b"] = 1.0  # someone used Ollama directly meanwhile
-    llama = [pid for pid, cmd in our_processes() if "llamacpp.server" in cmd and "gemma" in cmd]
+    llama = [  # this checkout's only: other suites may run on the machine
+        pid
+        for pid, cmd in our_processes()
+        if "llamacpp.server" in cmd and "gemma" in cmd and sys.executable in cmd
+    ]
     assert llama
 
     proxy.send_signal(signal.SIGTERM)

@@ -120,7 +120,8 @@ class ProcessRecord:
         """Is the process with this pid still the one we started (same start time and argv)?"""
         return (
             pid_alive(self.pid)
-            and start_ticks(self.pid) == self.start_ticks
+            # None: a record written before start times were kept (pid and argv must do)
+            and self.start_ticks in (None, start_ticks(self.pid))
             and cmdline(self.pid) == self.argv
         )
 

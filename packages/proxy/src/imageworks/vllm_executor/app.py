@@ -97,7 +97,9 @@ class Executor:
             record = json.loads(self.state_path.read_text())
         except (OSError, ValueError):
             return
-        identity = ProcessRecord.loads(json.dumps(record.get("process") or {}))
+        # Records from before the start time was kept have pid and argv only: still adoptable.
+        legacy = {"pid": record.get("pid"), "argv": record.get("argv"), "start_ticks": None}
+        identity = ProcessRecord.loads(json.dumps(record.get("process") or legacy))
         if identity is None:
             self.state_path.unlink(missing_ok=True)
             return
@@ -162,6 +164,7 @@ class Executor:
                 self.process = process
                 self.record = {
                     "pid": process.pid,
+                    "argv": argv,
                     "process": json.loads(process.record().dumps()),
                     "logical_name": entry.name,
                     "served_model_id": entry.upstream_id,
