@@ -141,6 +141,29 @@ def test_a_body_over_the_limit_is_413(proxy_factory, fake_vllm) -> None:
     assert answer.status_code == 413
 
 
+def body_of_exactly(size: int) -> bytes:
+    head = json.dumps({**CHAT, "model": "m", "padding": ""}).encode()
+    body = head[:-2] + b"x" * (size - len(head)) + head[-2:]
+    assert len(body) == size
+    return body
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_of_exactly_the_limit_is_accepted_and_one_byte_more_is_not(
+    proxy_factory, fake_vllm, chunked: bool
+) -> None:
+    proxy = proxy_factory([entry_for("m", fake_vllm.url)], max_body_bytes=4096)
+
+    def post(body: bytes) -> int:
+        content = iter([body[:100], body[100:]]) if chunked else body
+        return proxy.client.post(
+            "/v1/chat/completions", content=content, headers={"content-type": "application/json"}
+        ).status_code
+
+    assert post(body_of_exactly(4096)) == 200
+    assert post(body_of_exactly(4097)) == 413
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
