@@ -8,7 +8,9 @@ from imageworks.chat_proxy.errors import CapabilityMismatch, InvalidRequest, Tem
 from imageworks.chat_proxy.payloads import (
     CHAT,
     EMBEDDINGS,
+    ENGINE_CONTROL_FIELDS,
     check_capabilities,
+    check_engine_fields,
     check_template,
     parse_body,
     prepare,
@@ -127,3 +129,38 @@ def test_template_requirement() -> None:
     check_template(entry(chat_template={"source": "external", "path": "t.jinja"}), True, True)
     check_template(entry(), required=False, template_needed=True)
     check_template(entry(), required=True, template_needed=False)
+
+
+@pytest.mark.parametrize("raw", [b'{"t": NaN}', b'{"t": Infinity}', b'{"t": [-Infinity]}'])
+def test_nan_and_infinity_are_not_json(raw: bytes) -> None:
+    with pytest.raises(InvalidRequest, match="not a JSON number"):
+        parse_body(raw)
+
+
+def test_a_json_object_parses_with_numbers_as_they_are() -> None:
+    assert parse_body(b' {"t": 1e400, "n": -0.5} ') == {"t": float("inf"), "n": -0.5}
+
+
+@pytest.mark.parametrize("name", ["m\x00", "\x1fm", "m\x7f", "m\x9f", "m\n"])
+def test_control_characters_in_the_model_name(name: str) -> None:
+    with pytest.raises(InvalidRequest, match="control characters") as caught:
+        validate(CHAT, {"model": name, "messages": MESSAGES})
+    assert caught.value.param == "model"
+
+
+@pytest.mark.parametrize("name", ["m", "org/model-7b", "Qwen2 7B (AWQ)", "m\xa0x", "模型"])
+def test_printable_model_names_pass(name: str) -> None:
+    assert validate(CHAT, {"model": name, "messages": MESSAGES}) == name
+
+
+@pytest.mark.parametrize("field", ENGINE_CONTROL_FIELDS)
+def test_engine_control_fields_need_the_entry_s_permission(field: str) -> None:
+    body = {"model": "m", "messages": MESSAGES, field: {}}
+    with pytest.raises(InvalidRequest) as caught:
+        check_engine_fields(entry(), body)
+    assert caught.value.param == field and caught.value.status == 400
+    check_engine_fields(entry(allow_request_fields=[field]), body)
+    others = [f for f in ENGINE_CONTROL_FIELDS if f != field]
+    with pytest.raises(InvalidRequest):
+        check_engine_fields(entry(allow_request_fields=others), body)
+    check_engine_fields(entry(), {"model": "m", "messages": MESSAGES})
