@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from testkit.fake_engine import FakeEngine
-from testkit.processes import our_processes
+from testkit.processes import our_processes, tag_session
 from testkit.servers import AiohttpServer, UvicornServer
 
 REPO = Path(__file__).resolve().parent
@@ -59,6 +59,11 @@ class Proxy:
     root: Path
     server: UvicornServer
     client: httpx.Client
+
+    @property
+    def state(self) -> Any:
+        """The running proxy's ``ProxyState`` (for the few facts no endpoint shows)."""
+        return self.server.app.state.proxy
 
     @property
     def log_path(self) -> Path:
@@ -122,7 +127,9 @@ def proxy_factory(tmp_path: Path) -> Iterator[ProxyFactory]:
 
 @pytest.fixture(scope="session", autouse=True)
 def no_process_left_behind() -> Iterator[None]:
-    """After the whole suite, no llama.cpp server, executor or fake engine may still run."""
+    """After the whole suite, nothing it started may still run: every process started from
+    here carries the session's tag, console scripts (the runbook's) included."""
+    tag_session()
     before = {pid for pid, _ in our_processes()}
     yield
     deadline = time.monotonic() + 10
