@@ -17,6 +17,7 @@ import pytest
 from testkit.fake_engine import sse_events
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.subprocess  # a real llama.cpp server
 MARKUP = re.compile(r"<\|[^|]*\|>|<(start|end)_of_[a-z_]+>|\[multimodal\]|<eos>|<bos>|<pad>")
 PROMPTS = [
     "Tell me about cats.",

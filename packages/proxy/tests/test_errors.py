@@ -139,3 +139,20 @@ def test_an_upstream_error_without_a_message_keeps_its_status() -> None:
     assert isinstance(upstream_error(499, b"x"), UpstreamError)
     assert isinstance(upstream_error(500, b"x"), BackendUnavailable)
     assert isinstance(upstream_error(399, b"x"), BackendUnavailable)
+
+
+def test_an_error_is_its_message() -> None:
+    assert str(InvalidRequest("bad temperature")) == "bad temperature"
+
+
+def test_upstream_error_text_is_decoded_leniently_and_bounded() -> None:
+    assert upstream_error(400, b"\xff\xfe broken").message == "\ufffd\ufffd broken"
+    assert upstream_error(400, b"x" * 600).message == "x" * 500
+
+
+def test_missing_message_and_param_are_absent_not_the_string_none() -> None:
+    no_message = upstream_error(400, b'{"error": {"code": "c"}}')
+    assert no_message.message == '{"error": {"code": "c"}}'
+    assert no_message.body()["error"]["code"] == "c"
+    no_param = upstream_error(400, b'{"error": {"message": "m"}}')
+    assert no_param.param is None and no_param.message == "m"
