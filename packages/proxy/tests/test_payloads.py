@@ -81,9 +81,11 @@ def test_generation_defaults_fill_only_what_the_request_omits() -> None:
 
 
 def test_max_completion_tokens_counts_as_a_max_tokens_choice() -> None:
-    model = entry(generation_defaults={"max_tokens": 64})
+    model = entry(generation_defaults={"max_tokens": 64, "stop": ["</s>"], "seed": 7})
     body = {"model": "m", "messages": MESSAGES, "max_completion_tokens": 5}
-    assert "max_tokens" not in json.loads(prepare(CHAT, model, body, json.dumps(body).encode()))
+    sent = json.loads(prepare(CHAT, model, body, json.dumps(body).encode()))
+    assert "max_tokens" not in sent
+    assert sent["stop"] == ["</s>"] and sent["seed"] == 7  # the defaults after it still apply
 
 
 def test_an_unchanged_body_is_forwarded_as_the_same_bytes() -> None:
