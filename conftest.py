@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from testkit.fake_engine import FakeEngine
-from testkit.processes import our_processes
+from testkit.processes import our_processes, tag_session
 from testkit.servers import AiohttpServer, UvicornServer
 
 REPO = Path(__file__).resolve().parent
@@ -60,6 +59,11 @@ class Proxy:
     root: Path
     server: UvicornServer
     client: httpx.Client
+
+    @property
+    def state(self) -> Any:
+        """The running proxy's ``ProxyState`` (for the few facts no endpoint shows)."""
+        return self.server.app.state.proxy
 
     @property
     def log_path(self) -> Path:
@@ -128,20 +132,14 @@ def proxy_factory(tmp_path: Path) -> Iterator[ProxyFactory]:
 
 @pytest.fixture(scope="session", autouse=True)
 def no_process_left_behind() -> Iterator[None]:
-    """After the whole suite, no llama.cpp server, executor or fake engine may still run.
-    Only processes of this checkout's environment count: other checkouts' suites may run on
-    the same machine."""
-    venv = str(Path(sys.executable).parent.parent)
-
-    def ours() -> list[tuple[int, str]]:
-        return [p for p in our_processes() if venv in p[1] and p[0] not in before]
-
-    before: set[int] = set()
-    before = {pid for pid, _ in ours()}
+    """After the whole suite, nothing it started may still run: every process started from
+    here carries the session's tag, console scripts (the runbook's) included."""
+    tag_session()
+    before = {pid for pid, _ in our_processes()}
     yield
     deadline = time.monotonic() + 10
-    left = ours()
+    left = [p for p in our_processes() if p[0] not in before]
     while left and time.monotonic() < deadline:
         time.sleep(0.2)
-        left = ours()
+        left = [p for p in our_processes() if p[0] not in before]
     assert not left, f"processes left running after the tests: {left}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -13,14 +14,25 @@ from pathlib import Path
 from testkit.servers import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]
-# Command-line fragments of every process the project starts.
+# Set by the test session in its own environment, so every process it starts carries it (child
+# environments are built from os.environ): whatever a process is called (a console script,
+# uvicorn, streamlit, a llama.cpp server), the session can find it, and only its own.
+SESSION_VAR = "PYTEST_IMAGEWORKS_SESSION"
+# Command-line fragments of every program the project starts, for a process not tagged (a
+# session that did not tag itself, or a child started with an environment of its own).
 OUR_PROCESSES = (
     "imageworks.chat_proxy.llamacpp.server",
     "imageworks.vllm_executor",
     "testkit.fake_engine",
     "imageworks.chat_proxy.cli",
+    "imageworks.gui.cli",
+    # console scripts and servers started by name (the runbook's commands, the console)
+    "imageworks-chat-proxy",
+    "imageworks-vllm",
+    "imageworks-gui",
+    "imageworks.chat_proxy.app:app",
+    "imageworks/gui/streamlit_app.py",
 )
-
 # The executor's launch template in tests: vLLM cannot run here, so it launches llama.cpp
 # with the embedded model through exactly the same code path.
 LLAMACPP_TEMPLATE = json.dumps(
@@ -58,7 +70,23 @@ FAKE_ENGINE_TEMPLATE = json.dumps(
 )
 
 
+def tag_session() -> str:
+    """Mark this process's environment (and so its future children's) as one test session."""
+    os.environ[SESSION_VAR] = f"{os.getpid()}-{secrets.token_hex(4)}"
+    return os.environ[SESSION_VAR]
+
+
+def is_ours(cmdline: str, environ: bytes, session: str | None) -> bool:
+    """In a tagged session, a process carrying its tag (not another session's, nor one of
+    another checkout's, on a shared machine); untagged, any process of one of our programs."""
+    if session is not None:
+        return f"{SESSION_VAR}={session}".encode() in environ.split(b"\0")
+    return any(marker in cmdline for marker in OUR_PROCESSES)
+
+
 def our_processes() -> list[tuple[int, str]]:
+    """Live (not zombie) processes of this test session, as (pid, command line)."""
+    session = os.environ.get(SESSION_VAR)
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -66,9 +94,10 @@ def our_processes() -> list[tuple[int, str]]:
         try:
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
             state = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0]
+            environ = (entry / "environ").read_bytes()
         except OSError:
             continue
-        if state != "Z" and any(marker in cmd for marker in OUR_PROCESSES):
+        if state != "Z" and cmd and is_ours(cmd, environ, session):
             found.append((int(entry.name), cmd.strip()))
     return found
 
@@ -97,13 +126,14 @@ class Executor:
         self.start()
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "imageworks.vllm_executor.cli"],
-            cwd=self.root,
-            env=self.env,
-            stdout=(self.root / "executor.out").open("ab"),
-            stderr=subprocess.STDOUT,
-        )
+        with (self.root / "executor.out").open("ab") as out:  # the child keeps its own copy
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "imageworks.vllm_executor.cli"],
+                cwd=self.root,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         wait_for_port(self.port, timeout=30)
 
     def kill(self) -> None:

@@ -31,8 +31,12 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
 
     def close(self) -> None:
+        if self.loop.is_closed():  # closing twice (a test, then its fixture) is fine
+            return
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        if not self.thread.is_alive():  # a loop left open leaks its self-pipe (ResourceWarning)
+            self.loop.close()
 
 
 class AiohttpServer:
@@ -52,6 +56,8 @@ class AiohttpServer:
         self._loop.call(start())
 
     def stop(self) -> None:
+        if self._loop.loop.is_closed():
+            return
         self._loop.call(self._runner.cleanup())
         self._loop.close()
 
@@ -67,6 +73,7 @@ class UvicornServer:
         ``asyncio``) every callback that holds the loop longer than this."""
         import uvicorn
 
+        self.app = app
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
@@ -96,6 +103,8 @@ class UvicornServer:
         wait_for_port(self.port)
 
     def stop(self) -> None:
+        if self._loop.loop.is_closed():
+            return
         self._server.should_exit = True
         self._done.wait(15)
         self._loop.close()

@@ -17,6 +17,7 @@ import pytest
 from testkit.fake_engine import sse_events
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.subprocess  # a real llama.cpp server
 MARKUP = re.compile(r"<\|[^|]*\|>|<(start|end)_of_[a-z_]+>|\[multimodal\]|<eos>|<bos>|<pad>")
 PROMPTS = [
     "Tell me about cats.",
@@ -110,11 +111,13 @@ def test_no_control_token_reaches_a_reply(shipped) -> None:
             )
             assert answer.status_code == 200
             if stream:
-                text = "".join(
-                    json.loads(e)["choices"][0]["delta"].get("content") or ""
-                    for e in sse_events(answer.text)[:-1]
-                    if json.loads(e).get("choices")
-                )
+                events = sse_events(answer.text)
+                assert events[-1] == "[DONE]", answer.text
+                chunks = [json.loads(e) for e in events[:-1]]
+                assert not [c for c in chunks if "error" in c], answer.text  # no in-band error
+                assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+                text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
             else:
                 text = answer.json()["choices"][0]["message"]["content"]
+            assert text.strip(), f"no reply to {prompt!r} (stream={stream})"
             assert not MARKUP.search(text), f"control token in reply to {prompt!r}: {text!r}"

@@ -7,9 +7,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from testkit.entries import GEMMA
 from testkit.fake_engine import sse_events
 from testkit.processes import our_processes
+
+pytestmark = pytest.mark.subprocess
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 BROKEN = {

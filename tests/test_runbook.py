@@ -17,12 +17,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from testkit.entries import eventually
 from testkit.fake_engine import FakeEngine
 from testkit.processes import LLAMACPP_TEMPLATE, our_processes
 from testkit.servers import AiohttpServer, wait_for_port
@@ -110,13 +110,14 @@ class Shell:
     def start(self, script: str, port: int) -> subprocess.Popen[bytes]:
         # bash -c runs a single simple command (env assignments included) by exec, so signals
         # reach the program itself.
-        process = subprocess.Popen(
-            ["bash", "-c", script.strip().replace("\\\n", " ")],
-            cwd=self.root,
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=(self.root / f"{port}.err").open("wb"),
-        )
+        with (self.root / f"{port}.err").open("wb") as err:  # the child keeps its own copy
+            process = subprocess.Popen(
+                ["bash", "-c", script.strip().replace("\\\n", " ")],
+                cwd=self.root,
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
         try:
             wait_for_port(port, timeout=90)
         except TimeoutError:
@@ -226,13 +227,11 @@ def test_the_runbook_works_as_written(project: Path, cleanup: list[object]) -> N
         }
     )
     curated.write_text(json.dumps(entries))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        ids = [m["id"] for m in httpx.get("http://127.0.0.1:8100/v1/models").json()["data"]]
-        if "added-live" in ids:
-            break
-        time.sleep(0.2)
-    assert "added-live" in ids  # a registry edit, live, without a restart
+
+    def ids() -> list[str]:
+        return [m["id"] for m in httpx.get("http://127.0.0.1:8100/v1/models").json()["data"]]
+
+    assert eventually(lambda: "added-live" in ids()), ids()  # a registry edit, live
 
     # §2.1 Ctrl+C: exit 0, Ollama unloaded, no model process left
     assert ctrl_c(proxy) == 0

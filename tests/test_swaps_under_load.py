@@ -37,7 +37,7 @@ def entry(name: str) -> dict[str, object]:
     }
 
 
-async def client(url: str, number: int) -> list[tuple[str, int, list[str]]]:
+async def client(url: str, number: int) -> list[tuple[str, bool, int, list[str]]]:
     results = []
     async with httpx.AsyncClient(base_url=url, timeout=120) as http:
         for round_ in range(ROUNDS):
@@ -48,8 +48,9 @@ async def client(url: str, number: int) -> list[tuple[str, int, list[str]]]:
                 "messages": [{"role": "user", "content": f"client {number} round {round_}"}],
             }
             answer = await http.post("/v1/chat/completions", json=body)
-            events = sse_events(answer.text) if body["stream"] else [answer.text]
-            results.append((model, answer.status_code, events))
+            stream = body["stream"] is True
+            events = sse_events(answer.text) if stream else [answer.text]
+            results.append((model, stream, answer.status_code, events))
     return results
 
 
@@ -63,18 +64,24 @@ def test_no_request_fails_and_no_stream_is_cut_across_swaps(tmp_path: Path, prox
     try:
         proxy = proxy_factory([entry("left"), entry("right")], vllm_remote_url=executor.url)
 
-        async def everyone() -> list[list[tuple[str, int, list[str]]]]:
+        async def everyone() -> list[list[tuple[str, bool, int, list[str]]]]:
             return await asyncio.gather(*[client(proxy.url, n) for n in range(CLIENTS)])
 
         outcomes = [r for per_client in asyncio.run(everyone()) for r in per_client]
         assert len(outcomes) == CLIENTS * ROUNDS
-        for model, status, events in outcomes:
+        assert {stream for _, stream, _, _ in outcomes} == {True, False}
+        for model, stream, status, events in outcomes:
             assert status == 200, (model, events)
-            if len(events) > 1:  # a stream: role, ten chunks, finish, [DONE]; no error event
+            if stream:  # role, ten chunks, finish, [DONE]; no error event
                 assert events[-1] == "[DONE]" and len(events) == 13, events
                 assert not any('"error"' in e for e in events)
+                text = "".join(
+                    json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1]
+                )
+                assert text == "".join(f" w{i}" for i in range(10)), events
             else:
-                assert json.loads(events[0])["choices"][0]["message"]["content"]
+                message = json.loads(events[0])["choices"][0]["message"]
+                assert message["content"] == "".join(f" w{i}" for i in range(10))
         proxy.server.stop()
         starts = [r for r in proxy.records("autostart") if r["result"] == "ready"]
         assert len(starts) >= 3, "the test should force several swaps"

@@ -60,7 +60,13 @@ def state(executor: Executor) -> dict[str, object]:
 def test_health_activate_swap_deactivate(executor: Executor) -> None:
     assert httpx.get(executor.url + "/health").json() == {"status": "ok"}
     assert state(executor)["status"] == "stopped"
-    first = post(executor, "/admin/activate", {"model": "alpha"}).json()
+    marker = executor.root / "ran-a-command-it-was-sent"
+    smuggled = {
+        "command": ["touch", str(marker)],
+        "argv": ["touch", str(marker)],
+        "extra_args": ["--touched", str(marker)],
+    }
+    first = post(executor, "/admin/activate", {"model": "alpha", **smuggled}).json()
     assert first["status"] == "running" and first["logical_name"] == "alpha"
     assert first["base_url"] == f"http://127.0.0.1:{executor.served_port}/v1"
     models = httpx.get(first["base_url"] + "/models").json()
@@ -68,18 +74,22 @@ def test_health_activate_swap_deactivate(executor: Executor) -> None:
     argv = json.loads((executor.root / "_staging" / "vllm_executor.json").read_text())["argv"]
     assert argv.count("--port") == 1  # the entry's --port lost to the executor's
     assert "--ctx-size" in argv and "gemma" in argv
+    assert not any(str(marker) in arg or arg == "touch" for arg in argv)  # from the registry
     second = post(executor, "/admin/activate", {"model": "beta"}).json()
     assert second["logical_name"] == "beta" and second["pid"] != first["pid"]
     assert not pid_alive(first["pid"])  # one model at a time: alpha was stopped first
     stopped = post(executor, "/admin/deactivate").json()
     assert stopped["status"] == "stopped" and not pid_alive(second["pid"])
     assert not (executor.root / "_staging" / "vllm_executor.json").exists()
+    assert not marker.exists()  # the command it was sent never ran
 
 
 def test_bad_requests_and_a_crash_during_start(executor: Executor) -> None:
     assert post(executor, "/admin/activate", {"model": "nope"}).status_code == 404
     assert post(executor, "/admin/activate", {"model": "not-vllm"}).status_code == 400
-    assert post(executor, "/admin/activate", {"command": ["rm", "-rf", "/"]}).status_code == 400
+    marker = executor.root / "ran-a-command-it-was-sent"
+    assert post(executor, "/admin/activate", {"command": ["touch", str(marker)]}).status_code == 400
+    assert not marker.exists() and state(executor)["status"] == "stopped"
     crashed = post(executor, "/admin/activate", {"model": "crashy"})
     assert crashed.status_code == 502
     message = crashed.json()["error"]["message"]
@@ -123,15 +133,18 @@ def test_the_proxy_autostarts_and_swaps_vllm_models_through_the_executor(
     chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
     first = proxy.client.post("/v1/chat/completions", json={**chat, "model": "alpha"}, timeout=120)
     assert first.status_code == 200 and first.json()["model"] == "alpha-served"
+    crashed = proxy.client.post("/v1/chat/completions", json={**chat, "model": "crashy"})
+    assert crashed.status_code == 502 and crashed.json()["error"]["code"] == "model_start_failed"
+    assert "model file not found" in crashed.json()["error"]["message"]
     second = proxy.client.post("/v1/chat/completions", json={**chat, "model": "beta"}, timeout=120)
     assert second.status_code == 200 and state(executor)["logical_name"] == "beta"
     models = {m["name"]: m for m in proxy.client.get("/admin/state").json()["models"]}
     assert models["alpha"]["state"] == "stopped" and models["beta"]["state"] == "ready"
-    crashed = proxy.client.post("/v1/chat/completions", json={**chat, "model": "crashy"})
-    assert crashed.status_code == 502 and crashed.json()["error"]["code"] == "model_start_failed"
-    assert "model file not found" in crashed.json()["error"]["message"]
+    assert models["crashy"]["state"] == "failed"
+    running = state(executor)
+    assert running["status"] == "running" and pid_alive(running["pid"])
     proxy.server.stop()  # the proxy's shutdown deactivates vLLM through the executor
-    assert state(executor)["status"] in ("stopped", "failed")
+    assert state(executor)["status"] == "stopped" and not pid_alive(running["pid"])
 
 
 def test_executor_down_is_a_clear_502(proxy_factory) -> None:

@@ -141,6 +141,29 @@ def test_a_body_over_the_limit_is_413(proxy_factory, fake_vllm) -> None:
     assert answer.status_code == 413
 
 
+def body_of_exactly(size: int) -> bytes:
+    head = json.dumps({**CHAT, "model": "m", "padding": ""}).encode()
+    body = head[:-2] + b"x" * (size - len(head)) + head[-2:]
+    assert len(body) == size
+    return body
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_of_exactly_the_limit_is_accepted_and_one_byte_more_is_not(
+    proxy_factory, fake_vllm, chunked: bool
+) -> None:
+    proxy = proxy_factory([entry_for("m", fake_vllm.url)], max_body_bytes=4096)
+
+    def post(body: bytes) -> int:
+        content = iter([body[:100], body[100:]]) if chunked else body
+        return proxy.client.post(
+            "/v1/chat/completions", content=content, headers={"content-type": "application/json"}
+        ).status_code
+
+    assert post(body_of_exactly(4096)) == 200
+    assert post(body_of_exactly(4097)) == 413
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -197,3 +220,62 @@ def test_the_admin_token_protects_admin(proxy_factory) -> None:
         ).status_code
         == 401
     )
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_json_and_never_reach_the_engine(
+    proxy_factory, fake_vllm, constant: str
+) -> None:
+    proxy = proxy_factory([entry_for("m", fake_vllm.url)])
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": '
+    answer = proxy.client.post("/v1/chat/completions", content=body + constant.encode() + b"}")
+    assert answer.status_code == 400
+    assert constant.lstrip("-") in envelope(answer)["message"]
+    assert envelope(answer)["code"] == "invalid_request"
+    assert fake_vllm.engine.requests == []
+
+
+@pytest.mark.parametrize("name", ["ok\u0000", "ok\r\n", "o\tk", "ok\u007f", "ok\u0085"])
+def test_control_characters_in_a_model_name_are_400(proxy_factory, fake_vllm, name: str) -> None:
+    proxy = proxy_factory([entry_for("ok", fake_vllm.url)])
+    answer = proxy.client.post("/v1/chat/completions", json={**CHAT, "model": name})
+    assert answer.status_code == 400 and envelope(answer)["param"] == "model"
+    assert fake_vllm.engine.requests == []
+    assert (
+        proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "OK"}).status_code == 200
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("chat_template", "{% for m in messages %}{{ m.content }}{% endfor %}"),
+        ("chat_template_kwargs", {"enable_thinking": True}),
+        ("mm_processor_kwargs", {"num_crops": 64}),
+        ("logits_processors", ["some.module.Processor"]),
+        ("vllm_xargs", {"x": 1}),
+        ("kv_transfer_params", {"remote": "x"}),
+    ],
+)
+def test_engine_control_fields_are_refused_unless_the_entry_allows_them(
+    proxy_factory, fake_vllm, field: str, value: object
+) -> None:
+    proxy = proxy_factory(
+        [
+            entry_for("strict", fake_vllm.url),
+            entry_for("trusting", fake_vllm.url, allow_request_fields=[field]),
+        ]
+    )
+    refused = proxy.client.post(
+        "/v1/chat/completions", json={**CHAT, "model": "strict", field: value}
+    )
+    assert refused.status_code == 400
+    error = envelope(refused)
+    assert error["param"] == field and f"'{field}'" in error["message"]
+    assert fake_vllm.engine.requests == []
+    allowed = proxy.client.post(
+        "/v1/chat/completions", json={**CHAT, "model": "trusting", field: value}
+    )
+    assert allowed.status_code == 200
+    (sent,) = fake_vllm.engine.requests
+    assert sent.body is not None and sent.body[field] == value

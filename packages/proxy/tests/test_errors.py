@@ -4,7 +4,25 @@ import json
 
 import pytest
 
-from imageworks.chat_proxy.errors import BackendUnavailable, UpstreamError, upstream_error
+from imageworks.chat_proxy.errors import (
+    BackendTimeout,
+    BackendUnavailable,
+    CapabilityMismatch,
+    GpuLeaseActive,
+    InsufficientVram,
+    InvalidRequest,
+    ModelNotFound,
+    ModelStartFailed,
+    ModelStartTimeout,
+    PayloadTooLarge,
+    ProxyError,
+    QueueFull,
+    TemplateRequired,
+    Unauthorized,
+    UpstreamError,
+    error_type,
+    upstream_error,
+)
 
 
 @pytest.mark.parametrize(
@@ -53,3 +71,88 @@ def test_a_backend_5xx_becomes_502_backend_unavailable() -> None:
     assert isinstance(error, BackendUnavailable) and error.status == 502
     assert "CUDA out of memory" in error.message and error.log_code == "err_backend_unavailable"
     assert error.body()["error"]["type"] == "server_error"
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (400, "invalid_request_error"),
+        (401, "authentication_error"),
+        (403, "permission_error"),
+        (404, "invalid_request_error"),
+        (409, "invalid_request_error"),
+        (413, "invalid_request_error"),
+        (423, "invalid_request_error"),  # a lease is not a rate limit: SDKs must not retry it
+        (429, "rate_limit_error"),
+        (499, "invalid_request_error"),
+        (500, "server_error"),
+        (502, "server_error"),
+        (503, "server_error"),
+        (504, "server_error"),
+    ],
+)
+def test_the_error_type_follows_openai_for_every_status(status: int, kind: str) -> None:
+    assert error_type(status) == kind
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (InvalidRequest, 400, "invalid_request"),
+        (Unauthorized, 401, "unauthorized"),
+        (ModelNotFound, 404, "model_not_found"),
+        (TemplateRequired, 409, "template_required"),
+        (CapabilityMismatch, 409, "capability_mismatch"),
+        (PayloadTooLarge, 413, "payload_too_large"),
+        (GpuLeaseActive, 423, "gpu_lease_active"),
+        (QueueFull, 503, "queue_full"),
+        (InsufficientVram, 503, "insufficient_vram"),
+        (BackendUnavailable, 502, "backend_unavailable"),
+        (ModelStartFailed, 502, "model_start_failed"),
+        (BackendTimeout, 504, "backend_timeout"),
+        (ModelStartTimeout, 504, "model_start_timeout"),
+    ],
+)
+def test_each_error_renders_its_status_and_code_in_the_envelope(
+    error: type[ProxyError], status: int, code: str
+) -> None:
+    raised = error("what happened", param="p", headers={"Retry-After": "3"})
+    assert raised.status == status and raised.log_code == f"err_{code}"
+    assert json.loads(raised.to_bytes()) == {
+        "error": {
+            "message": "what happened",
+            "type": error_type(status),
+            "param": "p",
+            "code": code,
+        }
+    }
+    assert raised.headers == {"Retry-After": "3"}
+
+
+def test_an_upstream_error_without_a_message_keeps_its_status() -> None:
+    assert upstream_error(418, b"").message == "HTTP 418"
+    assert upstream_error(400, b'{"detail": "flat"}').message == "flat"
+    assert upstream_error(400, b"[1]").message == "[1]"
+    assert upstream_error(400, b'{"error": 5}').message == '{"error": 5}'
+    param = upstream_error(400, b'{"error": {"message": "m", "param": "top_p", "code": 7}}')
+    assert param.param == "top_p" and param.body()["error"]["code"] == "upstream_error"
+    assert isinstance(upstream_error(499, b"x"), UpstreamError)
+    assert isinstance(upstream_error(500, b"x"), BackendUnavailable)
+    assert isinstance(upstream_error(399, b"x"), BackendUnavailable)
+
+
+def test_an_error_is_its_message() -> None:
+    assert str(InvalidRequest("bad temperature")) == "bad temperature"
+
+
+def test_upstream_error_text_is_decoded_leniently_and_bounded() -> None:
+    assert upstream_error(400, b"\xff\xfe broken").message == "\ufffd\ufffd broken"
+    assert upstream_error(400, b"x" * 600).message == "x" * 500
+
+
+def test_missing_message_and_param_are_absent_not_the_string_none() -> None:
+    no_message = upstream_error(400, b'{"error": {"code": "c"}}')
+    assert no_message.message == '{"error": {"code": "c"}}'
+    assert no_message.body()["error"]["code"] == "c"
+    no_param = upstream_error(400, b'{"error": {"message": "m"}}')
+    assert no_param.param is None and no_param.message == "m"

@@ -36,6 +36,13 @@ HELD = Resident("held", 10000, last_used=0.1, protected=True)
         ([], 1000, 500, 0, (), False, ()),
         # Ties on age are broken by name, so the plan is deterministic.
         ([Resident("y", 1000, 1.0), Resident("x", 1000, 1.0)], 1000, 0, 0, ("x",), True, ()),
+        # An exact fit touches nothing and reports nothing blocking, busy models or not.
+        ([BUSY, A_OLD], 4000, 5000, 1000, (), True, ()),
+        # One megabyte short is short.
+        ([A_OLD], 4001, 5000, 1000, ("a",), True, ()),
+        # A busy model holding nothing blocks nothing; holding 1 MB, it does.
+        ([Resident("idle-cpu", 0, 0.1, in_flight=1)], 1000, 0, 0, (), False, ()),
+        ([Resident("tiny", 1, 0.1, in_flight=1)], 1000, 0, 0, (), False, ("tiny",)),
     ],
 )
 def test_plan_evictions(residents, need, free, headroom, evict, sufficient, blocked) -> None:
@@ -55,3 +62,9 @@ def test_plan_evictions(residents, need, free, headroom, evict, sufficient, bloc
 def test_plan_exclusive(residents, evict, sufficient, blocked) -> None:
     plan = plan_exclusive(residents)
     assert (plan.evict, plan.sufficient, plan.blocked_by) == (evict, sufficient, blocked)
+    assert plan.freed_mb == sum(r.vram_mb for r in residents if r.name in evict)
+
+
+def test_headroom_defaults_to_zero() -> None:
+    assert plan_evictions([A_OLD], 4000, 4000) == plan_evictions([A_OLD], 4000, 4000, 0)
+    assert plan_evictions([A_OLD], 4000, 4000).evict == ()

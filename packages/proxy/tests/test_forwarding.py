@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
 
+from testkit.entries import eventually
 from testkit.fake_engine import entry_for, sse_events
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
@@ -168,14 +168,23 @@ def test_a_finished_stream_hands_its_backend_connection_back(proxy_factory, fake
     proxy = proxy_factory(
         [entry_for("m", fake_vllm.url, served="hang-stream"), entry_for("n", fake_vllm.url)]
     )
+
+    def idle_connections() -> int:  # the forwarding pool's kept-alive connections
+        return sum(len(idle) for idle in proxy.state.upstream._idle.values())
+
     for _ in range(3):
         proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "n", "stream": True})
-        time.sleep(0.1)  # the fake ends its body 5 ms after [DONE]; let the proxy read it
+        # The fake ends its body 5 ms after [DONE]: the connection is back once that is read.
+        assert eventually(lambda: idle_connections() == 1)
     peers = [r.peer for r in fake_vllm.engine.requests]
     assert peers[0] == peers[1] == peers[2]
     with httpx.Client(base_url=proxy.url, timeout=0.5) as client, pytest.raises(httpx.ReadTimeout):
-        client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": True})
-    time.sleep(0.2)
+        client.post(
+            "/v1/chat/completions",
+            json={**CHAT, "model": "m", "stream": True},
+            headers={"x-request-id": "abandoned"},
+        )
+    assert eventually(lambda: "abandoned" in fake_vllm.engine.cancelled)
     proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "n", "stream": True})
     # The abandoned stream's connection was closed (that is what stops the generation), so
     # the next request needed a new one.

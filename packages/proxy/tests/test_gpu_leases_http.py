@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 from testkit.entries import eventually
 from testkit.fake_engine import entry_for
@@ -23,6 +22,16 @@ def ollama_entry(url: str) -> dict[str, object]:
     }
 
 
+def metrics(proxy) -> dict[str, float]:
+    """Every /metrics sample, by its name and labels as written."""
+    samples = {}
+    for line in proxy.client.get("/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
 def test_lease_cycle_over_http(proxy_factory, fake_ollama, fake_vllm) -> None:
     engine = fake_ollama.engine
     engine.vram_mb = {"qwen2.5vl:7b": 9000}
@@ -34,6 +43,10 @@ def test_lease_cycle_over_http(proxy_factory, fake_ollama, fake_vllm) -> None:
     http = proxy.client
     assert http.post("/v1/chat/completions", json={**CHAT, "model": "vision"}).status_code == 200
     assert engine.loaded and http.get("/v1/gpu/status").json()["gpu"]["used_mb"] == 9000
+    before = metrics(proxy)
+    assert before["chat_proxy_vram_total_mb"] == 24000
+    assert before["chat_proxy_vram_used_mb"] == 9000
+    assert before["chat_proxy_gpu_lease_active"] == 0
 
     granted = http.post(
         "/v1/gpu/lease",
@@ -46,10 +59,23 @@ def test_lease_cycle_over_http(proxy_factory, fake_ollama, fake_vllm) -> None:
     status = http.get("/v1/gpu/status").json()
     assert status["leased"] and status["lease"]["owner"] == "judge-vision"
     assert status["gpu"]["used_mb"] == 0 and token not in json.dumps(status)
+    during = metrics(proxy)
+    assert during["chat_proxy_gpu_lease_active"] == 1
+    assert during['chat_proxy_gpu_lease_events_total{event="granted"}'] == 1
+    assert during['chat_proxy_evictions_total{reason="lease"}'] == 1
+    assert during["chat_proxy_vram_used_mb"] == 0
 
     blocked = http.post("/v1/chat/completions", json={**CHAT, "model": "vision"})
     assert blocked.status_code == 423 and blocked.json()["error"]["code"] == "gpu_lease_active"
+    assert blocked.json()["error"]["type"] == "invalid_request_error"
     assert blocked.headers["retry-after"]
+    for wrong in ("wrong", token[:-1], token + "x", token.upper()):
+        refused = http.post(
+            "/v1/chat/completions",
+            json={**CHAT, "model": "vision"},
+            headers={"x-gpu-lease-token": wrong},
+        )
+        assert refused.status_code == 423, wrong
     assert http.post("/v1/chat/completions", json={**CHAT, "model": "cpu-model"}).status_code == 200
     mine = http.post(
         "/v1/chat/completions",
@@ -66,9 +92,36 @@ def test_lease_cycle_over_http(proxy_factory, fake_ollama, fake_vllm) -> None:
     released = http.post("/v1/gpu/release", json={"token": token})
     assert released.json() == {"status": "released", "restoring": []}
     assert http.post("/v1/chat/completions", json={**CHAT, "model": "vision"}).status_code == 200
+    after = metrics(proxy)
+    assert after["chat_proxy_gpu_lease_active"] == 0
+    assert after['chat_proxy_gpu_lease_events_total{event="released"}'] == 1
     proxy.server.stop()
     events = [r["event"] for r in proxy.records("lease_granted") + proxy.records("evict")]
     assert events == ["lease_granted", "evict"]
+
+
+def test_first_use_of_an_ollama_model_evicts_an_idle_one_to_make_room(
+    proxy_factory, fake_ollama
+) -> None:
+    engine = fake_ollama.engine
+    engine.vram_mb = {"qwen2.5vl:7b": 9000, "llama3.1:8b": 16000}
+    big = {**ollama_entry(fake_ollama.url), "name": "big", "served_model_id": "llama3.1:8b"}
+    big["vram_estimate_mb"] = 16000
+    proxy = proxy_factory(
+        [ollama_entry(fake_ollama.url), big], probe=FakeProbe(24000, engine.holdings)
+    )
+    http = proxy.client
+    assert http.post("/v1/chat/completions", json={**CHAT, "model": "vision"}).status_code == 200
+    assert list(engine.loaded) == ["qwen2.5vl:7b"]
+    # 9000 + 16000 + 1024 of headroom > 24000: Ollama would load "big" next to "vision" and
+    # spill; the proxy unloads the idle "vision" first.
+    assert http.post("/v1/chat/completions", json={**CHAT, "model": "big"}).status_code == 200
+    assert engine.unload_requests == ["/api/generate qwen2.5vl:7b"]
+    assert list(engine.loaded) == ["llama3.1:8b"]
+    assert metrics(proxy)['chat_proxy_evictions_total{reason="start"}'] == 1
+    proxy.server.stop()
+    (evicted,) = proxy.records("evict")
+    assert evicted["model"] == "vision" and evicted["reason"] == "start big"
 
 
 def test_force_release_and_validation(proxy_factory) -> None:
@@ -99,13 +152,13 @@ def test_lease_mutations_need_the_admin_token_when_one_is_set(proxy_factory) -> 
 
 def test_an_expired_lease_frees_the_gpu_for_everyone(proxy_factory, fake_ollama) -> None:
     proxy = proxy_factory([ollama_entry(fake_ollama.url)], probe=FakeProbe(24000))
-    proxy.client.post("/v1/gpu/lease", json={"owner": "gone-away", "ttl_s": 0.5})
+    # A TTL long enough for the first refusal on a loaded machine, short enough to wait out.
+    proxy.client.post("/v1/gpu/lease", json={"owner": "gone-away", "ttl_s": 3})
     chat = {**CHAT, "model": "vision"}
     assert proxy.client.post("/v1/chat/completions", json=chat).status_code == 423
-    deadline = time.monotonic() + 10
-    while proxy.client.get("/v1/gpu/status").json()["leased"] and time.monotonic() < deadline:
-        time.sleep(0.1)
+    assert eventually(lambda: not proxy.client.get("/v1/gpu/status").json()["leased"])
     assert proxy.client.post("/v1/chat/completions", json=chat).status_code == 200
+    assert metrics(proxy)['chat_proxy_gpu_lease_events_total{event="expired"}'] == 1
 
 
 def test_the_lease_survives_a_proxy_restart(proxy_factory, fake_ollama) -> None:

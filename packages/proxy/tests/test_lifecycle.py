@@ -299,6 +299,20 @@ async def test_deactivate_waits_for_requests_then_stops(setup) -> None:
     assert backend.running == set() and lifecycle.state(entry("a")) == STOPPED
 
 
+async def test_the_arbiter_can_never_evict_a_model_that_is_serving(setup) -> None:
+    # The arbiter plans on a snapshot, then evicts; a request may arrive in between. The slot
+    # itself refuses to stop a model with a request in flight.
+    lifecycle, backend = setup
+    held = await lifecycle.acquire(entry("a"), autostart=True)
+    slot = lifecycle.slot(entry("a"))
+    assert slot is not None
+    assert await slot.evict("a", "vram") is False
+    assert backend.running == {"a"} and lifecycle.state(entry("a")) == READY
+    held.release()
+    assert await slot.evict("a", "vram") is True
+    assert backend.running == set() and backend.events == ["start a", "stop a"]
+
+
 async def test_shutdown_stops_everything(setup) -> None:
     lifecycle, backend = setup
     await lifecycle.activate(entry("a"))

@@ -60,8 +60,11 @@ def test_a_registry_edit_shows_without_a_restart(proxy_factory, fake_vllm) -> No
     assert ids(proxy) == ["a"]
     proxy.write_registry([entry_for("a", fake_vllm.url), entry_for("b", fake_vllm.url)])
     assert eventually(lambda: ids(proxy) == ["a", "b"]), ids(proxy)
+    reloads = 'chat_proxy_registry_reloads_total{result="ok"} 1.0'
+    assert reloads in proxy.client.get("/metrics").text
     proxy.server.stop()
-    assert proxy.records("registry_reload")
+    (reload,) = proxy.records("registry_reload")
+    assert reload["entries"] == 2
 
 
 def test_a_bad_registry_edit_keeps_serving_the_last_good_one(proxy_factory, fake_vllm) -> None:

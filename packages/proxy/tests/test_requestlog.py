@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
 
 from imageworks.chat_proxy.requestlog import RequestLog
+from testkit.entries import eventually
 
 
 def all_records(path: Path) -> list[dict[str, object]]:
@@ -95,3 +97,129 @@ def test_an_idle_log_writes_at_once_and_a_busy_one_in_batches(tmp_path: Path) ->
     assert len(all_records(path)) == 1  # the writer rests for batch_s after each batch
     log.close()  # ... and close() writes what is pending
     assert [r["n"] for r in all_records(path)] == [0, 1, 2]
+
+
+def test_an_event_record_has_exactly_its_fields(tmp_path: Path) -> None:
+    log = RequestLog(tmp_path / "l.jsonl", max_bytes=10_000, backups=1).start()
+    log.event("registry_reload", "registry", version="abc")
+    log.close()
+    (record,) = all_records(tmp_path / "l.jsonl")
+    assert set(record) == {"ts", "event", "component", "version"}
+    assert (record["event"], record["component"], record["version"]) == (
+        "registry_reload",
+        "registry",
+        "abc",
+    )
+
+
+def test_the_writer_creates_missing_directories_and_is_a_named_daemon(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "l.jsonl"
+    log = RequestLog(path, max_bytes=10_000, backups=1).start()
+    writer = [t for t in threading.enumerate() if t.name == "request-log"]
+    assert writer and all(t.daemon for t in writer)  # never keeps a dying process alive
+    log.write({"event": "request"})
+    log.close()
+    log.close()  # twice is fine
+    assert len(all_records(path)) == 1
+    RequestLog(tmp_path / "never-started.jsonl", max_bytes=10, backups=0).close()
+
+
+def test_a_second_batch_is_written_without_waiting_for_close(tmp_path: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    log = RequestLog(path, max_bytes=10_000, backups=1, batch_s=0.01).start()
+    log.write({"event": "request", "n": 0})
+    assert eventually(lambda: path.exists() and len(path.read_text().splitlines()) == 1)
+    log.write({"event": "request", "n": 1})
+    assert eventually(lambda: len(path.read_text().splitlines()) == 2)
+    log.close()
+
+
+def test_bad_records_are_counted_and_the_rest_of_their_batch_is_written(
+    tmp_path: Path, caplog
+) -> None:
+    path = tmp_path / "l.jsonl"
+    log = RequestLog(path, max_bytes=10_000, backups=1, batch_s=60).start()
+    log.write({"event": "request", "n": 0})
+    assert eventually(lambda: path.exists() and path.read_text())  # the writer now rests
+    circular: dict[str, object] = {"event": "x"}
+    circular["self"] = circular
+    log.write(circular)
+    log.write({"event": "request", "n": 1, "where": Path("/tmp/x"), "name": "café"})
+    log.write(circular)
+    log.write({"event": "request", "n": 2})
+    log.close()  # one batch: bad, good, bad, good
+    assert log.dropped == 2
+    assert [r["n"] for r in all_records(path)] == [0, 1, 2]
+    assert all_records(path)[1]["where"] == "/tmp/x"  # not JSON: written as its str()
+    assert '"name": "café"' in path.read_text(encoding="utf-8")  # UTF-8, not \\u escapes
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.count("request log record could not be serialised") == 2
+
+
+def test_a_write_that_fails_counts_its_records_as_dropped(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "l.jsonl"
+    path.mkdir()  # a directory where the file should be: every open fails
+    log = RequestLog(path, max_bytes=10_000, backups=1, batch_s=60).start()
+    log.write({"event": "request", "n": 0})
+    assert eventually(lambda: log.dropped == 1)
+    log.write({"event": "request", "n": 1})
+    log.write({"event": "request", "n": 2})
+    log.close()
+    assert log.dropped == 3
+    assert "request log write failed" in [r.getMessage() for r in caplog.records]
+
+
+def line_of(n: int) -> bytes:
+    record = {"event": "request", "ts": "2026-01-01T00:00:00.000Z", "n": n}
+    return json.dumps(record, ensure_ascii=False).encode() + b"\n"
+
+
+def test_a_file_may_be_filled_exactly_and_never_beyond(tmp_path: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    size = len(line_of(0))
+    log = RequestLog(path, max_bytes=2 * size, backups=5, batch_s=60).start()
+    log.write({"event": "request", "ts": "2026-01-01T00:00:00.000Z", "n": 0})
+    assert eventually(lambda: path.exists() and path.read_text())
+    for n in range(1, 7):  # one batch at close: it must be cut at the limit, between records
+        log.write({"event": "request", "ts": "2026-01-01T00:00:00.000Z", "n": n})
+    log.close()
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert files == {
+        "l.jsonl.3": line_of(0) + line_of(1),
+        "l.jsonl.2": line_of(2) + line_of(3),
+        "l.jsonl.1": line_of(4) + line_of(5),
+        "l.jsonl": line_of(6),
+    }
+
+
+def test_no_backups_means_the_full_file_is_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    size = len(line_of(0))
+    log = RequestLog(path, max_bytes=size, backups=0, batch_s=0.01).start()
+    for n in range(3):
+        log.write({"event": "request", "ts": "2026-01-01T00:00:00.000Z", "n": n})
+    log.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["l.jsonl"]
+    assert path.read_bytes() == line_of(2)
+
+
+def test_a_log_directory_removed_while_running_is_made_again(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "l.jsonl"
+    log = RequestLog(path, max_bytes=len(line_of(0)), backups=1, batch_s=0.01).start()
+    log.write({"event": "request", "ts": "2026-01-01T00:00:00.000Z", "n": 0})
+    assert eventually(lambda: path.exists() and path.read_text())
+    shutil.rmtree(tmp_path / "a")  # an operator cleaned up logs/ under the running proxy
+    log.write({"event": "request", "ts": "2026-01-01T00:00:00.000Z", "n": 1})
+    log.close()
+    assert log.dropped == 0 and path.read_bytes() == line_of(1)
+
+
+def test_a_log_file_deleted_while_running_does_not_cost_records(tmp_path: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    log = RequestLog(path, max_bytes=len(line_of(0)), backups=0, batch_s=0.01).start()
+    log.write({"event": "request", "ts": "2026-01-01T00:00:00.000Z", "n": 0})
+    assert eventually(lambda: path.exists() and path.read_text())
+    path.unlink()
+    log.write({"event": "request", "ts": "2026-01-01T00:00:00.000Z", "n": 1})  # rotates
+    log.close()
+    assert log.dropped == 0 and path.read_bytes() == line_of(1)

@@ -25,10 +25,37 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
     return head + await reader.readexactly(length)
 
 
-async def serve(handler: Handler) -> tuple[asyncio.Server, str]:
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    return server, f"http://127.0.0.1:{port}/v1/chat/completions"
+Serve = Callable[..., Awaitable[tuple[asyncio.Server, str]]]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    """Start raw servers; at the end, end their handlers and close every connection (a
+    handler left sleeping would leak its socket)."""
+    servers: list[asyncio.Server] = []
+    handlers: list[tuple[asyncio.Task[None], asyncio.StreamWriter]] = []
+
+    async def start(handler: Handler, host: str = "127.0.0.1") -> tuple[asyncio.Server, str]:
+        async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            handlers.append((task, writer))
+            await handler(reader, writer)
+
+        server = await asyncio.start_server(tracked, host, 0)
+        servers.append(server)
+        port = server.sockets[0].getsockname()[1]
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return server, f"http://{authority}/v1/chat/completions"
+
+    yield start
+    for task, writer in handlers:
+        task.cancel()
+        writer.close()
+    await asyncio.gather(*(task for task, _ in handlers), return_exceptions=True)
+    for server in servers:
+        server.close()
+        await server.wait_closed()
 
 
 @pytest.fixture
@@ -39,7 +66,7 @@ async def pool() -> AsyncIterator[UpstreamPool]:
 
 
 async def test_reuses_a_kept_alive_connection_and_resends_once_if_it_died_unanswered(
-    pool: UpstreamPool,
+    pool: UpstreamPool, serve: Serve
 ) -> None:
     connections = 0
 
@@ -67,7 +94,7 @@ async def test_reuses_a_kept_alive_connection_and_resends_once_if_it_died_unansw
 
 
 async def test_a_body_delimited_by_the_connection_closing_is_read_to_its_end(
-    pool: UpstreamPool,
+    pool: UpstreamPool, serve: Serve
 ) -> None:
     async def old_style(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
@@ -83,7 +110,34 @@ async def test_a_body_delimited_by_the_connection_closing_is_read_to_its_end(
     server.close()
 
 
-async def test_the_host_header_names_an_ipv6_backend_in_brackets(pool: UpstreamPool) -> None:
+@pytest.mark.parametrize(
+    ("url", "address", "line"),
+    [
+        ("http://[::1]:8000/v1/x", ("::1", 8000), "POST /v1/x HTTP/1.1\r\nHost: [::1]:8000\r\n"),
+        (
+            "http://[fe80::1]/v1/x?a=1",
+            ("fe80::1", 80),
+            "POST /v1/x?a=1 HTTP/1.1\r\nHost: [fe80::1]:80\r\n",
+        ),
+        ("http://127.0.0.1:9/v1", ("127.0.0.1", 9), "POST /v1 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n"),
+        (
+            "http://gpu-box:24001/v1/chat",
+            ("gpu-box", 24001),
+            "POST /v1/chat HTTP/1.1\r\nHost: gpu-box:24001\r\n",
+        ),
+    ],
+)
+def test_the_request_line_and_host_header_of_every_address_form(
+    url: str, address: tuple[str, int], line: str
+) -> None:
+    # No socket: this runs where IPv6 loopback cannot bind, too.
+    pool = UpstreamPool(connect_timeout=1, read_timeout=1)
+    assert pool._target(url) == (address, line)
+
+
+async def test_the_host_header_names_an_ipv6_backend_in_brackets(
+    pool: UpstreamPool, serve: Serve
+) -> None:
     seen: list[bytes] = []
 
     async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -92,8 +146,8 @@ async def test_the_host_header_names_an_ipv6_backend_in_brackets(pool: UpstreamP
         await writer.drain()
 
     try:
-        server = await asyncio.start_server(record, "::1", 0)
-    except OSError:
+        server, _ = await serve(record, "::1")
+    except OSError:  # the formatting is tested without a socket above
         pytest.skip("no IPv6 loopback on this machine")
     port = server.sockets[0].getsockname()[1]
     response = await pool.post(f"http://[::1]:{port}/v1/embeddings", b"{}", {})
@@ -103,7 +157,7 @@ async def test_the_host_header_names_an_ipv6_backend_in_brackets(pool: UpstreamP
     server.close()
 
 
-async def test_a_malformed_head_is_an_upstream_error(pool: UpstreamPool) -> None:
+async def test_a_malformed_head_is_an_upstream_error(pool: UpstreamPool, serve: Serve) -> None:
     async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         writer.write(b"SMTP READY\r\n\r\n")
@@ -116,7 +170,7 @@ async def test_a_malformed_head_is_an_upstream_error(pool: UpstreamPool) -> None
 
 
 async def test_a_body_that_stalls_times_out_and_a_refused_connect_says_so(
-    pool: UpstreamPool,
+    pool: UpstreamPool, serve: Serve
 ) -> None:
     async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -222,14 +223,18 @@ async def test_a_lease_waits_for_busy_gpu_work_and_blocks_newcomers(tmp_path, se
     assert lease.evicted == ["big-a"]
 
 
+# Time passes for a lease by moving its renewal back (no sleeping through a short TTL).
+
+
 async def test_leases_expire_for_any_owner(tmp_path, session) -> None:
     world = World(tmp_path, session)
     lease = await world.arbiter.leases.grant(
-        "crashed-client", "", restart_model=False, ttl_s=0.2, need_mb=None
+        "crashed-client", "", restart_model=False, ttl_s=60, need_mb=None
     )
+    lease.renewed_at -= 59
     with pytest.raises(GpuLeaseActive):
         await world.use("small")
-    await asyncio.sleep(0.3)
+    lease.renewed_at -= 1.5
     await world.use("small")  # expired: GPU work is admitted again
     with pytest.raises(InvalidRequest, match="expired"):
         await world.arbiter.leases.renew(lease.token)
@@ -237,11 +242,14 @@ async def test_leases_expire_for_any_owner(tmp_path, session) -> None:
 
 async def test_renewal_keeps_a_lease_alive(tmp_path, session) -> None:
     world = World(tmp_path, session)
-    lease = await world.arbiter.leases.grant("jv", "", restart_model=False, ttl_s=0.4, need_mb=None)
+    lease = await world.arbiter.leases.grant("jv", "", restart_model=False, ttl_s=60, need_mb=None)
     for _ in range(4):
-        await asyncio.sleep(0.2)
-        await world.arbiter.leases.renew(lease.token)
+        lease.renewed_at -= 50  # most of its TTL gone...
+        await world.arbiter.leases.renew(
+            lease.token
+        )  # ...and a renewal gives it the whole TTL again
     assert world.arbiter.status()["leased"] is True
+    assert lease.expires_at - time.time() > 55
 
 
 async def test_a_lease_survives_a_proxy_restart(tmp_path, session) -> None:
@@ -261,8 +269,10 @@ async def test_a_lease_survives_a_proxy_restart(tmp_path, session) -> None:
 
 async def test_an_expired_lease_found_at_start_is_dropped(tmp_path, session) -> None:
     world = World(tmp_path, session)
-    await world.arbiter.leases.grant("jv", "", restart_model=False, ttl_s=0.1, need_mb=None)
-    await asyncio.sleep(0.2)
+    lease = await world.arbiter.leases.grant("jv", "", restart_model=False, ttl_s=60, need_mb=None)
+    saved = json.loads((tmp_path / "gpu_lease.json").read_text())
+    assert saved["token"] == lease.token
+    (tmp_path / "gpu_lease.json").write_text(json.dumps({**saved, "renewed_at": time.time() - 61}))
     assert World(tmp_path, session).arbiter.status()["leased"] is False
 
 

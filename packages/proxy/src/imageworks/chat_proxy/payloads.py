@@ -29,11 +29,16 @@ _IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
 _NOT_REQUEST_FIELDS = frozenset({"context_window", "stop_sequences"})
 
 
+def _not_json(constant: str) -> Any:
+    # Python's json reads NaN and Infinity, which JSON does not have: engines would get them.
+    raise InvalidRequest(f"request body is not valid JSON: {constant} is not a JSON number")
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise InvalidRequest("request body is empty; expected a JSON object")
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_not_json)
     except ValueError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -56,6 +61,9 @@ def validate(endpoint: str, body: dict[str, Any]) -> str:
         raise InvalidRequest(
             "you must provide a model parameter (a non-empty string)", param="model"
         )
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in model):
+        # Resolution ignores case and punctuation; a control character must not vanish in it.
+        raise InvalidRequest("the model name contains control characters", param="model")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("'stream' must be a boolean", param="stream")
@@ -107,6 +115,31 @@ def _validate_messages(messages: Any) -> None:
                 if not isinstance(part, dict) or not isinstance(part.get("type"), str):
                     param = f"{where}.content[{part_index}]"
                     raise InvalidRequest(f"'{param}' must be an object with a 'type'", param=param)
+
+
+# Request fields that reach the engine's own machinery rather than the generation: a chat
+# template (Jinja run by the engine; vLLM advisories GHSA-6fvq-23cw-5628 and
+# GHSA-4hw3-g54f-xfrj), its kwargs, processor kwargs, logits processors loaded by name, and
+# vLLM's pass-through extras. Refused unless the entry lists the field in
+# ``allow_request_fields``.
+ENGINE_CONTROL_FIELDS = (
+    "chat_template",
+    "chat_template_kwargs",
+    "mm_processor_kwargs",
+    "logits_processors",
+    "vllm_xargs",
+    "kv_transfer_params",
+)
+
+
+def check_engine_fields(entry: ModelEntry, body: dict[str, Any]) -> None:
+    for name in ENGINE_CONTROL_FIELDS:
+        if name in body and name not in entry.allow_request_fields:
+            raise InvalidRequest(
+                f"'{name}' is not accepted from requests for model {entry.name!r}: it controls "
+                "the engine itself; list it in the entry's allow_request_fields to allow it",
+                param=name,
+            )
 
 
 def count_images(body: dict[str, Any]) -> int:

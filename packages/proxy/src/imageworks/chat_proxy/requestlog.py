@@ -14,6 +14,7 @@ never wakes a thread on its own request path.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -144,7 +145,10 @@ class RequestLog:
             for index in range(self.backups - 1, 0, -1):
                 if self._backup(index).exists():
                     self._backup(index).replace(self._backup(index + 1))
-            self.path.replace(self._backup(1))
+            # Deleted under us (an operator cleaning logs/): nothing to keep, and no reason to
+            # lose the batch that is waiting.
+            with contextlib.suppress(FileNotFoundError):
+                self.path.replace(self._backup(1))
         self._open()
 
     def _backup(self, index: int) -> Path:

@@ -82,16 +82,18 @@ class ProxyState:
         completion_tokens = usage.get("completion_tokens")
         estimated = False
         if (
-            error is None
-            and not outcome.client_gone
+            (error is None or outcome.client_gone)
             and info.endpoint != "embeddings"
             and completion_tokens is None
+            and info.entry is not None
         ):
-            # No usage from the backend: estimate (4 bytes a token; one token per streamed
-            # event, less the role, finish and [DONE] events) and say so.
+            # No usage from the backend (or the client left before it came): estimate (4 bytes
+            # a token; one token per streamed event, less the role, finish and [DONE] events,
+            # or only the role event of a stream cut short) and say so.
             estimated = True
             prompt_tokens = max(1, info.prompt_bytes // 4)
-            completion_tokens = max(0, outcome.events - 3) if info.stream else None
+            overhead = 1 if outcome.client_gone else 3
+            completion_tokens = max(0, outcome.events - overhead) if info.stream else None
         total_s = outcome.total_ms / 1000
         gen_s = (outcome.finished_at or 0) - (outcome.first_byte_at or 0)
         tokens_per_s = (

@@ -91,6 +91,9 @@ class ModelEntry(_Open):
     family: str | None = None
     roles: list[str] = Field(default_factory=list)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # Engine-control request fields (chat_template, chat_template_kwargs, ...) the proxy
+    # forwards for this model; by default it refuses them.
+    allow_request_fields: list[str] = Field(default_factory=list)
 
     @field_validator("name")
     @classmethod

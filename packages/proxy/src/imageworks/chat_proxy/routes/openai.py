@@ -34,6 +34,7 @@ from imageworks.chat_proxy.payloads import (
     EMBEDDINGS,
     PATHS,
     check_capabilities,
+    check_engine_fields,
     check_template,
     parse_body,
     prepare,
@@ -198,6 +199,7 @@ async def forward(
         info.prompt_bytes = len(raw)
         info.entry = entry = resolve(state, info.model)
         check_capabilities(endpoint, entry, body)
+        check_engine_fields(entry, body)
         check_template(
             entry,
             state.config.require_template,

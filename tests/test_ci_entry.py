@@ -1,0 +1,17 @@
+"""CI's entry point (``.ci/run``) runs the README's command with the browser test required."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_ci_requires_the_browser_test_it_installed_the_browser_for() -> None:
+    script = (REPO / ".ci" / "run").read_text()
+    subprocess.run(["bash", "-n", str(REPO / ".ci" / "run")], check=True)
+    lines = [line.strip() for line in script.splitlines()]
+    assert "export IMAGEWORKS_REQUIRE_BROWSER=1" in lines
+    assert lines.index("export IMAGEWORKS_REQUIRE_BROWSER=1") < lines.index("bash scripts/check.sh")
+    assert "chromium:chromium chromedriver:chromium-driver" in script
