@@ -12,11 +12,11 @@ from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
 from imageworks.chat_proxy.arbiter.ollama import OllamaManager
 from imageworks.chat_proxy.backends import Backend
 from imageworks.chat_proxy.config import ProxyConfig
+from imageworks.chat_proxy.egress import Egress
 from imageworks.chat_proxy.forwarding import Outcome
 from imageworks.chat_proxy.lifecycle import Lifecycle
 from imageworks.chat_proxy.metrics import Finished, Metrics
 from imageworks.chat_proxy.requestlog import RequestLog
-from imageworks.chat_proxy.upstream import UpstreamPool
 from imageworks.model_loader.profiles import DeploymentProfile, ProfileManager
 from imageworks.model_loader.registry import Registry
 from imageworks.model_loader.schema import ModelEntry
@@ -44,8 +44,7 @@ class ProxyState:
     config: ProxyConfig
     watcher: RegistryWatcher
     profiles: ProfileManager
-    session: aiohttp.ClientSession  # every backend call but forwarding
-    upstream: UpstreamPool  # forwarding
+    egress: Egress  # the one HTTP client to backends
     log: RequestLog
     metrics: Metrics
     lifecycle: Lifecycle
@@ -55,6 +54,10 @@ class ProxyState:
     autostart: bool
     started_at: float = field(default_factory=time.time)
     _models_cache: tuple[tuple[str, str, int], bytes] | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        return self.egress.session
 
     @property
     def registry(self) -> Registry:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import aiohttp
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
@@ -40,7 +41,6 @@ from imageworks.chat_proxy.payloads import (
     validate,
 )
 from imageworks.chat_proxy.state import ProxyState, RequestInfo
-from imageworks.chat_proxy.upstream import UpstreamResponse
 from imageworks.model_loader.errors import UnknownModelError
 from imageworks.model_loader.schema import ModelEntry
 
@@ -214,13 +214,11 @@ async def forward(
         state.record(info, outcome)
         return
     exchange = Exchange(state, info)
-    upstream_headers = {"content-type": JSON, "x-request-id": info.request_id}
 
-    async def connect() -> UpstreamResponse:
+    async def connect() -> aiohttp.ClientResponse:
         base_url = await exchange.acquire(entry)
-        return await open_upstream(
-            state.upstream, base_url + PATHS[endpoint], payload, upstream_headers
-        )
+        target = state.egress.target(entry, base_url)
+        return await open_upstream(state.egress, target, PATHS[endpoint], payload, info.request_id)
 
     if info.stream:
         waiting = (
