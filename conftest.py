@@ -108,7 +108,11 @@ def proxy_factory(tmp_path: Path) -> Iterator[ProxyFactory]:
             log_path=root / "logs" / "chat_proxy.jsonl",
             **settings,
         )
-        server = UvicornServer(create_app(config, probe=probe))
+        server = UvicornServer(
+            create_app(config, probe=probe),
+            keep_alive_s=config.keep_alive_s,
+            header_timeout_s=config.header_timeout_s,
+        )
         client = httpx.Client(base_url=server.url, timeout=30)
         proxy = Proxy(server.url, config, root, server, client)
         started.append(proxy)

@@ -61,21 +61,14 @@ class UvicornServer:
     """An ASGI application under uvicorn (the proxy's server in production) on a free loopback
     port."""
 
-    def __init__(self, app: Callable[..., Any], port: int | None = None) -> None:
+    def __init__(self, app: Callable[..., Any], port: int | None = None, **timeouts: float) -> None:
         import uvicorn
+
+        from imageworks.chat_proxy.serving import uvicorn_config
 
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=self.port,
-            log_level="warning",
-            access_log=False,
-            lifespan="on",
-            proxy_headers=False,
-            timeout_graceful_shutdown=2,
-        )
+        config = uvicorn_config(app, "127.0.0.1", self.port, graceful_timeout=2, **timeouts)
         self._server = uvicorn.Server(config)
         self._loop = LoopThread("uvicorn-server")
         self._done = threading.Event()

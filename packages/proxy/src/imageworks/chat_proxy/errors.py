@@ -85,6 +85,11 @@ class MethodNotAllowed(ProxyError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(ProxyError):
+    status = 408
+    code = "request_timeout"
+
+
 class TemplateRequired(ProxyError):
     status = 409
     code = "template_required"

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import aiohttp
 from starlette.types import Receive, Scope, Send
 
+from imageworks.chat_proxy.bodies import ClientGone
 from imageworks.chat_proxy.egress import Egress, Target
 from imageworks.chat_proxy.errors import (
     BackendTimeout,
@@ -30,6 +31,8 @@ from imageworks.chat_proxy.errors import (
     ProxyError,
     upstream_error,
 )
+
+__all__ = ["ClientGone", "Outcome", "SSEResponse", "open_upstream", "read_body", "send_error"]
 
 T = TypeVar("T")
 
@@ -40,10 +43,6 @@ SSE_HEADERS = [
 ]
 DONE = b"data: [DONE]\n\n"
 _TAIL_CHUNKS = 8  # the usage chunk and [DONE] are in the last few network reads
-
-
-class ClientGone(Exception):
-    """The client disconnected before the answer was complete."""
 
 
 @dataclass

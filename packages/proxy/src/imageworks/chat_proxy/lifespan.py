@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
+from imageworks.chat_proxy.admission import Admission
 from imageworks.chat_proxy.arbiter.arbiter import VramArbiter, unload_ollama_everywhere
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe, NoGpuProbe, NvmlProbe
 from imageworks.chat_proxy.arbiter.ollama import OllamaManager
@@ -73,6 +74,7 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         recent=config.recent_requests,
     ).start()
     metrics = Metrics()
+    metrics.log_dropped.set_function(lambda: request_log.dropped)
     egress = Egress(config)
     session = egress.session
     backends = build_backends(config)
@@ -121,6 +123,7 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         arbiter=arbiter,
         ollama_managers=managers,
         autostart=config.autostart_enabled,
+        admission=Admission(config.max_concurrency, config.max_queue, metrics),
     )
 
     def on_reload(registry: Registry) -> None:
