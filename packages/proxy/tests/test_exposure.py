@@ -268,3 +268,12 @@ def test_a_config_error_stops_uvicorn_as_it_loads_the_app(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="CHAT_PROXY_PORT"):
         ProxyConfig.load(environ={"CHAT_PROXY_PORT": "eighty"}, cwd=tmp_path)
     assert free_port()  # nothing left listening
+
+
+def test_a_wrong_method_on_a_forwarded_endpoint_is_enveloped_and_logged(proxy_factory) -> None:
+    proxy = proxy_factory([])
+    answer = proxy.client.get("/v1/chat/completions", headers={"x-request-id": "wrong-method"})
+    assert answer.status_code == 405 and envelope(answer)["code"] == "method_not_allowed"
+    proxy.server.stop()
+    [record] = proxy.records()
+    assert record["request_id"] == "wrong-method" and record["status"] == 405

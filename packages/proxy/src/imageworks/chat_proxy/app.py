@@ -162,6 +162,10 @@ class ProxyApp:
         path = scope["path"]
         if scope["method"] != "POST":
             error = MethodNotAllowed(f"{scope['method']} is not allowed on {path}; use POST")
+            client = scope.get("client")
+            self.state.proxy.record_refusal(
+                scope["state"]["request_id"], path, client[0] if client else None, error
+            )
             await send_error(error, send)
             return
         await openai.forward(self.state.proxy, openai.FORWARDED[path], scope, receive, send)
