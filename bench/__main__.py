@@ -25,6 +25,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -169,13 +170,21 @@ def table(report: dict[str, Any]) -> str:
     for name, value in report["ratios"].items():
         lines.append(f"- {name}: {value}")
     if "overload_m60" in report:
-        lines += ["", "Overload (M60, open loop at twice the default proxy's capacity):", ""]
+        o = report["overload_m60"]
+        lines += [
+            "",
+            f"Overload (M60, open loop at twice the default proxy's capacity of "
+            f"{o['capacity_rps']} RPS; max_concurrency = queue = {o['limit']}):",
+            "",
+        ]
         lines.append(
             "| arm | rate | sent | admitted | admitted p50 ms | admitted p99 ms | 429 "
             "| with Retry-After | timed out (10 s) | other errors |"
         )
         lines.append("|---|---|---|---|---|---|---|---|---|---|")
         for name, o in report["overload_m60"].items():
+            if not isinstance(o, dict):
+                continue
             lines.append(
                 f"| {name} | {o['rate']} | {o['sent']} | {o['admitted']} | "
                 f"{o['admitted_p50_ms']} | {o['admitted_p99_ms']} | {o['rejected_429']} | "
@@ -228,7 +237,11 @@ def ratios(report: dict[str, Any], proxy: str) -> dict[str, Any]:
 
 
 async def run(
-    args: argparse.Namespace, arms: list[Arm], proxies: list[Arm], overload_arms: list[Arm]
+    args: argparse.Namespace,
+    arms: list[Arm],
+    proxies: list[Arm],
+    limited_proxy: Callable[[int], Arm],
+    overload_arms: list[Arm],
 ) -> dict[str, Any]:
     quick = args.quick
     report: dict[str, Any] = {
@@ -255,14 +268,18 @@ async def run(
     report["streams"] = {arm.name: await loadgen.concurrent_streams(arm.url, count) for arm in arms}
     for arm in proxies:
         report["rss_mb"][arm.name]["loaded"] = arm.rss()
-    if overload_arms:
-        capacity = float(report["throughput_m60"][proxies[0].name]["max_rps"])
-        report["overload_m60"] = {
-            arm.name: await loadgen.overload(
-                arm.url, "m60", 2 * max(capacity, 50), 1 if quick else 10
-            )
-            for arm in overload_arms
-        }
+    # Overload: twice the capacity just measured, against the default proxy with a
+    # concurrency limit sized to what is in flight at capacity (M60 answers in 60 ms), its
+    # queue as long, and against the same proxy with no limit.
+    capacity = max(float(report["throughput_m60"][proxies[0].name]["max_rps"]), 50.0)
+    limit = args.overload_limit or max(4, round(capacity * 0.065))
+    limited = limited_proxy(limit)
+    overload_arms.append(limited)
+    report["overload_m60"] = {"capacity_rps": capacity, "limit": limit}
+    for arm in (limited, proxies[0]):
+        report["overload_m60"][arm.name] = await loadgen.overload(
+            arm.url, "m60", 2 * capacity, 1 if quick else 10
+        )
     if args.soak:
         report["soak"] = await soak(proxies, args.soak)
     report["ratios"] = {
@@ -294,8 +311,9 @@ def main() -> None:
     parser.add_argument(
         "--overload-limit",
         type=int,
-        default=64,
-        help="max_concurrency (and queue) of the overload arm's proxy (default 64)",
+        default=0,
+        help="max_concurrency (and queue) of the overload arm's proxy (default: what is in "
+        "flight at the measured capacity)",
     )
     args = parser.parse_args()
     pinned = (os.cpu_count() or 1) >= 2
@@ -325,21 +343,23 @@ def main() -> None:
                         )
                     )
             proxies = arms[1:]
-            limit = str(args.overload_limit)
-            overload_arms = [
-                OurProxy(
+
+            def limited_proxy(limit: int) -> Arm:
+                return OurProxy(
                     mock,
                     workdir,
                     1 if pinned else None,
                     "uvicorn",
-                    name=f"proxy-uvicorn-limit-{limit}",
-                    settings={"CHAT_PROXY_MAX_CONCURRENCY": limit, "CHAT_PROXY_MAX_QUEUE": limit},
-                ),
-                arms[1],  # the same proxy with no limit, for comparison
-            ]
-            report = asyncio.run(run(args, arms, proxies, overload_arms))
+                    name="proxy-uvicorn-limited",
+                    settings={
+                        "CHAT_PROXY_MAX_CONCURRENCY": str(limit),
+                        "CHAT_PROXY_MAX_QUEUE": str(limit),
+                    },
+                )
+
+            report = asyncio.run(run(args, arms, proxies, limited_proxy, overload_arms))
         finally:
-            for arm in reversed([*arms, *overload_arms[:1]]):
+            for arm in reversed([*arms, *overload_arms]):
                 arm.stop()
     report["seconds"] = round(time.monotonic() - started, 1)
     report["pinned"] = pinned
