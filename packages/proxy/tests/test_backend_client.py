@@ -246,3 +246,12 @@ def test_a_stalled_body_times_out_in_band_and_a_closing_one_is_read_to_its_end(
     assert json.loads(events[1])["error"]["code"] == "backend_timeout"
     old = proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "old", "stream": True})
     assert sse_events(old.text) == ["1", "[DONE]"]
+
+
+def test_the_backend_is_not_invited_to_compress(proxy_factory, fake_vllm) -> None:
+    # Bodies are relayed as they come, undecoded: a compressed one would reach the client
+    # without its Content-Encoding.
+    proxy = proxy_factory([entry_for("m", fake_vllm.url, "openai")])
+    for stream in (False, True):
+        proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": stream})
+        assert "accept-encoding" not in fake_vllm.engine.requests[-1].headers

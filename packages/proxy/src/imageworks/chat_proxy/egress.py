@@ -73,7 +73,10 @@ class Egress:
                 total=None, sock_connect=config.connect_timeout_s, sock_read=config.read_timeout_s
             ),
             auto_decompress=False,
-            skip_auto_headers=("User-Agent",),
+            # No Accept-Encoding: bodies are relayed undecoded, so the backend must not be
+            # invited to compress them (a gzipped SSE stream or JSON body would reach clients
+            # without its Content-Encoding).
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         self._urls: dict[str, URL] = {}
