@@ -12,6 +12,7 @@ from pathlib import Path
 from testkit.servers import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]
+_PREFIX = sys.prefix  # the virtual environment every process the tests start runs from
 # Command-line fragments of every process the project starts.
 OUR_PROCESSES = (
     "imageworks.chat_proxy.llamacpp.server",
@@ -67,7 +68,8 @@ def our_processes() -> list[tuple[int, str]]:
             state = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0]
         except OSError:
             continue
-        if state != "Z" and any(marker in cmd for marker in OUR_PROCESSES):
+        # This checkout's interpreter only: other checkouts on the machine run their own tests.
+        if state != "Z" and _PREFIX in cmd and any(marker in cmd for marker in OUR_PROCESSES):
             found.append((int(entry.name), cmd.strip()))
     return found
 
