@@ -24,7 +24,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe
-from imageworks.chat_proxy.config import ProxyConfig
+from imageworks.chat_proxy.config import ConfigError, ProxyConfig
 from imageworks.chat_proxy.errors import MethodNotAllowed, NotFound, ProxyError
 from imageworks.chat_proxy.forwarding import send_error
 from imageworks.chat_proxy.lifespan import close_state, open_state, start_background
@@ -204,5 +204,8 @@ def __getattr__(name: str) -> Any:
     if name != "app":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if _built is None:
-        _built = create_app()
+        try:
+            _built = create_app()
+        except ConfigError as exc:  # one line naming the variable, as the CLI prints it
+            raise SystemExit(f"Error: {exc}") from None
     return _built
