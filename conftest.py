@@ -118,7 +118,12 @@ def proxy_factory(tmp_path: Path) -> Iterator[ProxyFactory]:
             log_path=root / "logs" / "chat_proxy.jsonl",
             **settings,
         )
-        server = UvicornServer(create_app(config, probe=probe), slow_callback_s=slow_callback_s)
+        server = UvicornServer(
+            create_app(config, probe=probe),
+            slow_callback_s=slow_callback_s,
+            keep_alive_s=config.keep_alive_s,
+            header_timeout_s=config.header_timeout_s,
+        )
         client = httpx.Client(base_url=server.url, timeout=30)
         proxy = Proxy(server.url, config, root, server, client)
         started.append(proxy)

@@ -4,6 +4,11 @@
     uv run python -m bench --quick    # < 60 s smoke run (CI): checks that everything works
     uv run python -m bench --soak 600 # add a 10-minute soak for RSS growth
 
+Arms: direct (the mock), the proxy under uvicorn (the default) and hypercorn, a bare Starlette +
+aiohttp pass-through (the design card's stack with no features), LiteLLM; then an overload
+arm: the default proxy with a concurrency limit, and without one, at twice the capacity the
+default proxy was measured to have (M60).
+
 Rig (performance-anchors.md §6): the mock and this load generator on core 0, each proxy on
 core 1 (taskset), one worker. Arms are interleaved round by round; latency figures are the
 median over rounds of each round's percentile. Writes ``bench/results/<stamp>.json`` (raw
@@ -20,12 +25,13 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from bench import loadgen
-from bench.arms import LITELLM_VERSION, Arm, LiteLLM, Mock, OurProxy
+from bench.arms import LITELLM_VERSION, Arm, BarePassThrough, LiteLLM, Mock, OurProxy
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -160,21 +166,42 @@ def table(report: dict[str, Any]) -> str:
     row("RSS after load MB", [rss.get(a, {}).get("loaded") for a in arms])
     if "soak" in report:
         row("RSS after soak MB", [report["soak"].get(a) for a in arms])
-    lines = ["\n".join(rows), "", "Ratios (budgets from issue 7):", ""]
+    lines = ["\n".join(rows), "", "Ratios (budgets from issues 7 and 14):", ""]
     for name, value in report["ratios"].items():
         lines.append(f"- {name}: {value}")
+    if "overload_m60" in report:
+        o = report["overload_m60"]
+        lines += [
+            "",
+            f"Overload (M60, open loop at twice the default proxy's capacity of "
+            f"{o['capacity_rps']} RPS; max_concurrency = queue = {o['limit']}):",
+            "",
+        ]
+        lines.append(
+            "| arm | rate | sent | admitted | admitted p50 ms | admitted p99 ms | 429 "
+            "| with Retry-After | timed out (10 s) | other errors |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        for name, o in report["overload_m60"].items():
+            if not isinstance(o, dict):
+                continue
+            lines.append(
+                f"| {name} | {o['rate']} | {o['sent']} | {o['admitted']} | "
+                f"{o['admitted_p50_ms']} | {o['admitted_p99_ms']} | {o['rejected_429']} | "
+                f"{o['with_retry_after']} | {o['timed_out']} | {o['other_errors']} |"
+            )
     return "\n".join(lines)
 
 
 def ratios(report: dict[str, Any], proxy: str) -> dict[str, Any]:
     c1, st, ft, tp = (report[k] for k in ("c1_m0", "stream_s20", "ttft_s20", "throughput_m60"))
     out: dict[str, Any] = {
-        "added_p50_ms (budget <= 1.0)": added(c1, proxy, "p50_ms"),
-        "added_p99_ms (budget <= 2.0)": added(c1, proxy, "p99_ms"),
+        "added_p50_ms (budget <= 0.6)": added(c1, proxy, "p50_ms"),
+        "added_p99_ms (budget <= 1.0)": added(c1, proxy, "p99_ms"),
         "m60_p99_over_direct (budget <= 1.03)": ratio(
             report["c1_m60"][proxy]["p99_ms"], report["c1_m60"]["direct"]["p99_ms"]
         ),
-        "added_ttft_p50_ms (budget <= 1.0)": added(ft, proxy, "p50_ms"),
+        "added_ttft_p50_ms (budget <= 0.6)": added(ft, proxy, "p50_ms"),
         "added_gap_p99_ms (budget <= 0.5)": added(st, proxy, "gap_p99_ms"),
         "chunks_out_equal_in": st[proxy]["chunks_min"]
         == st[proxy]["chunks_max"]
@@ -188,6 +215,14 @@ def ratios(report: dict[str, Any], proxy: str) -> dict[str, Any]:
         ),
         "idle_rss_mb (budget <= 80)": report["rss_mb"].get(proxy, {}).get("idle"),
     }
+    if "starlette-aiohttp" in c1:
+        bare = "starlette-aiohttp"
+        out["added_p50_vs_bare_starlette_aiohttp (budget < 1)"] = ratio(
+            added(c1, proxy, "p50_ms"), added(c1, bare, "p50_ms")
+        )
+        out["added_p99_vs_bare_starlette_aiohttp (budget < 1)"] = ratio(
+            added(c1, proxy, "p99_ms"), added(c1, bare, "p99_ms")
+        )
     if "litellm" in c1:
         out["added_p50_vs_litellm (budget <= 0.35)"] = ratio(
             added(c1, proxy, "p50_ms"), added(c1, "litellm", "p50_ms")
@@ -201,7 +236,13 @@ def ratios(report: dict[str, Any], proxy: str) -> dict[str, Any]:
     return out
 
 
-async def run(args: argparse.Namespace, arms: list[Arm], proxies: list[Arm]) -> dict[str, Any]:
+async def run(
+    args: argparse.Namespace,
+    arms: list[Arm],
+    proxies: list[Arm],
+    limited_proxy: Callable[[int], Arm],
+    overload_arms: list[Arm],
+) -> dict[str, Any]:
     quick = args.quick
     report: dict[str, Any] = {
         "mode": "quick" if quick else "full",
@@ -227,9 +268,25 @@ async def run(args: argparse.Namespace, arms: list[Arm], proxies: list[Arm]) -> 
     report["streams"] = {arm.name: await loadgen.concurrent_streams(arm.url, count) for arm in arms}
     for arm in proxies:
         report["rss_mb"][arm.name]["loaded"] = arm.rss()
+    # Overload: twice the capacity just measured, against the default proxy with a
+    # concurrency limit sized to what is in flight at capacity (M60 answers in 60 ms), its
+    # queue as long, and against the same proxy with no limit.
+    capacity = max(float(report["throughput_m60"][proxies[0].name]["max_rps"]), 50.0)
+    limit = args.overload_limit or max(4, round(capacity * 0.065))
+    limited = limited_proxy(limit)
+    overload_arms.append(limited)
+    report["overload_m60"] = {"capacity_rps": capacity, "limit": limit}
+    for arm in (limited, proxies[0]):
+        report["overload_m60"][arm.name] = await loadgen.overload(
+            arm.url, "m60", 2 * capacity, 1 if quick else 10
+        )
     if args.soak:
         report["soak"] = await soak(proxies, args.soak)
-    report["ratios"] = {p.name: ratios(report, p.name) for p in proxies if p.name != "litellm"}
+    report["ratios"] = {
+        p.name: ratios(report, p.name)
+        for p in proxies
+        if p.name not in ("litellm", "starlette-aiohttp")
+    }
     return report
 
 
@@ -251,6 +308,13 @@ def main() -> None:
     parser.add_argument("--streams", type=int, help="concurrent streams (default 256; quick 120)")
     parser.add_argument("--soak", type=float, default=0, help="seconds of soak for RSS growth")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--overload-limit",
+        type=int,
+        default=0,
+        help="max_concurrency (and queue) of the overload arm's proxy (default: what is in "
+        "flight at the measured capacity)",
+    )
     args = parser.parse_args()
     pinned = (os.cpu_count() or 1) >= 2
     if pinned:
@@ -260,8 +324,10 @@ def main() -> None:
         workdir = Path(tmp)
         mock = Mock(0 if pinned else None)
         arms: list[Arm] = [mock]
+        overload_arms: list[Arm] = []
         try:
             arms.append(OurProxy(mock, workdir, 1 if pinned else None, "uvicorn"))  # default
+            arms.append(BarePassThrough(mock, 1 if pinned else None))
             if not args.quick:
                 arms.append(OurProxy(mock, workdir, 1 if pinned else None, "hypercorn"))
                 arms.append(
@@ -277,9 +343,23 @@ def main() -> None:
                         )
                     )
             proxies = arms[1:]
-            report = asyncio.run(run(args, arms, proxies))
+
+            def limited_proxy(limit: int) -> Arm:
+                return OurProxy(
+                    mock,
+                    workdir,
+                    1 if pinned else None,
+                    "uvicorn",
+                    name="proxy-uvicorn-limited",
+                    settings={
+                        "CHAT_PROXY_MAX_CONCURRENCY": str(limit),
+                        "CHAT_PROXY_MAX_QUEUE": str(limit),
+                    },
+                )
+
+            report = asyncio.run(run(args, arms, proxies, limited_proxy, overload_arms))
         finally:
-            for arm in reversed(arms):
+            for arm in reversed([*arms, *overload_arms]):
                 arm.stop()
     report["seconds"] = round(time.monotonic() - started, 1)
     report["pinned"] = pinned

@@ -105,9 +105,17 @@ class OurProxy(Arm):
     hypercorn's plain asyncio worker can be measured next to its uvloop one."""
 
     def __init__(
-        self, mock: Mock, workdir: Path, core: int | None, server: str, loop: str = "uvloop"
+        self,
+        mock: Mock,
+        workdir: Path,
+        core: int | None,
+        server: str,
+        loop: str = "uvloop",
+        *,
+        name: str | None = None,
+        settings: dict[str, str] | None = None,
     ) -> None:
-        self.name = f"proxy-{server}" + ("" if loop == "uvloop" else f"-{loop}")
+        self.name = name or f"proxy-{server}" + ("" if loop == "uvloop" else f"-{loop}")
         root = workdir / self.name
         (root / "configs").mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / "configs" / "deployment_profiles.json", root / "configs")
@@ -119,7 +127,7 @@ class OurProxy(Arm):
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_PROXY_")}
-        env.update(CHAT_PROXY_GPU_PROBE="none")
+        env.update(CHAT_PROXY_GPU_PROBE="none", **(settings or {}))
         self.process = subprocess.Popen(
             pinned(
                 core,
@@ -140,6 +148,34 @@ class OurProxy(Arm):
             ),
             cwd=root,
             env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_ready(self.url + "/v1/healthz")
+
+
+class BarePassThrough(Arm):
+    """Starlette + aiohttp with no features (``bench.bare_passthrough``)."""
+
+    name = "starlette-aiohttp"
+
+    def __init__(self, mock: Mock, core: int | None) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(
+            pinned(
+                core,
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.bare_passthrough",
+                    "--port",
+                    str(port),
+                    "--backend",
+                    mock.url,
+                ],
+            ),
+            cwd=REPO,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -178,3 +178,49 @@ def stream_summary(streams: list[Stream]) -> dict[str, float]:
         "total_p50_ms": round(statistics.median(s.total_ms for s in streams), 2),
         "all_done": all(s.done for s in streams),
     }
+
+
+async def overload(
+    url: str, model: str, rate: float, seconds: float, timeout: float = 10.0
+) -> dict[str, object]:
+    """Open-loop load at ``rate`` (meant: twice the measured capacity): the admitted requests'
+    latency, and how the excess was turned away (429 with Retry-After) or timed out."""
+    admitted: list[float] = []
+    counts = {"rejected_429": 0, "with_retry_after": 0, "timed_out": 0, "other_errors": 0}
+
+    async def one(http: aiohttp.ClientSession) -> None:
+        started = time.perf_counter()
+        try:
+            async with http.post(
+                url + "/v1/chat/completions",
+                json={**CHAT, "model": model},
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as response:
+                await response.read()
+                if response.status == 200:
+                    admitted.append((time.perf_counter() - started) * 1000)
+                elif response.status == 429:
+                    counts["rejected_429"] += 1
+                    counts["with_retry_after"] += "retry-after" in response.headers
+                else:
+                    counts["other_errors"] += 1
+        except TimeoutError:
+            counts["timed_out"] += 1
+        except Exception:
+            counts["other_errors"] += 1
+
+    async with session() as http:
+        tasks = []
+        started = time.perf_counter()
+        for i in range(int(rate * seconds)):
+            await asyncio.sleep(max(0.0, started + i / rate - time.perf_counter()))
+            tasks.append(asyncio.ensure_future(one(http)))
+        await asyncio.gather(*tasks)
+    return {
+        "rate": round(rate, 1),
+        "sent": int(rate * seconds),
+        "admitted": len(admitted),
+        "admitted_p50_ms": round(pct(admitted, 50), 2),
+        "admitted_p99_ms": round(pct(admitted, 99), 2),
+        **counts,
+    }

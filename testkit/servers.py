@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -67,25 +68,23 @@ class UvicornServer:
     port."""
 
     def __init__(
-        self, app: Callable[..., Any], port: int | None = None, *, slow_callback_s: float = 0
+        self,
+        app: Callable[..., Any],
+        port: int | None = None,
+        *,
+        slow_callback_s: float = 0,
+        **timeouts: float,
     ) -> None:
         """``slow_callback_s``: run the loop in asyncio's debug mode, which logs (logger
         ``asyncio``) every callback that holds the loop longer than this."""
         import uvicorn
 
+        from imageworks.chat_proxy.serving import uvicorn_config
+
         self.app = app
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=self.port,
-            log_level="warning",
-            access_log=False,
-            lifespan="on",
-            proxy_headers=False,
-            timeout_graceful_shutdown=2,
-        )
+        config = uvicorn_config(app, "127.0.0.1", self.port, graceful_timeout=2, **timeouts)
         self._server = uvicorn.Server(config)
         self._loop = LoopThread("uvicorn-server")
         if slow_callback_s:
@@ -119,3 +118,54 @@ def wait_for_port(port: int, timeout: float = 15) -> None:
         except OSError:
             time.sleep(0.02)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawServer:
+    """A hand-written HTTP/1.1 server on a loopback port, for backends that misbehave on
+    purpose (interim 1xx heads, malformed heads, stalls); TLS when given an ``ssl`` context."""
+
+    def __init__(self, handler: RawHandler, ssl: Any = None) -> None:
+        self._loop = LoopThread("raw-server")
+        self._writers: set[asyncio.StreamWriter] = set()
+
+        async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self._writers.add(writer)
+            try:
+                await handler(reader, writer)
+            except (OSError, asyncio.IncompleteReadError):
+                pass  # the proxy hung up: part of what these servers are for
+            finally:
+                self._writers.discard(writer)
+                writer.close()
+
+        async def start() -> asyncio.Server:
+            return await asyncio.start_server(tracked, "127.0.0.1", 0, ssl=ssl)
+
+        self._server: asyncio.Server = self._loop.call(start())
+        self.port: int = self._server.sockets[0].getsockname()[1]
+        scheme = "https" if ssl is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        async def close() -> None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.transport.abort()
+            await self._server.wait_closed()
+
+        with contextlib.suppress(TimeoutError):
+            self._loop.call(close(), timeout=5)
+        self._loop.close()
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request's head and body (content-length framed, as the proxy sends them)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head, await reader.readexactly(length)

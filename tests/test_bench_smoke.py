@@ -25,7 +25,7 @@ def test_quick_benchmark_runs_and_reports_every_measure(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     (raw,) = tmp_path.glob("*.json")
     report = json.loads(raw.read_text())
-    arms = {"direct", "proxy-uvicorn"}
+    arms = {"direct", "proxy-uvicorn", "starlette-aiohttp"}
     for measure in ("c1_m0", "c1_m60", "ttft_s20", "stream_s20", "throughput_m60", "streams"):
         assert set(report[measure]) == arms, measure
     # Fidelity is checked even in the smoke run: every stream whole, none coalesced.
@@ -33,6 +33,11 @@ def test_quick_benchmark_runs_and_reports_every_measure(tmp_path: Path) -> None:
     assert report["streams"]["proxy-uvicorn"]["errors"] == 0
     assert report["stream_count"] > 100  # above aiohttp's default connection limit
     assert report["rss_mb"]["proxy-uvicorn"]["idle"] > 0
+    overload = report["overload_m60"]
+    assert {"proxy-uvicorn-limited", "proxy-uvicorn"} <= set(overload)
+    for arm in (overload["proxy-uvicorn-limited"], overload["proxy-uvicorn"]):
+        assert arm["admitted"] + arm["rejected_429"] + arm["timed_out"] == arm["sent"]
+        assert arm["rejected_429"] == arm["with_retry_after"]
     assert "| c=1 M0 p50 ms |" in (tmp_path / raw.name.replace(".json", ".md")).read_text()
 
 

@@ -59,3 +59,19 @@ def test_the_admin_token_is_sent(proxy_factory) -> None:
         ProxyClient(proxy.url, admin_token="").state()
     assert caught.value.status == 401
     assert ProxyClient(proxy.url, admin_token="t0k").state()["profile"] == "production"
+
+
+@pytest.mark.parametrize("token", [None, "admin-secret"])
+def test_with_api_keys_the_console_sends_one(
+    proxy_factory, fake_vllm, monkeypatch: pytest.MonkeyPatch, token: str | None
+) -> None:
+    settings = {"api_keys": "k1"} | ({"admin_token": token} if token else {})
+    proxy = proxy_factory([entry_for("ext", fake_vllm.url, "openai")], **settings)
+    monkeypatch.setenv("CHAT_PROXY_API_KEYS", "k1")
+    if token:
+        monkeypatch.setenv("CHAT_PROXY_ADMIN_TOKEN", token)
+    else:
+        monkeypatch.delenv("CHAT_PROXY_ADMIN_TOKEN", raising=False)
+    client = ProxyClient(proxy.url)
+    assert [r.name for r in client.models()] == ["ext"]  # /v1/models and /admin/state
+    assert client.set_autostart(False) is False

@@ -49,8 +49,8 @@ def test_anything_else_is_401(headers: dict[str, str]) -> None:
 
 def test_no_keys_configured_means_open() -> None:
     require_api_key({}, ())
-    require_admin({}, None)
-    require_admin({}, "")
+    require_admin({}, None, peer="127.0.0.1")
+    require_admin({}, "", peer="127.0.0.1")
 
 
 @pytest.mark.parametrize(
@@ -68,10 +68,10 @@ def test_no_keys_configured_means_open() -> None:
 )
 def test_the_admin_token(headers: dict[str, str], ok: bool) -> None:
     if ok:
-        require_admin(headers, "t0k")
+        require_admin(headers, "t0k", peer="127.0.0.1")
     else:
         with pytest.raises(Unauthorized, match="CHAT_PROXY_ADMIN_TOKEN"):
-            require_admin(headers, "t0k")
+            require_admin(headers, "t0k", peer="127.0.0.1")
 
 
 def test_the_messages_say_how_to_authenticate() -> None:
@@ -82,7 +82,7 @@ def test_the_messages_say_how_to_authenticate() -> None:
         "(keys are set with CHAT_PROXY_API_KEYS)"
     )
     with pytest.raises(Unauthorized) as admin:
-        require_admin({}, "t0k")
+        require_admin({}, "t0k", peer="127.0.0.1")
     assert admin.value.message == (
         "missing or invalid admin token: send 'Authorization: Bearer <token>' or "
         "'X-Admin-Token' (set with CHAT_PROXY_ADMIN_TOKEN)"

@@ -169,8 +169,9 @@ def test_a_finished_stream_hands_its_backend_connection_back(proxy_factory, fake
         [entry_for("m", fake_vllm.url, served="hang-stream"), entry_for("n", fake_vllm.url)]
     )
 
-    def idle_connections() -> int:  # the forwarding pool's kept-alive connections
-        return sum(len(idle) for idle in proxy.state.upstream._idle.values())
+    def idle_connections() -> int:  # aiohttp's pool of kept-alive backend connections
+        connector = proxy.state.egress.session.connector
+        return sum(len(idle) for idle in connector._conns.values())
 
     for _ in range(3):
         proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "n", "stream": True})

@@ -1,14 +1,19 @@
-"""Property-based: whatever a client sends, the answer is never a 500 and never an empty body."""
+"""Property-based, over the request bodies of every endpoint that takes one: whatever a client
+sends, the answer is never a 500 and never an empty body, every error is in the OpenAI
+envelope, and every refused request has its record in the JSONL log."""
 
 from __future__ import annotations
 
+import itertools
 import json
+from pathlib import Path
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from testkit.entries import eventually
 from testkit.fake_engine import entry_for
 
 json_values = st.recursive(
@@ -43,13 +48,25 @@ bodies = st.one_of(
         optional={f: json_values for f in FIELDS[1:]},
     ).map(lambda d: json.dumps(d).encode()),
 )
-PATHS = [
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/admin/profile",
-    "/admin/autostart",
+ENDPOINTS = [
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/embeddings"),
+    ("PUT", "/admin/profile"),
+    ("PUT", "/admin/autostart"),
+    ("POST", "/admin/activate"),
+    ("POST", "/admin/deactivate"),
+    ("POST", "/admin/registry/reload"),
+    ("POST", "/v1/gpu/lease"),
+    ("POST", "/v1/gpu/renew"),
+    ("POST", "/v1/gpu/release"),
+    ("POST", "/v1/gpu/force_release"),
 ]
+LEASE_FIELDS = ["owner", "reason", "restart_model", "ttl_s", "need_mb", "token", "max_age_s"]
+lease_bodies = st.fixed_dictionaries({}, optional={f: json_values for f in LEASE_FIELDS}).map(
+    lambda d: json.dumps(d).encode()
+)
+nested = st.integers(min_value=1, max_value=200_000).map(lambda n: b"[" * n + b"]" * n)
 
 
 @pytest.fixture(scope="module")
@@ -82,22 +99,39 @@ def target(tmp_path_factory):
     )
     proxy = UvicornServer(create_app(config))
     with httpx.Client(base_url=proxy.url, timeout=30) as client:
-        yield client
+        yield client, config.log_path
     proxy.stop()
     engine.stop()
 
 
+_ids = itertools.count()
+
+
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(path=st.sampled_from(PATHS), body=bodies)
-def test_no_500_and_no_empty_body(target: httpx.Client, path: str, body: bytes) -> None:
-    method = "PUT" if path.startswith("/admin") else "POST"
-    response = target.request(
-        method, path, content=body, headers={"content-type": "application/json"}
+@given(endpoint=st.sampled_from(ENDPOINTS), body=bodies | lease_bodies | nested)
+def test_no_500_every_error_enveloped_and_logged(
+    target: tuple[httpx.Client, Path], endpoint: tuple[str, str], body: bytes
+) -> None:
+    client, log_path = target
+    method, path = endpoint
+    request_id = f"fuzz-{next(_ids)}"
+    response = client.request(
+        method,
+        path,
+        content=body,
+        headers={"content-type": "application/json", "x-request-id": request_id},
     )
-    assert response.status_code < 500 or response.status_code in (502, 504), response.text
+    assert response.status_code < 500 or response.status_code in (502, 503, 504), response.text
     assert response.content, "empty body"
+    assert response.headers["x-request-id"] == request_id
     if response.status_code >= 400:
         error = response.json()["error"]
-        assert error["message"] and error["code"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert isinstance(error["message"], str) and error["message"]
+
+        def logged() -> bool:
+            return log_path.exists() and f'"request_id": "{request_id}"' in log_path.read_text()
+
+        assert eventually(logged), f"{request_id} ({response.status_code}) not in the log"

@@ -62,7 +62,15 @@ class ProxyClient:
             base_url or os.environ.get("IMAGEWORKS_CHAT_PROXY_URL") or DEFAULT_URL
         ).rstrip("/")
         token = admin_token if admin_token is not None else os.environ.get("CHAT_PROXY_ADMIN_TOKEN")
-        self._headers = {"authorization": f"Bearer {token}"} if token else {}
+        keys = [k.strip() for k in os.environ.get("CHAT_PROXY_API_KEYS", "").split(",")]
+        key = next((k for k in keys if k), None)
+        # An API key for /v1/* (and for /admin/* when no admin token is set), the admin token
+        # in its own header: the proxy accepts each where it applies.
+        self._headers = {}
+        if key or token:
+            self._headers["authorization"] = f"Bearer {key or token}"
+        if token:
+            self._headers["x-admin-token"] = token
         self.timeout = timeout
 
     def _call(

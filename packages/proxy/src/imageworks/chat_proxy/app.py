@@ -1,7 +1,9 @@
 """The ASGI application: ``create_app(config)`` and the module-level ``app``.
 
-``uvicorn imageworks.chat_proxy.app:app`` works (runbook §2.1); ``app`` builds the real
-application from the environment on first use, so importing this module has no side effects.
+``uvicorn imageworks.chat_proxy.app:app`` works (runbook §2.1). ``app`` is built from the
+environment when it is first looked up (the module's ``__getattr__``): importing this module
+has no side effects, and a configuration error stops ``uvicorn`` as it loads the app, with the
+variable's name, instead of surfacing later as plain-text 500s.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe
-from imageworks.chat_proxy.config import ProxyConfig
+from imageworks.chat_proxy.config import ConfigError, ProxyConfig
 from imageworks.chat_proxy.errors import MethodNotAllowed, NotFound, ProxyError
 from imageworks.chat_proxy.forwarding import send_error
 from imageworks.chat_proxy.lifespan import close_state, open_state, start_background
@@ -53,21 +56,34 @@ def _error_response(exc: ProxyError) -> Response:
     )
 
 
+def _refused(request: Request, error: ProxyError) -> Response:
+    """The error as an envelope, and a JSONL record of the refused request (the forwarded
+    endpoints record theirs themselves)."""
+    state = getattr(request.app.state, "proxy", None)
+    if state is not None:
+        state.record_refusal(
+            request.scope.get("state", {}).get("request_id"),
+            request.url.path,
+            request.client.host if request.client else None,
+            error,
+        )
+    return _error_response(error)
+
+
 async def _proxy_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
-    return _error_response(exc)
+    return _refused(request, exc)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        return _error_response(
-            MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+        return _refused(
+            request, MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
         )
     if exc.status_code == 404:
-        return _error_response(NotFound(f"no route for {request.method} {request.url.path}"))
-    error = ProxyError(str(exc.detail), status=exc.status_code)
-    return _error_response(error)
+        return _refused(request, NotFound(f"no route for {request.method} {request.url.path}"))
+    return _refused(request, ProxyError(str(exc.detail), status=exc.status_code))
 
 
 class RequestIdMiddleware:
@@ -115,12 +131,28 @@ class ProxyApp:
     table, exception middleware and Request object; everything else, and the lifespan, goes
     to the Starlette app."""
 
-    def __init__(self, app: Starlette) -> None:
+    def __init__(self, app: Starlette, cors_origins: tuple[str, ...] = ()) -> None:
         self.app = app
         self.state = app.state
         self._forwarded = RequestIdMiddleware(self._forward)
+        self._entry: ASGIApp = self._dispatch
+        if cors_origins:
+            # Browsers (Open WebUI direct connections, web tools). A wildcard origin never comes
+            # with credentials: the middleware would echo each origin back instead of "*".
+            self._entry = CORSMiddleware(
+                self._dispatch,
+                allow_origins=list(cors_origins),
+                allow_methods=["GET", "POST", "PUT"],
+                allow_headers=["*"],
+                allow_credentials="*" not in cors_origins,
+                expose_headers=["x-request-id", "retry-after"],
+                max_age=600,
+            )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._entry(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] in openai.FORWARDED:
             await self._forwarded(scope, receive, send)
         else:
@@ -130,6 +162,10 @@ class ProxyApp:
         path = scope["path"]
         if scope["method"] != "POST":
             error = MethodNotAllowed(f"{scope['method']} is not allowed on {path}; use POST")
+            client = scope.get("client")
+            self.state.proxy.record_refusal(
+                scope["state"]["request_id"], path, client[0] if client else None, error
+            )
             await send_error(error, send)
             return
         await openai.forward(self.state.proxy, openai.FORWARDED[path], scope, receive, send)
@@ -156,24 +192,20 @@ def create_app(config: ProxyConfig | None = None, *, probe: GpuProbe | None = No
     )
     app.add_middleware(RequestIdMiddleware)
     app.state.config = config
-    return ProxyApp(app)
+    return ProxyApp(app, config.cors_origins)
 
 
-class _DeferredApp:
-    """Builds ``create_app()`` from the environment on first use."""
-
-    def __init__(self) -> None:
-        self._app: ProxyApp | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._app is None:
-            self._app = create_app()
-        await self._app(scope, receive, send)
-
-    def __getattr__(self, name: str) -> Any:
-        if self._app is None:
-            self._app = create_app()
-        return getattr(self._app, name)
+_built: ProxyApp | None = None
 
 
-app = _DeferredApp()
+def __getattr__(name: str) -> Any:
+    """``app``: the application built from the environment, once, when first looked up."""
+    global _built
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _built is None:
+        try:
+            _built = create_app()
+        except ConfigError as exc:  # one line naming the variable, as the CLI prints it
+            raise SystemExit(f"Error: {exc}") from None
+    return _built

@@ -1,15 +1,37 @@
 """API keys for /v1/* and the admin token for /admin/* and lease changes.
 
-Keys are optional on loopback; binding elsewhere requires an admin token (see config).
+Who may administer, whatever started the app (our CLI, ``uvicorn ... --host 0.0.0.0``,
+docker), decided per request from the socket's peer rather than from the configured host:
+
+- with ``CHAT_PROXY_ADMIN_TOKEN`` set, admin calls need it;
+- without it but with ``CHAT_PROXY_API_KEYS``, admin calls need one of the API keys;
+- with neither, admin calls are answered for loopback peers only;
+- without an admin token, admin calls from another host are refused even with an API key.
+
 Tokens are compared in constant time.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from collections.abc import Iterable, Mapping
 
 from imageworks.chat_proxy.errors import Unauthorized
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` (a peer or bind address) is this machine. ``None`` is a peer with no
+    address: a Unix socket, or an in-process test client."""
+    if host is None or host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 def _presented(headers: Mapping[str, str], *extra_headers: str) -> list[str]:
@@ -37,9 +59,27 @@ def require_api_key(headers: Mapping[str, str], keys: tuple[str, ...]) -> None:
         )
 
 
-def require_admin(headers: Mapping[str, str], token: str | None) -> None:
-    if token and not _matches(_presented(headers, "x-admin-token"), [token]):
+def require_admin(
+    headers: Mapping[str, str],
+    token: str | None,
+    *,
+    peer: str | None,
+    api_keys: tuple[str, ...] = (),
+) -> None:
+    if token:
+        if not _matches(_presented(headers, "x-admin-token"), [token]):
+            raise Unauthorized(
+                "missing or invalid admin token: send 'Authorization: Bearer <token>' or "
+                "'X-Admin-Token' (set with CHAT_PROXY_ADMIN_TOKEN)"
+            )
+        return
+    if not is_loopback(peer):
         raise Unauthorized(
-            "missing or invalid admin token: send 'Authorization: Bearer <token>' or "
-            "'X-Admin-Token' (set with CHAT_PROXY_ADMIN_TOKEN)"
+            f"admin calls from {peer} need an admin token, and none is set: set "
+            "CHAT_PROXY_ADMIN_TOKEN to administer from another host"
+        )
+    if api_keys and not _matches(_presented(headers, "x-api-key"), api_keys):
+        raise Unauthorized(
+            "missing or invalid key: with CHAT_PROXY_API_KEYS set and no "
+            "CHAT_PROXY_ADMIN_TOKEN, admin calls need one of the API keys"
         )

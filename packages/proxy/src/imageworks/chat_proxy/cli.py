@@ -62,10 +62,14 @@ def main(host: str | None, port: int | None, server: str | None, log_level: str)
         f"({config.server}); Ctrl+C to stop",
         err=True,
     )
-    if config.server == "uvicorn":
-        serve_uvicorn(app, config.host, config.port)
-    else:
-        serve_hypercorn(app, config.host, config.port)
+    serve = serve_uvicorn if config.server == "uvicorn" else serve_hypercorn
+    serve(
+        app,
+        config.host,
+        config.port,
+        keep_alive_s=config.keep_alive_s,
+        header_timeout_s=config.header_timeout_s,
+    )
 
 
 if __name__ == "__main__":

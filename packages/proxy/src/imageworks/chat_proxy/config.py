@@ -7,7 +7,6 @@ fails at start with the variable's name and the reason (``ConfigError``).
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Any, Literal
 
 from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from imageworks.chat_proxy.auth import is_loopback
 
 PREFIX = "CHAT_PROXY_"
 ENV_FILES = (".env", ".env.local")  # lowest precedence first
@@ -47,6 +48,11 @@ class ProxyConfig(BaseModel):
     max_log_bytes: int = Field(default=25_000_000, ge=1024)
     log_backups: int = Field(default=5, ge=0, le=1000)
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    # Slow clients: the longest a request's body may pause, a request head may take to arrive,
+    # and an idle kept-alive connection may stay open (uvicorn's own default is 5 s).
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    keep_alive_s: float = Field(default=75.0, gt=0)
     connect_timeout_s: float = Field(default=10.0, gt=0)
     # Longest silence allowed while reading from a backend (first byte included): a non-streaming
     # generation sends nothing until it is done, so this is generous. No total cap on streams.
@@ -83,8 +89,15 @@ class ProxyConfig(BaseModel):
     api_keys: tuple[str, ...] = ()
     admin_token: str | None = None
     recent_requests: int = Field(default=500, ge=1, le=100_000)
+    # Back-pressure: requests forwarded at once per model (0: no limit; an entry's
+    # max_concurrency wins) and how many more may wait for a turn before 429.
+    max_concurrency: int = Field(default=0, ge=0)
+    max_queue: int = Field(default=64, ge=0)
+    # Browser origins allowed to call the API (comma-separated; "*" for any, never with
+    # credentials). Empty: no CORS headers at all.
+    cors_origins: tuple[str, ...] = ()
 
-    @field_validator("api_keys", "preload", mode="before")
+    @field_validator("api_keys", "preload", "cors_origins", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -110,7 +123,7 @@ class ProxyConfig(BaseModel):
 
     @model_validator(mode="after")
     def _exposed_needs_a_token(self) -> ProxyConfig:
-        if not _is_loopback(self.host) and not self.admin_token:
+        if not is_loopback(self.host) and not self.admin_token:
             raise ValueError(
                 f"binding to {self.host} (not loopback) requires {env_name('admin_token')}"
             )
@@ -167,12 +180,3 @@ def _describe(exc: ValidationError) -> str:
         where = env_name(field) if field else "configuration"
         problems.append(f"{where}: {error['msg']}")
     return "; ".join(problems)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -8,6 +8,7 @@ class carries. Before the first streamed byte that is an HTTP response; after it
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, ClassVar
 
 
@@ -84,6 +85,11 @@ class MethodNotAllowed(ProxyError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(ProxyError):
+    status = 408
+    code = "request_timeout"
+
+
 class TemplateRequired(ProxyError):
     status = 409
     code = "template_required"
@@ -122,6 +128,21 @@ class InsufficientVram(ProxyError):
 
     status = 503
     code = "insufficient_vram"
+
+
+class RateLimited(ProxyError):
+    """More requests for a model than its ``max_concurrency`` and wait queue hold."""
+
+    status = 429
+    code = "rate_limited"
+
+
+class BackendBusy(ProxyError):
+    """The backend answered 503 itself (overloaded, loading): it stays a 503, with the
+    backend's ``Retry-After``, so that clients back off instead of treating it as a fault."""
+
+    status = 503
+    code = "backend_unavailable"
 
 
 class BackendUnavailable(ProxyError):
@@ -176,13 +197,25 @@ class UpstreamError(ProxyError):
         return body
 
 
-def upstream_error(status: int, raw: bytes) -> ProxyError:
-    """Turn a backend's error response (vLLM flat, OpenAI nested, Ollama native) into ours."""
+def upstream_error(status: int, raw: bytes, retry_after: str | None = None) -> ProxyError:
+    """Turn a backend's error response (vLLM flat, OpenAI nested, Ollama native) into ours.
+    ``Retry-After`` is passed on with a 429 or a 503."""
     message, code, param = _parse_upstream_error(raw)
     text = message or raw[:500].decode("utf-8", "replace").strip() or f"HTTP {status}"
+    error: ProxyError
     if 400 <= status < 500:
-        return UpstreamError(status, text, upstream_code=code, param=param)
-    return BackendUnavailable(f"backend error (HTTP {status}): {text}")
+        error = UpstreamError(status, text, upstream_code=code, param=param)
+    elif status == 503:
+        error = BackendBusy(f"backend unavailable (HTTP 503): {text}")
+    else:
+        return BackendUnavailable(f"backend error (HTTP {status}): {text}")
+    if retry_after and status in (429, 503) and _RETRY_AFTER.match(retry_after):
+        error.headers["Retry-After"] = retry_after
+    return error
+
+
+# Seconds or an HTTP date, nothing that could split a header.
+_RETRY_AFTER = re.compile(r"^[0-9A-Za-z ,:]{1,64}$")
 
 
 def _parse_upstream_error(raw: bytes) -> tuple[str | None, str | None, str | None]:

@@ -1,7 +1,8 @@
 """Pass-through forwarding to a backend, streaming and not.
 
-Bodies travel as bytes: the upstream response is relayed unchanged, one chunk per network read
-of the backend's socket (``upstream.UpstreamPool``: no re-chunking, no coalescing). The only
+Bodies travel as bytes through aiohttp's client (the app's one ``ClientSession``, see
+``egress``): the upstream response is relayed unchanged, one chunk per network read of the
+backend's socket (``iter_any``: no re-chunking, no coalescing, no decompression). The only
 inspection is what the request log needs: where the first byte came, how many events passed,
 and the usage object near the end.
 
@@ -19,15 +20,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import aiohttp
 from starlette.types import Receive, Scope, Send
 
+from imageworks.chat_proxy.bodies import ClientGone
+from imageworks.chat_proxy.egress import Egress, Target
 from imageworks.chat_proxy.errors import (
     BackendTimeout,
     BackendUnavailable,
     ProxyError,
     upstream_error,
 )
-from imageworks.chat_proxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse
+
+__all__ = ["ClientGone", "Outcome", "SSEResponse", "open_upstream", "read_body", "send_error"]
 
 T = TypeVar("T")
 
@@ -38,10 +43,6 @@ SSE_HEADERS = [
 ]
 DONE = b"data: [DONE]\n\n"
 _TAIL_CHUNKS = 8  # the usage chunk and [DONE] are in the last few network reads
-
-
-class ClientGone(Exception):
-    """The client disconnected before the answer was complete."""
 
 
 @dataclass
@@ -69,43 +70,64 @@ class Outcome:
         return round((end - self.started) * 1000, 2)
 
 
-def _classify(exc: BaseException, url: str, during: str) -> ProxyError:
+class StreamBroken(Exception):
+    """The backend ended an event stream without ``[DONE]``."""
+
+
+_FAILURES = (aiohttp.ClientError, TimeoutError, StreamBroken)
+
+
+def _classify(exc: BaseException, url: object, during: str) -> ProxyError:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return BackendUnavailable(f"timed out connecting to {url}")
     if isinstance(exc, TimeoutError):
         return BackendTimeout(f"backend sent nothing for too long {during} ({url})")
-    if isinstance(exc, UpstreamError) and exc.connecting:
-        return BackendUnavailable(str(exc))
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return BackendUnavailable(f"TLS with the backend at {url} failed: {exc}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        reason = exc.os_error.strerror or str(exc.os_error) or type(exc.os_error).__name__
+        return BackendUnavailable(f"cannot connect to backend at {url}: {reason}")
+    if isinstance(exc, aiohttp.ClientResponseError):  # a head aiohttp could not parse
+        return BackendUnavailable(f"backend sent a malformed response {during} ({url}): {exc}")
     detail = str(exc) or type(exc).__name__
     return BackendUnavailable(f"backend connection failed {during} ({url}): {detail}")
 
 
 async def open_upstream(
-    pool: UpstreamPool, url: str, body: bytes, headers: dict[str, str]
-) -> UpstreamResponse:
-    """POST and wait for the response head. A backend 4xx/5xx becomes our error here."""
+    egress: Egress, target: Target, path: str, body: bytes, request_id: str
+) -> aiohttp.ClientResponse:
+    """POST and wait for the response head (interim 1xx heads are skipped by aiohttp). A
+    backend 4xx/5xx becomes our error here."""
+    url = target.url(path)
     try:
-        response = await pool.post(url, body, headers)
-    except (UpstreamError, TimeoutError) as exc:
+        response = await egress.session.post(
+            url, data=body, headers=target.headers(request_id), ssl=target.ssl
+        )
+    except _FAILURES as exc:
         raise _classify(exc, url, "before answering") from exc
     if response.status >= 400:
         try:
             raw = await response.read()
-        except (UpstreamError, TimeoutError):
+        except _FAILURES:
             raw = b""
         finally:
             response.close()
-        raise upstream_error(response.status, raw)
+        raise upstream_error(response.status, raw, response.headers.get("retry-after"))
     return response
 
 
-async def read_body(response: UpstreamResponse, outcome: Outcome) -> bytes:
+async def read_body(response: aiohttp.ClientResponse, outcome: Outcome) -> bytes:
+    """The whole body; the connection goes back to the pool (aiohttp closes it instead if the
+    body was not read to its end)."""
     try:
         raw = await response.read()
-    except (UpstreamError, TimeoutError) as exc:
+    except _FAILURES as exc:
         response.close()
         raise _classify(exc, response.url, "while answering") from exc
     except BaseException:
         response.close()
         raise
+    response.release()
     outcome.first_byte_at = outcome.finished_at = time.perf_counter()
     outcome.status = response.status
     if b'"usage"' in raw:
@@ -175,11 +197,11 @@ class SSEResponse:
         outcome: Outcome,
         on_finish: Callable[[Outcome], None],
         *,
-        connect: Callable[[], Awaitable[UpstreamResponse]],
+        connect: Callable[[], Awaitable[aiohttp.ClientResponse]],
         waiting_comment: bytes | None = None,
         keepalive_s: float = 5.0,
     ) -> None:
-        self.upstream: UpstreamResponse | None = None
+        self.upstream: aiohttp.ClientResponse | None = None
         self.connect = connect
         self.outcome = outcome
         self.on_finish = on_finish
@@ -201,15 +223,28 @@ class SSEResponse:
             if self.upstream is not None:
                 await self._let_go(self.upstream)
 
-    async def _let_go(self, upstream: UpstreamResponse) -> None:
+    async def _let_go(self, upstream: aiohttp.ClientResponse) -> None:
         """A finished stream hands its connection back to the pool (a new connection per
         stream costs ~0.3 ms of TTFT); an unfinished one is closed, which aborts the backend's
-        generation."""
+        generation. A response already read whole (``_relay_whole``) was released there, and
+        releasing it again does nothing: it must not touch a connection another request may
+        now be using."""
         if not self.complete:
             upstream.close()
             return
-        # Backends end the body right after [DONE]; read that last chunk terminator.
-        await upstream.finish(timeout=1.0)
+        if upstream.closed:
+            return
+        try:
+            # Backends end the body right after [DONE]; read that last chunk terminator.
+            async with asyncio.timeout(1.0):
+                await upstream.content.read()
+        except _FAILURES:
+            upstream.close()
+            return
+        except asyncio.CancelledError:
+            upstream.close()
+            raise
+        upstream.release()
 
     async def _run(self, send: Send) -> None:
         if self.waiting_comment is None:
@@ -219,7 +254,7 @@ class SSEResponse:
                 self.outcome.error = error
                 await send_error(error, send)
                 return
-            if self.upstream.content_type != "text/event-stream":
+            if self.upstream.content_type.lower() != "text/event-stream":
                 await self._relay_whole(self.upstream, send)
                 return
             self.outcome.status = 200
@@ -234,7 +269,7 @@ class SSEResponse:
                 return
         await self._pump(self.upstream, send)
 
-    async def _relay_whole(self, upstream: UpstreamResponse, send: Send) -> None:
+    async def _relay_whole(self, upstream: aiohttp.ClientResponse, send: Send) -> None:
         """A backend that answered a stream request with plain JSON: pass it on as it is."""
         try:
             body = await read_body(upstream, self.outcome)
@@ -269,10 +304,10 @@ class SSEResponse:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
-    async def _pump(self, upstream: UpstreamResponse, send: Send) -> None:
+    async def _pump(self, upstream: aiohttp.ClientResponse, send: Send) -> None:
         outcome = self.outcome
         try:
-            async for chunk in upstream.chunks():
+            async for chunk in upstream.content.iter_any():
                 if outcome.first_byte_at is None:
                     outcome.first_byte_at = time.perf_counter()
                 outcome.events += chunk.count(b"data:")
@@ -286,9 +321,9 @@ class SSEResponse:
                     return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if not self._saw_done():
-                raise UpstreamError("stream ended without [DONE]")
+                raise StreamBroken("stream ended without [DONE]")
             self.complete = True
-        except (UpstreamError, TimeoutError) as exc:
+        except _FAILURES as exc:
             await self._fail(_classify(exc, upstream.url, "mid-stream"), send)
             return
         await send({"type": "http.response.body", "body": b"", "more_body": False})

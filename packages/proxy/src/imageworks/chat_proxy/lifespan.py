@@ -13,7 +13,7 @@ one still runs:
 3. each backend kind's own shutdown, in the name table's order: the executor deactivates
    whatever it still runs (a vLLM the proxy did not start), Ollama unloads the models that are
    ours (never another program's); an executor or Ollama that is not running holds nothing;
-4. close the HTTP pool and flush the request log.
+4. close the HTTP client and flush the request log.
 """
 
 from __future__ import annotations
@@ -25,19 +25,18 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
-import aiohttp
-
 from imageworks.chat_proxy import idle
+from imageworks.chat_proxy.admission import Admission
 from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe, NoGpuProbe, NvmlProbe
 from imageworks.chat_proxy.backends import build_backends
 from imageworks.chat_proxy.config import ProxyConfig
+from imageworks.chat_proxy.egress import Egress
 from imageworks.chat_proxy.lifecycle import Lifecycle
 from imageworks.chat_proxy.metrics import Metrics
 from imageworks.chat_proxy.modelstate import Restarts
 from imageworks.chat_proxy.requestlog import RequestLog
 from imageworks.chat_proxy.state import ProxyState
-from imageworks.chat_proxy.upstream import UpstreamPool
 from imageworks.model_loader.profiles import PROFILES_FILE, ProfileManager
 from imageworks.model_loader.registry import Registry
 from imageworks.model_loader.watch import RegistryWatcher
@@ -67,17 +66,9 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         recent=config.recent_requests,
     ).start()
     metrics = Metrics()
-    # No connection limit: every open stream holds a connection, and aiohttp's default of 100
-    # would silently queue stream 101. No total timeout: generations can take minutes.
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=config.connect_timeout_s, sock_read=config.read_timeout_s
-        ),
-        auto_decompress=False,  # relay bytes as the backend sent them
-        skip_auto_headers=("User-Agent",),
-        cookie_jar=aiohttp.DummyCookieJar(),  # a backend's cookies must not reach other clients
-    )
+    metrics.log_dropped.set_function(lambda: request_log.dropped)
+    egress = Egress(config)
+    session = egress.session
     backends = build_backends(config)
     for backend in backends.values():
         backend.attach(session)
@@ -117,16 +108,14 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         config=config,
         watcher=watcher,
         profiles=profiles,
-        session=session,
-        upstream=UpstreamPool(
-            connect_timeout=config.connect_timeout_s, read_timeout=config.read_timeout_s
-        ),
+        egress=egress,
         log=request_log,
         metrics=metrics,
         lifecycle=lifecycle,
         backends=backends,
         arbiter=arbiter,
         autostart=config.autostart_enabled,
+        admission=Admission(config.max_concurrency, config.max_queue, metrics),
     )
 
     def on_reload(registry: Registry) -> None:
@@ -187,9 +176,7 @@ async def close_state(state: ProxyState, background: list[asyncio.Task[Any]] | N
             log.warning("shutdown step %s failed: %s", name, exc or type(exc).__name__)
             results[name] = f"failed: {exc or type(exc).__name__}"
     with contextlib.suppress(Exception):
-        await state.upstream.close()
-    with contextlib.suppress(Exception):
-        await state.session.close()
+        await state.egress.close()
     state.log.event(
         "shutdown", "proxy", steps=results, seconds=round(time.monotonic() - started, 3)
     )

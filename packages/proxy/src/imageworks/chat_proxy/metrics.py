@@ -113,6 +113,23 @@ class Metrics:
         self.lease_events = Counter(
             "chat_proxy_gpu_lease_events", "Lease grants, releases, ...", ["event"], registry=r
         )
+        self.queue_depth = Gauge(
+            "chat_proxy_admission_queue_depth",
+            "Requests waiting for a turn under a model's max_concurrency",
+            ["model"],
+            registry=r,
+        )
+        self.rejections = Counter(
+            "chat_proxy_admission_rejections",
+            "Requests refused with 429 at a model's concurrency limit",
+            ["model"],
+            registry=r,
+        )
+        self.log_dropped = Gauge(
+            "chat_proxy_request_log_dropped_records",
+            "JSONL records dropped whole (a full disk, an unwritable log)",
+            registry=r,
+        )
         self.registry_reloads = Counter(
             "chat_proxy_registry_reloads", "Registry reloads, by result", ["result"], registry=r
         )

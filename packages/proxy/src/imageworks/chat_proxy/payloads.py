@@ -41,6 +41,8 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         data = json.loads(raw, parse_constant=_not_json)
     except ValueError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidRequest("request body must be a JSON object")
     return data
@@ -204,4 +206,9 @@ def prepare(endpoint: str, entry: ModelEntry, body: dict[str, Any], raw: bytes) 
                 continue
             body[key] = value
             changed = True
-    return json.dumps(body).encode() if changed else raw
+    if not changed:
+        return raw
+    try:
+        return json.dumps(body).encode()
+    except RecursionError:  # parsed just under the limit, re-encoded from deeper in the stack
+        raise InvalidRequest("request body is nested too deeply") from None

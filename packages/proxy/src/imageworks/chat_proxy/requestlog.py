@@ -52,6 +52,7 @@ class RequestLog:
         self._thread: threading.Thread | None = None
         self._file: BinaryIO | None = None
         self._size = 0
+        self._torn = False  # a failed write left a partial line that could not be cut off
 
     def start(self) -> RequestLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +114,11 @@ class RequestLog:
             self._write(batch)
 
     def _write(self, lines: list[bytes]) -> None:
+        """One write of whole records. If it fails part-way (a full disk), the file is cut back
+        to where the batch began and the batch counts as dropped: no partial line stays for the
+        next record to be glued to. Should the cut fail too, the next batch starts on a line of
+        its own."""
+        start = None
         try:
             if self._file is None:
                 self._open()
@@ -121,13 +127,24 @@ class RequestLog:
             if self._size and self._size + len(data) > self.max_bytes:
                 self._rotate()
                 assert self._file is not None
+                self._torn = False  # a new file
+            if self._torn:
+                data = b"\n" + data
+            start = self._size
             view = memoryview(data)
             while view:  # unbuffered: the batch reaches the file in one write
                 view = view[self._file.write(view) :]
             self._size += len(data)
+            self._torn = False
         except OSError:  # a full disk must not kill the writer either
             self.dropped += len(lines)
-            log.exception("request log write failed")
+            log.exception("request log write failed; %d record(s) dropped", len(lines))
+            if start is not None and self._file is not None:
+                try:
+                    self._file.truncate(start)
+                    self._file.seek(start)
+                except OSError:
+                    self._torn = True
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

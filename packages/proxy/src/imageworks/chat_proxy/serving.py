@@ -11,19 +11,97 @@ import asyncio
 import signal
 from typing import Any
 
+KEEP_ALIVE_S = 75.0  # an idle kept-alive connection; hypercorn's default, uvicorn's is 5 s
+HEADER_TIMEOUT_S = 10.0  # a request head must be complete within this (slow-header clients)
 
-def serve_uvicorn(app: Any, host: str, port: int, *, graceful_timeout: float = 30.0) -> None:
+
+def guarded_httptools(header_timeout: float) -> type[Any]:
+    """uvicorn's httptools protocol, closing any connection whose request head is not complete
+    within ``header_timeout`` seconds of its first byte (or of the connection opening).
+    uvicorn itself only times out the idle gap between requests, so a client that sends half a
+    head would hold its connection for ever. Slow bodies are the app's to bound (it reads
+    them: ``CHAT_PROXY_BODY_TIMEOUT_S``)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class GuardedHttpTools(HttpToolsProtocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if self._head_timer is None:
+                self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._head_timer = self.loop.call_later(header_timeout, self._head_timed_out)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedHttpTools
+
+
+def uvicorn_config(
+    app: Any,
+    host: str,
+    port: int,
+    *,
+    graceful_timeout: float = 30.0,
+    keep_alive_s: float = KEEP_ALIVE_S,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
+) -> Any:
     import uvicorn
 
-    config = uvicorn.Config(
+    return uvicorn.Config(
         app,
         host=host,
         port=port,
+        http=guarded_httptools(header_timeout_s),
+        timeout_keep_alive=max(1, round(keep_alive_s)),
         log_level="warning",
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=round(graceful_timeout),  # in-flight requests get this long
         proxy_headers=False,  # the client is the socket's peer; X-Forwarded-For is not trusted
+    )
+
+
+def serve_uvicorn(
+    app: Any,
+    host: str,
+    port: int,
+    *,
+    graceful_timeout: float = 30.0,
+    keep_alive_s: float = KEEP_ALIVE_S,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
+) -> None:
+    import uvicorn
+
+    config = uvicorn_config(
+        app,
+        host,
+        port,
+        graceful_timeout=graceful_timeout,
+        keep_alive_s=keep_alive_s,
+        header_timeout_s=header_timeout_s,
     )
     server = uvicorn.Server(config)
     # Once it has shut down, uvicorn raises the stopping signal again under the handlers it
@@ -36,7 +114,15 @@ def serve_uvicorn(app: Any, host: str, port: int, *, graceful_timeout: float = 3
         raise SystemExit(3)  # uvicorn's own exit code for a failed startup
 
 
-def serve_hypercorn(app: Any, host: str, port: int, *, graceful_timeout: float = 30.0) -> None:
+def serve_hypercorn(
+    app: Any,
+    host: str,
+    port: int,
+    *,
+    graceful_timeout: float = 30.0,
+    keep_alive_s: float = KEEP_ALIVE_S,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
+) -> None:
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
@@ -45,7 +131,10 @@ def serve_hypercorn(app: Any, host: str, port: int, *, graceful_timeout: float =
     config.accesslog = None
     config.errorlog = "-"
     config.graceful_timeout = graceful_timeout  # in-flight requests get this long to finish
-    config.keep_alive_timeout = 75.0
+    config.keep_alive_timeout = keep_alive_s
+    # Not config.read_timeout: hypercorn applies it to every socket read, also while a long
+    # stream is being sent and the client has nothing to say; so no head timeout here.
+    del header_timeout_s
 
     async def run() -> None:
         stop = asyncio.Event()

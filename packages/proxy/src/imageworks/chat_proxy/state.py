@@ -8,14 +8,16 @@ from typing import Any
 
 import aiohttp
 
+from imageworks.chat_proxy.admission import Admission
 from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
 from imageworks.chat_proxy.backends import Backend
 from imageworks.chat_proxy.config import ProxyConfig
+from imageworks.chat_proxy.egress import Egress
+from imageworks.chat_proxy.errors import ProxyError
 from imageworks.chat_proxy.forwarding import Outcome
 from imageworks.chat_proxy.lifecycle import Lifecycle
 from imageworks.chat_proxy.metrics import Finished, Metrics
 from imageworks.chat_proxy.requestlog import RequestLog
-from imageworks.chat_proxy.upstream import UpstreamPool
 from imageworks.model_loader.profiles import DeploymentProfile, ProfileManager
 from imageworks.model_loader.registry import Registry
 from imageworks.model_loader.schema import ModelEntry
@@ -36,6 +38,8 @@ class RequestInfo:
     wait_ms: float = 0.0  # waiting for the model: for its turn, and for it to load
     loaded: bool = False  # whether the model was (re)started while this request waited
     lease_token: str | None = None
+    admission_ms: float = 0.0  # waiting for a turn under the model's max_concurrency
+    queue_depth: int = 0  # this request's place in that wait queue, 0 if it did not wait
 
 
 @dataclass
@@ -43,16 +47,20 @@ class ProxyState:
     config: ProxyConfig
     watcher: RegistryWatcher
     profiles: ProfileManager
-    session: aiohttp.ClientSession  # every backend call but forwarding
-    upstream: UpstreamPool  # forwarding
+    egress: Egress  # the one HTTP client to backends
     log: RequestLog
     metrics: Metrics
     lifecycle: Lifecycle
     backends: dict[str, Backend]
     arbiter: VramArbiter
     autostart: bool
+    admission: Admission
     started_at: float = field(default_factory=time.time)
     _models_cache: tuple[tuple[str, str, int], bytes] | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        return self.egress.session
 
     @property
     def registry(self) -> Registry:
@@ -64,6 +72,31 @@ class ProxyState:
 
     def visible(self, entry: ModelEntry) -> bool:
         return entry.servable and not entry.deprecated and self.profile.admits(entry)
+
+    def record_refusal(
+        self, request_id: str | None, endpoint: str, client: str | None, error: ProxyError
+    ) -> None:
+        """The JSONL record of a request refused outside the forwarded endpoints (admin,
+        leases, unknown routes)."""
+        self.log.write(
+            {
+                "event": "request",
+                "request_id": request_id,
+                "endpoint": endpoint,
+                "client": client,
+                **dict.fromkeys(("model", "logical_name", "backend", "served_model_id")),
+                "stream": False,
+                "status": error.status,
+                "error_code": error.log_code,
+                "queue_ms": 0.0,
+                "load_ms": 0.0,
+                "ttft_ms": None,
+                "total_ms": 0.0,
+                **dict.fromkeys(("prompt_tokens", "completion_tokens", "tokens_per_s")),
+                "usage_estimated": False,
+                "error_message": error.message[:500],
+            }
+        )
 
     def record(self, info: RequestInfo, outcome: Outcome) -> None:
         """Write the JSONL record and update the metrics for one finished request."""
@@ -113,7 +146,8 @@ class ProxyState:
             "stream": info.stream,
             "status": status,
             "error_code": code,
-            "queue_ms": 0.0 if info.loaded else info.wait_ms,
+            "queue_ms": info.admission_ms + (0.0 if info.loaded else info.wait_ms),
+            "queue_depth": info.queue_depth,
             "load_ms": info.wait_ms if info.loaded else 0.0,
             "ttft_ms": outcome.ttft_ms,
             "total_ms": outcome.total_ms,

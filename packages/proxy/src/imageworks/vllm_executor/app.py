@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from imageworks.chat_proxy.auth import require_admin
+from imageworks.chat_proxy.bodies import json_object
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
     InvalidRequest,
@@ -225,26 +226,32 @@ async def admin_state(request: Request) -> Response:
     return JSONResponse(_executor(request).state())
 
 
+def _require_admin(request: Request, executor: Executor) -> None:
+    """The proxy's rule: the admin token if set, else loopback peers only (whatever host the
+    executor was told to bind)."""
+    peer = request.client.host if request.client else None
+    require_admin(request.headers, executor.config.admin_token, peer=peer)
+
+
 async def activate(request: Request) -> Response:
     executor = _executor(request)
-    require_admin(request.headers, executor.config.admin_token)
-    try:
-        body = json.loads(await request.body())
-    except ValueError:
-        body = None
-    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+    _require_admin(request, executor)
+    body = await json_object(request, idle_timeout=30.0)
+    if not isinstance(body.get("model"), str):
         raise InvalidRequest('body must be {"model": "<registry name>"}', param="model")
     return JSONResponse(await executor.activate(body["model"]))
 
 
 async def deactivate(request: Request) -> Response:
     executor = _executor(request)
-    require_admin(request.headers, executor.config.admin_token)
+    _require_admin(request, executor)
     return JSONResponse(await executor.deactivate())
 
 
 async def _error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ProxyError)
+    if not isinstance(exc, ProxyError):
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        exc = ProxyError(f"internal error: {type(exc).__name__}")
     return Response(exc.to_bytes(), status_code=exc.status, media_type="application/json")
 
 
@@ -269,6 +276,6 @@ def create_app(config: ExecutorConfig | None = None) -> Starlette:
             Route("/admin/activate", activate, methods=["POST"]),
             Route("/admin/deactivate", deactivate, methods=["POST"]),
         ],
-        exception_handlers={ProxyError: _error},
+        exception_handlers={ProxyError: _error, Exception: _error},
         lifespan=lifespan,
     )

@@ -6,8 +6,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from imageworks.chat_proxy.auth import is_loopback
 from imageworks.vllm_executor.launcher import parse_template
 
 ENV = {
@@ -43,6 +44,14 @@ class ExecutorConfig(BaseModel):
     registry_dir: Path = Path("configs")
     staging_dir: Path = Path("_staging")
     admin_token: str | None = None
+
+    @model_validator(mode="after")
+    def _exposed_needs_a_token(self) -> ExecutorConfig:
+        if not is_loopback(self.host) and not self.admin_token:
+            raise ValueError(
+                f"binding to {self.host} (not loopback) requires CHAT_PROXY_ADMIN_TOKEN"
+            )
+        return self
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> ExecutorConfig:

@@ -6,6 +6,7 @@ order survive a save); these models only validate it and give callers typed acce
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from typing import Any, Literal
 
@@ -15,6 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 # without error but are never listed or routed (DESIGN.md §3; seed inventory §3.2).
 SERVABLE_BACKENDS = ("vllm", "ollama", "llamacpp", "openai")
 LEGACY_BACKENDS = ("lmdeploy", "triton", "gguf", "unassigned")
+
+
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_RESERVED_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "content-type", "x-request-id"}
+)
 
 
 class _Open(BaseModel):
@@ -29,6 +36,24 @@ class BackendConfig(_Open):
     base_url: str | None = None
     model_path: str | None = None
     extra_args: list[str] = Field(default_factory=list)
+    # An upstream elsewhere: the *name* of an environment variable holding its API key (sent as
+    # ``Authorization: Bearer``; the key itself never enters the registry), fixed extra
+    # headers, and a CA bundle to verify an https:// base_url against.
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    headers: dict[str, str] = Field(default_factory=dict)
+    ca_file: str | None = None
+
+    @field_validator("headers")
+    @classmethod
+    def _headers_are_http(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if not _TOKEN.match(name):
+                raise ValueError(f"header name {name!r} is not a valid HTTP token")
+            if any((ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F for c in text):
+                raise ValueError(f"header {name!r} has a control character in its value")
+            if name.lower() in _RESERVED_HEADERS:
+                raise ValueError(f"header {name!r} is set by the proxy itself")
+        return value
 
 
 class Capabilities(_Open):
@@ -85,6 +110,8 @@ class ModelEntry(_Open):
     ttl_s: float | None = Field(default=None, ge=0)
     pinned: bool = False
     preload: bool = False
+    # Requests forwarded at once; beyond it requests wait in a bounded queue, then get 429.
+    max_concurrency: int | None = Field(default=None, ge=1)
     profiles: list[str] | None = None
     deprecated: bool = False
     quantization: str | None = None

@@ -6,13 +6,14 @@ import asyncio
 import json
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from imageworks.chat_proxy.auth import require_admin
+from imageworks.chat_proxy.bodies import json_object, query
 from imageworks.chat_proxy.errors import InvalidRequest, RegistryInvalid
-from imageworks.chat_proxy.payloads import parse_body
 from imageworks.chat_proxy.routes.openai import JSON, proxy_state, resolve
 from imageworks.chat_proxy.state import ProxyState
 from imageworks.model_loader.errors import RegistryError, UnknownProfileError
@@ -23,14 +24,32 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(json.dumps(data).encode(), status_code=status, media_type=JSON)
 
 
+class RequestsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(default=50, ge=1, le=100_000, strict=False)
+
+    @field_validator("limit", mode="before")
+    @classmethod
+    def _ascii_digits(cls, value: Any) -> Any:
+        if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+            raise ValueError("must be a positive integer")
+        return value
+
+
 async def _admin(request: Request) -> ProxyState:
     state = proxy_state(request)
-    require_admin(request.headers, state.config.admin_token)
+    require_admin(
+        request.headers,
+        state.config.admin_token,
+        peer=request.client.host if request.client else None,
+        api_keys=state.config.api_keys,
+    )
     return state
 
 
-async def _body(request: Request) -> dict[str, Any]:
-    return parse_body(await request.body())
+async def _body(request: Request, *, optional: bool = False) -> dict[str, Any]:
+    return await json_object(request, proxy_state(request).config.body_timeout_s, optional=optional)
 
 
 async def admin_state(request: Request) -> Response:
@@ -100,8 +119,7 @@ async def admin_activate(request: Request) -> Response:
 async def admin_deactivate(request: Request) -> Response:
     """Stop one model (``{"model": ...}``) or every model the proxy started (no body)."""
     state = await _admin(request)
-    raw = await request.body()
-    name = parse_body(raw).get("model") if raw.strip() else None
+    name = (await _body(request, optional=True)).get("model")
     entry = _managed_entry(state, name) if name is not None else None
     stopped = await state.lifecycle.deactivate(entry)
     return _json({"stopped": stopped})
@@ -109,10 +127,8 @@ async def admin_deactivate(request: Request) -> Response:
 
 async def admin_requests(request: Request) -> Response:
     state = await _admin(request)
-    raw = request.query_params.get("limit", "50")
-    if not raw.isdigit() or int(raw) < 1:
-        raise InvalidRequest("'limit' must be a positive integer", param="limit")
-    recent = list(state.log.recent)[-int(raw) :]
+    limit = query(request, RequestsQuery).limit
+    recent = list(state.log.recent)[-limit:]
     return _json({"object": "list", "data": recent[::-1]})
 
 

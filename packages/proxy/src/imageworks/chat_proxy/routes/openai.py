@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
+import aiohttp
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from imageworks.chat_proxy.admission import Gate
 from imageworks.chat_proxy.auth import require_api_key
+from imageworks.chat_proxy.bodies import read_limited
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
     ModelNotFound,
-    PayloadTooLarge,
     ProxyError,
 )
 from imageworks.chat_proxy.forwarding import (
@@ -41,7 +44,6 @@ from imageworks.chat_proxy.payloads import (
     validate,
 )
 from imageworks.chat_proxy.state import ProxyState, RequestInfo
-from imageworks.chat_proxy.upstream import UpstreamResponse
 from imageworks.model_loader.errors import UnknownModelError
 from imageworks.model_loader.schema import ModelEntry
 
@@ -131,36 +133,13 @@ FORWARDED = {
 }
 
 
-async def read_limited(receive: Receive, declared: str | None, limit: int) -> bytes:
-    """The request body, refused as soon as it is known to exceed ``limit`` bytes."""
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(
-            f"request body is {declared} bytes; the limit is {limit} (CHAT_PROXY_MAX_BODY_BYTES)"
-        )
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone()
-        chunk = message.get("body", b"")
-        if chunk:
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(
-                    f"request body exceeds {limit} bytes (CHAT_PROXY_MAX_BODY_BYTES)"
-                )
-            chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
 class Exchange:
     """One forwarded request: its hold on the model, and the bookkeeping when it ends."""
 
-    def __init__(self, state: ProxyState, info: RequestInfo) -> None:
+    def __init__(self, state: ProxyState, info: RequestInfo, gate: Gate | None) -> None:
         self.state = state
         self.info = info
+        self.gate = gate  # entered: a turn under the model's max_concurrency
         self.ticket: Ticket | None = None
         state.metrics.in_flight.inc()
 
@@ -175,6 +154,8 @@ class Exchange:
         if self.ticket is not None:
             refused = isinstance(outcome.error, BackendUnavailable) and outcome.status == 0
             self.ticket.release(reached=None if outcome.client_gone else not refused)
+        if self.gate is not None:
+            self.gate.release()
         self.state.metrics.in_flight.dec()
         self.state.record(self.info, outcome)
 
@@ -191,7 +172,10 @@ async def forward(
     try:
         require_api_key(headers, state.config.api_keys)
         raw = await read_limited(
-            receive, headers.get("content-length"), state.config.max_body_bytes
+            receive,
+            headers.get("content-length"),
+            state.config.max_body_bytes,
+            idle_timeout=state.config.body_timeout_s,
         )
         body = parse_body(raw)
         info.model = validate(endpoint, body)
@@ -206,6 +190,12 @@ async def forward(
             endpoint == CHAT and state.lifecycle.backend(entry).requires_template,
         )
         payload = prepare(endpoint, entry, body, raw)
+        gate = state.admission.gate(entry)
+        if gate is not None and not gate.try_enter():
+            info.queue_depth = len(gate.waiters) + 1
+            waited = time.perf_counter()
+            await until_disconnect(receive, gate.wait(state.config.queue_timeout_s))
+            info.admission_ms = round((time.perf_counter() - waited) * 1000, 2)
     except ProxyError as exc:
         outcome.error = exc
         state.record(info, outcome)
@@ -215,19 +205,20 @@ async def forward(
         outcome.client_gone = True
         state.record(info, outcome)
         return
-    exchange = Exchange(state, info)
-    upstream_headers = {"content-type": JSON, "x-request-id": info.request_id}
+    exchange = Exchange(state, info, gate)
 
-    async def connect() -> UpstreamResponse:
+    async def connect() -> aiohttp.ClientResponse:
         base_url = await exchange.acquire(entry)
-        return await open_upstream(
-            state.upstream, base_url + PATHS[endpoint], payload, upstream_headers
-        )
+        target = state.egress.target(entry, base_url)
+        return await open_upstream(state.egress, target, PATHS[endpoint], payload, info.request_id)
 
     if info.stream:
-        waiting = (
-            f": loading {entry.name}\n\n".encode() if state.lifecycle.needs_start(entry) else None
+        # The loading comment commits the response to 200: only when the model will load. With
+        # autostart off a stopped model is refused before the first byte, as a real 502.
+        loading = state.lifecycle.needs_start(entry) and (
+            state.autostart or state.lifecycle.state(entry) == "starting"
         )
+        waiting = f": loading {entry.name}\n\n".encode() if loading else None
         relay = SSEResponse(
             outcome,
             exchange.finish,
