@@ -264,14 +264,16 @@ def test_kill_9_of_the_proxy_then_a_restart_adopts_the_engine(tmp_path: Path) ->
         assert activated.json()["state"] == "ready"
         pid = engine_pid(tmp_path, "gemma")
         proxy.send_signal(signal.SIGKILL)
-        proxy.wait(10)
+        proxy.communicate(timeout=10)
         assert llama_servers(cwd=tmp_path) == [pid]  # the engine outlived its proxy...
 
         proxy, url = start_proxy(tmp_path, [GEMMA])  # ...and the next proxy takes it back
         state = httpx.get(url + "/admin/state").json()["models"][0]
         assert state["state"] == "ready"
         assert llama_servers(cwd=tmp_path) == [pid]  # exactly one engine, the adopted one
-        served = httpx.post(url + "/v1/chat/completions", json={**CHAT, "model": "gemma"})
+        served = httpx.post(
+            url + "/v1/chat/completions", json={**CHAT, "model": "gemma"}, timeout=120
+        )
         assert served.status_code == 200 and engine_pid(tmp_path, "gemma") == pid
         autostarts = [
             json.loads(line)
@@ -307,7 +309,8 @@ def test_a_record_whose_process_is_gone_or_reused_is_not_adopted(tmp_path: Path)
         assert sleeper.poll() is None  # a stranger's process is never signalled
         assert not (engines / "gemma.json").exists()
         proxy.send_signal(signal.SIGINT)
-        assert proxy.wait(60) == 0
+        proxy.communicate(timeout=60)
+        assert proxy.returncode == 0
     finally:
         sleeper.kill()
         sleeper.wait()

@@ -62,3 +62,44 @@ async def test_ollama_down_is_not_an_error() -> None:
         assert await manager.loaded() == {}
         assert manager.reachable is False
         assert await manager.unload("llama3.1:8b") is False  # nothing reached, nothing claimed
+
+
+async def test_garbage_from_api_ps_is_skipped_never_an_error() -> None:
+    from aiohttp import web
+
+    from testkit.servers import AiohttpServer
+
+    bodies = iter(
+        [
+            b'{"models": [1, "x", null]}',
+            b'{"models": "abc"}',
+            b'{"models": [{"name": "x", "size_vram": "lots"},'
+            b' {"name": "ok:1b", "size_vram": 1048576}]}',
+            b"[1, 2]",
+            b"not json",
+        ]
+    )
+
+    async def ps(request: web.Request) -> web.Response:
+        return web.Response(body=next(bodies), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/api/ps", ps)
+    server = AiohttpServer(app)
+    try:
+        async with aiohttp.ClientSession() as session:
+            manager = OllamaManager(session, server.url)
+            assert await manager.loaded() == {}
+            assert await manager.loaded() == {}
+            assert list(await manager.loaded()) == ["ok:1b"]  # the good item survives
+            assert await manager.loaded() == {}
+            assert await manager.loaded() == {} and manager.reachable is False
+    finally:
+        server.stop()
+
+
+def test_record_file_names_keep_distinct_models_apart() -> None:
+    from imageworks.chat_proxy.process import safe_name
+
+    assert len({safe_name(n) for n in ("org/m", "org_m", "org%2Fm", "../m")}) == 4
+    assert "/" not in safe_name("../../etc/passwd")

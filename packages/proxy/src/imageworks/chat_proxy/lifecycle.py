@@ -41,6 +41,7 @@ from imageworks.chat_proxy.modelstate import (
     ModelStatus,
     Restarts,
 )
+from imageworks.chat_proxy.process import safe_name
 from imageworks.chat_proxy.requestlog import RequestLog
 from imageworks.chat_proxy.slot import Slot, Ticket
 from imageworks.model_loader.registry import Registry
@@ -101,7 +102,7 @@ class Lifecycle:
         return slot
 
     def start_log(self, name: str) -> Path:
-        return self.staging_dir / "autostart" / f"{name.replace('/', '_')}.log"
+        return self.staging_dir / "autostart" / f"{safe_name(name)}.log"
 
     def needs_start(self, entry: ModelEntry) -> bool:
         """Would a request for ``entry`` wait for a start or a swap right now?"""
@@ -241,8 +242,14 @@ class Lifecycle:
     # --- the truth loop ------------------------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """Check every ready engine, and refresh what unmanaged engines report."""
+        """Check every ready engine, stop the ones whose entry left the registry (once idle:
+        nothing may hide a running engine), and refresh what unmanaged engines report."""
+        names = set(self.registry().names)
         for slot in list(self.slots.values()):
+            if slot.active is not None and slot.active not in names:
+                if await slot.evict(slot.active, "removed from the registry"):
+                    log.info("stopped %s: it is no longer in the registry", slot.key)
+                continue
             await slot.check()
         entries = [e for e in self.registry() if e.servable and not self.managed(e)]
         for backend in self.backends.values():
@@ -328,6 +335,7 @@ class Lifecycle:
         self.restarts_of(entry.name).started()
         self.touch(entry.name)  # its idle time counts from now
         self.set_status(entry.name, READY, load_ms=load_ms)
+        self.statuses[entry.name].last_error = None  # running again: the old error is history
         self.event("autostart", model=entry.name, result="ready", load_ms=load_ms)
         self.count_load(entry.name, "ready", load_ms)
 

@@ -36,6 +36,7 @@ from imageworks.chat_proxy.lifecycle import Lifecycle
 from imageworks.chat_proxy.metrics import Metrics
 from imageworks.chat_proxy.modelstate import Restarts
 from imageworks.chat_proxy.requestlog import RequestLog
+from imageworks.chat_proxy.staging import StagingLock
 from imageworks.chat_proxy.state import ProxyState
 from imageworks.model_loader.profiles import PROFILES_FILE, ProfileManager
 from imageworks.model_loader.registry import Registry
@@ -57,6 +58,7 @@ def make_probe(config: ProxyConfig, lifecycle: Lifecycle) -> GpuProbe:
 
 
 def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxyState:
+    staging_lock = StagingLock(config.staging_dir).acquire()  # first: before any engine moves
     watcher = RegistryWatcher(config.registry_dir).start()
     profiles = ProfileManager(config.registry_dir / PROFILES_FILE, config.staging_dir)
     request_log = RequestLog(
@@ -116,6 +118,7 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         arbiter=arbiter,
         autostart=config.autostart_enabled,
         admission=Admission(config.max_concurrency, config.max_queue, metrics),
+        staging_lock=staging_lock,
     )
 
     def on_reload(registry: Registry) -> None:
@@ -173,11 +176,13 @@ async def close_state(state: ProxyState, background: list[asyncio.Task[Any]] | N
             outcome = await asyncio.wait_for(step, timeout)
             results[name] = "ok" if not outcome else f"ok: {outcome}"
         except Exception as exc:  # one failing step must not skip the others
-            log.warning("shutdown step %s failed: %s", name, exc or type(exc).__name__)
-            results[name] = f"failed: {exc or type(exc).__name__}"
+            why = str(exc) or type(exc).__name__  # a timeout's message is empty
+            log.warning("shutdown step %s failed: %s", name, why)
+            results[name] = f"failed: {why}"
     with contextlib.suppress(Exception):
         await state.egress.close()
     state.log.event(
         "shutdown", "proxy", steps=results, seconds=round(time.monotonic() - started, 3)
     )
     state.log.close()
+    state.staging_lock.release()

@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -106,6 +107,43 @@ def cmdline(pid: int) -> list[str] | None:
     return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
 
 
+def session_leader(pid: int) -> bool:
+    try:
+        return os.getsid(pid) == pid
+    except OSError:
+        return False
+
+
+def argv_matches(launched: list[str], live: list[str] | None) -> bool:
+    """``live`` is ``launched``, or its tail after a wrapper exec'd the real program."""
+    if not live or len(live) < 2:
+        return False
+    return launched[-len(live) :] == live
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes in process group ``pgid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields and len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+                found.append(int(entry.name))
+    return found
+
+
+def find_launched(argv: list[str]) -> list[int]:
+    """Session leaders running ``argv`` (or its tail): a pending record's process."""
+    return [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit()
+        and session_leader(int(entry.name))
+        and pid_alive(int(entry.name))
+        and argv_matches(argv, cmdline(int(entry.name)))
+    ]
+
+
 @dataclass(frozen=True)
 class ProcessRecord:
     """What identifies a running engine across a supervisor crash, plus what to reattach."""
@@ -117,13 +155,23 @@ class ProcessRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def matches(self) -> bool:
-        """Is the process with this pid still the one we started (same start time and argv)?"""
+        """Is the process with this pid still the one we started: alive, the same start time,
+        leading its own session (we start every engine in one), and running our command (or
+        its tail, when a wrapper such as ``env`` or ``nice`` exec'd it)?"""
         return (
-            pid_alive(self.pid)
+            self.pid > 0
+            and pid_alive(self.pid)
             # None: a record written before start times were kept (pid and argv must do)
             and self.start_ticks in (None, start_ticks(self.pid))
-            and cmdline(self.pid) == self.argv
+            and session_leader(self.pid)
+            and argv_matches(self.argv, cmdline(self.pid))
         )
+
+    @property
+    def pending(self) -> bool:
+        """Written before the spawn, so a supervisor killed between spawn and record can still
+        find the process by its command line."""
+        return self.pid == 0
 
     def dumps(self) -> bytes:
         return json.dumps(asdict(self), indent=2).encode()
@@ -289,7 +337,9 @@ class ManagedProcess:
                 await asyncio.sleep(interval)
 
     async def stop(self, grace: float = 10.0) -> int | None:
-        """SIGTERM to the whole group, SIGKILL after ``grace`` seconds; returns the exit code."""
+        """SIGTERM to the whole group, SIGKILL after ``grace`` seconds; returns the exit code.
+        The group, not just the process: an engine's workers must not outlive it, also when
+        the engine itself already died (a crash leaves them in its group)."""
         self._stopping = True
         if self.pid is None:
             return None
@@ -309,23 +359,30 @@ class ManagedProcess:
 
     def _signal(self, sig: int) -> None:
         assert self.pid is not None
-        if self.returncode is not None and self._proc is not None:
-            return  # reaped: the pid may already belong to someone else
+        ticks = start_ticks(self.pid)
+        if ticks is not None and self.started_ticks is not None and ticks != self.started_ticks:
+            return  # the pid is someone else's now (a pid in use as a group id is never reused)
         try:
             os.killpg(self.pid, sig)  # started with start_new_session: pgid == pid
         except ProcessLookupError:
             return
         except PermissionError:
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(self.pid, sig)
 
     async def _wait(self, timeout: float) -> bool:
+        """Until the process has exited and its group is empty, or ``timeout``."""
         deadline = time.monotonic() + timeout
-        while self.returncode is None:
+        while self.returncode is None or group_members(self.pid or 0):
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.05)
         return True
+
+
+def safe_name(name: str) -> str:
+    """A file name for a model name: distinct names give distinct files ('org/m', 'org_m')."""
+    return urllib.parse.quote(name, safe="")
 
 
 class RecordStore:
@@ -335,7 +392,7 @@ class RecordStore:
         self.directory = directory
 
     def path(self, key: str) -> Path:
-        return self.directory / f"{key.replace('/', '_')}.json"
+        return self.directory / f"{safe_name(key)}.json"
 
     def save(self, key: str, record: ProcessRecord) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -355,5 +412,5 @@ class RecordStore:
                         log.warning("ignoring an unreadable engine record %s", path)
                         path.unlink(missing_ok=True)
                     else:
-                        found[path.stem] = record
+                        found[urllib.parse.unquote(path.stem)] = record
         return found

@@ -214,14 +214,16 @@ class Slot:
                 await self._start_failed(entry, exc)
                 return
             load_ms = round((time.monotonic() - self.switch_started) * 1000, 1)
-            self.state, self.base_url = READY, base_url
-            self.owner.started(entry, load_ms)
-            self.backend.supervise(name, functools.partial(self.crashed, name))
             with contextlib.suppress(Exception):  # learning a footprint is best effort
                 await self.owner.learn(entry, self.backend.pid_of(name))
+            self.state, self.base_url = READY, base_url
+            self.owner.started(entry, load_ms)
             self.reserved = {w for w in self.waiters if w.name == name}
             if not self.reserved:
                 self.target = None
+            # Last, with no await after it: an exit from here on is seen once this switch is
+            # over (the watch reports an engine that is already gone at once).
+            self.backend.supervise(name, functools.partial(self.crashed, name))
         finally:
             self.switch_task = None
             self._notify()
@@ -237,15 +239,18 @@ class Slot:
         )
         if not isinstance(exc, ProxyError):
             log.warning("starting %s failed: %s", name, describe(exc), exc_info=exc)
+        # Report first: the waiting requests get the error now, not after the cleanup (which
+        # may wait on a slow executor). The slot stays busy (switch_task) until it is done.
+        self.failures[name] = self.failures.get(name, 0) + 1
+        self.errors[name] = error
+        self.target = None
+        self.owner.start_failed(entry, error, backoff=backoff)
+        self._notify()
         try:
             await self.backend.stop(name)  # reap whatever the start left behind
         except Exception as stop_exc:
             log.warning("cleaning up after %s's failed start: %s", name, describe(stop_exc))
         self.active, self.entry, self.state = None, None, STOPPED
-        self.failures[name] = self.failures.get(name, 0) + 1
-        self.errors[name] = error
-        self.target = None
-        self.owner.start_failed(entry, error, backoff=backoff)
 
     def adopt(self, entry: ModelEntry, base_url: str) -> None:
         """Take over an engine an earlier proxy started (it answered its health check)."""

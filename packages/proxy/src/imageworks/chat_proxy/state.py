@@ -18,6 +18,7 @@ from imageworks.chat_proxy.forwarding import Outcome
 from imageworks.chat_proxy.lifecycle import Lifecycle
 from imageworks.chat_proxy.metrics import Finished, Metrics
 from imageworks.chat_proxy.requestlog import RequestLog
+from imageworks.chat_proxy.staging import StagingLock
 from imageworks.model_loader.profiles import DeploymentProfile, ProfileManager
 from imageworks.model_loader.registry import Registry
 from imageworks.model_loader.schema import ModelEntry
@@ -55,6 +56,7 @@ class ProxyState:
     arbiter: VramArbiter
     autostart: bool
     admission: Admission
+    staging_lock: StagingLock
     started_at: float = field(default_factory=time.time)
     _models_cache: tuple[tuple[str, str, int], bytes] | None = None
 

@@ -41,6 +41,7 @@ from imageworks.chat_proxy.process import (
     ProcessRecord,
     StartFailed,
     StartTimedOut,
+    safe_name,
 )
 from imageworks.model_loader.errors import RegistryError, UnknownModelError
 from imageworks.model_loader.layers import write_atomic
@@ -157,7 +158,7 @@ class Executor:
                 )
             except LaunchError as exc:
                 raise InvalidRequest(str(exc), param="model") from None
-            log_file = self.config.staging_dir / "vllm" / f"{entry.name.replace('/', '_')}.log"
+            log_file = self.config.staging_dir / "vllm" / f"{safe_name(entry.name)}.log"
             process = ManagedProcess(argv, log_file)
             self.status, self.last_error = "starting", None
             try:

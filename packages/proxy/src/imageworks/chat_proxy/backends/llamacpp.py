@@ -22,9 +22,11 @@ from imageworks.chat_proxy.config import ProxyConfig
 from imageworks.chat_proxy.errors import ModelStartFailed, ModelStartTimeout
 from imageworks.chat_proxy.process import (
     ManagedProcess,
+    ProcessRecord,
     RecordStore,
     StartFailed,
     StartTimedOut,
+    find_launched,
     free_port,
 )
 from imageworks.model_loader.schema import ModelEntry
@@ -83,14 +85,19 @@ class LlamaCppBackend(Backend):
 
     async def start(self, entry: ModelEntry, log_path: Path, timeout: float) -> str:
         port = free_port()
-        process = ManagedProcess(server_argv(entry, port, self.template), log_path)
+        argv = server_argv(entry, port, self.template)
+        process = ManagedProcess(argv, log_path)
+        extra = {"model": entry.name, "port": port}
         try:
+            # A pending record before the spawn: a proxy killed between the spawn and the
+            # real record still leaves the next one a way to find the process (by its argv).
+            await asyncio.to_thread(
+                self.records.save, entry.name, ProcessRecord(0, None, argv, str(log_path), extra)
+            )
             await process.spawn()
             self.processes[entry.name] = process
             self.ports[entry.name] = port
-            await asyncio.to_thread(
-                self.records.save, entry.name, process.record(model=entry.name, port=port)
-            )
+            await asyncio.to_thread(self.records.save, entry.name, process.record(**extra))
             await process.wait_healthy(f"http://127.0.0.1:{port}/health", timeout)
         except StartFailed as exc:
             await self.stop(entry.name)
@@ -131,34 +138,51 @@ class LlamaCppBackend(Backend):
         return process is not None and process.alive
 
     async def recover(self, entries: Iterable[ModelEntry]) -> dict[str, str]:
+        """Adopt the servers an earlier proxy left running. A record is trusted only as far as
+        it matches what this proxy would launch for that model on that port now; anything else
+        (a model no longer in the registry, a changed template, a forged record) is left alone
+        with a warning, never signalled."""
         wanted = {e.name: e for e in entries if self.slot_key(e) is not None}
         adopted: dict[str, str] = {}
         for key, record in (await asyncio.to_thread(self.records.load_all)).items():
-            name = str(record.extra.get("model", key))
-            port = record.extra.get("port")
+            await asyncio.to_thread(self.records.drop, key)
+            name, port = str(record.extra.get("model", "")), record.extra.get("port")
+            entry = wanted.get(name)
+            expected = (
+                server_argv(entry, port, self.template)
+                if entry is not None and isinstance(port, int)
+                else None
+            )
+            if expected is None or record.argv != expected:
+                log.warning(
+                    "engine record %s is not one this proxy would launch now (model %r not in "
+                    "the registry, or another command): left alone; pid %s",
+                    key,
+                    name,
+                    record.pid,
+                )
+                continue
+            assert entry is not None and isinstance(port, int)
+            if record.pending:  # killed between spawn and record: find it, stop it
+                for pid in await asyncio.to_thread(find_launched, record.argv):
+                    log.warning(
+                        "stopping a half-started llama.cpp server of %s (pid %s)", name, pid
+                    )
+                    await ManagedProcess.adopt(ProcessRecord(pid, None, [], "")).stop()
+                continue
             if not record.matches():
                 log.info("llama.cpp server of %s (pid %s) is gone", name, record.pid)
-                await asyncio.to_thread(self.records.drop, key)
                 continue
             process = ManagedProcess.adopt(record)
-            if name not in wanted or not isinstance(port, int):
-                log.warning(
-                    "stopping llama.cpp server %s (pid %s): not in the registry", name, record.pid
-                )
-                await process.stop()
-                await asyncio.to_thread(self.records.drop, key)
-                continue
             try:
                 await process.wait_healthy(f"http://127.0.0.1:{port}/health", 15.0)
             except (StartFailed, StartTimedOut) as exc:
-                log.warning(
-                    "adopted llama.cpp server of %s is not healthy, stopping it: %s", name, exc
-                )
+                log.warning("llama.cpp server of %s is not healthy, stopping it: %s", name, exc)
                 await process.stop()
-                await asyncio.to_thread(self.records.drop, key)
                 continue
             self.processes[name] = process
             self.ports[name] = port
+            await asyncio.to_thread(self.records.save, name, record)
             adopted[name] = f"http://127.0.0.1:{port}/v1"
             log.info("adopted the running llama.cpp server of %s (pid %s)", name, record.pid)
         return adopted

@@ -51,22 +51,24 @@ class OllamaManager:
 
     async def loaded(self) -> dict[str, Loaded]:
         """Models resident now, from ``/api/ps``; empty (and ``reachable`` False) if Ollama is
-        down."""
+        down. Items that are not what Ollama documents are skipped, never an error here."""
         try:
             async with self.session.get(
                 self.base_url + "/api/ps", timeout=aiohttp.ClientTimeout(total=5)
             ) as response:
                 data = await response.json(content_type=None) if response.status == 200 else {}
-        except (aiohttp.ClientError, TimeoutError, ValueError):
+        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError):
             self.reachable = False
             return {}
         self.reachable = True
         models = data.get("models") if isinstance(data, dict) else None
         found = {}
-        for item in models or ():
+        for item in models if isinstance(models, list) else ():
+            if not isinstance(item, dict):
+                continue
             tag = item.get("name") or item.get("model")
-            if isinstance(tag, str):
-                size = item.get("size_vram") or 0
+            size = item.get("size_vram") or 0
+            if isinstance(tag, str) and isinstance(size, int | float) and size >= 0:
                 found[tag] = Loaded(tag, int(size) // (1024 * 1024))
         return found
 

@@ -61,8 +61,14 @@ class VllmBackend(Backend):
         return _openai_base(base_url)
 
     async def stop(self, name: str) -> None:
-        await self._call("/admin/deactivate", {}, 60.0)
+        """Deactivate ``name`` ("*": whatever the executor runs). A model someone else
+        activated on the executor meanwhile is not ours to stop."""
         self.pids.pop(name, None)
+        if name != "*":
+            state = await self._call("/admin/state", None, 10.0)
+            if state.get("logical_name") != name or state.get("status") == "stopped":
+                return
+        await self._call("/admin/deactivate", {}, 30.0)
 
     async def reconcile(self, entry: ModelEntry) -> bool | None:
         """The executor's word: is it still running this model? Unreachable: cannot tell."""
