@@ -166,7 +166,11 @@ def test_a_write_that_fails_counts_its_records_as_dropped(tmp_path: Path, caplog
     log.write({"event": "request", "n": 2})
     log.close()
     assert log.dropped == 3
-    assert "request log write failed" in [r.getMessage() for r in caplog.records]
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "request log write failed; 1 record(s) dropped",
+        "request log write failed; 2 record(s) dropped",
+    ]
 
 
 def line_of(n: int) -> bytes:
