@@ -233,8 +233,9 @@ class ManagedProcess:
             code = self._proc.poll()  # reaps our child without blocking
         elif self.pid is None:
             return None
-        else:
-            code = None if pid_alive(self.pid) else -1
+        else:  # adopted: not our child, so no exit code; gone, or its pid reused, is -1
+            same = self.started_ticks is None or start_ticks(self.pid) == self.started_ticks
+            code = None if pid_alive(self.pid) and same else -1
         self._exit_code = code
         return code
 
