@@ -106,3 +106,11 @@ def test_printing_shows_addresses_and_paths_but_never_secrets(tmp_path: Path) ->
         assert expected in shown
     assert "key-123" not in shown + repr(config) and "tok-456" not in shown + repr(config)
     assert "tok-456" not in str(config.public())
+
+
+def test_every_setting_is_documented() -> None:
+    from imageworks.chat_proxy.config import env_name
+
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "configuration.md").read_text()
+    missing = [env_name(f) for f in ProxyConfig.model_fields if f"`{env_name(f)}`" not in doc]
+    assert not missing, f"settings missing from docs/configuration.md: {missing}"
