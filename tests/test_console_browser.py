@@ -142,6 +142,8 @@ def test_operator_flow_in_a_real_browser(browser, tmp_path: Path) -> None:
         browser.get(console + "/settings")
         wait_text(browser, "Chat proxy stopped")
         shot(browser, "1-settings-proxy-stopped.png")
+        # An operator tool: Streamlit's "Deploy" button is hidden (client.toolbarMode).
+        assert not browser.find_elements("xpath", "//button[contains(., 'Deploy')]")
         click(browser, "Start Chat Proxy")
         wait_text(browser, "Chat proxy running")
         shot(browser, "2-settings-proxy-running.png")

@@ -103,11 +103,14 @@ def test_autostart_switch_writes_env_local_and_applies_live(up, tmp_path) -> Non
     app = page("settings").run()
     assert not app.exception
     assert "Chat proxy running" in texts(app)
-    toggle = app.toggle[0]
-    assert toggle.value is True
-    toggle.set_value(False).run()
-    assert read_variable(tmp_path / ".env.local", "CHAT_PROXY_AUTOSTART_ENABLED") == "0"
-    assert up.client.get("/admin/autostart").json() == {"enabled": False}
+    assert app.toggle[0].value is True
+    for wanted in (False, True, False):  # three flips in a row: the state follows each one
+        app.toggle[0].set_value(wanted).run()
+        assert not app.exception
+        assert up.client.get("/admin/autostart").json() == {"enabled": wanted}
+        saved = read_variable(tmp_path / ".env.local", "CHAT_PROXY_AUTOSTART_ENABLED")
+        assert saved == ("1" if wanted else "0")
+        assert app.toggle[0].value is wanted
 
 
 def test_profiles_tab_switches_through_the_proxy(up) -> None:

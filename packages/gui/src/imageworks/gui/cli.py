@@ -37,6 +37,9 @@ def main(port: int, proxy_url: str, address: str) -> None:
         "true",
         "--browser.gatherUsageStats",
         "false",
+        # An operator tool: no "Deploy" button in the toolbar.
+        "--client.toolbarMode",
+        "viewer",
     ]
     os.execv(sys.executable, args)
 

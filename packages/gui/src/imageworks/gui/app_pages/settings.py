@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import streamlit as st
@@ -56,17 +57,26 @@ with backends:
         live = proxy.autostart() if proxy_up() else None
     except ProxyRequestFailed:
         live = None
-    current = live if live is not None else saved not in ("0", "false", "False")
-    wanted = st.toggle(
+
+    def autostart_changed() -> None:
+        # A callback, run before the page, with a keyed widget: passing the live state as
+        # the toggle's ``value`` changed the widget's identity and swallowed the next flip.
+        wanted = bool(st.session_state["autostart"])
+        set_variable(env_local(), AUTOSTART, "1" if wanted else "0")
+        with contextlib.suppress(ProxyDown, ProxyRequestFailed):
+            proxy.set_autostart(wanted)  # not running: .env.local applies when it starts
+        st.toast(f"Autostart {'on' if wanted else 'off'} (saved to .env.local)")
+
+    # The switch shows the truth each run: the running proxy's state, else the saved one.
+    st.session_state["autostart"] = (
+        live if live is not None else saved not in ("0", "false", "False")
+    )
+    st.toggle(
         "Autostart models on their first request",
-        value=current,
+        key="autostart",
+        on_change=autostart_changed,
         help=f"Writes {AUTOSTART} to .env.local and applies it to the running proxy at once.",
     )
-    if wanted != current:
-        set_variable(env_local(), AUTOSTART, "1" if wanted else "0")
-        if live is not None:
-            proxy.set_autostart(wanted)
-        st.toast(f"Autostart {'on' if wanted else 'off'} (saved to .env.local)")
 
     st.subheader("Backend addresses")
     try:
