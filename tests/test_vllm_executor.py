@@ -157,3 +157,55 @@ def test_executor_down_is_a_clear_502(proxy_factory) -> None:
     )
     assert answer.status_code == 502
     assert "vLLM executor is unreachable" in answer.json()["error"]["message"]
+
+
+def test_vllm_is_sized_by_the_ledger_not_a_fixed_fraction(tmp_path: Path, proxy_factory) -> None:
+    """On a 48 GB card a 14 GB entry asks vLLM for 0.3 of it (not the 0.9 default that would
+    refuse to start next to anything resident); an entry's own share is honoured as is, and
+    becomes its need in the ledger."""
+    from testkit.gpu import FakeProbe
+    from testkit.processes import FAKE_ENGINE_TEMPLATE
+
+    template = json.loads(FAKE_ENGINE_TEMPLATE)
+    template[template.index("{extra_args}")] = "--gpu-memory-utilization={gpu_memory_utilization}"
+    entries = [
+        {
+            "name": "seven-b",
+            "backend": "vllm",
+            "vram_estimate_mb": 14000,
+            "backend_config": {"model_path": "/m"},
+            "chat_template": {"source": "external", "path": "t.jinja"},
+        },
+        {
+            "name": "own-share",
+            "backend": "vllm",
+            "vram_estimate_mb": 1000,
+            "backend_config": {"model_path": "/m", "gpu_memory_utilization": 0.5},
+            "chat_template": {"source": "external", "path": "t.jinja"},
+        },
+    ]
+    root = tmp_path / "exec"
+    (root / "configs").mkdir(parents=True)
+    (root / "configs" / "model_registry.curated.json").write_text(json.dumps(entries))
+    running = Executor(root, template=json.dumps(template))
+    try:
+        proxy = proxy_factory(entries, vllm_remote_url=running.url, probe=FakeProbe(48000))
+
+        def launched_share() -> str:
+            saved = json.loads((root / "_staging" / "vllm_executor.json").read_text())
+            (flag,) = [a for a in saved["argv"] if a.startswith("--gpu-memory-utilization=")]
+            return flag.split("=", 1)[1]
+
+        assert proxy.client.post("/admin/activate", json={"model": "seven-b"}, timeout=60)
+        assert launched_share() == "0.3"  # 14000 / 48000, rounded up
+        assert proxy.client.post("/admin/activate", json={"model": "own-share"}, timeout=60)
+        assert launched_share() == "0.5"  # the entry's own share wins
+        status = proxy.client.get("/v1/gpu/status").json()
+        assert status["models"] == [{"name": "own-share", "vram_mb": 24000, "in_flight": 0}]
+        bad = httpx.post(
+            running.url + "/admin/activate", json={"model": "seven-b", "gpu_memory_utilization": 2}
+        )
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "gpu_memory_utilization"
+        proxy.server.stop()
+    finally:
+        assert running.stop() == 0

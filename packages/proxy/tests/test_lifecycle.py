@@ -43,7 +43,9 @@ class ScriptedBackend(Backend):
     def slot_key(self, entry: ModelEntry) -> str | None:
         return "one-gpu"
 
-    async def start(self, entry: ModelEntry, log_path: Path, timeout: float) -> str:
+    async def start(
+        self, entry: ModelEntry, log_path: Path, timeout: float, *, gpu_share: float | None = None
+    ) -> str:
         self.events.append(f"start {entry.name}")
         if self.gate is not None:
             await self.gate.wait()

@@ -46,7 +46,9 @@ class GpuBackend(Backend):
     def slot_key(self, entry: ModelEntry) -> str | None:
         return f"own:{entry.name}"
 
-    async def start(self, entry: ModelEntry, log_path: Path, timeout: float) -> str:
+    async def start(
+        self, entry: ModelEntry, log_path: Path, timeout: float, *, gpu_share: float | None = None
+    ) -> str:
         self.events.append(f"start {entry.name}")
         self.held[entry.name] = SIZES[entry.name]
         return f"http://gpu/{entry.name}/v1"

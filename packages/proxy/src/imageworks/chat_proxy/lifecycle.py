@@ -301,6 +301,7 @@ class Lifecycle:
                     slot.in_flight,
                     protected=slot.state != READY,  # starting or stopping: its slot's business
                     evict=functools.partial(slot.evict, entry.name, "vram"),
+                    entry=entry,
                 )
             )
         entries = [e for e in registry if e.servable and not self.managed(e)]
@@ -324,6 +325,11 @@ class Lifecycle:
     async def make_room(self, entry: ModelEntry) -> None:
         if self.gate is not None and self.backend(entry).uses_gpu(entry):
             await self.gate.make_room(entry)
+
+    def gpu_share(self, entry: ModelEntry) -> float | None:
+        if self.gate is None or not self.backend(entry).uses_gpu(entry):
+            return None
+        return self.gate.share_of(entry)
 
     async def learn(self, entry: ModelEntry, pid: int | None) -> None:
         if self.gate is not None and self.backend(entry).uses_gpu(entry):

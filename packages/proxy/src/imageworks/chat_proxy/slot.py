@@ -203,7 +203,10 @@ class Slot:
                 self.making_room = False
             try:
                 base_url = await self.backend.start(
-                    entry, self.owner.start_log(name), self.owner.start_timeout
+                    entry,
+                    self.owner.start_log(name),
+                    self.owner.start_timeout,
+                    gpu_share=self.owner.gpu_share(entry),
                 )
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):

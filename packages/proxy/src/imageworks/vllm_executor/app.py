@@ -126,7 +126,10 @@ class Executor:
 
     # --- actions -------------------------------------------------------------------------------
 
-    async def activate(self, name: str) -> dict[str, Any]:
+    async def activate(self, name: str, share: float | None = None) -> dict[str, Any]:
+        """Run ``name``. Its ``--gpu-memory-utilization`` is the entry's own
+        ``backend_config.gpu_memory_utilization``, else ``share`` (the proxy's ledger: the
+        entry's need over the card's total), else ``CHAT_PROXY_VLLM_GPU_MEMORY_UTILIZATION``."""
         try:
             registry = await asyncio.to_thread(load_registry, self.config.registry_dir)
             entry = registry.resolve(name)
@@ -154,7 +157,9 @@ class Executor:
                     self.config.launch_template,
                     host=self.config.served_host,
                     port=self.config.served_port,
-                    gpu_memory_utilization=self.config.gpu_memory_utilization,
+                    gpu_memory_utilization=entry.backend_config.gpu_memory_utilization
+                    or share
+                    or self.config.gpu_memory_utilization,
                 )
             except LaunchError as exc:
                 raise InvalidRequest(str(exc), param="model") from None
@@ -240,7 +245,13 @@ async def activate(request: Request) -> Response:
     body = await json_object(request, idle_timeout=30.0)
     if not isinstance(body.get("model"), str):
         raise InvalidRequest('body must be {"model": "<registry name>"}', param="model")
-    return JSONResponse(await executor.activate(body["model"]))
+    share = body.get("gpu_memory_utilization")
+    valid = isinstance(share, int | float) and not isinstance(share, bool) and 0 < share <= 1
+    if share is not None and not valid:
+        raise InvalidRequest(
+            "'gpu_memory_utilization' must be a number in (0, 1]", param="gpu_memory_utilization"
+        )
+    return JSONResponse(await executor.activate(body["model"], share))
 
 
 async def deactivate(request: Request) -> Response:

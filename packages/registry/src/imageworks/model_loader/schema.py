@@ -36,6 +36,9 @@ class BackendConfig(_Open):
     base_url: str | None = None
     model_path: str | None = None
     extra_args: list[str] = Field(default_factory=list)
+    # vLLM: the share of its GPU this model may take (--gpu-memory-utilization); absent, the
+    # proxy derives it from the entry's need on the card, else the executor's default.
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     # An upstream elsewhere: the *name* of an environment variable holding its API key (sent as
     # ``Authorization: Bearer``; the key itself never enters the registry), fixed extra
     # headers, and a CA bundle to verify an https:// base_url against.

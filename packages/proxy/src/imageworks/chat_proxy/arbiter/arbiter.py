@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -73,7 +74,26 @@ class VramArbiter:
         self.leases.admit(token)
 
     def need_mb(self, entry: ModelEntry) -> int:
+        """What ``entry`` takes: its own share of the card when it sets one (vLLM reserves
+        exactly that), else its learned footprint, else its estimate."""
+        own = entry.backend_config.gpu_memory_utilization
+        total = self.last_snapshot.total_mb if self.last_snapshot is not None else 0
+        if own and total:
+            return math.ceil(own * total)
         return self.learned_mb.get(entry.name) or entry.vram_estimate_mb or 0
+
+    def held_mb(self, holding: Holding) -> int:
+        return self.need_mb(holding.entry) if holding.entry is not None else holding.vram_mb
+
+    def share_of(self, entry: ModelEntry) -> float | None:
+        """The fraction of the card ``entry`` needs (vLLM's ``--gpu-memory-utilization``), so
+        that vLLM reserves what the ledger budgets, not a fixed 90%; None without a known
+        total or need."""
+        total = self.last_snapshot.total_mb if self.last_snapshot is not None else 0
+        need = self.need_mb(entry)
+        if not total or need <= 0:
+            return None
+        return min(1.0, math.ceil(need / total * 100) / 100)
 
     async def make_room(self, entry: ModelEntry, need_mb: int | None = None) -> None:
         """Before ``entry`` starts: evict idle models until it fits, and wait for the memory."""
@@ -139,7 +159,7 @@ class VramArbiter:
             residents = [
                 Resident(
                     h.name,
-                    self.learned_mb.get(h.name) or h.vram_mb,
+                    self.held_mb(h),
                     h.last_used,
                     h.in_flight,
                     h.protected or not h.evict,
@@ -235,7 +255,7 @@ class VramArbiter:
                 "free_mb": snap.free_mb,
             },
             "models": [
-                {"name": h.name, "vram_mb": h.vram_mb, "in_flight": h.in_flight}
+                {"name": h.name, "vram_mb": self.held_mb(h), "in_flight": h.in_flight}
                 for h in self.last_holdings
                 if not h.foreign
             ],

@@ -25,6 +25,9 @@ class Holding:
     protected: bool = False  # starting or stopping: its slot owns it, not the arbiter
     foreign: bool = False  # loaded by someone else: never evicted, shown as foreign memory
     evict: Callable[[], Awaitable[bool]] | None = None
+    # The proxy's own engines: the arbiter sizes them from the entry (its share of the card,
+    # learned footprint or estimate) rather than from ``vram_mb``.
+    entry: ModelEntry | None = None
 
 
 class Residency(Protocol):
@@ -48,6 +51,10 @@ class GpuGate(Protocol):
 
     async def learn(self, entry: ModelEntry, pid: int | None) -> None:
         """After ``entry`` is ready: remember what its process really holds."""
+        ...
+
+    def share_of(self, entry: ModelEntry) -> float | None:
+        """The fraction of its GPU ``entry`` needs (for engines that reserve a fraction)."""
         ...
 
     async def released(self, pid: int | None) -> bool:

@@ -81,9 +81,12 @@ class Backend:
         """Models with the same key cannot run at once; None: the proxy does not manage it."""
         return None
 
-    async def start(self, entry: ModelEntry, log_path: Path, timeout: float) -> str:
+    async def start(
+        self, entry: ModelEntry, log_path: Path, timeout: float, *, gpu_share: float | None = None
+    ) -> str:
         """Start ``entry`` and return its OpenAI base URL once it answers. On any failure
-        nothing it spawned may be left running."""
+        nothing it spawned may be left running. ``gpu_share``: the fraction of the GPU the
+        ledger budgets for it (engines that reserve a fraction, like vLLM, use it)."""
         raise NotImplementedError(f"{self.kind} models are not started by the proxy")
 
     async def stop(self, name: str) -> None:

@@ -83,7 +83,9 @@ class LlamaCppBackend(Backend):
     def slot_key(self, entry: ModelEntry) -> str | None:
         return None if has_explicit_address(entry) else f"llamacpp:{entry.name}"
 
-    async def start(self, entry: ModelEntry, log_path: Path, timeout: float) -> str:
+    async def start(
+        self, entry: ModelEntry, log_path: Path, timeout: float, *, gpu_share: float | None = None
+    ) -> str:
         port = free_port()
         argv = server_argv(entry, port, self.template)
         process = ManagedProcess(argv, log_path)

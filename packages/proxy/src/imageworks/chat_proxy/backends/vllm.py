@@ -45,13 +45,20 @@ class VllmBackend(Backend):
     def slot_key(self, entry: ModelEntry) -> str | None:
         return None if has_explicit_address(entry) else EXECUTOR_SLOT
 
-    async def start(self, entry: ModelEntry, log_path: Path, timeout: float) -> str:
+    async def start(
+        self, entry: ModelEntry, log_path: Path, timeout: float, *, gpu_share: float | None = None
+    ) -> str:
+        share = f" with {gpu_share} of the GPU" if gpu_share else ""
         await asyncio.to_thread(
             _note,
             log_path,
-            f"asking the executor at {self.config.vllm_remote_url} to activate {entry.name!r}",
+            f"asking the executor at {self.config.vllm_remote_url} to activate {entry.name!r}"
+            + share,
         )
-        state = await self._call("/admin/activate", {"model": entry.name}, timeout)
+        body: dict[str, Any] = {"model": entry.name}
+        if gpu_share:
+            body["gpu_memory_utilization"] = gpu_share
+        state = await self._call("/admin/activate", body, timeout)
         base_url = state.get("base_url")
         if state.get("status") != "running" or not isinstance(base_url, str):
             raise ModelStartFailed(f"the vLLM executor did not start {entry.name!r}: {state}")
