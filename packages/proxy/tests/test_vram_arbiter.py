@@ -297,3 +297,32 @@ async def test_an_exclusive_lease_does_not_wait_for_memory_it_cannot_own(tmp_pat
     world.probe.stuck_mb = 3000  # the driver or a stranger: never ours to free
     lease = await world.arbiter.leases.grant("jv", "", restart_model=False, ttl_s=60, need_mb=None)
     assert lease.evicted == ["big-a"] and world.backend.held == {}
+
+
+class PidBackend(GpuBackend):
+    """Reports a process per model, and the GPU's per-process usage is what NVML would show:
+    the real footprint, which differs from the registry's estimate."""
+
+    REAL = {"big-a": 8000, "big-b": 15000}
+
+    def pid_of(self, name: str) -> int | None:
+        return 4000 + sorted(SIZES).index(name) if name in self.held else None
+
+    def by_pid(self) -> dict[int | str, int]:
+        return {self.pid_of(name) or 0: self.REAL.get(name, mb) for name, mb in self.held.items()}
+
+
+async def test_the_real_footprint_is_learned_from_per_process_usage(tmp_path, session) -> None:
+    world = World(tmp_path, session)
+    world.backend = PidBackend()
+    world.lifecycle.backends["llamacpp"] = world.backend
+    world.probe.holders = [world.backend.by_pid]
+    await world.use("big-a")
+    assert world.arbiter.learned_mb == {"big-a": 8000}  # not the 14,000 estimate
+    await world.arbiter.snapshot()
+    await world.arbiter.holdings()
+    assert world.arbiter.status()["models"] == [{"name": "big-a", "vram_mb": 8000, "in_flight": 0}]
+    # 8,000 held of 24,000: big-b's 14,000 estimate plus 1,000 headroom fits beside it.
+    await world.use("big-b")
+    assert world.backend.events == ["start big-a", "start big-b"]  # nothing evicted
+    assert world.arbiter.learned_mb["big-b"] == 15000
