@@ -128,3 +128,54 @@ def test_cli_with_the_proxy_down_is_one_line_and_exit_1() -> None:
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("Error: cannot reach the chat proxy at")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_stream_for_a_model_in_backoff_is_refused_before_the_first_byte(proxy_factory) -> None:
+    proxy = proxy_factory([BROKEN], restart_backoff_s=600)
+    assert proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "broken"}).is_error
+    streamed = proxy.client.post(
+        "/v1/chat/completions", json={**CHAT, "model": "broken", "stream": True}
+    )
+    assert streamed.status_code == 503  # a real status, not 200 and an in-band error
+    assert streamed.json()["error"]["code"] == "model_start_backoff"
+    assert int(streamed.headers["retry-after"]) > 0
+
+
+def test_streams_queued_behind_a_loading_model_get_loading_comments_not_429(
+    proxy_factory,
+) -> None:
+    import threading
+
+    from testkit.processes import FAKE_ENGINE_TEMPLATE
+
+    template = json.loads(FAKE_ENGINE_TEMPLATE)
+    template[template.index("{extra_args}")] = "--startup-delay=1.5"
+    slow_start = {
+        "name": "slow-start",
+        "backend": "llamacpp",
+        "max_concurrency": 1,
+        "backend_config": {"model_path": "none"},
+    }
+    proxy = proxy_factory(
+        [slow_start], llamacpp_launch_template=json.dumps(template), queue_timeout_s=0.5
+    )
+    bodies: list[str] = []
+
+    def stream() -> None:
+        answer = proxy.client.post(
+            "/v1/chat/completions", json={**CHAT, "model": "slow-start", "stream": True}
+        )
+        assert answer.status_code == 200
+        bodies.append(answer.text)
+
+    threads = [threading.Thread(target=stream) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # The load outlasts the 0.5 s queue timeout: waiting for it is the lifecycle's queue.
+    for body in bodies:
+        assert body.startswith(": loading slow-start")
+        events = sse_events(body)
+        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), body
+    assert len(bodies) == 3

@@ -229,7 +229,8 @@ async def test_a_crash_loop_ends_in_failed_until_activated_by_hand(setup) -> Non
         (await eventually_acquired(lifecycle, entry("a"))).release()
         backend.die("a")
     assert lifecycle.state(entry("a")) == FAILED
-    assert "crash loop: 3 crashes" in (lifecycle.status(entry("a")).last_error or "")
+    assert "crash loop: 3 crashes" in (lifecycle.restarts_of("a").halted or "")
+    assert lifecycle.status(entry("a")).last_error == "exited with code -9"  # the real cause
     with pytest.raises(ModelStartFailed, match="crash loop"):
         await lifecycle.acquire(entry("a"), autostart=True)
     assert backend.events.count("start a") == 3  # no fourth attempt on its own
@@ -341,3 +342,27 @@ async def test_unmanaged_models_only_count_requests(tmp_path: Path) -> None:
 
 def test_errors_are_proxy_errors() -> None:
     assert issubclass(ModelStartFailed, ProxyError) and ModelStartFailed.status == 502
+
+
+async def test_a_request_during_a_stop_waits_for_it_instead_of_starting_a_second_engine(
+    setup,
+) -> None:
+    lifecycle, backend = setup
+    await lifecycle.activate(entry("a"))
+    release_stop = asyncio.Event()
+    original_stop = backend.stop
+
+    async def slow_stop(name: str) -> None:
+        await release_stop.wait()  # an engine that takes its time to exit
+        await original_stop(name)
+
+    backend.stop = slow_stop  # type: ignore[method-assign]
+    stopping = asyncio.create_task(lifecycle.deactivate(entry("a")))
+    await asyncio.sleep(0.05)
+    newcomer = asyncio.create_task(lifecycle.acquire(entry("a"), autostart=True))
+    await asyncio.sleep(0.05)
+    assert not newcomer.done() and backend.events == ["start a"]  # no start during the stop
+    release_stop.set()
+    assert await stopping == ["a"]
+    (await newcomer).release()
+    assert backend.events == ["start a", "stop a", "start a"]  # one stop, then one start

@@ -258,3 +258,25 @@ def test_a_client_that_leaves_the_queue_gives_its_place_up(proxy_factory) -> Non
     finally:
         go.set()
         server.stop()
+
+
+async def test_a_waiter_cancelled_as_its_turn_is_handed_over_is_no_error() -> None:
+    """release() pops a waiter whose task was cancelled in the same loop step: the waiter must
+    leave quietly (it used to raise ValueError from deque.remove, a 500)."""
+    import asyncio
+
+    from imageworks.chat_proxy.admission import Admission
+    from imageworks.chat_proxy.metrics import Metrics
+    from imageworks.model_loader.schema import ModelEntry
+
+    gate = Admission(1, 8, Metrics()).gate(ModelEntry(name="m", backend="openai"))
+    assert gate is not None and gate.try_enter()
+    waiting = asyncio.create_task(gate.wait(30))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    gate.release()  # same step: the cancelled waiter is popped and handed the turn
+    results = await asyncio.gather(waiting, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    # Nobody else waits: the turn is simply given back, and the count stays right.
+    assert gate.active == 0 and not gate.waiters
+    assert gate.try_enter()

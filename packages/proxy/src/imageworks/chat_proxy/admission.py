@@ -51,7 +51,8 @@ class Gate:
                 self.release()  # the turn was handed over as we left: pass it on
             else:
                 waiter.cancel()
-                self.waiters.remove(waiter)
+                if waiter in self.waiters:  # release() may have popped it in the same step
+                    self.waiters.remove(waiter)
             if isinstance(exc, TimeoutError):
                 raise self._refuse(f"no turn within {timeout:g} s") from None
             raise

@@ -162,7 +162,7 @@ class Lifecycle:
         last = status.last_error if status else None
         if restarts.halted:
             raise ModelStartFailed(
-                f"model {name!r} is failed ({restarts.halted}; last error: {last}); start it "
+                f"model {name!r} is failed ({restarts.halted}; last crash: {last}); start it "
                 f"with 'imageworks-models activate-model {name}' or POST /admin/activate"
             )
         if status is not None and status.state == CRASHED and entry.restart == "never":
@@ -363,7 +363,7 @@ class Lifecycle:
         restarts = self.restarts_of(name)
         looping = restarts.crashed(time.monotonic())
         log.warning("engine of %s crashed: %s", name, why)
-        self.set_status(name, FAILED if looping else CRASHED, error=restarts.halted or why)
+        self.set_status(name, FAILED if looping else CRASHED, error=why)
         self.event("crash", model=name, error=why, crash_loop=looping)
         if self.metrics is not None:
             self.metrics.engine_crashes.labels(name).inc()

@@ -85,6 +85,7 @@ class Slot:
         self.switch_task: asyncio.Task[None] | None = None
         self.switch_started = 0.0
         self.making_room = False
+        self.stopping = False  # a stop in progress holds the slot: nobody starts meanwhile
         self.failures: dict[str, int] = {}
         self.errors: dict[str, ProxyError] = {}
         self._changed = asyncio.Event()
@@ -125,7 +126,12 @@ class Slot:
                         )
                     self.owner.may_start(entry)  # backoff, crash loop, restart policy
                     self.target = name
-                if self.target == name and self.switch_task is None and self.in_flight == 0:
+                if (
+                    self.target == name
+                    and self.switch_task is None
+                    and not self.stopping
+                    and self.in_flight == 0
+                ):
                     loaded = True
                     self.switch_task = asyncio.create_task(self._switch(entry))
                 if self.active == name and self.state == STARTING:
@@ -301,22 +307,26 @@ class Slot:
     async def _stop_active(self, reason: str) -> None:
         name = self.active
         assert name is not None
-        self.state = STOPPING
+        self.state, self.stopping = STOPPING, True
         self.owner.set_status(name, STOPPING)
         self._notify()
         try:
             await self.backend.stop(name)
         except Exception as exc:  # a failed stop must not wedge the slot
             log.warning("stopping %s failed: %s", name, exc)
+        finally:
+            self.stopping = False
         self.active, self.entry, self.state, self.base_url = None, None, STOPPED, None
         self.owner.set_status(name, STOPPED)
         self.owner.event("unload", model=name, reason=reason)
+        self._notify()
 
     def idle(self, name: str) -> bool:
         """Is ``name`` the ready model here, serving no one, with nobody waiting for a turn?"""
         return (
             self.active == name
             and self.state == READY
+            and not self.stopping
             and not self.in_flight
             and self.switch_task is None
             and self.target in (None, name)
@@ -334,7 +344,7 @@ class Slot:
     async def deactivate(self, name: str | None, timeout: float) -> bool:
         """Stop the active model (if it is ``name``, or any when None) once it has drained."""
         deadline = time.monotonic() + timeout
-        while self.switch_task is not None or (self.active and self.in_flight):
+        while self.switch_task is not None or self.stopping or (self.active and self.in_flight):
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not await self._wait(remaining):
                 raise QueueFull(

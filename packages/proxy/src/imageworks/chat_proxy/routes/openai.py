@@ -31,6 +31,7 @@ from imageworks.chat_proxy.forwarding import (
     until_disconnect,
 )
 from imageworks.chat_proxy.lifecycle import Ticket
+from imageworks.chat_proxy.modelstate import STARTING
 from imageworks.chat_proxy.payloads import (
     CHAT,
     COMPLETIONS,
@@ -160,6 +161,18 @@ class Exchange:
         self.state.record(self.info, outcome)
 
 
+async def admit(state: ProxyState, info: RequestInfo, gate: Gate, receive: Receive | None) -> None:
+    """A turn under the model's ``max_concurrency``, waiting in its queue if need be.
+    ``receive``: watch it for a disconnect (None: a caller up the stack already does)."""
+    if gate.try_enter():
+        return
+    info.queue_depth = len(gate.waiters) + 1
+    waited = time.perf_counter()
+    wait = gate.wait(state.config.queue_timeout_s)
+    await (until_disconnect(receive, wait) if receive is not None else wait)
+    info.admission_ms = round((time.perf_counter() - waited) * 1000, 2)
+
+
 async def forward(
     state: ProxyState, endpoint: str, scope: Scope, receive: Receive, send: Send
 ) -> None:
@@ -190,12 +203,16 @@ async def forward(
             endpoint == CHAT and state.lifecycle.backend(entry).requires_template,
         )
         payload = prepare(endpoint, entry, body, raw)
+        loading = state.lifecycle.needs_start(entry)
+        if loading and state.autostart and state.lifecycle.state(entry) != STARTING:
+            # A start that will be refused (backoff, crash loop, restart: never) is refused
+            # now, with its real status, before a stream commits to 200.
+            state.lifecycle.may_start(entry)
         gate = state.admission.gate(entry)
-        if gate is not None and not gate.try_enter():
-            info.queue_depth = len(gate.waiters) + 1
-            waited = time.perf_counter()
-            await until_disconnect(receive, gate.wait(state.config.queue_timeout_s))
-            info.admission_ms = round((time.perf_counter() - waited) * 1000, 2)
+        # Waiting for a model to load is the lifecycle's queue (one start, loading comments,
+        # a start failure for everyone at once); the concurrency limit applies once it runs.
+        if gate is not None and not loading:
+            await admit(state, info, gate, receive)
     except ProxyError as exc:
         outcome.error = exc
         state.record(info, outcome)
@@ -205,20 +222,21 @@ async def forward(
         outcome.client_gone = True
         state.record(info, outcome)
         return
-    exchange = Exchange(state, info, gate)
+    exchange = Exchange(state, info, gate if gate is not None and not loading else None)
 
     async def connect() -> aiohttp.ClientResponse:
         base_url = await exchange.acquire(entry)
+        if gate is not None and loading:
+            await admit(state, info, gate, None)  # the relay watches for a disconnect
+            exchange.gate = gate
         target = state.egress.target(entry, base_url)
         return await open_upstream(state.egress, target, PATHS[endpoint], payload, info.request_id)
 
     if info.stream:
         # The loading comment commits the response to 200: only when the model will load. With
         # autostart off a stopped model is refused before the first byte, as a real 502.
-        loading = state.lifecycle.needs_start(entry) and (
-            state.autostart or state.lifecycle.state(entry) == "starting"
-        )
-        waiting = f": loading {entry.name}\n\n".encode() if loading else None
+        comments = loading and (state.autostart or state.lifecycle.state(entry) == STARTING)
+        waiting = f": loading {entry.name}\n\n".encode() if comments else None
         relay = SSEResponse(
             outcome,
             exchange.finish,
