@@ -6,10 +6,11 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
-from testkit.entries import GEMMA
+from testkit.entries import GEMMA, eventually
 from testkit.fake_engine import sse_events
 from testkit.processes import our_processes
 
@@ -179,3 +180,46 @@ def test_streams_queued_behind_a_loading_model_get_loading_comments_not_429(
         events = sse_events(body)
         assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), body
     assert len(bodies) == 3
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_cut_off_by_shutdown_gets_an_answer_and_a_record(
+    proxy_factory, stream: bool
+) -> None:
+    import threading
+
+    from testkit.processes import FAKE_ENGINE_TEMPLATE
+
+    template = json.loads(FAKE_ENGINE_TEMPLATE)
+    template[template.index("{extra_args}")] = "--startup-delay=60"  # a start that outlasts us
+    slow = {"name": "slow", "backend": "llamacpp", "backend_config": {"model_path": "none"}}
+    proxy = proxy_factory([slow], llamacpp_launch_template=json.dumps(template))
+    answers: list[Any] = []
+
+    def ask() -> None:
+        answers.append(
+            proxy.client.post(
+                "/v1/chat/completions", json={**CHAT, "model": "slow", "stream": stream}
+            )
+        )
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    assert eventually(lambda: model_state_of(proxy, "slow") == "starting", 10)
+    proxy.server.stop()  # graceful period (2 s in tests), then the request is cancelled
+    asking.join(30)
+    (answer,) = answers
+    if stream:
+        assert answer.status_code == 200 and answer.text.startswith(": loading slow")
+        events = sse_events(answer.text)
+        assert json.loads(events[-2])["error"]["code"] == "shutting_down"
+        assert events[-1] == "[DONE]"
+    else:
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "shutting_down"
+    (record,) = proxy.records()
+    assert record["error_code"] == "err_shutting_down"
+
+
+def model_state_of(proxy: Any, name: str) -> str:
+    models = proxy.client.get("/admin/state").json()["models"]
+    return str(next(m["state"] for m in models if m["name"] == name))

@@ -165,6 +165,13 @@ class ModelBackoff(ProxyError):
     code = "model_start_backoff"
 
 
+class ShuttingDown(ProxyError):
+    """The proxy stopped (SIGINT/SIGTERM) before this request was answered."""
+
+    status = 503
+    code = "shutting_down"
+
+
 class BackendTimeout(ProxyError):
     status = 504
     code = "backend_timeout"

@@ -13,6 +13,7 @@ waiting for a non-streaming answer: both paths watch ``receive()`` for ``http.di
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import deque
@@ -29,6 +30,7 @@ from imageworks.chat_proxy.errors import (
     BackendTimeout,
     BackendUnavailable,
     ProxyError,
+    ShuttingDown,
     upstream_error,
 )
 
@@ -216,6 +218,16 @@ class SSEResponse:
             await until_disconnect(receive, self._run(send))
         except (ClientGone, OSError):  # OSError: the server saw the socket close mid-send
             self.outcome.client_gone = not self.complete
+        except asyncio.CancelledError:  # the server is shutting down: say so, in the stream
+            if not self.complete:
+                self.outcome.error = ShuttingDown("the proxy shut down before the answer ended")
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1.0):
+                        if self.outcome.status:
+                            await self._fail(self.outcome.error, send)
+                        else:
+                            await send_error(self.outcome.error, send)
+            raise
         finally:
             self.outcome.finished_at = time.perf_counter()
             self._account()

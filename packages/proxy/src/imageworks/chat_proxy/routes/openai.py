@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from typing import Any
@@ -20,6 +22,7 @@ from imageworks.chat_proxy.errors import (
     BackendUnavailable,
     ModelNotFound,
     ProxyError,
+    ShuttingDown,
 )
 from imageworks.chat_proxy.forwarding import (
     ClientGone,
@@ -253,6 +256,13 @@ async def forward(
 
     try:
         content_type, raw = await until_disconnect(receive, answer())  # one watch for both
+    except asyncio.CancelledError:  # the server is shutting down: an answer, and a record
+        outcome.error = ShuttingDown("the proxy shut down before the answer came")
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await send_error(outcome.error, send)
+        exchange.finish(outcome)
+        raise
     except ClientGone:
         outcome.client_gone = True
         exchange.finish(outcome)
