@@ -89,6 +89,11 @@ def test_fixed_headers_and_the_api_key_go_upstream_and_never_into_sight(
     assert seen["x-team"] == "imaging" and seen["openai-organization"] == "org-1"
     missing = proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "n"})
     assert missing.status_code == 502 and "NOT_SET_ANYWHERE" in missing.text
+    # Our setting is wrong, not the backend: it is not reported unreachable.
+    states = {
+        m["id"]: m["imageworks"]["state"] for m in proxy.client.get("/v1/models").json()["data"]
+    }
+    assert states["n"] != "unreachable"
     shown = proxy.client.get("/admin/state").text + proxy.client.get("/v1/models").text
     assert "sk-remote-999" not in shown
     proxy.server.stop()

@@ -148,6 +148,9 @@ class BackendBusy(ProxyError):
 class BackendUnavailable(ProxyError):
     status = 502
     code = "backend_unavailable"
+    # Set when the backend's address refused the connection (not a setting of ours that is
+    # wrong): the lifecycle then checks whether the engine is still there.
+    unreached = False
 
 
 class ModelStartFailed(ProxyError):

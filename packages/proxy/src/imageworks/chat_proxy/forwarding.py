@@ -88,7 +88,9 @@ def _classify(exc: BaseException, url: object, during: str) -> ProxyError:
         return BackendUnavailable(f"TLS with the backend at {url} failed: {exc}")
     if isinstance(exc, aiohttp.ClientConnectorError):
         reason = exc.os_error.strerror or str(exc.os_error) or type(exc.os_error).__name__
-        return BackendUnavailable(f"cannot connect to backend at {url}: {reason}")
+        error = BackendUnavailable(f"cannot connect to backend at {url}: {reason}")
+        error.unreached = True  # nothing answered there: worth a look at the engine
+        return error
     if isinstance(exc, aiohttp.ClientResponseError):  # a head aiohttp could not parse
         return BackendUnavailable(f"backend sent a malformed response {during} ({url}): {exc}")
     detail = str(exc) or type(exc).__name__

@@ -156,7 +156,7 @@ class Exchange:
 
     def finish(self, outcome: Outcome) -> None:
         if self.ticket is not None:
-            refused = isinstance(outcome.error, BackendUnavailable) and outcome.status == 0
+            refused = isinstance(outcome.error, BackendUnavailable) and outcome.error.unreached
             self.ticket.release(reached=None if outcome.client_gone else not refused)
         if self.gate is not None:
             self.gate.release()
