@@ -5,6 +5,7 @@ watching for an exit, and the record files. Each test takes well under a second.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
@@ -54,14 +55,21 @@ def unique_sleep() -> list[str]:
 
 @pytest.fixture
 def started() -> Iterator[list[ManagedProcess]]:
-    """Processes a test starts; whatever is still running at the end is killed and reaped."""
+    """Processes a test starts. At the end each group still running is killed, by the test
+    itself rather than by the code under test (a mutant must not leave a process behind)."""
     processes: list[ManagedProcess] = []
     yield processes
     for process in processes:
         if process.pid is not None:
-            process.kill_now()
-            assert eventually(lambda p=process: p.returncode is not None)  # type: ignore[misc]
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            if process._proc is not None:
+                process._proc.wait()
             assert eventually(lambda p=process: not group_members(p.pid or 0))  # type: ignore[misc]
+
+
+def open_fds() -> set[str]:
+    return {entry.name for entry in Path("/proc/self/fd").iterdir()}
 
 
 async def until(predicate: Callable[[], object]) -> bool:
@@ -143,9 +151,9 @@ async def test_a_log_that_cannot_be_written_fails_the_start_and_spawns_nothing(
     log_path = tmp_path / "engine.log"
     log_path.symlink_to("/dev/full")
     process = ManagedProcess(["touch", str(marker)], log_path)
-    with pytest.raises(StartFailed, match="cannot start 'touch'") as failed:
+    with pytest.raises(StartFailed) as failed:
         await process.spawn()
-    assert "No space left on device" in str(failed.value)
+    assert str(failed.value) == f"cannot start 'touch' (log {log_path}): No space left on device"
     assert process.pid is None and process.returncode is None
     assert not marker.exists()
 
@@ -448,6 +456,7 @@ async def test_watch_calls_back_once_with_the_exit_code(
         if not ended.done():
             ended.set_result(None)
 
+    fds = open_fds()
     process.watch(on_exit)
     process.watch(on_exit)  # a second watch is the same watch
     assert await until(lambda: "ready" in process.log_path.read_text().splitlines())
@@ -457,6 +466,7 @@ async def test_watch_calls_back_once_with_the_exit_code(
     others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     await asyncio.gather(*others)
     assert calls == [5]
+    assert open_fds() == fds  # the pidfd is closed
 
 
 async def test_watch_of_a_process_never_started_does_nothing(tmp_path: Path) -> None:
@@ -528,14 +538,14 @@ async def test_wait_healthy_gives_up_at_the_deadline_and_stops_the_process(
 
 
 def test_the_record_store_saves_drops_and_loads_by_model_name(tmp_path: Path) -> None:
-    store = RecordStore(tmp_path / "records")
+    store = RecordStore(tmp_path / "staging" / "records")
     assert store.load_all() == {}  # no directory yet
     one = ProcessRecord(11, 5, ["a", "b"], "/l/1.log", {"port": 1})
     two = ProcessRecord(12, 6, ["c", "d"], "/l/2.log")
     store.save("org/m", one)
     store.save("org_m", two)
     assert store.path("org/m") != store.path("org_m")
-    assert store.path("org/m").parent == tmp_path / "records"
+    assert store.path("org/m") == tmp_path / "staging" / "records" / "org%2Fm.json"
     assert store.load_all() == {"org/m": one, "org_m": two}
     store.drop("org/m")
     store.drop("never-saved")
@@ -544,7 +554,9 @@ def test_the_record_store_saves_drops_and_loads_by_model_name(tmp_path: Path) ->
     assert store.load_all() == {"org_m": one}
 
 
-def test_an_unreadable_record_is_dropped_and_the_rest_load(tmp_path: Path) -> None:
+def test_an_unreadable_record_is_dropped_and_the_rest_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     store = RecordStore(tmp_path)
     good = ProcessRecord(11, 5, ["a", "b"], "")
     store.save("good", good)
@@ -552,6 +564,7 @@ def test_an_unreadable_record_is_dropped_and_the_rest_load(tmp_path: Path) -> No
     (tmp_path / "other.txt").write_text("{not json")
     assert store.load_all() == {"good": good}
     assert not (tmp_path / "bad.json").exists()
+    assert f"ignoring an unreadable engine record {tmp_path / 'bad.json'}" in caplog.text
     assert (tmp_path / "other.txt").exists()  # not a record file: left alone
 
 
@@ -569,6 +582,9 @@ def test_tail_gives_the_last_lines_of_the_last_bytes(tmp_path: Path) -> None:
     assert tail(path, lines=2) == "line 29\nbad \ufffd"
     assert tail(path, lines=100, max_bytes=16) == "8\nline 29\nbad \ufffd"
     assert tail(tmp_path / "missing.log") == ""
+    big = tmp_path / "big.log"
+    big.write_bytes(b"a" * 100 + b"\n" + b"b" * 10000)
+    assert tail(big, lines=5) == "b" * 8192  # only the last 8 KiB are read
     short = tmp_path / "short.log"
     short.write_text("only\n")
     assert tail(short) == "only"
@@ -581,3 +597,58 @@ def test_free_port_is_a_port_that_can_be_bound() -> None:
     assert 0 < port < 65536
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
+
+
+def test_the_proc_readers_survive_a_command_name_with_parentheses_and_spaces(
+    tmp_path: Path,
+) -> None:
+    odd = tmp_path / "x) (y z"
+    odd.symlink_to("/bin/sleep")
+    child = subprocess.Popen([str(odd), "60"], start_new_session=True)
+    try:
+        assert eventually(lambda: cmdline(child.pid) == [str(odd), "60"])
+        stat = Path(f"/proc/{child.pid}/stat").read_text()
+        assert "(x) (y z)" in stat
+        assert start_ticks(child.pid) == int(stat.rsplit(")", 1)[1].split()[19])
+        assert pid_alive(child.pid) and group_members(child.pid) == [child.pid]
+        record = ProcessRecord(child.pid, start_ticks(child.pid), [str(odd), "60"], "")
+        assert record.matches()
+    finally:
+        child.kill()
+        child.wait()
+
+
+async def test_the_child_gets_no_stdin_and_none_of_our_inheritable_fds(
+    tmp_path: Path, started: list[ManagedProcess]
+) -> None:
+    read_end, write_end = os.pipe()
+    os.set_inheritable(write_end, True)
+    try:
+        process = await spawn(
+            started,
+            ["sh", "-c", f"readlink /proc/self/fd/0; test -e /proc/self/fd/{write_end}; echo $?"],
+            tmp_path,
+        )
+        assert await until(lambda: process.returncode == 0)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert process.log_path.read_text().splitlines()[1:] == ["/dev/null", "1"]
+
+
+async def test_stop_waits_for_a_worker_that_outlives_its_leader(
+    tmp_path: Path, started: list[ManagedProcess]
+) -> None:
+    pidfile = tmp_path / "worker.pid"
+    deaf = DEAF.replace("subprocess.Popen(['sleep', '60'])\n", "")
+    process = await spawn(
+        started,
+        ["sh", "-c", f'{sys.executable} -c "{deaf}" & echo $! > {pidfile}; wait'],
+        tmp_path,
+    )
+    assert await until(lambda: "ready" in process.log_path.read_text().splitlines())
+    worker = int(pidfile.read_text())
+    # The leader dies of SIGTERM; the worker ignores it, so the group is SIGKILLed.
+    assert await process.stop(grace=0.2) == -signal.SIGTERM
+    assert not pid_alive(worker)
+    assert group_members(process.pid or 0) == []
