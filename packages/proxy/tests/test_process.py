@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from imageworks.chat_proxy import process as process_module
 from imageworks.chat_proxy.process import (
     ManagedProcess,
     ProcessRecord,
@@ -443,8 +444,10 @@ async def test_a_process_with_no_known_start_time_is_still_signalled(
 
 @pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="no pidfd on this platform")
 async def test_watch_calls_back_once_with_the_exit_code(
-    tmp_path: Path, started: list[ManagedProcess]
+    tmp_path: Path, started: list[ManagedProcess], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # With the fallback poll at an hour, only the pidfd can wake the watcher within the bound.
+    monkeypatch.setattr(process_module, "POLL_S", 3600.0)
     process = await spawn(
         started, ["sh", "-c", "trap 'exit 5' TERM; echo ready; sleep 60 & wait"], tmp_path
     )
@@ -549,6 +552,8 @@ def test_the_record_store_saves_drops_and_loads_by_model_name(tmp_path: Path) ->
     assert store.load_all() == {"org/m": one, "org_m": two}
     store.drop("org/m")
     store.drop("never-saved")
+    store.path("a-directory").mkdir()
+    store.drop("a-directory")  # cannot be removed: dropping is best effort
     assert store.load_all() == {"org_m": two}
     store.save("org_m", one)  # replaced, not added
     assert store.load_all() == {"org_m": one}
@@ -562,6 +567,7 @@ def test_an_unreadable_record_is_dropped_and_the_rest_load(
     store.save("good", good)
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "other.txt").write_text("{not json")
+    (tmp_path / "dir.json").mkdir()  # cannot be read: skipped, not fatal
     assert store.load_all() == {"good": good}
     assert not (tmp_path / "bad.json").exists()
     assert f"ignoring an unreadable engine record {tmp_path / 'bad.json'}" in caplog.text
