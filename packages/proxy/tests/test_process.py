@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -111,7 +112,7 @@ async def test_spawn_writes_the_header_before_the_childs_output_and_appends(
     assert eventually(lambda: process.returncode == 0)
     lines = log_path.read_text().splitlines()
     assert lines[0] == "earlier run"
-    assert lines[1].startswith("--- ")
+    assert re.fullmatch(r"--- \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d starting: .*", lines[1])
     assert lines[1].endswith(" starting: sh -c echo from-the-child; echo oops >&2")
     assert lines[2:] == ["from-the-child", "oops"]
 
@@ -308,6 +309,7 @@ def test_find_launched_skips_an_exited_leader_not_yet_reaped() -> None:
         assert eventually(lambda: not pid_alive(child.pid))
         assert Path(f"/proc/{child.pid}").exists()
         assert find_launched(argv) == []
+        assert group_members(child.pid) == []  # a zombie is no member
     finally:
         child.wait()
 
@@ -356,7 +358,7 @@ async def test_an_adopted_process_is_watched_by_pid_and_reads_minus_one_once_gon
 
 def test_a_process_never_started_has_no_code_and_is_not_alive(tmp_path: Path) -> None:
     process = ManagedProcess(["x"], tmp_path / "x.log")
-    assert process.returncode is None and not process.alive and not process.stopping
+    assert process.returncode is None and not process.alive and process.stopping is False
     process.kill_now()
     assert process.stopping
 
@@ -377,7 +379,7 @@ async def test_stop_terminates_the_whole_group(
     process = await spawn(started, ["sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"], tmp_path)
     assert eventually(lambda: pidfile.exists() and pidfile.read_text().strip() != "")
     worker = int(pidfile.read_text())
-    assert not process.stopping
+    assert process.stopping is False
     assert await process.stop(grace=5) == -signal.SIGTERM
     assert process.stopping and not process.alive
     assert not pid_alive(worker)
@@ -484,7 +486,7 @@ async def test_wait_healthy_fails_fast_with_the_log_tail_when_the_child_exits(
     process = await spawn(started, ["sh", "-c", "echo 'model file missing'; exit 4"], tmp_path)
     url = f"http://127.0.0.1:{free_port()}/health"
     with pytest.raises(StartFailed, match="exited with code 4 during start") as failed:
-        await process.wait_healthy(url, timeout=60, interval=0.01)
+        await process.wait_healthy(url, timeout=10, interval=0.01)
     assert failed.value.log_tail.splitlines()[-1] == "model file missing"
     assert "starting: sh -c" in failed.value.log_tail
 
@@ -501,7 +503,7 @@ async def test_wait_healthy_returns_once_the_url_answers_200(
     )
     started.append(process)
     await process.spawn()
-    await process.wait_healthy(f"http://127.0.0.1:{port}/health", timeout=60, interval=0.02)
+    await process.wait_healthy(f"http://127.0.0.1:{port}/health", timeout=10, interval=0.02)
     assert process.alive
 
 
@@ -517,7 +519,7 @@ async def test_wait_healthy_keeps_polling_past_a_non_200(
     started.append(server)
     await server.spawn()
     waiting = asyncio.create_task(
-        server.wait_healthy(f"http://127.0.0.1:{port}/health", timeout=60, interval=0.02)
+        server.wait_healthy(f"http://127.0.0.1:{port}/health", timeout=10, interval=0.02)
     )
     # /health is a 404 until the file exists; the wait goes on until it answers 200.
     assert await until(lambda: '"GET /health HTTP/1.1" 404' in server.log_path.read_text())
