@@ -65,6 +65,8 @@ def started() -> Iterator[list[ManagedProcess]]:
         if process.pid is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(process.pid, signal.SIGKILL)  # also if it never got a group of its own
             if process._proc is not None:
                 process._proc.wait()
             assert eventually(lambda p=process: not group_members(p.pid or 0))  # type: ignore[misc]
@@ -572,7 +574,7 @@ def test_an_unreadable_record_is_dropped_and_the_rest_load(
     (tmp_path / "dir.json").mkdir()  # cannot be read: skipped, not fatal
     assert store.load_all() == {"good": good}
     assert not (tmp_path / "bad.json").exists()
-    assert f"ignoring an unreadable engine record {tmp_path / 'bad.json'}" in caplog.text
+    assert f"ignoring an unreadable engine record {tmp_path / 'bad.json'}" in caplog.messages
     assert (tmp_path / "other.txt").exists()  # not a record file: left alone
 
 
@@ -631,6 +633,8 @@ async def test_the_child_gets_no_stdin_and_none_of_our_inheritable_fds(
 ) -> None:
     read_end, write_end = os.pipe()
     os.set_inheritable(write_end, True)
+    our_stdin = os.dup(0)
+    os.dup2(read_end, 0)  # were stdin inherited, the child would see this pipe
     try:
         process = await spawn(
             started,
@@ -639,6 +643,8 @@ async def test_the_child_gets_no_stdin_and_none_of_our_inheritable_fds(
         )
         assert await until(lambda: process.returncode == 0)
     finally:
+        os.dup2(our_stdin, 0)
+        os.close(our_stdin)
         os.close(read_end)
         os.close(write_end)
     assert process.log_path.read_text().splitlines()[1:] == ["/dev/null", "1"]
