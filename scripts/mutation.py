@@ -32,11 +32,15 @@ PT = "packages/proxy/tests"
 # module -> (file to mutate, under the merged src/; the tests that judge it)
 MODULES: dict[str, tuple[str, list[str]]] = {
     "auth": (f"{PROXY}/auth.py", [f"{PT}/test_auth.py"]),
-    "leases": (f"{PROXY}/arbiter/leases.py", [f"{PT}/test_leases.py"]),
+    "leases": (
+        f"{PROXY}/arbiter/leases.py",
+        [f"{PT}/test_leases.py", f"{PT}/test_vram_arbiter.py"],
+    ),
     "policy": (f"{PROXY}/arbiter/policy.py", [f"{PT}/test_eviction_policy.py"]),
     "errors": (f"{PROXY}/errors.py", [f"{PT}/test_errors.py"]),
     "payloads": (f"{PROXY}/payloads.py", [f"{PT}/test_payloads.py"]),
     "requestlog": (f"{PROXY}/requestlog.py", [f"{PT}/test_requestlog.py"]),
+    "process": (f"{PROXY}/process.py", [f"{PT}/test_process.py"]),
 }
 
 PYPROJECT = """\

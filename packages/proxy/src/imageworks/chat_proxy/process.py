@@ -83,7 +83,8 @@ def pid_alive(pid: int) -> bool:
     """Is ``pid`` a running process? A zombie (exited, not yet reaped: an adopted process's
     parent is init, not us) counts as gone."""
     try:
-        os.kill(pid, 0)
+        # no mutate: signal 0 -> 1 would send SIGHUP to every process find_launched looks at
+        os.kill(pid, 0)  # pragma: no mutate
     except ProcessLookupError:
         return False
     except PermissionError:
