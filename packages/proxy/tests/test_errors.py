@@ -156,3 +156,38 @@ def test_missing_message_and_param_are_absent_not_the_string_none() -> None:
     assert no_message.body()["error"]["code"] == "c"
     no_param = upstream_error(400, b'{"error": {"message": "m"}}')
     assert no_param.param is None and no_param.message == "m"
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "expected_status", "kept"),
+    [
+        (503, "7", 503, "7"),  # a backend's 503 stays a 503, with its Retry-After
+        (429, "Wed, 21 Oct 2026 07:28:00 GMT", 429, "Wed, 21 Oct 2026 07:28:00 GMT"),
+        (400, "7", 400, None),  # only 429 and 503 carry it
+        (504, "7", 502, None),
+        (500, "7", 502, None),
+        (503, None, 503, None),
+        (503, "7\r\nSet-Cookie: x=1", 503, None),  # a header injection is dropped
+        (503, "9" * 65, 503, None),
+    ],
+)
+def test_upstream_errors_keep_their_status_and_only_a_sane_retry_after(
+    status: int, retry_after: str | None, expected_status: int, kept: str | None
+) -> None:
+    from imageworks.chat_proxy.errors import upstream_error
+
+    error = upstream_error(status, b'{"error": {"message": "busy now"}}', retry_after)
+    assert error.status == expected_status
+    assert error.headers == ({"Retry-After": kept} if kept else {})
+    if status == 503:
+        assert error.message == "backend unavailable (HTTP 503): busy now"
+        assert error.code == "backend_unavailable"
+
+
+def test_an_upstream_error_without_a_message_says_what_it_was() -> None:
+    from imageworks.chat_proxy.errors import upstream_error
+
+    assert upstream_error(503, b"").message == "backend unavailable (HTTP 503): HTTP 503"
+    assert upstream_error(502, "überlastet".encode()).message == (
+        "backend error (HTTP 502): überlastet"
+    )
