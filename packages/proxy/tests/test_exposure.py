@@ -5,8 +5,6 @@ their first byte, a full disk under the request log, config errors at import."""
 from __future__ import annotations
 
 import contextlib
-import errno
-import json
 import socket
 import subprocess
 import sys
@@ -19,7 +17,6 @@ import pytest
 
 from imageworks.chat_proxy.app import ProxyApp, create_app
 from imageworks.chat_proxy.config import ConfigError, ProxyConfig
-from imageworks.chat_proxy.requestlog import RequestLog
 from imageworks.vllm_executor.app import create_app as create_executor
 from imageworks.vllm_executor.config import ExecutorConfig, ExecutorConfigError
 from testkit.servers import free_port
@@ -196,54 +193,6 @@ def test_a_stream_for_a_stopped_model_with_autostart_off_is_refused_before_the_f
     assert answer.headers["content-type"].startswith("application/json")
     assert envelope(answer)["code"] == "backend_unavailable"
     assert "autostart is disabled" in envelope(answer)["message"]
-
-
-class FullDisk:
-    """A log file on a disk with ``room`` bytes left: a write takes what fits, the next one
-    fails with ENOSPC, as write(2) does."""
-
-    def __init__(self, path: Path, room: int) -> None:
-        self.file = path.open("ab", buffering=0)
-        self.room = room
-
-    def write(self, data: Any) -> int:
-        if self.room <= 0:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        taken = bytes(data[: self.room])
-        self.room -= len(taken)
-        return self.file.write(taken)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.file, name)
-
-
-def test_a_full_disk_drops_whole_records_and_leaves_no_partial_line(tmp_path: Path) -> None:
-    path = tmp_path / "chat_proxy.jsonl"
-
-    class OnAFullDisk(RequestLog):
-        room = 150
-
-        def _open(self) -> None:
-            self._file = FullDisk(self.path, self.room)  # type: ignore[assignment]
-            self._size = self._file.tell()
-
-    log = OnAFullDisk(path, max_bytes=10_000_000, backups=1, batch_s=0)
-    log.start()
-    log.write({"event": "request", "request_id": "fits", "pad": "x" * 20})
-    log.close()
-    log = OnAFullDisk(path, max_bytes=10_000_000, backups=1, batch_s=0)
-    log.room = 60  # room for part of the next record only
-    log.start()
-    log.write({"event": "request", "request_id": "lost", "pad": "y" * 100})
-    log.close()
-    assert log.dropped == 1
-    log = OnAFullDisk(path, max_bytes=10_000_000, backups=1, batch_s=0)
-    log.room = 10_000  # space again
-    log.start()
-    log.write({"event": "request", "request_id": "after"})
-    log.close()
-    ids = [json.loads(line)["request_id"] for line in path.read_text().splitlines()]
-    assert ids == ["fits", "after"]
 
 
 def test_dropped_log_records_are_counted_in_metrics(proxy_factory) -> None:

@@ -397,3 +397,19 @@ def test_the_template_refusal_says_how_to_fix_it() -> None:
         '(e.g. {"source": "external", "path": "configs/chat_templates/<model>.jinja"}) or start '
         "the proxy with CHAT_PROXY_REQUIRE_TEMPLATE=0"
     )
+
+
+def test_a_body_nested_too_deeply_is_a_clear_400_when_parsed_or_re_encoded() -> None:
+    from imageworks.chat_proxy.payloads import parse_body, prepare
+
+    deep = b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(InvalidRequest) as parsed:
+        parse_body(deep)
+    assert parsed.value.message == "request body is nested too deeply"
+    nested: list[object] = []
+    for _ in range(100_000):  # built in Python: parsed fine, too deep to encode again
+        nested = [nested]
+    entry = ModelEntry.model_validate({"name": "m", "backend": "openai", "served_model_id": "s"})
+    with pytest.raises(InvalidRequest) as encoded:
+        prepare("chat", entry, {"model": "m", "messages": nested}, b"{}")
+    assert encoded.value.message == "request body is nested too deeply"

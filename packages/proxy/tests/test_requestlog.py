@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from imageworks.chat_proxy.requestlog import RequestLog
 from testkit.entries import eventually
@@ -227,3 +229,81 @@ def test_a_log_file_deleted_while_running_does_not_cost_records(tmp_path: Path) 
     log.write({"event": "request", "ts": "2026-01-01T00:00:00.000Z", "n": 1})  # rotates
     log.close()
     assert log.dropped == 0 and path.read_bytes() == line_of(1)
+
+
+class FullDisk:
+    """A log file on a disk with ``room`` bytes left: a write takes what fits, the next one
+    fails with ENOSPC, as write(2) does."""
+
+    def __init__(self, path: Path, room: int) -> None:
+        self.file = path.open("ab", buffering=0)
+        self.room = room
+
+    def write(self, data: Any) -> int:
+        if self.room <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        taken = bytes(data[: self.room])
+        self.room -= len(taken)
+        return self.file.write(taken)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
+def test_a_full_disk_drops_whole_records_and_leaves_no_partial_line(tmp_path: Path) -> None:
+    path = tmp_path / "chat_proxy.jsonl"
+
+    class OnAFullDisk(RequestLog):
+        room = 150
+
+        def _open(self) -> None:
+            self._file = FullDisk(self.path, self.room)  # type: ignore[assignment]
+            self._size = self._file.tell()
+
+    log = OnAFullDisk(path, max_bytes=10_000_000, backups=1, batch_s=0)
+    log.start()
+    log.write({"event": "request", "request_id": "fits", "pad": "x" * 20})
+    log.close()
+    log = OnAFullDisk(path, max_bytes=10_000_000, backups=1, batch_s=0)
+    log.room = 60  # room for part of the next record only
+    log.start()
+    log.write({"event": "request", "request_id": "lost", "pad": "y" * 100})
+    log.close()
+    assert log.dropped == 1
+    log = OnAFullDisk(path, max_bytes=10_000_000, backups=1, batch_s=0)
+    log.room = 10_000  # space again
+    log.start()
+    log.write({"event": "request", "request_id": "after"})
+    log.close()
+    ids = [json.loads(line)["request_id"] for line in path.read_text().splitlines()]
+    assert ids == ["fits", "after"]
+
+
+def test_a_cut_that_fails_too_starts_the_next_batch_on_a_line_of_its_own(tmp_path: Path) -> None:
+    """The disk fills mid-record and the file cannot even be cut back: the next record must
+    not be glued to the partial line, and the partial line is the only thing lost."""
+    path = tmp_path / "chat_proxy.jsonl"
+
+    class Uncuttable(FullDisk):
+        def truncate(self, size: int) -> int:
+            raise OSError(errno.EIO, "cannot truncate")
+
+    class Stuck(RequestLog):
+        room = 40
+
+        def _open(self) -> None:
+            self._file = Uncuttable(self.path, self.room)  # type: ignore[assignment]
+            self._size = self._file.tell()
+
+    log = Stuck(path, max_bytes=10_000_000, backups=1, batch_s=0)
+    log.start()
+    log.write({"event": "request", "request_id": "torn", "pad": "z" * 100})
+    assert eventually(lambda: log.dropped == 1)
+    assert log._torn is True
+    log._file.room = 10_000  # type: ignore[union-attr]
+    log.write({"event": "request", "request_id": "after"})
+    log.close()
+    lines = path.read_bytes().split(b"\n")
+    assert lines[0].startswith(b'{"event": "request", "request_id": "torn')  # the torn one
+    assert not lines[0].endswith(b"}")
+    assert json.loads(lines[1])["request_id"] == "after" and lines[2] == b""
