@@ -255,3 +255,33 @@ def test_the_backend_is_not_invited_to_compress(proxy_factory, fake_vllm) -> Non
     for stream in (False, True):
         proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": stream})
         assert "accept-encoding" not in fake_vllm.engine.requests[-1].headers
+
+
+def test_a_kept_alive_connection_the_backend_dropped_is_retried_once(
+    proxy_factory, raw_server
+) -> None:
+    """llama.cpp's server drops a kept-alive connection after a few requests without saying
+    so: the next request written on it gets no answer. It is sent once more, on a new
+    connection, instead of becoming a 502."""
+    connections: list[int] = []
+
+    async def one_answer_then_drop(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        connections.append(len(connections))
+        _, body = await read_request(reader)
+        writer.write(completion(f"answer to {said(body)}"))
+        await writer.drain()
+        await read_request(reader)  # the second request on this connection: read, then drop
+        writer.transport.abort()
+
+    server = raw_server(one_answer_then_drop)
+    proxy = proxy_factory([entry_for("m", server.url, "openai")])
+    for words in ("one", "two", "three"):
+        answer = proxy.client.post(
+            "/v1/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": words}]},
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] == f"answer to {words}"
+    assert len(connections) == 3  # each dropped connection was replaced once

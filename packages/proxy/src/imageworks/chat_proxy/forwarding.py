@@ -79,6 +79,10 @@ class StreamBroken(Exception):
 _FAILURES = (aiohttp.ClientError, TimeoutError, StreamBroken)
 
 
+# A reused connection found dead as the request was written or before any answer came.
+_STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+
+
 def _classify(exc: BaseException, url: object, during: str) -> ProxyError:
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return BackendUnavailable(f"timed out connecting to {url}")
@@ -103,12 +107,19 @@ async def open_upstream(
     """POST and wait for the response head (interim 1xx heads are skipped by aiohttp). A
     backend 4xx/5xx becomes our error here."""
     url = target.url(path)
-    try:
-        response = await egress.session.post(
-            url, data=body, headers=target.headers(request_id), ssl=target.ssl
-        )
-    except _FAILURES as exc:
-        raise _classify(exc, url, "before answering") from exc
+    headers = target.headers(request_id)
+    for attempt in (1, 2):
+        try:
+            response = await egress.session.post(url, data=body, headers=headers, ssl=target.ssl)
+            break
+        except _STALE as exc:
+            # A kept-alive connection the backend had already closed (llama.cpp's server drops
+            # them after a few requests without saying so): nothing was answered, so the
+            # request is sent once more, on a new connection. aiohttp never resends a POST.
+            if attempt == 2 or isinstance(exc, aiohttp.ClientConnectorError):
+                raise _classify(exc, url, "before answering") from exc
+        except _FAILURES as exc:
+            raise _classify(exc, url, "before answering") from exc
     if response.status >= 400:
         try:
             raw = await response.read()
