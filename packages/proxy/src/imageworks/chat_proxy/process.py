@@ -375,11 +375,26 @@ class ManagedProcess:
     async def _wait(self, timeout: float) -> bool:
         """Until the process has exited and its group is empty, or ``timeout``."""
         deadline = time.monotonic() + timeout
-        while self.returncode is None or group_members(self.pid or 0):
+        while self.returncode is None or await self._group_alive():
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.05)
         return True
+
+    async def _group_alive(self) -> bool:
+        """Is any process of the group still running? ``killpg(0)`` answers at once for the
+        common case (an empty group); only when it finds someone is /proc scanned, in a
+        thread (a scan reads every process's stat: too slow for the event loop), to tell
+        live members from zombies."""
+        if not self.pid:
+            return False
+        try:
+            os.killpg(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return bool(await asyncio.to_thread(group_members, self.pid))
 
 
 def safe_name(name: str) -> str:
