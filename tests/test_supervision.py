@@ -281,7 +281,10 @@ def test_kill_9_of_the_proxy_then_a_restart_adopts_the_engine(tmp_path: Path) ->
             for line in (tmp_path / "logs" / "chat_proxy.jsonl").read_text().splitlines()
             if '"autostart"' in line or '"adopt"' in line
         ]
-        assert [r["event"] for r in autostarts] == ["autostart", "adopt"]  # no second start
+        events = [r["event"] for r in autostarts]
+        # No second start after the adoption. (The first proxy's own autostart record may be
+        # lost with it: kill -9 takes the log writer's unflushed batch too.)
+        assert events.count("adopt") == 1 and events[-1] == "adopt", events
     finally:
         proxy.send_signal(signal.SIGINT)
         proxy.communicate(timeout=60)
