@@ -6,18 +6,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-from streamlit.testing.v1 import AppTest
 
 from imageworks.gui.envfile import read_variable
+from testkit.console import PAGES, page, texts
 from testkit.entries import GEMMA
 from testkit.fake_engine import entry_for
-from testkit.servers import free_port
 
 DETACHED_CHILD = pytest.mark.filterwarnings(
     r"ignore:Exception ignored in.*Popen.__del__:pytest.PytestUnraisableExceptionWarning"
 )
 
-PAGES = Path(__file__).resolve().parents[1] / "src" / "imageworks" / "gui" / "app_pages"
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -26,33 +24,17 @@ def gemma_state(proxy) -> str:
     return next(m["state"] for m in models if m["name"] == "gemma")
 
 
-def page(name: str) -> AppTest:
-    return AppTest.from_file(str(PAGES / f"{name}.py"), default_timeout=60)
+ALL_PAGES = sorted(p.stem for p in PAGES.glob("*.py"))
 
 
-def texts(app: AppTest) -> str:
-    parts = [m.value for m in app.markdown] + [e.value for e in app.error]
-    parts += [w.value for w in app.warning] + [s.value for s in app.success]
-    parts += [c.value for c in app.caption] + [i.value for i in app.info]
-    return "\n".join(map(str, parts))
+def test_the_app_routes_to_every_page() -> None:
+    source = (PAGES.parent / "streamlit_app.py").read_text()
+    assert len(ALL_PAGES) == 9
+    for name in ALL_PAGES:
+        assert f'page("{name}"' in source, name
 
 
-@pytest.fixture
-def up(proxy_factory, fake_vllm, monkeypatch, tmp_path):
-    proxy = proxy_factory([GEMMA, entry_for("ext", fake_vllm.url, "openai")])
-    monkeypatch.setenv("IMAGEWORKS_CHAT_PROXY_URL", proxy.url)
-    monkeypatch.setenv("IMAGEWORKS_GUI_WORKDIR", str(tmp_path))
-    return proxy
-
-
-@pytest.fixture
-def down(monkeypatch, tmp_path):
-    monkeypatch.setenv("IMAGEWORKS_CHAT_PROXY_URL", f"http://127.0.0.1:{free_port()}")
-    monkeypatch.setenv("IMAGEWORKS_GUI_WORKDIR", str(tmp_path))
-    return tmp_path
-
-
-@pytest.mark.parametrize("name", ["dashboard", "models", "settings"])
+@pytest.mark.parametrize("name", ALL_PAGES)
 def test_every_page_says_clearly_when_the_proxy_is_down(down, name: str) -> None:
     app = page(name).run()
     assert not app.exception

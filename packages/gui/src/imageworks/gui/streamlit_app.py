@@ -10,21 +10,31 @@ import streamlit as st
 PAGES = Path(__file__).resolve().parent / "app_pages"
 
 st.set_page_config(page_title="ImageWorks console", page_icon=":material/hub:", layout="wide")
-page = st.navigation(
-    [
-        st.Page(
-            PAGES / "dashboard.py",
-            title="Dashboard",
-            icon=":material/monitoring:",
-            url_path="dashboard",
-            default=True,
-        ),
-        st.Page(
-            PAGES / "models.py", title="Models", icon=":material/view_list:", url_path="models"
-        ),
-        st.Page(
-            PAGES / "settings.py", title="Settings", icon=":material/settings:", url_path="settings"
-        ),
-    ]
+
+
+def page(name: str, title: str, icon: str, default: bool = False) -> st.Page:
+    return st.Page(
+        PAGES / f"{name}.py", title=title, icon=f":material/{icon}:", url_path=name, default=default
+    )
+
+
+navigation = st.navigation(
+    {
+        "Overview": [
+            page("dashboard", "Dashboard", "monitoring", default=True),
+            page("gpu", "GPU", "memory"),
+            page("activity", "Activity", "query_stats"),
+        ],
+        "Models": [
+            page("models", "Models", "view_list"),
+            page("logs", "Logs", "article"),
+            page("playground", "Playground", "chat"),
+            page("registry", "Registry", "inventory_2"),
+        ],
+        "Operations": [
+            page("leases", "Leases", "lock_clock"),
+            page("settings", "Settings", "settings"),
+        ],
+    }
 )
-page.run()
+navigation.run()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import streamlit as st
+
+from imageworks.gui.client import ModelRow
 
 STATE_COLOURS = {
     "ready": "green",
@@ -47,3 +51,69 @@ def show_flash() -> None:
         st.error(message)
     elif kind == "info":
         st.info(message)
+
+
+def duration(seconds: float | None) -> str:
+    """``95`` -> ``1 min 35 s``; None -> ``—``."""
+    if seconds is None:
+        return "—"
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def request_failed(exc: Exception) -> None:
+    """The proxy answered, with an error: show its message (a 401 says which token is missing)."""
+    status = getattr(exc, "status", None)
+    if status in (401, 403):
+        st.error(
+            f"The proxy refused the console: {exc}. Start the console with the proxy's "
+            "CHAT_PROXY_ADMIN_TOKEN (and an API key from CHAT_PROXY_API_KEYS when set).",
+            icon=":material/lock:",
+        )
+    else:
+        st.error(f"The proxy answered with an error: {exc}", icon=":material/error:")
+
+
+def wait_for_proxy(reason: str, is_up: Callable[[], bool]) -> None:
+    """For a page that needs the proxy to draw at all: say it is down, and redraw the whole
+    page by itself once it answers again."""
+
+    @st.fragment(run_every=3)
+    def watch() -> None:
+        if is_up():
+            st.rerun()
+        proxy_down_banner(reason)
+
+    watch()
+
+
+def where(row: ModelRow) -> str:
+    """Device, peer or Ray: what the proxy knows of where the model runs."""
+    location = row.location or {}
+    kind = location.get("kind")
+    parts = []
+    if kind == "peer":
+        parts.append(f"peer {location.get('name') or location.get('url') or '?'}")
+    elif kind == "ray":
+        parts.append(f"Ray {location.get('node') or location.get('address') or ''}".strip())
+    elif kind == "local" or row.devices:
+        parts.append("local")
+    if row.devices:
+        parts.append("GPU " + ", ".join(map(str, row.devices)))
+    return " · ".join(parts) or "—"
+
+
+def timing(row: ModelRow) -> str:
+    parts = []
+    if row.pinned:
+        parts.append("📌 pinned")
+    elif row.idle_unload_in_s is not None:
+        parts.append(f"unloads in {duration(row.idle_unload_in_s)}")
+    parts.append(
+        "never used" if row.last_used_s_ago is None else f"used {duration(row.last_used_s_ago)} ago"
+    )
+    return " · ".join(parts)

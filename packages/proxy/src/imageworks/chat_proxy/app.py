@@ -28,7 +28,7 @@ from imageworks.chat_proxy.config import ConfigError, ProxyConfig
 from imageworks.chat_proxy.errors import MethodNotAllowed, NotFound, ProxyError
 from imageworks.chat_proxy.forwarding import send_error
 from imageworks.chat_proxy.lifespan import close_state, open_state, start_background
-from imageworks.chat_proxy.routes import admin, gpu, openai, ops
+from imageworks.chat_proxy.routes import admin, gpu, openai, ops, views
 
 log = logging.getLogger("imageworks.chat_proxy")
 
@@ -186,7 +186,7 @@ def create_app(config: ProxyConfig | None = None, *, probe: GpuProbe | None = No
             await close_state(state, background)
 
     app = Starlette(
-        routes=[*openai.ROUTES, *ops.ROUTES, *admin.ROUTES, *gpu.ROUTES],
+        routes=[*openai.ROUTES, *ops.ROUTES, *admin.ROUTES, *views.ROUTES, *gpu.ROUTES],
         exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error},
         lifespan=lifespan,
     )

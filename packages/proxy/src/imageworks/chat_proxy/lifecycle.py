@@ -399,6 +399,8 @@ class Lifecycle:
             left = idle.time_left(self, entry)
             view["idle_unload_in_s"] = None if left is None else round(left, 1)
             view["pinned"] = entry.pinned
+            used = self.last_used(entry.name)
+            view["last_used_s_ago"] = round(time.monotonic() - used, 1) if used else None
             view["restart"] = entry.restart
             view["restarts"] = self.restarts_of(entry.name).public(time.monotonic())
         return view

@@ -7,6 +7,7 @@ from datetime import datetime
 import plotly.graph_objects as go
 import streamlit as st
 
+from imageworks.gui.charts import device_bar
 from imageworks.gui.client import ProxyDown, ProxyRequestFailed
 from imageworks.gui.state import client
 from imageworks.gui.widgets import pill, proxy_down_banner, state_label
@@ -21,7 +22,7 @@ def live() -> None:
         health = proxy.health()
         rows = proxy.models()
         recent = proxy.recent_requests(100)
-        gpu = proxy.gpu()
+        gpu = proxy.gpu_view()
     except (ProxyDown, ProxyRequestFailed) as exc:
         pill("Proxy down", False)
         proxy_down_banner(str(exc))
@@ -60,26 +61,18 @@ def live() -> None:
             )
     with right, st.container(border=True):
         st.subheader("GPU memory")
-        card = gpu.get("gpu")
-        if card:
-            gauge = go.Figure(
-                go.Indicator(
-                    mode="gauge+number",
-                    value=card["used_mb"],
-                    number={"suffix": " MB"},
-                    gauge={"axis": {"range": [0, card["total_mb"]]}},
-                    title={"text": f"{card['name']} · {card['total_mb']} MB"},
-                )
+        if not gpu.devices:
+            st.caption("No GPU measured and no budget declared: see the GPU page.")
+        for device in gpu.devices:
+            st.markdown(
+                f"**GPU {device.index} · {device.name}** · {device.used_mb:,} of "
+                f"{device.total_mb:,} MB used · ours {device.ours_mb:,} MB"
             )
-            gauge.update_layout(height=180, margin={"t": 40, "b": 0, "l": 20, "r": 20})
-            st.plotly_chart(gauge, use_container_width=True)
-        else:
-            st.caption("No GPU measured (probe: none). Budgets use declared model sizes.")
-        lease = gpu.get("lease")
-        if lease:
+            st.plotly_chart(device_bar(device), width="stretch", key=f"dash-gpu-{device.index}")
+        for lease in gpu.leases:
             st.info(
-                f"GPU leased to **{lease['owner']}** ({lease['reason'] or 'no reason'}), "
-                f"{lease['age_s']:.0f} s old"
+                f"GPU leased to **{lease.owner}** ({lease.reason or 'no reason'}), "
+                f"{lease.age_s:.0f} s old"
             )
 
     requests = [r for r in reversed(recent) if r.get("ttft_ms") is not None]
@@ -95,7 +88,7 @@ def live() -> None:
                 x=x, y=[r["total_ms"] for r in requests], name="total ms", mode="lines+markers"
             )
             figure.update_layout(height=220, margin={"t": 10, "b": 10, "l": 10, "r": 10})
-            st.plotly_chart(figure, use_container_width=True)
+            st.plotly_chart(figure, width="stretch")
         else:
             st.caption("No requests yet.")
     st.subheader("Recent requests")
@@ -119,7 +112,7 @@ def live() -> None:
                 for r in recent[:50]
             ],
             hide_index=True,
-            use_container_width=True,
+            width="stretch",
         )
     else:
         st.caption("No requests yet.")

@@ -1,71 +1,158 @@
-"""Models: the registry for the active profile, with live state, and start/stop per row."""
+"""Models: every entry of the active profile with its live state, where it runs, idle unload,
+pinned and last use; activate, deactivate and restart with the result shown on its row; the
+last error and the engine log's tail of a model that failed or crashed."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import streamlit as st
 
-from imageworks.gui.client import ProxyDown, ProxyRequestFailed
+from imageworks.gui.client import ModelRow, ProxyClient, ProxyDown, ProxyRequestFailed
 from imageworks.gui.state import client
-from imageworks.gui.widgets import flash, proxy_down_banner, show_flash, state_label
+from imageworks.gui.widgets import (
+    proxy_down_banner,
+    request_failed,
+    state_label,
+    timing,
+    where,
+)
+
+RESULTS = "model_results"
+WIDTHS = [3, 2, 2, 2, 3, 4]
 
 st.title("Models")
-show_flash()
-proxy = client()
-try:
-    rows = [r for r in proxy.models() if r.visible]
-    profile, _ = proxy.profile()
-except (ProxyDown, ProxyRequestFailed) as exc:
-    proxy_down_banner(str(exc))
-    st.stop()
 
-top = st.columns([4, 1])
-top[0].caption(f"Deployment profile **{profile}** · {len(rows)} models")
-if top[1].button("Reload registry", icon=":material/refresh:"):
+
+def act(action: str, name: str) -> None:
+    """A button's callback: runs before the page redraws, so the row shows the new state."""
+    proxy = client()
+    calls: dict[str, Callable[[ProxyClient], Any]] = {
+        "activate": lambda p: f"{name} is {p.activate(name)['state']}",
+        "restart": lambda p: f"{name} restarted: {p.restart(name)['state']}",
+        "deactivate": lambda p: (
+            f"stopped {', '.join(stopped)}"
+            if (stopped := p.deactivate(name))
+            else f"{name} was not running"
+        ),
+    }
     try:
-        reloaded = proxy.reload_registry()
+        outcome = ("success", calls[action](proxy))
     except (ProxyDown, ProxyRequestFailed) as exc:
-        flash("error", str(exc))
-    else:
-        flash("success", f"Registry {reloaded['version']} loaded ({reloaded['entries']} entries)")
+        verb = {"activate": "did not start", "restart": "did not restart"}.get(action, "failed")
+        outcome = ("error", f"{name} {verb}: {exc}")
+    st.session_state.setdefault(RESULTS, {})[name] = outcome
 
-WIDTHS = [3, 2, 2, 2, 3, 2]
-header = st.columns(WIDTHS)
-for column, title in zip(
-    header, ["Model", "Backend", "State", "Capabilities", "", ""], strict=True
-):
-    column.markdown(f"**{title}**")
-for row in rows:
-    cols = st.columns(WIDTHS)
+
+def reload_registry() -> None:
+    try:
+        reloaded = client().reload_registry()
+    except (ProxyDown, ProxyRequestFailed) as exc:
+        st.session_state["reload_result"] = ("error", str(exc))
+    else:
+        st.session_state["reload_result"] = (
+            "success",
+            f"Registry {reloaded['version']} loaded ({reloaded['entries']} entries)",
+        )
+
+
+def failure(row: ModelRow, proxy: ProxyClient) -> None:
+    policy = f"restart: {row.restart}"
+    if row.halted:
+        policy += " · halted by a crash loop: Activate restarts it"
+    elif row.retry_in_s:
+        policy += f" · next automatic start in {row.retry_in_s:.0f} s"
+    st.error(f"{row.name} ({row.state}; {policy}): {row.last_error}")
+    with st.expander(f"Engine log of {row.name} (last 40 lines)"):
+        try:
+            log = proxy.engine_log(row.name, lines=40)
+        except (ProxyDown, ProxyRequestFailed) as exc:
+            st.caption(f"The log could not be read: {exc}")
+        else:
+            st.code("\n".join(log.lines) if log.lines else "(the log is empty)", language=None)
+
+
+def model_row(row: ModelRow, proxy: ProxyClient) -> None:
+    cols = st.columns(WIDTHS, vertical_alignment="center")
     cols[0].markdown(f"`{row.name}`")
+    if row.capabilities:
+        cols[0].caption(", ".join(row.capabilities))
     cols[1].write(row.backend + ("" if row.managed else " (external)"))
     cols[2].markdown(state_label(row.state) + (f" · {row.in_flight} busy" if row.in_flight else ""))
-    cols[3].write(", ".join(row.capabilities) or "—")
-    if row.managed and cols[4].button(
-        "Activate via Proxy", key=f"activate-{row.name}", use_container_width=True
-    ):
-        with st.spinner(f"Loading {row.name}… (waits until it answers)"):
-            try:
-                state = proxy.activate(row.name)
-            except (ProxyDown, ProxyRequestFailed) as exc:
-                flash("error", f"{row.name} did not start: {exc}")
-            else:
-                flash("success", f"{row.name} is {state['state']}")
-    if row.managed and cols[5].button(
-        "Deactivate", key=f"deactivate-{row.name}", use_container_width=True
-    ):
-        try:
-            stopped = proxy.deactivate(row.name)
-        except (ProxyDown, ProxyRequestFailed) as exc:
-            flash("error", str(exc))
-        else:
-            flash(
-                "success",
-                f"stopped {', '.join(stopped)}" if stopped else f"{row.name} was not running",
-            )
+    cols[3].write(where(row))
+    cols[4].caption(timing(row) if row.managed else "started elsewhere")
+    if row.managed:
+        buttons = cols[5].columns(3)
+        running = row.state in ("ready", "starting")
+        buttons[0].button(
+            "Activate via Proxy",
+            key=f"activate-{row.name}",
+            on_click=act,
+            args=("activate", row.name),
+            width="stretch",
+            disabled=row.state == "ready",
+            help="Start the model (swapping out one that shares its slot); waits until it answers",
+        )
+        buttons[1].button(
+            "Restart",
+            key=f"restart-{row.name}",
+            on_click=act,
+            args=("restart", row.name),
+            width="stretch",
+            disabled=not running,
+            help="Stop the engine and start it again",
+        )
+        buttons[2].button(
+            "Deactivate",
+            key=f"deactivate-{row.name}",
+            on_click=act,
+            args=("deactivate", row.name),
+            width="stretch",
+            help="Stop the engine once its requests finish",
+        )
+    result = st.session_state.get(RESULTS, {}).get(row.name)
+    if result:
+        (st.success if result[0] == "success" else st.error)(result[1])
     if row.last_error and row.state in ("failed", "crashed"):
-        policy = f"restart: {row.restart}"
-        if row.halted:
-            policy += " · halted by a crash loop: Activate restarts it"
-        elif row.retry_in_s:
-            policy += f" · next automatic start in {row.retry_in_s:.0f} s"
-        st.error(f"{row.name} ({row.state}; {policy}): {row.last_error}")
+        failure(row, proxy)
+
+
+@st.fragment(run_every=3)
+def live() -> None:
+    proxy = client()
+    try:
+        rows = [r for r in proxy.models() if r.visible]
+        profile, _ = proxy.profile()
+    except ProxyDown as exc:
+        proxy_down_banner(str(exc))
+        return
+    except ProxyRequestFailed as exc:
+        request_failed(exc)
+        return
+    top = st.columns([2, 2, 2, 1], vertical_alignment="bottom")
+    backends = top[0].multiselect("Backend", sorted({r.backend for r in rows}), key="backends")
+    capabilities = top[1].multiselect(
+        "Capability", sorted({c for r in rows for c in r.capabilities}), key="capabilities"
+    )
+    shown = [
+        r
+        for r in rows
+        if (not backends or r.backend in backends)
+        and all(c in r.capabilities for c in capabilities)
+    ]
+    top[2].caption(f"Deployment profile **{profile}** · {len(shown)} of {len(rows)} models")
+    top[3].button("Reload registry", icon=":material/refresh:", on_click=reload_registry)
+    reloaded = st.session_state.pop("reload_result", None)
+    if reloaded:
+        (st.success if reloaded[0] == "success" else st.error)(reloaded[1])
+    header = st.columns(WIDTHS)
+    for column, title in zip(
+        header, ["Model", "Backend", "State", "Where", "Idle unload · last use", ""], strict=True
+    ):
+        column.markdown(f"**{title}**")
+    for row in shown:
+        model_row(row, proxy)
+
+
+live()

@@ -1,0 +1,89 @@
+"""Activity: request rate, latency and TTFT percentiles and tokens/s over time, errors by code,
+and the recent requests (no prompt text: the records carry none, and error messages are left
+out)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from imageworks.gui import activity
+from imageworks.gui.charts import latency_chart, rate_chart, tokens_chart
+from imageworks.gui.client import ProxyDown, ProxyRequestFailed
+from imageworks.gui.state import client
+from imageworks.gui.widgets import proxy_down_banner, request_failed
+
+WINDOW = 500  # the proxy keeps this many recent request records
+
+st.title("Activity")
+
+
+def ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.0f} ms"
+
+
+@st.fragment(run_every=5)
+def live() -> None:
+    try:
+        records = client().recent_requests(WINDOW)
+    except ProxyDown as exc:
+        proxy_down_banner(str(exc))
+        return
+    except ProxyRequestFailed as exc:
+        request_failed(exc)
+        return
+    if not records:
+        st.info("No requests since the proxy started.", icon=":material/hourglass_empty:")
+        return
+    stats = activity.summary(records)
+    cells = st.columns(5)
+    cells[0].metric("Requests", len(records), help=f"The last {WINDOW} the proxy keeps")
+    cells[1].metric(
+        "Latency p50 / p95", f"{ms(stats['latency_p50_ms'])} / {ms(stats['latency_p95_ms'])}"
+    )
+    cells[2].metric("TTFT p50 / p95", f"{ms(stats['ttft_p50_ms'])} / {ms(stats['ttft_p95_ms'])}")
+    rate = stats["tokens_per_s_p50"]
+    cells[3].metric("Tokens/s (median)", "—" if rate is None else f"{rate:,.1f}")
+    errors = activity.errors_by_code(records)
+    cells[4].metric("Errors", sum(n for _, _, n in errors))
+
+    width = st.session_state.get("bucket_s") or 10
+    series = activity.buckets(records, width)
+    left, right = st.columns(2)
+    with left, st.container(border=True):
+        st.markdown(f"**Requests per second** ({width} s windows)")
+        st.plotly_chart(rate_chart(series), width="stretch", key="rate")
+    with right, st.container(border=True):
+        st.markdown("**Tokens per second** (generated, summed over requests)")
+        st.plotly_chart(tokens_chart(series), width="stretch", key="tokens")
+    with st.container(border=True):
+        st.markdown("**Latency and time to first token** (percentiles per window)")
+        st.plotly_chart(latency_chart(series), width="stretch", key="latency")
+
+    st.subheader("Errors by code")
+    if errors:
+        st.dataframe(
+            [{"error code": c, "HTTP status": s, "requests": n} for c, s, n in errors],
+            hide_index=True,
+        )
+    else:
+        st.caption("No errors among these requests.")
+
+    st.subheader("Recent requests")
+    models = sorted({str(r["logical_name"]) for r in records if r.get("logical_name")})
+    pick, kind, errors_only = st.columns([3, 2, 1], vertical_alignment="bottom")
+    chosen = pick.multiselect("Model", models, key="activity_models")
+    streamed = kind.selectbox("Kind", ["all", "streamed", "not streamed"], key="activity_kind")
+    only_errors = errors_only.checkbox("Errors only", key="activity_errors")
+    rows = activity.table(
+        records,
+        models=chosen,
+        errors_only=only_errors,
+        stream={"all": None, "streamed": True, "not streamed": False}[streamed],
+    )
+    st.dataframe(rows, hide_index=True, width="stretch")
+
+
+st.segmented_control(
+    "Window", [5, 10, 30, 60], default=10, key="bucket_s", format_func=lambda s: f"{s} s"
+)
+live()

@@ -1,0 +1,107 @@
+"""GPU: one card per device (our models, other processes, free), its lease, and a sparkline of
+used memory over the last minutes (kept in this browser session)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import streamlit as st
+
+from imageworks.gui.charts import device_bar, sparkline
+from imageworks.gui.client import GpuDevice, GpuView, ProxyDown, ProxyRequestFailed
+from imageworks.gui.state import client
+from imageworks.gui.widgets import duration, proxy_down_banner, request_failed
+
+HISTORY = timedelta(minutes=10)
+
+st.title("GPU")
+
+
+def budget_note(view: GpuView, declared_mb: int | None) -> None:
+    if view.budget == "measured":
+        st.caption(f"Memory measured by the `{view.probe}` probe, every few seconds.")
+    elif view.budget == "declared" or declared_mb:
+        st.info(
+            "No GPU is measured here (no NVML). The **declared budget** is in force: "
+            f"CHAT_PROXY_GPU_TOTAL_MB = {declared_mb or '?'} MB, and a model counts with its "
+            "registry size (`vram_estimate_mb`).",
+            icon=":material/info:",
+        )
+    else:
+        st.info(
+            "No GPU is measured here (no NVML) and no budget is declared "
+            "(CHAT_PROXY_GPU_TOTAL_MB unset): models start without a memory check.",
+            icon=":material/info:",
+        )
+
+
+def remember(device: GpuDevice) -> list[tuple[datetime, int]]:
+    history: dict[int, list[tuple[datetime, int]]] = st.session_state.setdefault("gpu_history", {})
+    now = datetime.now(UTC)
+    points = [p for p in history.get(device.index, []) if now - p[0] <= HISTORY]
+    points.append((now, device.used_mb))
+    history[device.index] = points
+    return points
+
+
+def card(device: GpuDevice) -> None:
+    st.subheader(f"GPU {device.index} · {device.name}")
+    total, ours, others, free = st.columns(4)
+    total.metric("Total", f"{device.total_mb:,} MB")
+    ours.metric("Our engines", f"{device.ours_mb:,} MB")
+    others.metric("Other processes", f"{device.foreign_mb:,} MB")
+    free.metric("Free", f"{device.free_mb:,} MB")
+    st.plotly_chart(device_bar(device), width="stretch", key=f"bar-{device.index}")
+    if device.models:
+        st.markdown(
+            " · ".join(
+                f"**{m.name}** {m.vram_mb:,} MB"
+                + (f" ({m.in_flight} in flight)" if m.in_flight else "")
+                for m in device.models
+            )
+        )
+    else:
+        st.caption("None of our engines holds memory on this device.")
+    if device.foreign:
+        st.caption("Others: " + ", ".join(f"{f.name} {f.vram_mb:,} MB" for f in device.foreign))
+    lease = device.lease
+    if lease:
+        st.warning(
+            f"Leased to **{lease.owner}** ({lease.reason or 'no reason given'}), "
+            f"{duration(lease.time_left_s)} left",
+            icon=":material/lock_clock:",
+        )
+    st.caption("Used memory, last 10 minutes")
+    st.plotly_chart(
+        sparkline(remember(device), device.total_mb),
+        width="stretch",
+        key=f"spark-{device.index}",
+    )
+
+
+@st.fragment(run_every=2)
+def live() -> None:
+    proxy = client()
+    try:
+        view = proxy.gpu_view()
+    except ProxyDown as exc:
+        proxy_down_banner(str(exc))
+        return
+    except ProxyRequestFailed as exc:
+        request_failed(exc)
+        return
+    try:
+        declared = proxy.state()["config"].get("gpu_total_mb")
+    except (ProxyDown, ProxyRequestFailed):
+        declared = None  # admin view refused: the budget line says less, the cards still show
+    budget_note(view, declared)
+    if not view.devices:
+        st.caption("No device to show.")
+        return
+    columns = st.columns(min(2, len(view.devices)))
+    for position, device in enumerate(view.devices):
+        with columns[position % len(columns)], st.container(border=True):
+            card(device)
+
+
+live()

@@ -1,0 +1,124 @@
+"""The console's plotly figures, built from plain data (no Streamlit, no HTTP)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import plotly.graph_objects as go
+
+from imageworks.gui.activity import Bucket
+from imageworks.gui.client import GpuDevice
+
+OURS = ["#2563eb", "#7c3aed", "#0891b2", "#4f46e5", "#0d9488", "#9333ea"]
+FOREIGN = "#f59e0b"
+FREE = "#e5e7eb"
+
+
+def _compact(figure: go.Figure, height: int) -> go.Figure:
+    figure.update_layout(
+        height=height,
+        margin={"t": 8, "b": 8, "l": 8, "r": 8},
+        paper_bgcolor="rgba(0,0,0,0)",
+        plot_bgcolor="rgba(0,0,0,0)",
+    )
+    return figure
+
+
+def device_bar(device: GpuDevice) -> go.Figure:
+    """One horizontal bar: each of our models, other processes, free; widths in MB."""
+    figure = go.Figure()
+    unattributed = max(0, device.ours_mb - sum(m.vram_mb for m in device.models))
+    parts = [
+        (f"{m.name} (ours)", m.vram_mb, OURS[i % len(OURS)]) for i, m in enumerate(device.models)
+    ]
+    if unattributed:
+        parts.append(("ours, not attributed", unattributed, OURS[-1]))
+    parts.append(("other processes", device.foreign_mb, FOREIGN))
+    parts.append(("free", device.free_mb, FREE))
+    for label, mb, colour in parts:
+        if mb <= 0 and label != "free":
+            continue
+        figure.add_bar(
+            x=[mb],
+            y=[""],
+            orientation="h",
+            name=label,
+            marker_color=colour,
+            text=[f"{label}: {mb:,} MB"],
+            textposition="inside",
+            insidetextanchor="middle",
+            hovertemplate=f"{label}: %{{x:,}} MB<extra></extra>",
+        )
+    figure.update_layout(
+        barmode="stack",
+        showlegend=True,
+        legend={"orientation": "h", "y": -0.35},
+        xaxis={"range": [0, max(device.total_mb, 1)], "ticksuffix": " MB", "showgrid": False},
+        yaxis={"visible": False},
+    )
+    return _compact(figure, 150)
+
+
+def sparkline(points: list[tuple[datetime, int]], total_mb: int) -> go.Figure:
+    """Used memory over the last minutes, on the card's full scale."""
+    figure = go.Figure(
+        go.Scatter(
+            x=[t for t, _ in points],
+            y=[mb for _, mb in points],
+            mode="lines",
+            line={"width": 2, "color": OURS[0]},
+            fill="tozeroy",
+            hovertemplate="%{x|%H:%M:%S}: %{y:,} MB<extra></extra>",
+        )
+    )
+    figure.update_layout(
+        xaxis={"showgrid": False, "tickformat": "%H:%M:%S"},
+        yaxis={"range": [0, max(total_mb, 1)], "ticksuffix": " MB", "showgrid": False},
+        showlegend=False,
+    )
+    return _compact(figure, 110)
+
+
+def rate_chart(series: list[Bucket]) -> go.Figure:
+    figure = go.Figure(
+        go.Bar(
+            x=[b.start for b in series],
+            y=[b.rps for b in series],
+            name="requests/s",
+            hovertemplate="%{x|%H:%M:%S}: %{y:.2f} req/s<extra></extra>",
+        )
+    )
+    figure.update_layout(yaxis={"title": "req/s"}, xaxis={"tickformat": "%H:%M:%S"})
+    return _compact(figure, 220)
+
+
+def latency_chart(series: list[Bucket]) -> go.Figure:
+    figure = go.Figure()
+    x = [b.start for b in series]
+    for label, values, dash in (
+        ("latency p50", [b.latency_p50_ms for b in series], "solid"),
+        ("latency p95", [b.latency_p95_ms for b in series], "dot"),
+        ("TTFT p50", [b.ttft_p50_ms for b in series], "solid"),
+        ("TTFT p95", [b.ttft_p95_ms for b in series], "dot"),
+    ):
+        figure.add_scatter(
+            x=x, y=values, name=label, mode="lines+markers", line={"dash": dash}, connectgaps=False
+        )
+    figure.update_layout(
+        yaxis={"title": "ms"}, xaxis={"tickformat": "%H:%M:%S"}, legend={"orientation": "h"}
+    )
+    return _compact(figure, 260)
+
+
+def tokens_chart(series: list[Bucket]) -> go.Figure:
+    figure = go.Figure(
+        go.Scatter(
+            x=[b.start for b in series],
+            y=[b.tokens_per_s for b in series],
+            mode="lines+markers",
+            name="tokens/s",
+            connectgaps=False,
+        )
+    )
+    figure.update_layout(yaxis={"title": "tokens/s"}, xaxis={"tickformat": "%H:%M:%S"})
+    return _compact(figure, 220)
