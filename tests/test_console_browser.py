@@ -9,6 +9,7 @@ Needs Debian's chromium and chromium-driver. ``.ci/run`` installs them and sets
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from imageworks.gui.supervisor import ProxySupervisor
@@ -26,6 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts" / "console"
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
+MODEL = "gemma3-270m"
+STARTED = time.monotonic()
 REQUIRED = os.environ.get("IMAGEWORKS_REQUIRE_BROWSER") == "1"
 
 if not (CHROMIUM and CHROMEDRIVER) and not REQUIRED:
@@ -58,7 +62,7 @@ def browser(tmp_path: Path):
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
-        "--window-size=1400,1000",
+        "--window-size=1440,1200",
         f"--user-data-dir={tmp_path / 'chromium'}",
     ):
         options.add_argument(flag)
@@ -97,6 +101,7 @@ def settled(driver, timeout: float = 30) -> None:
 
 def shot(driver, name: str) -> None:
     settled(driver)
+    print(f"{time.monotonic() - STARTED:6.1f} s  {name}")
     driver.save_screenshot(str(ARTIFACTS / name))
 
 
@@ -112,14 +117,40 @@ def click(driver, label: str) -> None:
         time.sleep(0.25)
 
 
+def chat(proxy_url: str, model: str, text: str, stream: bool = False) -> int:
+    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 12}
+    answer = httpx.post(
+        proxy_url + "/v1/chat/completions", json={**body, "stream": stream}, timeout=120
+    )
+    return answer.status_code
+
+
+def declared_gpu(workdir: Path) -> None:
+    """Until a simulated GPU is there to measure, the proxy runs on a declared budget, and the
+    embedded model is given a declared size so that the GPU card has something to show."""
+    registry = workdir / "configs" / "model_registry.curated.json"
+    entries = json.loads(registry.read_text())
+    for entry in entries:
+        if entry["name"] == MODEL:
+            entry["vram_estimate_mb"] = 600
+    registry.write_text(json.dumps(entries, indent=2))
+
+
+@pytest.mark.timeout(480)  # nine pages, on two shared cores in CI
 def test_operator_flow_in_a_real_browser(browser, tmp_path: Path) -> None:
+    from selenium.webdriver.common.keys import Keys
+
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "configs", tmp_path / "configs")
+    declared_gpu(tmp_path)
     proxy_url = f"http://127.0.0.1:{free_port()}"
     gui_port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("CHAT_PROXY_")},
         "IMAGEWORKS_GUI_WORKDIR": str(tmp_path),
+        # The proxy the console starts inherits these: no NVML, an 8 GB declared budget.
+        "CHAT_PROXY_GPU_PROBE": "none",
+        "CHAT_PROXY_GPU_TOTAL_MB": "8000",
     }
     gui = subprocess.Popen(
         [
@@ -141,29 +172,79 @@ def test_operator_flow_in_a_real_browser(browser, tmp_path: Path) -> None:
         wait_for_port(gui_port, timeout=60)
         browser.get(console + "/settings")
         wait_text(browser, "Chat proxy stopped")
-        shot(browser, "1-settings-proxy-stopped.png")
+        shot(browser, "01-settings-proxy-stopped.png")
         # An operator tool: Streamlit's "Deploy" button is hidden (client.toolbarMode).
         assert not browser.find_elements("xpath", "//button[contains(., 'Deploy')]")
+        browser.get(console + "/gpu")
+        wait_text(browser, "Chat proxy unavailable")  # every page says so, and recovers
+        browser.get(console + "/settings")
         click(browser, "Start Chat Proxy")
         wait_text(browser, "Chat proxy running")
-        shot(browser, "2-settings-proxy-running.png")
+        shot(browser, "02-settings-proxy-running.png")
 
         browser.get(console + "/models")
-        wait_text(browser, "gemma3-270m")
-        click(browser, "Activate via Proxy")
-        wait_text(browser, "gemma3-270m is ready")
-        shot(browser, "3-models-activated.png")
+        wait_text(browser, MODEL)
+        click(browser, "Activate")
+        wait_text(browser, f"{MODEL} is ready")
+        shot(browser, "03-models.png")
+
+        # A few requests as clients send them, one of them for a model that does not exist.
+        assert chat(proxy_url, MODEL, "Name a colour.") == 200
+        assert chat(proxy_url, MODEL, "Name a fruit.", stream=True) == 200
+        assert chat(proxy_url, MODEL, "Name a city.") == 200
+        assert chat(proxy_url, "no-such-model", "Hello?") == 404
+
+        browser.get(console + "/playground")
+        wait_text(browser, "Prompt")
+        limit = browser.find_element("css selector", "input[aria-label='Max tokens']")
+        limit.send_keys(Keys.CONTROL, "a")
+        limit.send_keys("24", Keys.ENTER)  # a short reply: two shared cores in CI
+        settled(browser)
+        prompt = browser.find_element("css selector", "textarea")
+        prompt.send_keys(Keys.CONTROL, "a")
+        prompt.send_keys("Say hello in five words.")
+        click(browser, "Send")
+        wait_text(browser, "tokens/s")
+        shot(browser, "04-playground.png")
 
         browser.get(console + "/")
-        wait_text(browser, "Active model")
-        wait_text(browser, "gemma3-270m · llamacpp")
-        shot(browser, "4-dashboard-active-model.png")
+        wait_text(browser, f"{MODEL} · llamacpp")
+        shot(browser, "05-dashboard.png")
+
+        browser.get(console + "/gpu")
+        wait_text(browser, f"{MODEL} 600 MB")
+        wait_text(browser, "declared budget")
+        shot(browser, "06-gpu.png")
+
+        browser.get(console + "/activity")
+        wait_text(browser, "Requests per second")
+        wait_text(browser, "Errors by code")
+        shot(browser, "07-activity.png")
+
+        browser.get(console + "/logs")
+        wait_text(browser, "lines of the Engine (autostart) log")
+        shot(browser, "08-logs.png")
+
+        browser.get(console + "/registry")
+        wait_text(browser, "layers in")
+        browser.find_element("xpath", f"//summary[contains(., '{MODEL}')]").click()  # its fields
+        wait_text(browser, "curated")
+        shot(browser, "09-registry.png")
+
+        lease = {"owner": "judge-vision", "reason": "stage 2 grading", "ttl_s": 900}
+        assert httpx.post(proxy_url + "/v1/gpu/lease", json=lease, timeout=60).is_success
+        browser.get(console + "/leases")
+        wait_text(browser, "judge-vision")
+        click(browser, "Force release")
+        wait_text(browser, "lease now?")
+        shot(browser, "10-leases-confirm.png")
+        click(browser, "Yes, release it")
+        wait_text(browser, "lease released")
 
         browser.get(console + "/settings")
         wait_text(browser, "Chat proxy running")
         click(browser, "Stop Chat Proxy")
         wait_text(browser, "stopped (pid")
-        shot(browser, "5-settings-proxy-stopped-again.png")
     finally:
         ProxySupervisor(proxy_url, tmp_path).stop()  # if a step failed midway
         gui.send_signal(signal.SIGTERM)

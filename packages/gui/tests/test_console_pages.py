@@ -95,8 +95,9 @@ def test_models_filters_restart_and_idle_columns(proxy_factory, fake_vllm, point
 
 
 def test_where_a_model_runs_and_its_timing() -> None:
-    row = ModelRow("m", "vllm", "ready", 0, True, True)
-    assert where(row) == "—"
+    assert where(ModelRow("m", "vllm", "stopped", 0, True, True)) == "—"
+    assert where(ModelRow("m", "vllm", "ready", 0, True, True)) == "vLLM executor"
+    assert where(ModelRow("m", "llamacpp", "ready", 0, True, True)) == "this host"
     assert (
         where(ModelRow("m", "vllm", "ready", 0, True, True, devices=[0, 1])) == "local · GPU 0, 1"
     )
@@ -193,7 +194,7 @@ def test_logs_follow_the_engine_log(up) -> None:
     assert app.selectbox(key="log_model").value == "gemma"
     assert last in app.code[0].value
     app.get("button_group")[0].set_value("executor").run()
-    assert "No vllm executor log for gemma" in texts(app)
+    assert "No vLLM executor log for gemma" in texts(app)
 
 
 def test_playground_streams_a_reply_from_the_embedded_model(up) -> None:

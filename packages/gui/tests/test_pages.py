@@ -60,7 +60,7 @@ def test_models_activate_and_deactivate_buttons_call_the_proxy(up) -> None:
     assert not app.exception
     assert "`gemma`" in texts(app) and "openai (external)" in texts(app)
     labels = [b.label for b in app.button]
-    assert labels.count("Activate via Proxy") == 1  # only the managed model has one
+    assert labels.count("Activate") == 1  # only the managed model has one
     app.button(key="activate-gemma").click().run()
     assert "gemma is ready" in texts(app)
     assert gemma_state(up) == "ready"

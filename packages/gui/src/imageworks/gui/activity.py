@@ -41,7 +41,7 @@ class Bucket:
     latency_p95_ms: float | None
     ttft_p50_ms: float | None
     ttft_p95_ms: float | None
-    tokens_per_s: float | None  # generated tokens per second of generation, summed over requests
+    tokens_per_s: float | None  # tokens generated in the window per second of the window
 
 
 def when(record: dict[str, Any]) -> datetime | None:
@@ -58,6 +58,11 @@ def percentile(values: list[float], pct: float) -> float | None:
     ordered = sorted(values)
     rank = max(1, math.ceil(pct / 100 * len(ordered)))
     return ordered[rank - 1]
+
+
+def _served(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Requests that got an answer: a refusal's few microseconds are no latency."""
+    return [r for r in records if not r.get("error_code")]
 
 
 def _numbers(records: list[dict[str, Any]], key: str) -> list[float]:
@@ -77,8 +82,9 @@ def buckets(records: list[dict[str, Any]], width_s: int = 10) -> list[Bucket]:
     result = []
     for key in range(first, last + 1):
         group = groups.get(key, [])
-        latency, ttft = _numbers(group, "total_ms"), _numbers(group, "ttft_ms")
-        rates = _numbers(group, "tokens_per_s")
+        served = _served(group)
+        latency, ttft = _numbers(served, "total_ms"), _numbers(served, "ttft_ms")
+        tokens = _numbers(served, "completion_tokens")
         result.append(
             Bucket(
                 datetime.fromtimestamp(key * width_s, UTC),
@@ -88,16 +94,17 @@ def buckets(records: list[dict[str, Any]], width_s: int = 10) -> list[Bucket]:
                 percentile(latency, 95),
                 percentile(ttft, 50),
                 percentile(ttft, 95),
-                sum(rates) if rates else None,
+                sum(tokens) / width_s if tokens else None,
             )
         )
     return result
 
 
 def summary(records: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Percentiles over every record given (the recent window the proxy keeps)."""
-    latency, ttft = _numbers(records, "total_ms"), _numbers(records, "ttft_ms")
-    rates = _numbers(records, "tokens_per_s")
+    """Percentiles over the served requests given (the recent window the proxy keeps)."""
+    served = _served(records)
+    latency, ttft = _numbers(served, "total_ms"), _numbers(served, "ttft_ms")
+    rates = _numbers(served, "tokens_per_s")
     return {
         "latency_p50_ms": percentile(latency, 50),
         "latency_p95_ms": percentile(latency, 95),

@@ -52,7 +52,9 @@ def device_bar(device: GpuDevice) -> go.Figure:
     figure.update_layout(
         barmode="stack",
         showlegend=True,
-        legend={"orientation": "h", "y": -0.35},
+        legend={"orientation": "h", "y": -0.35, "traceorder": "normal"},
+        # A label that does not fit its segment is left out, not shrunk to a smudge.
+        uniformtext={"minsize": 11, "mode": "hide"},
         xaxis={"range": [0, max(device.total_mb, 1)], "ticksuffix": " MB", "showgrid": False},
         yaxis={"visible": False},
     )
@@ -72,8 +74,8 @@ def sparkline(points: list[tuple[datetime, int]], total_mb: int) -> go.Figure:
         )
     )
     figure.update_layout(
-        xaxis={"showgrid": False, "tickformat": "%H:%M:%S"},
-        yaxis={"range": [0, max(total_mb, 1)], "ticksuffix": " MB", "showgrid": False},
+        xaxis={"showgrid": False, "tickformat": "%H:%M:%S", "nticks": 6},
+        yaxis={"range": [0, max(total_mb, 1)], "ticksuffix": " MB", "showgrid": False, "nticks": 3},
         showlegend=False,
     )
     return _compact(figure, 110)
@@ -88,7 +90,9 @@ def rate_chart(series: list[Bucket]) -> go.Figure:
             hovertemplate="%{x|%H:%M:%S}: %{y:.2f} req/s<extra></extra>",
         )
     )
-    figure.update_layout(yaxis={"title": "req/s"}, xaxis={"tickformat": "%H:%M:%S"})
+    figure.update_layout(
+        yaxis={"title": "req/s", "rangemode": "tozero"}, xaxis={"tickformat": "%H:%M:%S"}
+    )
     return _compact(figure, 220)
 
 
@@ -105,7 +109,9 @@ def latency_chart(series: list[Bucket]) -> go.Figure:
             x=x, y=values, name=label, mode="lines+markers", line={"dash": dash}, connectgaps=False
         )
     figure.update_layout(
-        yaxis={"title": "ms"}, xaxis={"tickformat": "%H:%M:%S"}, legend={"orientation": "h"}
+        yaxis={"title": "ms", "rangemode": "tozero"},
+        xaxis={"tickformat": "%H:%M:%S"},
+        legend={"orientation": "h"},
     )
     return _compact(figure, 260)
 
@@ -120,5 +126,7 @@ def tokens_chart(series: list[Bucket]) -> go.Figure:
             connectgaps=False,
         )
     )
-    figure.update_layout(yaxis={"title": "tokens/s"}, xaxis={"tickformat": "%H:%M:%S"})
+    figure.update_layout(
+        yaxis={"title": "tokens/s", "rangemode": "tozero"}, xaxis={"tickformat": "%H:%M:%S"}
+    )
     return _compact(figure, 220)

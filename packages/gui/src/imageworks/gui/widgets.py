@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import plotly.graph_objects as go
 import streamlit as st
 
 from imageworks.gui.client import ModelRow
@@ -91,6 +92,9 @@ def wait_for_proxy(reason: str, is_up: Callable[[], bool]) -> None:
     watch()
 
 
+RUNS_ON = {"vllm": "vLLM executor", "ollama": "Ollama server", "llamacpp": "this host"}
+
+
 def where(row: ModelRow) -> str:
     """Device, peer or Ray: what the proxy knows of where the model runs."""
     location = row.location or {}
@@ -104,6 +108,9 @@ def where(row: ModelRow) -> str:
         parts.append("local")
     if row.devices:
         parts.append("GPU " + ", ".join(map(str, row.devices)))
+    if not parts and row.managed and row.state in ("ready", "starting", "stopping"):
+        # Nothing more precise reported: where this backend's engines run.
+        parts.append(RUNS_ON.get(row.backend, "this host"))
     return " · ".join(parts) or "—"
 
 
@@ -117,3 +124,8 @@ def timing(row: ModelRow) -> str:
         "never used" if row.last_used_s_ago is None else f"used {duration(row.last_used_s_ago)} ago"
     )
     return " · ".join(parts)
+
+
+def chart(figure: go.Figure, key: str | None = None) -> None:
+    """A plotly figure across the column, without plotly's toolbar over a small live chart."""
+    st.plotly_chart(figure, width="stretch", config={"displayModeBar": False}, key=key)

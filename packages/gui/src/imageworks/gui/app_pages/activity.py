@@ -10,7 +10,7 @@ from imageworks.gui import activity
 from imageworks.gui.charts import latency_chart, rate_chart, tokens_chart
 from imageworks.gui.client import ProxyDown, ProxyRequestFailed
 from imageworks.gui.state import client
-from imageworks.gui.widgets import proxy_down_banner, request_failed
+from imageworks.gui.widgets import chart, proxy_down_banner, request_failed
 
 WINDOW = 500  # the proxy keeps this many recent request records
 
@@ -18,7 +18,9 @@ st.title("Activity")
 
 
 def ms(value: float | None) -> str:
-    return "—" if value is None else f"{value:,.0f} ms"
+    if value is None:
+        return "—"
+    return f"{value:,.0f} ms" if value < 1000 else f"{value / 1000:,.1f} s"
 
 
 @st.fragment(run_every=5)
@@ -35,14 +37,14 @@ def live() -> None:
         st.info("No requests since the proxy started.", icon=":material/hourglass_empty:")
         return
     stats = activity.summary(records)
-    cells = st.columns(5)
+    cells = st.columns([2, 3, 3, 2, 2])
     cells[0].metric("Requests", len(records), help=f"The last {WINDOW} the proxy keeps")
     cells[1].metric(
         "Latency p50 / p95", f"{ms(stats['latency_p50_ms'])} / {ms(stats['latency_p95_ms'])}"
     )
     cells[2].metric("TTFT p50 / p95", f"{ms(stats['ttft_p50_ms'])} / {ms(stats['ttft_p95_ms'])}")
     rate = stats["tokens_per_s_p50"]
-    cells[3].metric("Tokens/s (median)", "—" if rate is None else f"{rate:,.1f}")
+    cells[3].metric("Tokens/s per request", "—" if rate is None else f"{rate:,.1f}")
     errors = activity.errors_by_code(records)
     cells[4].metric("Errors", sum(n for _, _, n in errors))
 
@@ -51,13 +53,13 @@ def live() -> None:
     left, right = st.columns(2)
     with left, st.container(border=True):
         st.markdown(f"**Requests per second** ({width} s windows)")
-        st.plotly_chart(rate_chart(series), width="stretch", key="rate")
+        chart(rate_chart(series), key="rate")
     with right, st.container(border=True):
-        st.markdown("**Tokens per second** (generated, summed over requests)")
-        st.plotly_chart(tokens_chart(series), width="stretch", key="tokens")
+        st.markdown("**Tokens per second** (generated in each window)")
+        chart(tokens_chart(series), key="tokens")
     with st.container(border=True):
-        st.markdown("**Latency and time to first token** (percentiles per window)")
-        st.plotly_chart(latency_chart(series), width="stretch", key="latency")
+        st.markdown("**Latency and time to first token** (percentiles per window, served requests)")
+        chart(latency_chart(series), key="latency")
 
     st.subheader("Errors by code")
     if errors:

@@ -10,7 +10,7 @@ import streamlit as st
 from imageworks.gui.charts import device_bar
 from imageworks.gui.client import ProxyDown, ProxyRequestFailed
 from imageworks.gui.state import client
-from imageworks.gui.widgets import pill, proxy_down_banner, state_label
+from imageworks.gui.widgets import chart, pill, proxy_down_banner, state_label
 
 st.title("Dashboard")
 
@@ -68,7 +68,7 @@ def live() -> None:
                 f"**GPU {device.index} · {device.name}** · {device.used_mb:,} of "
                 f"{device.total_mb:,} MB used · ours {device.ours_mb:,} MB"
             )
-            st.plotly_chart(device_bar(device), width="stretch", key=f"dash-gpu-{device.index}")
+            chart(device_bar(device), key=f"dash-gpu-{device.index}")
         for lease in gpu.leases:
             st.info(
                 f"GPU leased to **{lease.owner}** ({lease.reason or 'no reason'}), "
@@ -88,7 +88,7 @@ def live() -> None:
                 x=x, y=[r["total_ms"] for r in requests], name="total ms", mode="lines+markers"
             )
             figure.update_layout(height=220, margin={"t": 10, "b": 10, "l": 10, "r": 10})
-            st.plotly_chart(figure, width="stretch")
+            chart(figure)
         else:
             st.caption("No requests yet.")
     st.subheader("Recent requests")

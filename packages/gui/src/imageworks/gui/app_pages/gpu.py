@@ -10,7 +10,7 @@ import streamlit as st
 from imageworks.gui.charts import device_bar, sparkline
 from imageworks.gui.client import GpuDevice, GpuView, ProxyDown, ProxyRequestFailed
 from imageworks.gui.state import client
-from imageworks.gui.widgets import duration, proxy_down_banner, request_failed
+from imageworks.gui.widgets import chart, duration, proxy_down_banner, request_failed
 
 HISTORY = timedelta(minutes=10)
 
@@ -51,7 +51,7 @@ def card(device: GpuDevice) -> None:
     ours.metric("Our engines", f"{device.ours_mb:,} MB")
     others.metric("Other processes", f"{device.foreign_mb:,} MB")
     free.metric("Free", f"{device.free_mb:,} MB")
-    st.plotly_chart(device_bar(device), width="stretch", key=f"bar-{device.index}")
+    chart(device_bar(device), key=f"bar-{device.index}")
     if device.models:
         st.markdown(
             " · ".join(
@@ -72,9 +72,8 @@ def card(device: GpuDevice) -> None:
             icon=":material/lock_clock:",
         )
     st.caption("Used memory, last 10 minutes")
-    st.plotly_chart(
+    chart(
         sparkline(remember(device), device.total_mb),
-        width="stretch",
         key=f"spark-{device.index}",
     )
 

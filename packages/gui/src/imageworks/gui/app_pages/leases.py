@@ -3,6 +3,7 @@ release that asks first."""
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 
 import streamlit as st
@@ -46,6 +47,18 @@ def release(owner: str) -> None:
     st.session_state.pop(CONFIRM, None)
 
 
+def token_needed() -> bool:
+    """Does a release need a token the console does not have? (Asked only while confirming.)"""
+    if os.environ.get("CHAT_PROXY_ADMIN_TOKEN"):
+        return False
+    try:
+        return bool(client().state()["config"].get("admin_token_set"))
+    except ProxyRequestFailed as exc:
+        return exc.status in (401, 403)
+    except ProxyDown:
+        return False
+
+
 def lease_card(title: str, lease: Lease | None) -> None:
     with st.container(border=True):
         st.subheader(title)
@@ -66,22 +79,23 @@ def lease_card(title: str, lease: Lease | None) -> None:
                 f"End **{lease.owner}**'s lease now? Its client may still be using the GPU.",
                 icon=":material/warning:",
             )
-            st.text_input(
-                "Admin token",
-                type="password",
-                key="release_token",
-                help="Only needed when the proxy has CHAT_PROXY_ADMIN_TOKEN and the console "
-                "was started without it.",
-            )
-            yes, no = st.columns(2)
-            yes.button(
-                "Yes, release it",
-                key=f"yes-{title}",
-                type="primary",
-                on_click=release,
-                args=(lease.owner,),
-            )
-            no.button("Cancel", key=f"no-{title}", on_click=cancel)
+            if token_needed():
+                st.text_input(
+                    "Admin token",
+                    type="password",
+                    key="release_token",
+                    help="The proxy has CHAT_PROXY_ADMIN_TOKEN and the console was started "
+                    "without it: enter it to release.",
+                )
+            with st.container(horizontal=True):
+                st.button(
+                    "Yes, release it",
+                    key=f"yes-{title}",
+                    type="primary",
+                    on_click=release,
+                    args=(lease.owner,),
+                )
+                st.button("Cancel", key=f"no-{title}", on_click=cancel)
         else:
             st.button(
                 "Force release…",

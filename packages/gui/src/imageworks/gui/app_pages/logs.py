@@ -10,8 +10,8 @@ from imageworks.gui.state import client
 from imageworks.gui.widgets import proxy_down_banner, request_failed, state_label, wait_for_proxy
 
 SOURCES = {
-    "engine": "Engine log (autostart)",
-    "executor": "vLLM executor log",
+    "engine": "Engine (autostart)",
+    "executor": "vLLM executor",
 }
 
 st.title("Logs")
@@ -47,17 +47,17 @@ def show(name: str, source: str, lines: int) -> None:
             if source == "executor"
             else "the model has not been started by this proxy yet"
         )
-        st.info(f"No {SOURCES[source].lower()} for {name}: {where}.", icon=":material/draft:")
+        st.info(f"No {SOURCES[source]} log for {name}: {where}.", icon=":material/draft:")
         return
-    st.caption(f"The last {len(log.lines)} lines of the {SOURCES[source].lower()} of {name}")
-    st.code("\n".join(log.lines) or "(empty)", language=None, height=520)
+    st.caption(f"The last {len(log.lines)} lines of the {SOURCES[source]} log of {name}")
+    st.code("\n".join(log.lines) or "(empty)", language=None, height=520, wrap_lines=True)
 
 
 known = managed()
 if known is not None and not known:
     st.info("No model here is started by the proxy, so there is no engine log to read.")
 elif known:
-    top = st.columns([3, 2, 2, 1], vertical_alignment="bottom")
+    top = st.columns([5, 5, 3, 2], vertical_alignment="bottom")
     name = top[0].selectbox("Model", [n for n, _ in known], key="log_model")
     source = top[1].segmented_control(
         "Log", list(SOURCES), format_func=SOURCES.__getitem__, default="engine", key="log_source"

@@ -20,7 +20,7 @@ from imageworks.gui.widgets import (
 )
 
 RESULTS = "model_results"
-WIDTHS = [3, 2, 2, 2, 3, 4]
+WIDTHS = [3, 1.5, 1.5, 1.5, 2.5, 5]
 
 st.title("Models")
 
@@ -83,34 +83,33 @@ def model_row(row: ModelRow, proxy: ProxyClient) -> None:
     cols[3].write(where(row))
     cols[4].caption(timing(row) if row.managed else "started elsewhere")
     if row.managed:
-        buttons = cols[5].columns(3)
         running = row.state in ("ready", "starting")
-        buttons[0].button(
-            "Activate via Proxy",
-            key=f"activate-{row.name}",
-            on_click=act,
-            args=("activate", row.name),
-            width="stretch",
-            disabled=row.state == "ready",
-            help="Start the model (swapping out one that shares its slot); waits until it answers",
-        )
-        buttons[1].button(
-            "Restart",
-            key=f"restart-{row.name}",
-            on_click=act,
-            args=("restart", row.name),
-            width="stretch",
-            disabled=not running,
-            help="Stop the engine and start it again",
-        )
-        buttons[2].button(
-            "Deactivate",
-            key=f"deactivate-{row.name}",
-            on_click=act,
-            args=("deactivate", row.name),
-            width="stretch",
-            help="Stop the engine once its requests finish",
-        )
+        with cols[5].container(horizontal=True, gap="small"):
+            st.button(
+                "Activate",
+                key=f"activate-{row.name}",
+                on_click=act,
+                args=("activate", row.name),
+                disabled=row.state == "ready",
+                help="Start the model (swapping out one that shares its slot); waits until it "
+                "answers. Also restarts a model halted by a crash loop.",
+            )
+            st.button(
+                "Restart",
+                key=f"restart-{row.name}",
+                on_click=act,
+                args=("restart", row.name),
+                disabled=not running,
+                help="Stop the engine and start it again",
+            )
+            st.button(
+                "Deactivate",
+                key=f"deactivate-{row.name}",
+                on_click=act,
+                args=("deactivate", row.name),
+                disabled=row.state == "stopped",
+                help="Stop the engine once its requests finish",
+            )
     result = st.session_state.get(RESULTS, {}).get(row.name)
     if result:
         (st.success if result[0] == "success" else st.error)(result[1])
@@ -130,7 +129,7 @@ def live() -> None:
     except ProxyRequestFailed as exc:
         request_failed(exc)
         return
-    top = st.columns([2, 2, 2, 1], vertical_alignment="bottom")
+    top = st.columns([2, 2, 1], vertical_alignment="bottom")
     backends = top[0].multiselect("Backend", sorted({r.backend for r in rows}), key="backends")
     capabilities = top[1].multiselect(
         "Capability", sorted({c for r in rows for c in r.capabilities}), key="capabilities"
@@ -141,14 +140,18 @@ def live() -> None:
         if (not backends or r.backend in backends)
         and all(c in r.capabilities for c in capabilities)
     ]
-    top[2].caption(f"Deployment profile **{profile}** · {len(shown)} of {len(rows)} models")
-    top[3].button("Reload registry", icon=":material/refresh:", on_click=reload_registry)
+    top[2].button(
+        "Reload registry", icon=":material/refresh:", on_click=reload_registry, width="stretch"
+    )
+    st.caption(f"Deployment profile **{profile}** · {len(shown)} of {len(rows)} models")
     reloaded = st.session_state.pop("reload_result", None)
     if reloaded:
         (st.success if reloaded[0] == "success" else st.error)(reloaded[1])
     header = st.columns(WIDTHS)
     for column, title in zip(
-        header, ["Model", "Backend", "State", "Where", "Idle unload · last use", ""], strict=True
+        header,
+        ["Model", "Backend", "State", "Where", "Idle unload · last use", "Actions"],
+        strict=True,
     ):
         column.markdown(f"**{title}**")
     for row in shown:

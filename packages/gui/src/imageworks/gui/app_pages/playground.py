@@ -74,7 +74,7 @@ if known is not None and not known:
 elif known:
     left, right = st.columns([3, 1], vertical_alignment="bottom")
     model = left.selectbox("Model", list(known), key="playground_model")
-    max_tokens = right.number_input("Max tokens", 1, 4096, 128, key="playground_max")
+    max_tokens = right.number_input("Max tokens", 1, 4096, 64, key="playground_max")
     if model:
         model_state(model)
     with st.form("prompt", border=False):
