@@ -201,7 +201,18 @@ def test_vllm_is_sized_by_the_ledger_not_a_fixed_fraction(tmp_path: Path, proxy_
         assert proxy.client.post("/admin/activate", json={"model": "own-share"}, timeout=60)
         assert launched_share() == "0.5"  # the entry's own share wins
         status = proxy.client.get("/v1/gpu/status").json()
-        assert status["models"] == [{"name": "own-share", "vram_mb": 24000, "in_flight": 0}]
+        # Both fit on the card (14000 + 24000 of 48000): with a GPU budget they run at once,
+        # each its own child on its own port.
+        assert sorted(status["models"], key=lambda m: m["name"]) == [
+            {"name": "own-share", "vram_mb": 24000, "in_flight": 0},
+            {"name": "seven-b", "vram_mb": 14000, "in_flight": 0},
+        ]
+        runs = httpx.get(running.url + "/admin/state").json()["models"]
+        assert {r["logical_name"] for r in runs if r["status"] == "running"} == {
+            "seven-b",
+            "own-share",
+        }
+        assert len({r["port"] for r in runs}) == 2
         bad = httpx.post(
             running.url + "/admin/activate", json={"model": "seven-b", "gpu_memory_utilization": 2}
         )
