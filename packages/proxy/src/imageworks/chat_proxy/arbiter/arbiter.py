@@ -227,8 +227,8 @@ class VramArbiter:
         if need is None:  # a whole device for a lease: everything idle there goes
             device = (pin or (0,))[0]
             mine = [h.resident(device) for h in held if not h.holding.foreign and h.on(device)]
-            if not snaps:
-                mine = [h.resident(h.devices[0]) for h in held if not h.holding.foreign]
+            if not snaps:  # no budget: the whole GPU is everything idle, wherever it is
+                mine = [h.resident(None) for h in held if not h.holding.foreign]
             return Placement((device,), plan_exclusive(mine))
         lent = set() if lease else self.leases.lent()
         views = ledger.devices_for_placement(snaps, held, lent)

@@ -35,11 +35,11 @@ class Held:
         """Its share on ``device`` (0 when it is not there)."""
         return share_mb(self.mb, len(self.devices)) if device in self.devices else 0
 
-    def resident(self, device: int) -> Resident:
+    def resident(self, device: int | None) -> Resident:
+        """As the eviction policy sees it on ``device`` (None: wherever it is, all of it)."""
         h = self.holding
-        return Resident(
-            h.name, self.on(device), h.last_used, h.in_flight, h.protected or not h.evict
-        )
+        mb = self.mb if device is None else self.on(device)
+        return Resident(h.name, mb, h.last_used, h.in_flight, h.protected or not h.evict)
 
 
 def locate(
