@@ -233,8 +233,9 @@ class VramArbiter:
         lent = set() if lease else self.leases.lent()
         views = ledger.devices_for_placement(snaps, held, lent)
         found = place(views, need, pin=pin, span=span, headroom_mb=self.headroom_mb)
-        if lent and not found.plan.sufficient:
-            # The lease holder's own requests may use its device (their token was admitted).
+        if not found.devices and lent:
+            # Only lent devices could take it: the request was admitted with the lease's
+            # token (``admit`` refuses anyone else), so the holder's model may use its device.
             views = ledger.devices_for_placement(snaps, held, ())
             found = place(views, need, pin=pin, span=span, headroom_mb=self.headroom_mb)
         return found
