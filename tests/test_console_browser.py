@@ -21,7 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from imageworks.chat_proxy.backends.llamacpp import DEFAULT_TEMPLATE
 from imageworks.gui.supervisor import ProxySupervisor
+from testkit.gpu import simulated_gpu
 from testkit.servers import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,8 +101,20 @@ def settled(driver, timeout: float = 30) -> None:
         time.sleep(0.1)
 
 
+def charts_drawn(driver, timeout: float = 30) -> None:
+    """Wait until every plotly chart on the page has drawn its plot (not just its frame)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        frames = driver.find_elements("css selector", "[data-testid='stPlotlyChart']")
+        drawn = driver.find_elements("css selector", "[data-testid='stPlotlyChart'] .main-svg")
+        if len(drawn) >= len(frames):
+            return
+        time.sleep(0.2)
+
+
 def shot(driver, name: str) -> None:
     settled(driver)
+    charts_drawn(driver)
     print(f"{time.monotonic() - STARTED:6.1f} s  {name}")
     driver.save_screenshot(str(ARTIFACTS / name))
 
@@ -125,15 +139,24 @@ def chat(proxy_url: str, model: str, text: str, stream: bool = False) -> int:
     return answer.status_code
 
 
-def declared_gpu(workdir: Path) -> None:
-    """Until a simulated GPU is there to measure, the proxy runs on a declared budget, and the
-    embedded model is given a declared size so that the GPU card has something to show."""
+def on_simulated_gpu(workdir: Path) -> dict[str, str]:
+    """Two simulated 16 GB devices; the embedded model (a CPU model) is declared to need 600 MiB
+    and holds them on the device it is placed on (testkit.sim_hold); another program holds 3 GB
+    of device 1."""
     registry = workdir / "configs" / "model_registry.curated.json"
     entries = json.loads(registry.read_text())
     for entry in entries:
         if entry["name"] == MODEL:
-            entry["vram_estimate_mb"] = 600
+            entry["vram_estimate_mb"] = 600  # a GPU model to the proxy: placed and counted
     registry.write_text(json.dumps(entries, indent=2))
+    sim, env = simulated_gpu(workdir, [16000, 16000])
+    assert sim.allocate(1, 3000, pid=os.getpid(), label="other program")
+    template = ["{python}", "-m", "testkit.sim_hold", "--mb", "600", "--", *DEFAULT_TEMPLATE]
+    return {
+        **env,
+        "CHAT_PROXY_LLAMACPP_LAUNCH_TEMPLATE": json.dumps(template),
+        "PYTHONPATH": str(REPO),  # testkit, for the engine's wrapper
+    }
 
 
 @pytest.mark.timeout(480)  # nine pages, on two shared cores in CI
@@ -142,15 +165,13 @@ def test_operator_flow_in_a_real_browser(browser, tmp_path: Path) -> None:
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "configs", tmp_path / "configs")
-    declared_gpu(tmp_path)
     proxy_url = f"http://127.0.0.1:{free_port()}"
     gui_port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("CHAT_PROXY_")},
         "IMAGEWORKS_GUI_WORKDIR": str(tmp_path),
-        # The proxy the console starts inherits these: no NVML, an 8 GB declared budget.
-        "CHAT_PROXY_GPU_PROBE": "none",
-        "CHAT_PROXY_GPU_TOTAL_MB": "8000",
+        # The proxy the console starts inherits these, and its engines from it.
+        **on_simulated_gpu(tmp_path),
     }
     gui = subprocess.Popen(
         [
@@ -213,7 +234,7 @@ def test_operator_flow_in_a_real_browser(browser, tmp_path: Path) -> None:
 
         browser.get(console + "/gpu")
         wait_text(browser, f"{MODEL} 600 MB")
-        wait_text(browser, "declared budget")
+        wait_text(browser, "3,000 MB")  # the other program, on device 1
         shot(browser, "06-gpu.png")
 
         browser.get(console + "/activity")

@@ -17,13 +17,13 @@ HISTORY = timedelta(minutes=10)
 st.title("GPU")
 
 
-def budget_note(view: GpuView, declared_mb: int | None) -> None:
+def budget_note(view: GpuView, declared_mb: int | list[int] | None) -> None:
     if view.budget == "measured":
         st.caption(f"Memory measured by the `{view.probe}` probe, every few seconds.")
     elif view.budget == "declared" or declared_mb:
         st.info(
             "No GPU is measured here (no NVML). The **declared budget** is in force: "
-            f"CHAT_PROXY_GPU_TOTAL_MB = {declared_mb or '?'} MB, and a model counts with its "
+            f"CHAT_PROXY_GPU_TOTAL_MB = {declared(declared_mb)}, and a model counts with its "
             "registry size (`vram_estimate_mb`).",
             icon=":material/info:",
         )
@@ -33,6 +33,13 @@ def budget_note(view: GpuView, declared_mb: int | None) -> None:
             "(CHAT_PROXY_GPU_TOTAL_MB unset): models start without a memory check.",
             icon=":material/info:",
         )
+
+
+def declared(value: int | list[int] | None) -> str:
+    """The setting as written: one total, or one per device (comma-separated)."""
+    if isinstance(value, list):
+        return ",".join(map(str, value)) + " MB" + (" (one per device)" if len(value) > 1 else "")
+    return f"{value} MB" if value else "?"
 
 
 def remember(device: GpuDevice) -> list[tuple[datetime, int]]:
@@ -46,7 +53,9 @@ def remember(device: GpuDevice) -> list[tuple[datetime, int]]:
 
 def card(device: GpuDevice) -> None:
     st.subheader(f"GPU {device.index} · {device.name}")
-    total, ours, others, free = st.columns(4)
+    # Two by two: four figures side by side do not fit half a page.
+    total, ours = st.columns(2)
+    others, free = st.columns(2)
     total.metric("Total", f"{device.total_mb:,} MB")
     ours.metric("Our engines", f"{device.ours_mb:,} MB")
     others.metric("Other processes", f"{device.foreign_mb:,} MB")
