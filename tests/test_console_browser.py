@@ -105,9 +105,10 @@ def charts_drawn(driver, timeout: float = 30) -> None:
     """Wait until every plotly chart on the page has drawn its plot (not just its frame)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        frames = driver.find_elements("css selector", "[data-testid='stPlotlyChart']")
-        drawn = driver.find_elements("css selector", "[data-testid='stPlotlyChart'] .main-svg")
-        if len(drawn) >= len(frames):
+        if driver.execute_script(
+            "return [...document.querySelectorAll(\"[data-testid='stPlotlyChart']\")]"
+            ".every(chart => chart.querySelector('.main-svg'))"
+        ):
             return
         time.sleep(0.2)
 

@@ -42,6 +42,7 @@ class Bucket:
     ttft_p50_ms: float | None
     ttft_p95_ms: float | None
     tokens_per_s: float | None  # tokens generated in the window per second of the window
+    width_s: int = 10
 
 
 def when(record: dict[str, Any]) -> datetime | None:
@@ -95,6 +96,7 @@ def buckets(records: list[dict[str, Any]], width_s: int = 10) -> list[Bucket]:
                 percentile(ttft, 50),
                 percentile(ttft, 95),
                 sum(tokens) / width_s if tokens else None,
+                width_s,
             )
         )
     return result

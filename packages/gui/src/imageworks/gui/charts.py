@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import plotly.graph_objects as go
 
@@ -81,6 +81,19 @@ def sparkline(points: list[tuple[datetime, int]], total_mb: int) -> go.Figure:
     return _compact(figure, 110)
 
 
+def _time_axis(series: list[Bucket]) -> dict[str, object]:
+    """At least eight windows wide: a burst inside one window still has a time scale around it
+    (plotly would otherwise tick the same second several times)."""
+    axis: dict[str, object] = {"tickformat": "%H:%M:%S"}
+    if not series:
+        return axis
+    width = timedelta(seconds=series[0].width_s)
+    first, last = series[0].start, series[-1].start + width
+    if last - first < 8 * width:
+        axis["range"] = [last - 8 * width, last]
+    return axis
+
+
 def rate_chart(series: list[Bucket]) -> go.Figure:
     figure = go.Figure(
         go.Bar(
@@ -90,9 +103,7 @@ def rate_chart(series: list[Bucket]) -> go.Figure:
             hovertemplate="%{x|%H:%M:%S}: %{y:.2f} req/s<extra></extra>",
         )
     )
-    figure.update_layout(
-        yaxis={"title": "req/s", "rangemode": "tozero"}, xaxis={"tickformat": "%H:%M:%S"}
-    )
+    figure.update_layout(yaxis={"title": "req/s", "rangemode": "tozero"}, xaxis=_time_axis(series))
     return _compact(figure, 220)
 
 
@@ -110,7 +121,7 @@ def latency_chart(series: list[Bucket]) -> go.Figure:
         )
     figure.update_layout(
         yaxis={"title": "ms", "rangemode": "tozero"},
-        xaxis={"tickformat": "%H:%M:%S"},
+        xaxis=_time_axis(series),
         legend={"orientation": "h"},
     )
     return _compact(figure, 260)
@@ -127,6 +138,6 @@ def tokens_chart(series: list[Bucket]) -> go.Figure:
         )
     )
     figure.update_layout(
-        yaxis={"title": "tokens/s", "rangemode": "tozero"}, xaxis={"tickformat": "%H:%M:%S"}
+        yaxis={"title": "tokens/s", "rangemode": "tozero"}, xaxis=_time_axis(series)
     )
     return _compact(figure, 220)

@@ -73,6 +73,8 @@ def card(device: GpuDevice) -> None:
         st.caption("None of our engines holds memory on this device.")
     if device.foreign:
         st.caption("Others: " + ", ".join(f"{f.name} {f.vram_mb:,} MB" for f in device.foreign))
+    else:
+        st.caption("No other process holds memory on this device.")
     lease = device.lease
     if lease:
         st.warning(

@@ -36,8 +36,9 @@ with backends:
         pill(f"Chat proxy {'running' if up else 'stopped'} · {proxy.base_url}", up)
 
     status()
+    running = proxy_up()
     start, stop = st.columns(2)
-    if start.button("Start Chat Proxy", icon=":material/play_arrow:"):
+    if start.button("Start Chat Proxy", icon=":material/play_arrow:", disabled=running):
         launched = supervisor().start()
         with st.spinner("Starting the chat proxy…"):
             deadline = time.monotonic() + 60
@@ -47,14 +48,14 @@ with backends:
             flash("success", f"Chat proxy running (pid {launched.pid})")
         else:
             flash("error", f"The proxy did not come up; see {launched.log_path}")
-    if stop.button("Stop Chat Proxy", icon=":material/stop:"):
+    if stop.button("Stop Chat Proxy", icon=":material/stop:", disabled=not running):
         with st.spinner("Stopping the chat proxy (Ctrl+C)…"):
             outcome = supervisor().stop()
         flash("info", outcome)
 
     saved = read_variable(env_local(), AUTOSTART)
     try:
-        live = proxy.autostart() if proxy_up() else None
+        live = proxy.autostart() if running else None
     except ProxyRequestFailed:
         live = None
 
