@@ -238,7 +238,9 @@ def test_dashboard_banner_leaves_a_stopped_model_out(up) -> None:
     assert not [w for w in app.warning if "Backend unavailable" in w.value]
 
 
-@pytest.mark.parametrize("name", ["gpu", "models", "activity", "registry", "playground"])
+@pytest.mark.parametrize(
+    "name", ["dashboard", "gpu", "activity", "models", "logs", "playground", "registry", "leases"]
+)
 def test_a_page_recovers_when_the_proxy_comes_back(
     proxy_factory, fake_vllm, point_console, name
 ) -> None:

@@ -81,6 +81,11 @@ def sparkline(points: list[tuple[datetime, int]], total_mb: int) -> go.Figure:
     return _compact(figure, 110)
 
 
+def _middles(series: list[Bucket]) -> list[datetime]:
+    """Each window's middle: where its bar stands and its point is drawn."""
+    return [b.start + timedelta(seconds=b.width_s / 2) for b in series]
+
+
 def _time_axis(series: list[Bucket]) -> dict[str, object]:
     """At least eight windows wide: a burst inside one window still has a time scale around it
     (plotly would otherwise tick the same second several times)."""
@@ -95,10 +100,13 @@ def _time_axis(series: list[Bucket]) -> dict[str, object]:
 
 
 def rate_chart(series: list[Bucket]) -> go.Figure:
+    # Each bar spans its window (a lone bar would otherwise be drawn a hairline wide).
+    width = timedelta(seconds=series[0].width_s) if series else timedelta(seconds=10)
     figure = go.Figure(
         go.Bar(
-            x=[b.start for b in series],
+            x=_middles(series),
             y=[b.rps for b in series],
+            width=[width.total_seconds() * 1000 * 0.9] * len(series),
             name="requests/s",
             hovertemplate="%{x|%H:%M:%S}: %{y:.2f} req/s<extra></extra>",
         )
@@ -109,7 +117,7 @@ def rate_chart(series: list[Bucket]) -> go.Figure:
 
 def latency_chart(series: list[Bucket]) -> go.Figure:
     figure = go.Figure()
-    x = [b.start for b in series]
+    x = _middles(series)
     for label, values, dash in (
         ("latency p50", [b.latency_p50_ms for b in series], "solid"),
         ("latency p95", [b.latency_p95_ms for b in series], "dot"),
@@ -130,7 +138,7 @@ def latency_chart(series: list[Bucket]) -> go.Figure:
 def tokens_chart(series: list[Bucket]) -> go.Figure:
     figure = go.Figure(
         go.Scatter(
-            x=[b.start for b in series],
+            x=_middles(series),
             y=[b.tokens_per_s for b in series],
             mode="lines+markers",
             name="tokens/s",

@@ -37,16 +37,22 @@ def live() -> None:
         st.info("No requests since the proxy started.", icon=":material/hourglass_empty:")
         return
     stats = activity.summary(records)
-    cells = st.columns([2, 3, 3, 2, 2])
-    cells[0].metric("Requests", len(records), help=f"The last {WINDOW} the proxy keeps")
-    cells[1].metric(
-        "Latency p50 / p95", f"{ms(stats['latency_p50_ms'])} / {ms(stats['latency_p95_ms'])}"
-    )
-    cells[2].metric("TTFT p50 / p95", f"{ms(stats['ttft_p50_ms'])} / {ms(stats['ttft_p95_ms'])}")
-    rate = stats["tokens_per_s_p50"]
-    cells[3].metric("Tokens/s per request", "—" if rate is None else f"{rate:,.1f}")
     errors = activity.errors_by_code(records)
-    cells[4].metric("Errors", sum(n for _, _, n in errors))
+    rate = stats["tokens_per_s_p50"]
+    counts = st.columns(4)
+    counts[0].metric("Requests", len(records), help=f"The last {WINDOW} the proxy keeps")
+    counts[1].metric("Errors", sum(n for _, _, n in errors))
+    counts[2].metric(
+        "Tokens/s per request",
+        "—" if rate is None else f"{rate:,.1f}",
+        help="The median of the requests' own generation speed",
+    )
+    timings = st.columns(4)
+    served = "Of the requests that were served (errors left out)"
+    timings[0].metric("Latency p50", ms(stats["latency_p50_ms"]), help=served)
+    timings[1].metric("Latency p95", ms(stats["latency_p95_ms"]), help=served)
+    timings[2].metric("TTFT p50", ms(stats["ttft_p50_ms"]), help=served)
+    timings[3].metric("TTFT p95", ms(stats["ttft_p95_ms"]), help=served)
 
     width = st.session_state.get("bucket_s") or 10
     series = activity.buckets(records, width)
