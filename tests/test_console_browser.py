@@ -1,6 +1,8 @@
 """The operator console in a real headless Chromium, against a real proxy with the embedded
-model: open the console, start the proxy from Settings, activate the model from Models, see it
-on the Dashboard, stop the proxy. Screenshots of each page go to test-artifacts/console/.
+model on a simulated two-device GPU: start the proxy from Settings, activate the model, send a
+few requests, then open every page with that data on it (Playground streams a reply, Leases asks
+before it force-releases a lease) and stop the proxy. A screenshot of each page goes to
+test-artifacts/console/ (docs/img/console/ holds a copy of one run's).
 
 Needs Debian's chromium and chromium-driver. ``.ci/run`` installs them and sets
 ``IMAGEWORKS_REQUIRE_BROWSER=1``, which makes their absence a failure; elsewhere (a developer's

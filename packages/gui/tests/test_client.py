@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imageworks.gui.client import ProxyClient, ProxyDown, ProxyRequestFailed
+from imageworks.gui.client import ProxyClient, ProxyDown, ProxyRequestFailed, gpu_view
 from testkit.entries import GEMMA
 from testkit.fake_engine import entry_for
 from testkit.servers import free_port
@@ -75,3 +75,40 @@ def test_with_api_keys_the_console_sends_one(
     client = ProxyClient(proxy.url)
     assert [r.name for r in client.models()] == ["ext"]  # /v1/models and /admin/state
     assert client.set_autostart(False) is False
+
+
+def test_gpu_view_reads_devices_and_falls_back_to_the_single_gpu_summary() -> None:
+    lease = {"owner": "jv", "reason": "r", "age_s": 5, "expires_at": None, "evicted": ["m"]}
+    old = {
+        "probe": "nvml",
+        "leased": True,
+        "lease": lease,
+        "pending": [],
+        "gpu": {"name": "RTX", "total_mb": 24000, "used_mb": 12000, "free_mb": 12000},
+        "models": [{"name": "m", "vram_mb": 9000, "in_flight": 1}],
+        "foreign": [{"name": "pid 7", "vram_mb": 3000}],
+    }
+    view = gpu_view(old)
+    (card,) = view.devices
+    assert view.budget == "measured" and card.name == "RTX"
+    assert (card.ours_mb, card.foreign_mb) == (9000, 3000)
+    assert card.lease is not None and card.lease.owner == "jv" and card.lease.device == 0
+    assert [lease.owner for lease in view.leases] == ["jv"]
+    assert gpu_view({**old, "probe": "none"}).budget == "declared"
+    assert gpu_view({"probe": "none", "gpu": None}).devices == []
+
+    device = {
+        "index": 1,
+        "name": "sim 1",
+        "total_mb": 16000,
+        "used_mb": 3600,
+        "free_mb": 12400,
+        "ours_mb": 600,
+        "foreign_mb": 3000,
+        "models": [{"name": "g", "vram_mb": 600, "in_flight": 0}],
+        "foreign": [],
+        "lease": {**lease, "device": 1},
+    }
+    new = {**old, "budget": "measured", "devices": [device], "leases": [{**lease, "device": 1}]}
+    (card,) = gpu_view(new).devices
+    assert card.index == 1 and card.ours_mb == 600 and card.lease and card.lease.device == 1
