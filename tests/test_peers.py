@@ -12,10 +12,12 @@ from typing import Any
 
 import httpx
 import pytest
+from click.testing import CliRunner
 from conftest import Engine, Proxy, ProxyFactory
 
 from imageworks.chat_proxy.config import ConfigError, ProxyConfig
 from imageworks.chat_proxy.peers import FORWARDED_HEADER, load_peers
+from imageworks.model_loader.cli import main as cli_main
 from testkit.entries import eventually
 from testkit.servers import free_port
 
@@ -133,6 +135,11 @@ def test_admin_state_says_where_each_model_runs_and_admin_is_never_forwarded(
     assert where["beta"] == {"kind": "peer", "peer": "b"}
     assert [p["name"] for p in state["peers"]] == ["b"]
     assert state["peers"][0]["alive"] is True
+    listed = CliRunner().invoke(cli_main, ["list", "--live", "--proxy-url", boxes.a.url])
+    assert listed.exit_code == 0, listed.output
+    rows = {line.split()[0]: line.split()[-1] for line in listed.output.splitlines()[1:]}
+    assert rows["alpha"] == "local"
+    assert rows["beta"] == "peer:b"
     refused = boxes.a.client.post("/admin/activate", json={"model": "beta"})
     assert refused.status_code == 404
     assert not any(r.path.startswith("/admin") for r in boxes.engine_b.engine.requests)

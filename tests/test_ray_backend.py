@@ -16,12 +16,14 @@ import httpx
 import pytest
 from conftest import Engine, ProxyFactory
 
+from testkit.docs_examples import example
 from testkit.entries import eventually
 from testkit.ray_cluster import RayHead, RayUnavailable
 
 pytestmark = [pytest.mark.subprocess, pytest.mark.timeout(600)]
 
 FOREIGN = "someone-else"
+ENGINE_IN_DOC = "http://127.0.0.1:8080"
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +120,9 @@ def test_a_ray_model_is_deployed_served_and_removed(
     proxy_factory: ProxyFactory,
     fake_vllm: Engine,
 ) -> None:
-    entry = ray_entry("on-ray", "testkit.ray_app:build", fake_vllm.url)
+    # docs/scaling.md's example, with the engine it relays to replaced by this test's.
+    entry = json.loads(example("scaling.md", "ray-app").replace(ENGINE_IN_DOC, fake_vllm.url))
+    assert entry["name"] == "on-ray"
     proxy = proxy_factory(
         [entry],
         ray_dashboard_url=ray_head.dashboard_url,

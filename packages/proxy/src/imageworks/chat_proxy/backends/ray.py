@@ -114,8 +114,10 @@ class RayBackend(Backend):
         return base
 
     async def stop(self, name: str) -> None:
+        await self._remove(ray_apps.app_name(name))
+
+    async def _remove(self, app: str) -> None:
         """Remove the application and wait until Ray has deleted it (its replicas gone)."""
-        app = ray_apps.app_name(name)
         if app not in ((await self._read()).get("applications") or {}):
             return
         await self._write(app, None)
@@ -182,7 +184,7 @@ class RayBackend(Backend):
 
     async def _remove_quietly(self, name: str) -> None:
         with contextlib.suppress(ProxyError):  # the start's own error is the one to report
-            await self._write(name, None)
+            await self._remove(name)
 
     async def _read(self) -> dict[str, Any]:
         return await self._call("GET", None)
