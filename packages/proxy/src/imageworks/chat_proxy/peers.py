@@ -226,8 +226,8 @@ class Peers:
         pinned = self._pinned(name)
         if pinned is not None:
             return pinned
-        if local is not None and (local_warm or not self.peers):
-            return None
+        if local is not None and (local_warm or not self.peers or local.name != name):
+            return None  # warm here, or the name is an alias of ours: another model elsewhere
         candidates = [
             (peer, model)
             for peer in self.peers.values()
