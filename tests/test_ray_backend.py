@@ -160,6 +160,17 @@ def test_a_ray_model_is_deployed_served_and_removed(
     gpu = proxy.client.get("/v1/gpu/status").json()
     assert [m["name"] for m in gpu["not_budgeted"]] == ["on-ray"]
 
+    # A proxy started over the same cluster (a restart) adopts the running application as it
+    # is: ready at once, no new deployment.
+    deployed_at = apps(ray_head)["imageworks-on-ray"]["last_deployed_time_s"]
+    again = proxy_factory(
+        [entry], ray_dashboard_url=ray_head.dashboard_url, ray_serve_url=ray_head.serve_url
+    )
+    rows = again.client.get("/admin/state").json()["models"]
+    assert next(m for m in rows if m["name"] == "on-ray")["state"] == "ready"
+    assert again.client.post("/v1/chat/completions", json=body).status_code == 200
+    assert apps(ray_head)["imageworks-on-ray"]["last_deployed_time_s"] == deployed_at
+
     stopped = proxy.client.post("/admin/deactivate", json={"model": "on-ray"}, timeout=120)
     assert stopped.json() == {"stopped": ["on-ray"]}
     assert "imageworks-on-ray" not in apps(ray_head)
