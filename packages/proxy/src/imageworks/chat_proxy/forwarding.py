@@ -33,6 +33,7 @@ from imageworks.chat_proxy.errors import (
     ShuttingDown,
     upstream_error,
 )
+from imageworks.chat_proxy.toolcalls import StreamConverter, convert_answer
 
 __all__ = ["ClientGone", "Outcome", "SSEResponse", "open_upstream", "read_body", "send_error"]
 
@@ -215,7 +216,9 @@ class SSEResponse:
         connect: Callable[[], Awaitable[aiohttp.ClientResponse]],
         waiting_comment: bytes | None = None,
         keepalive_s: float = 5.0,
+        converter: StreamConverter | None = None,
     ) -> None:
+        self.converter = converter  # legacy function_call deltas -> tool_calls
         self.upstream: aiohttp.ClientResponse | None = None
         self.connect = connect
         self.outcome = outcome
@@ -302,6 +305,8 @@ class SSEResponse:
             self.outcome.error = error
             await send_error(error, send)
             return
+        if self.converter is not None:
+            body = convert_answer(body)
         content_type = upstream.headers.get("content-type", "application/json").encode()
         await send(
             {
@@ -336,6 +341,10 @@ class SSEResponse:
                 if outcome.first_byte_at is None:
                     outcome.first_byte_at = time.perf_counter()
                 outcome.events += chunk.count(b"data:")
+                if self.converter is not None:
+                    chunk = self.converter.feed(chunk)
+                    if not chunk:  # an event cut in two: its end is still to come
+                        continue
                 self.tail.append(chunk)
                 if chunk.endswith(DONE):
                     # Complete: end the response with this chunk (one write, not two). Clients
@@ -345,6 +354,10 @@ class SSEResponse:
                     await send({"type": "http.response.body", "body": chunk, "more_body": False})
                     return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            rest = self.converter.flush() if self.converter is not None else b""
+            if rest:
+                self.tail.append(rest)
+                await send({"type": "http.response.body", "body": rest, "more_body": True})
             if not self._saw_done():
                 raise StreamBroken("stream ended without [DONE]")
             self.complete = True

@@ -48,10 +48,15 @@ from imageworks.chat_proxy.payloads import (
     validate,
 )
 from imageworks.chat_proxy.state import ProxyState, RequestInfo
+from imageworks.chat_proxy.toolcalls import StreamConverter, convert_answer, declares_tools
+from imageworks.chat_proxy.vision import ImageStats, VisionPolicy
 from imageworks.model_loader.errors import UnknownModelError
 from imageworks.model_loader.schema import ModelEntry
 
 JSON = "application/json"
+# Bodies beyond this (images, mostly) are parsed and re-encoded in the vision pool: parsing
+# 8 MB of JSON holds the event loop for tens of milliseconds.
+BIG_BODY = 1024 * 1024
 
 
 def proxy_state(request: Request) -> ProxyState:
@@ -193,19 +198,30 @@ async def forward(
             state.config.max_body_bytes,
             idle_timeout=state.config.body_timeout_s,
         )
-        body = parse_body(raw)
+        big = len(raw) > BIG_BODY
+        body = await state.images.run(parse_body, raw) if big else parse_body(raw)
         info.model = validate(endpoint, body)
         info.stream = body.get("stream") is True
         info.prompt_bytes = len(raw)
         info.entry = entry = resolve(state, info.model)
-        check_capabilities(endpoint, entry, body)
+        images = check_capabilities(endpoint, entry, body)
+        info.tools = endpoint == CHAT and declares_tools(body)
         check_engine_fields(entry, body)
+        backend = state.lifecycle.backend(entry)
         check_template(
-            entry,
-            state.config.require_template,
-            endpoint == CHAT and state.lifecycle.backend(entry).requires_template,
+            entry, state.config.require_template, endpoint == CHAT and backend.requires_template
         )
-        payload = prepare(endpoint, entry, body, raw)
+        changed = False
+        if images:
+            policy = VisionPolicy.of(
+                entry, state.config, backend.image_formats, backend.takes_image_urls
+            )
+            info.images = ImageStats()
+            changed = await state.images.prepare(entry, body, policy, state.session, info.images)
+        if images or big:
+            payload = await state.images.run(prepare, endpoint, entry, body, raw, changed)
+        else:  # the fast path: the body as it came, unless the served id or defaults differ
+            payload = prepare(endpoint, entry, body, raw)
         loading = state.lifecycle.needs_start(entry)
         if loading and state.autostart and state.lifecycle.state(entry) != STARTING:
             # A start that will be refused (backoff, crash loop, restart: never) is refused
@@ -246,13 +262,17 @@ async def forward(
             connect=connect,
             waiting_comment=waiting,
             keepalive_s=state.config.keepalive_s,
+            converter=StreamConverter() if info.tools else None,
         )
         await relay(scope, receive, send)
         return
 
     async def answer() -> tuple[str, bytes]:
         upstream = await connect()
-        return upstream.headers.get("content-type", JSON), await read_body(upstream, outcome)
+        answer = await read_body(upstream, outcome)
+        if info.tools:  # a legacy function_call becomes tool_calls
+            answer = convert_answer(answer)
+        return upstream.headers.get("content-type", JSON), answer
 
     try:
         content_type, raw = await until_disconnect(receive, answer())  # one watch for both
