@@ -158,7 +158,7 @@ class FakeEngine:
                 words = ["Here is the record: ", '{"name": "Alice", "age": 30}', " as asked."]
             if model == "function-call":
                 return await self.function_call(request, body, model)
-            tools = body.get("tools")
+            tools = body.get("tools") and model != "json-prose"  # it answers in prose
             if body.get("stream") and model != "json-for-stream":
                 return await self.stream_chat(request, body, model, words, bool(tools))
             return web.json_response(self.full_chat(body, model, words, bool(tools)))

@@ -118,7 +118,7 @@ def metric_values(text: str) -> dict[str, float]:
 
 
 def _is_red(pixel: Any) -> bool:
-    r, g, b = pixel[:3]
+    r, _, b = pixel[:3]
     return bool(r > 150 and b < 100)
 
 
