@@ -19,11 +19,12 @@ from imageworks.chat_proxy.images import (
     prepare_inline,
 )
 from imageworks.chat_proxy.launch import LaunchError
+from imageworks.chat_proxy.lifting import LiftedBody
 from imageworks.chat_proxy.toolcalls import StreamConverter, convert_answer
 from imageworks.chat_proxy.vision import IMAGE_PARTS, VisionPolicy, host_allowed
 from imageworks.model_loader.schema import ModelEntry, RemoteImages
 from imageworks.vllm_executor.launcher import DEFAULT_TEMPLATE, build_command
-from testkit.images import data_url, decode_data_url, jpeg_bytes, photo, png_bytes
+from testkit.images import data_url, decode_data_url, image_part, jpeg_bytes, photo, png_bytes
 
 FIT = Fit(target_long_edge=256, jpeg_quality=85)
 
@@ -283,3 +284,48 @@ def test_llamacpp_with_tools_runs_its_jinja_template() -> None:
         update={"capabilities": entry.capabilities.model_copy(update={"tools": True})}
     )
     assert "--jinja" in server_argv(tools, 1)
+
+
+# --- lifting big strings out of a body -------------------------------------------------------
+
+
+def big_url(size: int = 100_000) -> str:
+    return "data:image/png;base64," + "QUJD" * (size // 4)
+
+
+def test_a_big_data_url_is_lifted_and_spliced_back() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": [image_part(big_url())]}]}
+    raw = json.dumps(body).encode()
+    lifted = LiftedBody.lift(raw)
+    assert len(lifted.skeleton) < 300
+    parsed = json.loads(lifted.skeleton)
+    placeholder = parsed["messages"][0]["content"][0]["image_url"]["url"]
+    assert lifted.value(placeholder) == big_url().encode()
+    parsed["model"] = "renamed"
+    assert json.loads(lifted.dump(parsed)) == {**body, "model": "renamed"}
+
+
+def test_a_forged_placeholder_is_only_text() -> None:
+    raw = json.dumps({"a": big_url(), "b": "imageworks-lifted:0000000000000000:0"}).encode()
+    lifted = LiftedBody.lift(raw)
+    parsed = json.loads(lifted.skeleton)
+    assert lifted.value(parsed["b"]) is None  # another nonce
+    assert json.loads(lifted.dump(parsed)) == json.loads(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # a quoted "data:" inside a string, behind an escaped quote
+        b'{"text": "say \\"' + big_url().encode() + b'\\" twice"}',
+        # a string with an escape in it: left for json to decode
+        b'{"url": "' + big_url().encode()[:-8] + b'\\/QUJD"}',
+        # a control character: invalid JSON, and it must stay invalid
+        b'{"url": "' + big_url().encode() + b'\n"}',
+        # short strings stay where they are
+        b'{"url": "data:image/png;base64,QUJD"}',
+    ],
+)
+def test_strings_that_are_not_plain_or_not_big_are_not_lifted(raw: bytes) -> None:
+    lifted = LiftedBody.lift(raw)
+    assert lifted.skeleton == raw and lifted.strings == []

@@ -373,3 +373,19 @@ def test_history_trimming_keeps_the_last_turns_and_carries_the_images(
         {"role": "user", "content": [image, {"type": "text", "text": "third"}]},
     ]
     assert proxy.records()[0]["messages_trimmed"] == 4
+
+
+@pytest.mark.parametrize("target", [0, 4000])
+def test_a_big_image_that_fits_travels_unchanged_when_the_body_is_rewritten(
+    proxy_factory, fake_vllm, target: int
+) -> None:
+    entry = entry_for("m", fake_vllm.url, "vllm", "served", capabilities=VISION)
+    entry["vision"] = {"target_long_edge": target}
+    proxy = proxy_factory([entry])
+    url = data_url(jpeg_bytes(photo(2000, 1500, grain=60), quality=95), "image/jpeg")
+    assert len(url) > 1024 * 1024  # a body the proxy cuts before parsing it
+    response = proxy.client.post("/v1/chat/completions", json=chat(image_part(url), model="m"))
+    assert response.status_code == 200, response.text
+    (recorded,) = fake_vllm.engine.requests
+    assert recorded.body["model"] == "served"  # the body was written again ...
+    assert sent_parts(fake_vllm.engine)[0]["image_url"]["url"] == url  # ... the image as it came

@@ -46,19 +46,36 @@ class Prepared:
     resized: bool = False
 
 
+_B64_STEP = 256 * 1024  # base64 characters decoded per call (a multiple of 4)
+
+
 @dataclass(frozen=True)
 class DataUrl:
-    media_type: str
-    header: str  # everything before the comma
-    payload: str  # everything after it
+    """A ``data:`` URL held as bytes, its payload never copied whole: base64 is decoded in
+    steps, so no single call holds the GIL (and the event loop) for long on a 16 MB photo."""
+
+    url: bytes
+    comma: int  # where the header ends
 
     @classmethod
-    def parse(cls, url: str) -> DataUrl:
-        header, comma, payload = url.partition(",")
-        if not comma or not header.startswith("data:"):
+    def parse(cls, url: str | bytes) -> DataUrl:
+        if isinstance(url, str):
+            try:
+                url = url.encode("ascii")
+            except UnicodeEncodeError:
+                raise ImageError("the data URL has characters that are not ASCII") from None
+        comma = url.find(b",", 0, 256)
+        if comma < 0 or not url.startswith(b"data:"):
             raise ImageError("the data URL has no ',' between its header and its data")
-        media_type = header[5:].split(";", 1)[0].strip().lower()
-        return cls(media_type, header, payload)
+        return cls(url, comma)
+
+    @property
+    def header(self) -> str:
+        return self.url[: self.comma].decode("ascii")
+
+    @property
+    def media_type(self) -> str:
+        return self.header[5:].split(";", 1)[0].strip().lower()
 
     @property
     def is_base64(self) -> bool:
@@ -67,27 +84,37 @@ class DataUrl:
     def decoded_size(self) -> int:
         """The image's size in bytes, without decoding it (base64: 3 bytes per 4 characters)."""
         if not self.is_base64:
-            return len(urllib.parse.unquote_to_bytes(self.payload))
-        return len(self.payload) * 3 // 4 - self.payload[-2:].count("=")
+            return len(urllib.parse.unquote_to_bytes(self.url[self.comma + 1 :]))
+        return (len(self.url) - self.comma - 1) * 3 // 4 - self.url[-2:].count(b"=")
 
     def data(self) -> bytes:
         if not self.is_base64:
-            return urllib.parse.unquote_to_bytes(self.payload)
+            return urllib.parse.unquote_to_bytes(self.url[self.comma + 1 :])
         try:
-            return base64.b64decode(self.payload, validate=True)
+            return _b64decode(self.url, self.comma + 1)
         except (binascii.Error, ValueError):
             pass
         try:  # some clients wrap base64 in lines; anything else is corrupt
-            return base64.b64decode("".join(self.payload.split()), validate=True)
+            return _b64decode(b"".join(self.url[self.comma + 1 :].split()), 0)
         except (binascii.Error, ValueError) as exc:
             raise ImageError(f"its base64 data is corrupt ({exc})") from None
+
+    def payload_text(self) -> str:
+        return self.url[self.comma + 1 :].decode("ascii")
+
+
+def _b64decode(text: bytes, start: int) -> bytes:
+    out = bytearray()
+    for at in range(start, len(text), _B64_STEP):
+        out += base64.b64decode(text[at : at + _B64_STEP], validate=True)
+    return bytes(out)
 
 
 def to_data_url(media_type: str, data: bytes) -> str:
     return f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def prepare_inline(url: str, fit: Fit) -> Prepared:
+def prepare_inline(url: str | bytes, fit: Fit) -> Prepared:
     """The image of a ``data:`` URL, fitted; raises ``ImageError`` if it cannot be read."""
     parsed = DataUrl.parse(url)
     raw = parsed.data()
@@ -97,7 +124,7 @@ def prepare_inline(url: str, fit: Fit) -> Prepared:
     if fit.formats is not None and parsed.media_type != media_type:
         # The engine reads the media type (Ollama): the right label, the same bytes.
         header = f"data:{media_type};base64" if parsed.is_base64 else f"data:{media_type}"
-        return Prepared(f"{header},{parsed.payload}", len(raw), len(raw))
+        return Prepared(f"{header},{parsed.payload_text()}", len(raw), len(raw))
     return Prepared(None, len(raw), len(raw))
 
 

@@ -7,6 +7,7 @@ every other field passes through untouched for the backend to judge.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from imageworks.chat_proxy.errors import CapabilityMismatch, InvalidRequest, TemplateRequired
@@ -208,11 +209,17 @@ def check_template(entry: ModelEntry, required: bool, template_needed: bool) -> 
 
 
 def prepare(
-    endpoint: str, entry: ModelEntry, body: dict[str, Any], raw: bytes, changed: bool = False
+    endpoint: str,
+    entry: ModelEntry,
+    body: dict[str, Any],
+    raw: bytes,
+    changed: bool = False,
+    dump: Callable[[dict[str, Any]], bytes] | None = None,
 ) -> bytes:
     """Fill generation defaults the request omits and send the served id; re-encode only if
     something changed (``changed``: the caller already changed ``body``), so that a request
-    the proxy has nothing to add to travels byte for byte as it came."""
+    the proxy has nothing to add to travels byte for byte as it came. ``dump``: how to encode
+    it (a lifted body puts its big strings back)."""
     if body["model"] != entry.upstream_id:
         body["model"] = entry.upstream_id
         changed = True
@@ -230,6 +237,6 @@ def prepare(
     if not changed:
         return raw
     try:
-        return json.dumps(body).encode()
+        return dump(body) if dump is not None else json.dumps(body).encode()
     except RecursionError:  # parsed just under the limit, re-encoded from deeper in the stack
         raise InvalidRequest("request body is nested too deeply") from None

@@ -41,6 +41,7 @@ from imageworks.chat_proxy.images import (
     prepare_fetched,
     prepare_inline,
 )
+from imageworks.chat_proxy.lifting import LiftedBody
 from imageworks.model_loader.schema import ModelEntry, RemoteImages
 
 T = TypeVar("T")
@@ -180,13 +181,15 @@ class ImagePrep:
         policy: VisionPolicy,
         session: aiohttp.ClientSession,
         stats: ImageStats,
+        lifted: LiftedBody | None = None,
     ) -> bool:
-        """Fit the request's images to ``entry`` in place; True if the body changed."""
+        """Fit the request's images to ``entry`` in place; True if the body changed.
+        ``lifted``: the big data: URLs cut out of the body before it was parsed."""
         started = time.perf_counter()
         try:
             if not entry.capabilities.vision:
                 return self._to_alt_text(entry, body["messages"], stats)
-            return await self._fit(entry, body, policy, session, stats)
+            return await self._fit(entry, body, policy, session, stats, lifted)
         finally:
             stats.prep_ms = round((time.perf_counter() - started) * 1000, 2)
 
@@ -212,6 +215,7 @@ class ImagePrep:
         policy: VisionPolicy,
         session: aiohttp.ClientSession,
         stats: ImageStats,
+        lifted: LiftedBody | None,
     ) -> bool:
         messages: list[Any] = body["messages"]
         parts = image_parts(messages)
@@ -227,9 +231,11 @@ class ImagePrep:
             url = image_url(part)
             if url is None:
                 continue  # not an image_url shape we know: the engine judges it
-            if url.startswith("data:"):
+            inline = lifted.value(url) if lifted is not None else None
+            if inline is not None or url.startswith("data:"):
                 if policy.rewrites:
-                    jobs.append(self._inline(entry, m, p, part, url, policy, stats))
+                    data = url if inline is None else inline
+                    jobs.append(self._inline(entry, m, p, part, data, policy, stats))
             elif policy.remote is not None and host_allowed(url, policy.remote):
                 jobs.append(self._remote(m, p, part, url, policy, policy.remote, session, stats))
             elif not policy.takes_image_urls:
@@ -258,14 +264,16 @@ class ImagePrep:
         m: int,
         p: int,
         part: dict[str, Any],
-        url: str,
+        url: str | bytes,
         policy: VisionPolicy,
         stats: ImageStats,
     ) -> bool:
         try:
             size = DataUrl.parse(url).decoded_size()
         except ImageError as exc:
-            raise InvalidRequest(f"the image at {where(m, p)} cannot be read: {exc}") from None
+            raise InvalidRequest(
+                f"the image at {where(m, p)} cannot be read: {exc}", param=where(m, p)
+            ) from None
         if size > policy.max_image_bytes:
             raise PayloadTooLarge(
                 f"the image at {where(m, p)} is {size} bytes; model {entry.name!r} takes "

@@ -34,6 +34,7 @@ from imageworks.chat_proxy.forwarding import (
     until_disconnect,
 )
 from imageworks.chat_proxy.lifecycle import Ticket
+from imageworks.chat_proxy.lifting import LiftedBody
 from imageworks.chat_proxy.modelstate import STARTING
 from imageworks.chat_proxy.payloads import (
     CHAT,
@@ -54,8 +55,9 @@ from imageworks.model_loader.errors import UnknownModelError
 from imageworks.model_loader.schema import ModelEntry
 
 JSON = "application/json"
-# Bodies beyond this (images, mostly) are parsed and re-encoded in the vision pool: parsing
-# 8 MB of JSON holds the event loop for tens of milliseconds.
+# Bodies beyond this (images, mostly) are cut, parsed and re-encoded in the vision pool, their
+# big data: URLs lifted out first (lifting.py): parsing 8 MB of JSON holds the GIL, and so the
+# event loop, for tens of milliseconds.
 BIG_BODY = 1024 * 1024
 
 
@@ -198,8 +200,12 @@ async def forward(
             state.config.max_body_bytes,
             idle_timeout=state.config.body_timeout_s,
         )
-        big = len(raw) > BIG_BODY
-        body = await state.images.run(parse_body, raw) if big else parse_body(raw)
+        lifted = await state.images.run(LiftedBody.lift, raw) if len(raw) > BIG_BODY else None
+        body = (
+            parse_body(raw)
+            if lifted is None
+            else await state.images.run(parse_body, lifted.skeleton)
+        )
         info.model = validate(endpoint, body)
         info.stream = body.get("stream") is True
         info.prompt_bytes = len(raw)
@@ -217,9 +223,12 @@ async def forward(
                 entry, state.config, backend.image_formats, backend.takes_image_urls
             )
             info.images = ImageStats()
-            changed = await state.images.prepare(entry, body, policy, state.session, info.images)
-        if images or big:
-            payload = await state.images.run(prepare, endpoint, entry, body, raw, changed)
+            changed = await state.images.prepare(
+                entry, body, policy, state.session, info.images, lifted
+            )
+        if images or lifted is not None:
+            dump = lifted.dump if lifted is not None else None
+            payload = await state.images.run(prepare, endpoint, entry, body, raw, changed, dump)
         else:  # the fast path: the body as it came, unless the served id or defaults differ
             payload = prepare(endpoint, entry, body, raw)
         loading = state.lifecycle.needs_start(entry)
