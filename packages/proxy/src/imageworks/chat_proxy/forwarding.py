@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import time
 from collections import deque
@@ -45,6 +46,7 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 DONE = b"data: [DONE]\n\n"
+_CHUNKED_ABOVE = 1024 * 1024
 _TAIL_CHUNKS = 8  # the usage chunk and [DONE] are in the last few network reads
 
 
@@ -111,7 +113,11 @@ async def open_upstream(
     headers = target.headers(request_id)
     for attempt in (1, 2):
         try:
-            response = await egress.session.post(url, data=body, headers=headers, ssl=target.ssl)
+            # A big body (photographs) goes out in chunks with a yield to the loop between
+            # them; a new BytesIO per attempt (aiohttp closes it after sending). Small ones
+            # go as they are: the hot path.
+            data = io.BytesIO(body) if len(body) > _CHUNKED_ABOVE else body
+            response = await egress.session.post(url, data=data, headers=headers, ssl=target.ssl)
             break
         except _STALE as exc:
             # A kept-alive connection the backend had already closed (llama.cpp's server drops
