@@ -4,7 +4,8 @@ Bodies travel as bytes through aiohttp's client (the app's one ``ClientSession``
 ``egress``): the upstream response is relayed unchanged, one chunk per network read of the
 backend's socket (``iter_any``: no re-chunking, no coalescing, no decompression). The only
 inspection is what the request log needs: where the first byte came, how many events passed,
-and the usage object near the end.
+and the usage object near the end; and, for a request that declared ``tools``, the legacy
+``function_call`` answers that ``toolcalls`` converts (events are then passed on whole).
 
 A client that goes away cancels the upstream request, whether it was streaming or still
 waiting for a non-streaming answer: both paths watch ``receive()`` for ``http.disconnect``.
