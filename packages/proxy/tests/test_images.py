@@ -329,3 +329,15 @@ def test_a_forged_placeholder_is_only_text() -> None:
 def test_strings_that_are_not_plain_or_not_big_are_not_lifted(raw: bytes) -> None:
     lifted = LiftedBody.lift(raw)
     assert lifted.skeleton == raw and lifted.strings == []
+
+
+def test_a_template_without_the_tool_placeholder_gets_no_tool_flags() -> None:
+    template = tuple(t for t in DEFAULT_TEMPLATE if t != "{tool_args}")
+    argv = build_command(
+        vllm(capabilities={"tools": True}),  # no parser, and none needed
+        template,
+        host="127.0.0.1",
+        port=1,
+        gpu_memory_utilization=0.5,
+    )
+    assert "--enable-auto-tool-choice" not in argv

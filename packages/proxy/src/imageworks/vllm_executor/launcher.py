@@ -56,7 +56,8 @@ def build_command(
         template,
         host=host,
         port=port,
-        tool_args=tool_args(entry),
+        # Only a template that asks for them (a custom one may launch another engine).
+        tool_args=tool_args(entry) if "{tool_args}" in template else [],
         gpu_memory_utilization=gpu_memory_utilization,
     )
 
