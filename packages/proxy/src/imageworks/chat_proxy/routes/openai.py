@@ -231,6 +231,7 @@ async def forward(
             payload = await state.images.run(prepare, endpoint, entry, body, raw, changed, dump)
         else:  # the fast path: the body as it came, unless the served id or defaults differ
             payload = prepare(endpoint, entry, body, raw)
+        info.prompt_bytes = len(payload)  # what the model reads (photographs resized)
         loading = state.lifecycle.needs_start(entry)
         if loading and state.autostart and state.lifecycle.state(entry) != STARTING:
             # A start that will be refused (backoff, crash loop, restart: never) is refused
