@@ -13,7 +13,9 @@ OpenAI-compatible server) gets the URL untouched, under its own rules; one that 
 
 The pool is a thread pool of ``CHAT_PROXY_VISION_WORKERS`` threads: Pillow releases the GIL
 while it decodes, resizes and encodes, so the event loop keeps serving text requests while a
-batch of photographs is prepared, and at most that many images are worked on at once.
+batch of photographs is prepared, and at most that many images are worked on at once. The
+threads run at a lower priority than the loop's thread, so a core busy with photographs still
+goes to a text request first.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import os
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -160,11 +164,26 @@ def host_allowed(url: str, remote: RemoteImages) -> bool:
     return False
 
 
+# How much lower the vision threads run than the event loop's thread (Linux nice values are per
+# thread): on a busy core the scheduler then gives the loop the CPU whenever it has work.
+WORKER_NICENESS = 10
+
+
+def _yield_to_the_loop() -> None:
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + WORKER_NICENESS)
+    except (AttributeError, OSError):  # not Linux: threads share the process's priority
+        pass
+
+
 class ImagePrep:
     """The vision pool and the request walk; opened and closed by the lifespan."""
 
     def __init__(self, workers: int) -> None:
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="imageworks-vision")
+        self.pool = ThreadPoolExecutor(
+            workers, thread_name_prefix="imageworks-vision", initializer=_yield_to_the_loop
+        )
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
