@@ -341,3 +341,21 @@ def test_a_template_without_the_tool_placeholder_gets_no_tool_flags() -> None:
         gpu_memory_utilization=0.5,
     )
     assert "--enable-auto-tool-choice" not in argv
+
+
+def test_vision_threads_run_below_the_event_loop() -> None:
+    import asyncio
+    import os
+    import threading
+
+    from imageworks.chat_proxy.vision import WORKER_NICENESS, ImagePrep
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    prep = ImagePrep(1)
+    try:
+        worker = asyncio.run(prep.run(niceness))
+    finally:
+        prep.close()
+    assert worker == min(19, niceness() + WORKER_NICENESS)
