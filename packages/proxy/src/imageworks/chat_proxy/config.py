@@ -93,6 +93,15 @@ class ProxyConfig(BaseModel):
     # max_concurrency wins) and how many more may wait for a turn before 429.
     max_concurrency: int = Field(default=0, ge=0)
     max_queue: int = Field(default=64, ge=0)
+    # Images for vision models (an entry's ``vision`` settings win): inline images whose long
+    # edge exceeds the target are resized to it (0: forward every image as it came), resized
+    # JPEGs are written at this quality; most images per request (0: no limit) and the
+    # largest one image may be; threads preparing images (at most this many decode at once).
+    vision_target_long_edge: int = Field(default=1536, ge=0)
+    vision_jpeg_quality: int = Field(default=90, ge=1, le=95)
+    vision_max_images: int = Field(default=0, ge=0)
+    vision_max_image_bytes: int = Field(default=20_000_000, ge=1)
+    vision_workers: int = Field(default=2, ge=1, le=64)
     # Browser origins allowed to call the API (comma-separated; "*" for any, never with
     # credentials). Empty: no CORS headers at all.
     cors_origins: tuple[str, ...] = ()

@@ -39,6 +39,7 @@ from imageworks.chat_proxy.peers import Peers
 from imageworks.chat_proxy.requestlog import RequestLog
 from imageworks.chat_proxy.staging import StagingLock
 from imageworks.chat_proxy.state import ProxyState
+from imageworks.chat_proxy.vision import ImagePrep
 from imageworks.model_loader.profiles import PROFILES_FILE, ProfileManager
 from imageworks.model_loader.registry import Registry
 from imageworks.model_loader.watch import RegistryWatcher
@@ -123,6 +124,7 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         admission=Admission(config.max_concurrency, config.max_queue, metrics),
         staging_lock=staging_lock,
         peers=peers,
+        images=ImagePrep(config.vision_workers),
     )
 
     def on_reload(registry: Registry) -> None:
@@ -186,6 +188,7 @@ async def close_state(state: ProxyState, background: list[asyncio.Task[Any]] | N
             results[name] = f"failed: {why}"
     with contextlib.suppress(Exception):
         await state.egress.close()
+    state.images.close()
     state.log.event(
         "shutdown", "proxy", steps=results, seconds=round(time.monotonic() - started, 3)
     )

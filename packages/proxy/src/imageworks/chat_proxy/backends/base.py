@@ -35,6 +35,10 @@ class Backend:
     default_port: ClassVar[int | None] = None
     # vLLM refuses to guess a chat template (newer transformers), so the entry must name one.
     requires_template: ClassVar[bool] = False
+    # Image formats the engine takes inline, when it takes only some (None: any), and whether
+    # it can take an image by URL at all (else the proxy must inline it or refuse it).
+    image_formats: ClassVar[frozenset[str] | None] = None
+    takes_image_urls: ClassVar[bool] = True
     # The name of this kind's step in the shutdown record; None: it has nothing to do then.
     shutdown_step: ClassVar[str | None] = None
     # Set where the kind's GPUs are budgeted by someone else (``/v1/gpu/status`` says by whom).

@@ -34,6 +34,7 @@ from imageworks.chat_proxy.forwarding import (
     until_disconnect,
 )
 from imageworks.chat_proxy.lifecycle import Ticket
+from imageworks.chat_proxy.lifting import LiftedBody
 from imageworks.chat_proxy.modelstate import READY, STARTING
 from imageworks.chat_proxy.payloads import (
     CHAT,
@@ -49,10 +50,16 @@ from imageworks.chat_proxy.payloads import (
 )
 from imageworks.chat_proxy.peers import FORWARDED_HEADER, Listed
 from imageworks.chat_proxy.state import ProxyState, RequestInfo
+from imageworks.chat_proxy.toolcalls import StreamConverter, convert_answer, declares_tools
+from imageworks.chat_proxy.vision import ImageStats, VisionPolicy
 from imageworks.model_loader.errors import UnknownModelError
 from imageworks.model_loader.schema import ModelEntry
 
 JSON = "application/json"
+# Bodies beyond this (images, mostly) are cut, parsed and re-encoded in the vision pool, their
+# big data: URLs lifted out first (lifting.py): parsing 8 MB of JSON holds the GIL, and so the
+# event loop, for tens of milliseconds.
+BIG_BODY = 1024 * 1024
 
 
 def proxy_state(request: Request) -> ProxyState:
@@ -237,19 +244,38 @@ async def forward(
             state.config.max_body_bytes,
             idle_timeout=state.config.body_timeout_s,
         )
-        body = parse_body(raw)
+        lifted = await state.images.run(LiftedBody.lift, raw) if len(raw) > BIG_BODY else None
+        body = (
+            parse_body(raw)
+            if lifted is None
+            else await state.images.run(parse_body, lifted.skeleton)
+        )
         info.model = validate(endpoint, body)
         info.stream = body.get("stream") is True
         info.prompt_bytes = len(raw)
         info.entry = entry = route(state, info.model, FORWARDED_HEADER in headers)
-        check_capabilities(endpoint, entry, body)
+        images = check_capabilities(endpoint, entry, body)
+        info.tools = endpoint == CHAT and declares_tools(body)
         check_engine_fields(entry, body)
+        backend = state.lifecycle.backend(entry)
         check_template(
-            entry,
-            state.config.require_template,
-            endpoint == CHAT and state.lifecycle.backend(entry).requires_template,
+            entry, state.config.require_template, endpoint == CHAT and backend.requires_template
         )
-        payload = prepare(endpoint, entry, body, raw)
+        changed = False
+        if images:
+            policy = VisionPolicy.of(
+                entry, state.config, backend.image_formats, backend.takes_image_urls
+            )
+            info.images = ImageStats()
+            changed = await state.images.prepare(
+                entry, body, policy, state.session, info.images, lifted
+            )
+        if images or lifted is not None:
+            dump = lifted.dump if lifted is not None else None
+            payload = await state.images.run(prepare, endpoint, entry, body, raw, changed, dump)
+        else:  # the fast path: the body as it came, unless the served id or defaults differ
+            payload = prepare(endpoint, entry, body, raw)
+        info.prompt_bytes = len(payload)  # what the model reads (photographs resized)
         loading = state.lifecycle.needs_start(entry)
         if loading and state.autostart and state.lifecycle.state(entry) != STARTING:
             # A start that will be refused (backoff, crash loop, restart: never) is refused
@@ -290,13 +316,17 @@ async def forward(
             connect=connect,
             waiting_comment=waiting,
             keepalive_s=state.config.keepalive_s,
+            converter=StreamConverter() if info.tools else None,
         )
         await relay(scope, receive, send)
         return
 
     async def answer() -> tuple[str, bytes]:
         upstream = await connect()
-        return upstream.headers.get("content-type", JSON), await read_body(upstream, outcome)
+        answer = await read_body(upstream, outcome)
+        if info.tools:  # a legacy function_call becomes tool_calls
+            answer = convert_answer(answer)
+        return upstream.headers.get("content-type", JSON), answer
 
     try:
         content_type, raw = await until_disconnect(receive, answer())  # one watch for both
