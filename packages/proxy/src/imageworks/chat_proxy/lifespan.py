@@ -36,6 +36,7 @@ from imageworks.chat_proxy.egress import Egress
 from imageworks.chat_proxy.lifecycle import Lifecycle
 from imageworks.chat_proxy.metrics import Metrics
 from imageworks.chat_proxy.modelstate import Restarts
+from imageworks.chat_proxy.peers import Peers
 from imageworks.chat_proxy.requestlog import RequestLog
 from imageworks.chat_proxy.staging import StagingLock
 from imageworks.chat_proxy.state import ProxyState
@@ -63,6 +64,8 @@ def make_probe(config: ProxyConfig, lifecycle: Lifecycle) -> GpuProbe:
 
 
 def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxyState:
+    # A bad peer list fails the start before anything is opened.
+    peers = Peers(config, lambda: egress.session)
     staging_lock = StagingLock(config.staging_dir).acquire()  # first: before any engine moves
     watcher = RegistryWatcher(config.registry_dir).start()
     profiles = ProfileManager(config.registry_dir / PROFILES_FILE, config.staging_dir)
@@ -128,6 +131,7 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         autostart=config.autostart_enabled,
         admission=Admission(config.max_concurrency, config.max_queue, metrics),
         staging_lock=staging_lock,
+        peers=peers,
     )
 
     def on_reload(registry: Registry) -> None:
@@ -162,6 +166,7 @@ async def start_background(state: ProxyState) -> list[asyncio.Task[Any]]:
         loop.create_task(idle.idle_loop(state.lifecycle)),
         # In the background: the proxy serves (and lists models) while they load.
         loop.create_task(state.lifecycle.preload(state.config.preload)),
+        *([loop.create_task(state.peers.poll_loop())] if state.peers else []),
     ]
 
 

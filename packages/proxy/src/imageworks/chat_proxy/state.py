@@ -17,6 +17,7 @@ from imageworks.chat_proxy.errors import ProxyError
 from imageworks.chat_proxy.forwarding import Outcome
 from imageworks.chat_proxy.lifecycle import Lifecycle
 from imageworks.chat_proxy.metrics import Finished, Metrics
+from imageworks.chat_proxy.peers import Peers
 from imageworks.chat_proxy.requestlog import RequestLog
 from imageworks.chat_proxy.staging import StagingLock
 from imageworks.model_loader.profiles import DeploymentProfile, ProfileManager
@@ -57,8 +58,9 @@ class ProxyState:
     autostart: bool
     admission: Admission
     staging_lock: StagingLock
+    peers: Peers
     started_at: float = field(default_factory=time.time)
-    _models_cache: tuple[tuple[str, str, int], bytes] | None = None
+    _models_cache: tuple[tuple[str, str, int, int], bytes] | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:

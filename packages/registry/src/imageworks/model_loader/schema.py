@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Backends the proxy can serve, and legacy values from the existing ImageWorks registry that load
 # without error but are never listed or routed (DESIGN.md §3; seed inventory §3.2).
-SERVABLE_BACKENDS = ("vllm", "ollama", "llamacpp", "openai")
+SERVABLE_BACKENDS = ("vllm", "ollama", "llamacpp", "openai", "ray")
 LEGACY_BACKENDS = ("lmdeploy", "triton", "gguf", "unassigned")
 
 

@@ -134,7 +134,9 @@ class VramArbiter:
         async with self._room_lock:  # two starts must not both count the same free memory
             await self.snapshot()
             need = need_mb if need_mb is not None else self.need_mb(entry)
-            if need <= 0:
+            if need <= 0:  # nothing to budget: a pin still says where it runs
+                if pin:
+                    self.placements[entry.name] = pin
                 return
             devices, _ = await self._free(
                 need, reason=f"start {entry.name}", exclude=entry.name, pin=pin, span=entry.gpu_span
@@ -257,7 +259,9 @@ class VramArbiter:
         while True:
             snaps = await self.snapshot()
             if not snaps and need is not None:
-                return tuple(pin or range(span)), evicted  # no budget to enforce
+                # No budget to enforce, nor devices to choose from: only a pin places it (an
+                # engine that is not placed sees every GPU, as it would without the proxy).
+                return tuple(pin or ()), evicted
             holdings = [h for h in await self.holdings() if h.name != exclude]
             held = self._locate(holdings, snaps)
             found = self._plan(snaps, held, need, pin, span, lease)

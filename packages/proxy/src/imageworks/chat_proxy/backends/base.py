@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import aiohttp
 
@@ -45,6 +45,8 @@ class Backend:
     requires_template: ClassVar[bool] = False
     # The name of this kind's step in the shutdown record; None: it has nothing to do then.
     shutdown_step: ClassVar[str | None] = None
+    # Set where the kind's GPUs are budgeted by someone else (``/v1/gpu/status`` says by whom).
+    budgeted_elsewhere: ClassVar[str | None] = None
 
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
@@ -76,6 +78,10 @@ class Backend:
         raise BackendUnavailable(
             f"model {entry.name!r} ({self.kind}) has no backend_config.base_url, host or port"
         )
+
+    def location(self, entry: ModelEntry) -> dict[str, Any]:
+        """Where ``entry`` runs, as ``/admin/state`` and ``imageworks-models list`` show it."""
+        return {"kind": "local"}
 
     def uses_gpu(self, entry: ModelEntry) -> bool:
         """Does serving ``entry`` take GPU memory (and so wait while the GPU is lent)? Engines

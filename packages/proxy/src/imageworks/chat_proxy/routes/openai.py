@@ -34,7 +34,7 @@ from imageworks.chat_proxy.forwarding import (
     until_disconnect,
 )
 from imageworks.chat_proxy.lifecycle import Ticket
-from imageworks.chat_proxy.modelstate import STARTING
+from imageworks.chat_proxy.modelstate import READY, STARTING
 from imageworks.chat_proxy.payloads import (
     CHAT,
     COMPLETIONS,
@@ -47,6 +47,7 @@ from imageworks.chat_proxy.payloads import (
     prepare,
     validate,
 )
+from imageworks.chat_proxy.peers import FORWARDED_HEADER, Listed
 from imageworks.chat_proxy.state import ProxyState, RequestInfo
 from imageworks.model_loader.errors import UnknownModelError
 from imageworks.model_loader.schema import ModelEntry
@@ -80,29 +81,72 @@ def model_object(state: ProxyState, entry: ModelEntry) -> dict[str, Any]:
     }
 
 
-def models_body(state: ProxyState) -> bytes:
-    """The /v1/models body, cached until the registry, the profile or a model state changes."""
-    key = (state.registry.version, state.profile.name, state.lifecycle.version)
-    cached = state._models_cache
-    if cached is not None and cached[0] == key:
-        return cached[1]
+def peer_object(state: ProxyState, listed: Listed) -> dict[str, Any]:
+    return {
+        "id": listed.id,
+        "object": "model",
+        "created": int(state.started_at),
+        "owned_by": "imageworks",
+        "imageworks": {**listed.model.info, "peer": listed.model.peer, "boxes": listed.boxes},
+    }
+
+
+def models_data(state: ProxyState, local_only: bool) -> list[dict[str, Any]]:
     data = [model_object(state, e) for e in state.registry if state.visible(e)]
-    body = json.dumps({"object": "list", "data": data}).encode()
-    state._models_cache = (key, body)
+    if state.peers and not local_only:
+        local = {item["id"] for item in data}
+        data += [peer_object(state, listed) for listed in state.peers.listed(local)]
+    return data
+
+
+def models_body(state: ProxyState, local_only: bool = False) -> bytes:
+    """The /v1/models body, cached until the registry, the profile, a model state or what the
+    peers serve changes. ``local_only``: for a peer asking (it never lists our peers)."""
+    key = (state.registry.version, state.profile.name, state.lifecycle.version, state.peers.version)
+    cached = state._models_cache
+    if not local_only and cached is not None and cached[0] == key:
+        return cached[1]
+    body = json.dumps({"object": "list", "data": models_data(state, local_only)}).encode()
+    if not local_only:
+        state._models_cache = (key, body)
     return body
 
 
 async def list_models(request: Request) -> Response:
     state = proxy_state(request)
     require_api_key(request.headers, state.config.api_keys)
-    return Response(models_body(state), media_type=JSON)
+    local_only = FORWARDED_HEADER in request.headers
+    return Response(models_body(state, local_only), media_type=JSON)
 
 
 async def get_model(request: Request) -> Response:
     state = proxy_state(request)
     require_api_key(request.headers, state.config.api_keys)
-    entry = resolve(state, request.path_params["model_id"])
+    name = request.path_params["model_id"]
+    if state.peers and FORWARDED_HEADER not in request.headers:
+        for item in models_data(state, local_only=False):
+            if item["id"] == name:
+                return Response(json.dumps(item).encode(), media_type=JSON)
+    entry = resolve(state, name)
     return Response(json.dumps(model_object(state, entry)).encode(), media_type=JSON)
+
+
+def route(state: ProxyState, name: str, forwarded: bool) -> ModelEntry:
+    """The entry a request for ``name`` goes to: this box's, or a peer's (never for a request a
+    peer forwarded: one hop at most)."""
+    if forwarded or not state.peers:
+        return resolve(state, name)
+    try:
+        local: ModelEntry | None = resolve(state, name)
+    except ModelNotFound as exc:
+        local, missing = None, exc
+    warm = local is not None and state.lifecycle.state(local) == READY
+    elsewhere = state.peers.route(name, local, warm)
+    if elsewhere is not None:
+        return elsewhere
+    if local is None:
+        raise missing
+    return local
 
 
 def resolve(state: ProxyState, name: str) -> ModelEntry:
@@ -197,7 +241,7 @@ async def forward(
         info.model = validate(endpoint, body)
         info.stream = body.get("stream") is True
         info.prompt_bytes = len(raw)
-        info.entry = entry = resolve(state, info.model)
+        info.entry = entry = route(state, info.model, FORWARDED_HEADER in headers)
         check_capabilities(endpoint, entry, body)
         check_engine_fields(entry, body)
         check_template(
