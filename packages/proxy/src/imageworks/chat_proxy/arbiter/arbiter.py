@@ -208,7 +208,7 @@ class VramArbiter:
             return 0
         held = self._locate(await self.holdings(), snaps)
         lent = self.leases.lent()
-        views = ledger.devices_for_placement(snaps, held, lent)
+        views = ledger.devices_for_placement(snaps, held, lent, measured=self.probe.measures)
         found = place(views, need, headroom_mb=self.headroom_mb)
         return found.devices[0] if found.devices else 0
 
@@ -233,12 +233,12 @@ class VramArbiter:
                 mine = [h.resident(None) for h in held if not h.holding.foreign]
             return Placement((device,), plan_exclusive(mine))
         lent = set() if lease else self.leases.lent()
-        views = ledger.devices_for_placement(snaps, held, lent)
+        views = ledger.devices_for_placement(snaps, held, lent, measured=self.probe.measures)
         found = place(views, need, pin=pin, span=span, headroom_mb=self.headroom_mb)
         if not found.devices and lent:
             # Only lent devices could take it: the request was admitted with the lease's
             # token (``admit`` refuses anyone else), so the holder's model may use its device.
-            views = ledger.devices_for_placement(snaps, held, ())
+            views = ledger.devices_for_placement(snaps, held, (), measured=self.probe.measures)
             found = place(views, need, pin=pin, span=span, headroom_mb=self.headroom_mb)
         return found
 
@@ -312,7 +312,7 @@ class VramArbiter:
         held: list[ledger.Held],
         found: Placement,
     ) -> InsufficientVram:
-        views = ledger.devices_for_placement(snaps, held, ())
+        views = ledger.devices_for_placement(snaps, held, (), measured=self.probe.measures)
         free = ", ".join(f"GPU {v.index} free={v.free_mb} MB" for v in views)
         if len(views) == 1:
             free = f"free={views[0].free_mb} MB"
