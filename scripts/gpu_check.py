@@ -2,13 +2,15 @@
 
     uv run python scripts/gpu_check.py [--mb 4096] [--json out.json]
 
-1. The NVML probe reports the card (name, total, used, free).
+1. The NVML probe reports every device (name, total, used, free, processes).
 2. A child process holds GPU memory: it allocates ``--mb`` MiB through the CUDA driver API
    (ctypes on libcuda, so no torch is needed) and serves /health.
-3. The real Lifecycle starts that process as a model; the arbiter learns its footprint from
-   NVML's per-process usage.
-4. A GPU lease is granted: the arbiter evicts the process (SIGTERM to its group) and waits
-   until NVML shows the memory back; the script reports how long that took.
+3. The real Lifecycle starts that process as a model, pinned to the last device (on a
+   one-GPU box: device 0) and so launched with CUDA_VISIBLE_DEVICES; NVML must see it on that
+   device only, and the arbiter learns its footprint from NVML's per-process usage. The
+   per-device ledger (``/v1/gpu/status`` ``devices``) is reported for every device.
+4. A GPU lease on that device is granted: the arbiter evicts the process (SIGTERM to its
+   group) and waits until NVML shows the memory back; the script reports how long that took.
 5. The model is started again and its process killed with SIGKILL: the exit watch must mark
    it crashed within a second, and NVML must show its memory back.
 The holder runs through the real llama.cpp backend (launch template, engine record, exit
@@ -77,14 +79,25 @@ async def check(mb: int) -> dict[str, Any]:
     report: dict[str, Any] = {"ok": False, "steps": {}}
     steps = report["steps"]
     probe = NvmlProbe()
-    before = await probe.snapshot()
-    assert before is not None
-    report["card"] = {
-        "name": probe.name,
-        "total_mb": before.total_mb,
-        "used_mb": before.used_mb,
-        "free_mb": before.free_mb,
-    }
+    devices = await probe.devices()
+    target = devices[-1].index  # the last device: on a multi-GPU box, not the default one
+    before = devices[target]
+
+    async def on_target() -> Any:
+        return (await probe.devices())[target]
+
+    report["devices"] = [
+        {
+            "index": d.index,
+            "name": d.name,
+            "total_mb": d.total_mb,
+            "used_mb": d.used_mb,
+            "free_mb": d.free_mb,
+            "processes": len(d.processes),
+        }
+        for d in devices
+    ]
+    report["card"] = report["devices"][target]
     staging = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     # The real llama.cpp backend (records, exit watch, stop), with the memory holder as its
     # server command: the same code path a llama.cpp model on the GPU takes.
@@ -100,6 +113,7 @@ async def check(mb: int) -> dict[str, Any]:
             "backend": "llamacpp",
             "vram_estimate_mb": mb,
             "backend_config": {"model_path": "none"},
+            "gpus": [target],
         }
     )
 
@@ -121,21 +135,34 @@ async def check(mb: int) -> dict[str, Any]:
     lifecycle.gate = arbiter
     started = time.monotonic()
     await lifecycle.activate(entry)
-    held = await probe.snapshot()
-    assert held is not None
+    everywhere = await probe.devices()
+    held = everywhere[target]
     pid = backend.pid_of("holder")
     seen = held.processes.get(pid) if pid else None
     steps["child_started_s"] = round(time.monotonic() - started, 2)
-    steps["nvml_sees_child"] = {"pid": pid, "used_mb": seen}
+    steps["nvml_sees_child"] = {"pid": pid, "used_mb": seen, "device": target}
+    steps["child_on_other_devices"] = [d.index for d in everywhere if pid in d.processes]
     steps["learned_footprint_mb"] = arbiter.learned_mb.get("holder")
     steps["used_mb_while_held"] = held.used_mb
+    await arbiter.snapshot()
+    await arbiter.holdings()
+    ledger = arbiter.status()["devices"]
+    steps["ledger"] = [
+        {k: d[k] for k in ("index", "total_mb", "used_mb", "ours_mb", "foreign_mb", "models")}
+        for d in ledger
+    ]
     evict_started = time.monotonic()
     lease = await arbiter.leases.grant(
-        "gpu-check", "evict the holder", restart_model=False, ttl_s=60, need_mb=None
+        "gpu-check",
+        "evict the holder",
+        restart_model=False,
+        ttl_s=60,
+        need_mb=None,
+        device=target,
     )
-    after = await probe.snapshot()
-    assert after is not None
+    after = await on_target()
     steps["lease_evicted"] = lease.evicted
+    steps["lease_device"] = lease.device
     steps["memory_back_s"] = round(time.monotonic() - evict_started, 3)
     steps["used_mb_after"] = after.used_mb
     steps["child_gone"] = pid not in after.processes
@@ -156,8 +183,8 @@ async def check(mb: int) -> dict[str, Any]:
     steps["crash_detected_s"] = round(time.monotonic() - killed, 3)
     freed = None
     while time.monotonic() - killed < 30:
-        snap = await probe.snapshot()
-        if snap is not None and crashed_pid not in snap.processes:
+        snap = await on_target()
+        if crashed_pid not in snap.processes:
             freed = snap
             break
         await asyncio.sleep(0.02)
@@ -167,7 +194,10 @@ async def check(mb: int) -> dict[str, Any]:
     report["ok"] = bool(
         seen
         and seen >= mb * 0.9
+        and steps["child_on_other_devices"] == [target]
+        and any(m["name"] == "holder" for m in ledger[target]["models"])
         and lease.evicted == ["holder"]
+        and lease.device == target
         and pid not in after.processes
         and after.used_mb <= before.used_mb + 256
         and steps["crash_state"] == "crashed"

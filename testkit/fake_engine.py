@@ -30,11 +30,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+from imageworks.chat_proxy.arbiter.simgpu import SIM_VARIABLE, SimGpu
 
 ANSWER_WORDS = ["Hello", " from", " {flavour}", "!"]
 
@@ -58,6 +62,9 @@ class FakeEngine:
     loaded: dict[str, float] = field(default_factory=dict)
     vram_mb: dict[str, int] = field(default_factory=dict)  # per tag; 4096 when not listed
     unload_requests: list[str] = field(default_factory=list)
+    # The simulated GPU this engine's models take memory from (a process on its own only).
+    sim: SimGpu | None = None
+    sim_devices: tuple[int, ...] = (0,)
 
     def holdings(self) -> dict[str, int]:
         """What this fake Ollama holds in (fake) VRAM, for a FakeProbe."""
@@ -79,6 +86,22 @@ class FakeEngine:
         return app
 
     # --- helpers -----------------------------------------------------------------------------
+
+    def load(self, tag: str) -> bool:
+        """Ollama loads ``tag`` (on the simulated GPU, on the visible device with the most free
+        memory, as Ollama places its own models); False when it does not fit."""
+        if tag not in self.loaded and self.sim is not None and tag in self.tags:
+            free = {s.index: s.free_mb for s in self.sim.read() if s.index in self.sim_devices}
+            device = max(free, key=lambda d: (free[d], -d))
+            mb = self.vram_mb.get(tag, 4096)
+            if not self.sim.allocate(device, mb, pid=os.getpid(), label=f"ollama:{tag}"):
+                return False
+        self.loaded[tag] = time.time()
+        return True
+
+    def unload(self, tag: str) -> None:
+        if self.loaded.pop(tag, None) is not None and self.sim is not None:
+            self.sim.free(os.getpid(), f"ollama:{tag}")
 
     def error(self, status: int, message: str) -> web.Response:
         if self.flavour == "vllm":
@@ -146,11 +169,11 @@ class FakeEngine:
             return self.error(int(model[5:]), f"scripted failure {model}")
         if self.flavour == "ollama" and (problem := _ollama_image_problem(body)):
             return self.error(400, problem)
+        if self.flavour == "ollama" and not self.load(model):
+            return self.error(500, f"model {model!r} does not fit in GPU memory")
         try:
             if model == "hang":
                 await asyncio.sleep(3600)
-            if self.flavour == "ollama":
-                self.loaded[model] = time.time()
             words = [w.format(flavour=self.flavour) for w in ANSWER_WORDS]
             if model == "slow":
                 words = [f" w{i}" for i in range(10)]
@@ -376,9 +399,9 @@ class FakeEngine:
             if request.path == "/api/generate" and model.startswith("generate-broken"):
                 return web.json_response({"error": "scripted generate failure"}, status=500)
             if not model.startswith("sticky"):  # "sticky" models answer but stay loaded
-                self.loaded.pop(model, None)
-        else:
-            self.loaded[model] = time.time()
+                self.unload(model)
+        elif not self.load(model):
+            return web.json_response({"error": "model does not fit in GPU memory"}, status=500)
         return web.json_response(
             {
                 "model": model,
@@ -452,10 +475,36 @@ def sse_events(text: str) -> list[str]:
     return [line[6:] for line in text.split("\n") if line.startswith("data: ")]
 
 
+def visible_devices() -> tuple[int, ...]:
+    """The devices this process may use (``CUDA_VISIBLE_DEVICES``; unset: device 0)."""
+    raw = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    return tuple(int(d) for d in raw.split(",") if d.strip()) or (0,)
+
+
+def hold_like_vllm(sim: SimGpu, fraction: float, devices: tuple[int, ...]) -> None:
+    """vLLM's start-up check, then its reservation: on each device, refuse when free memory is
+    below ``fraction`` of the total, else hold exactly ``fraction`` of the total."""
+    snaps = {s.index: s for s in sim.read()}
+    for device in devices:
+        want = int(fraction * snaps[device].total_mb)
+        if not sim.allocate(device, want, pid=os.getpid(), label="vllm"):
+            free = sim.read()[device].free_mb
+            print(
+                f"ValueError: Free memory on device {device} ({free} MiB) on startup is less "
+                f"than desired GPU memory utilization ({fraction}, {want} MiB)",
+                flush=True,
+            )
+            raise SystemExit(1)
+    print(f"holding {fraction} of GPU {','.join(map(str, devices))}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run a fake engine as its own process (for the executor's launch template in tests):
     ``python -m testkit.fake_engine --port N [--flavour vllm] [--startup-delay S] [--exit-code C]
-    [--exit-after S]``.
+    [--exit-after S]``. On a simulated GPU (``CHAT_PROXY_GPU_SIM``): ``--gpu-memory-utilization
+    F`` holds F of each visible device like vLLM (refusing to start when less is free),
+    ``--sim-vram-mb N`` holds N MiB (a llama.cpp model), ``--sim-model TAG=MB`` is an Ollama
+    model of that size (loaded on use, unloaded by ``keep_alive: 0``).
     """
     import argparse
 
@@ -468,15 +517,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--exit-after", type=float, help="serve, then die this many seconds later (a crash)"
     )
-    args, _unknown = parser.parse_known_args(argv)  # ignore vLLM's flags
+    parser.add_argument("--gpu-memory-utilization", type=float)
+    parser.add_argument("--sim-vram-mb", type=int)
+    parser.add_argument("--sim-model", action="append", default=[])
+    args, _unknown = parser.parse_known_args(argv)  # ignore vLLM's other flags
     print(f"fake {args.flavour} engine starting on {args.port}", flush=True)
     if args.exit_code is not None:
         print("fatal: scripted start failure (CUDA out of memory)", flush=True)
         raise SystemExit(args.exit_code)
     time.sleep(args.startup_delay)
-    app = FakeEngine(args.flavour).app()
+    sim_path = os.environ.get(SIM_VARIABLE)
+    sim = SimGpu(Path(sim_path)) if sim_path else None
+    devices = visible_devices()
+    if sim is not None and args.gpu_memory_utilization is not None:
+        hold_like_vllm(sim, args.gpu_memory_utilization, devices)
+    mb = args.sim_vram_mb
+    if sim is not None and mb and not sim.allocate(devices[0], mb, pid=os.getpid(), label="model"):
+        print("fatal: CUDA out of memory", flush=True)
+        raise SystemExit(1)
+    engine = FakeEngine(args.flavour, sim=sim, sim_devices=devices)
+    for item in args.sim_model:
+        tag, _, mb = item.partition("=")
+        engine.tags.append(tag)
+        engine.vram_mb[tag] = int(mb)
+    app = engine.app()
     if args.exit_after is not None:
-        import os
 
         def crash() -> None:
             print("fatal: scripted crash", flush=True)

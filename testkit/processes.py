@@ -69,6 +69,22 @@ FAKE_ENGINE_TEMPLATE = json.dumps(
     ]
 )
 
+# A fake vLLM that honours --gpu-memory-utilization on a simulated GPU, exactly as vLLM does.
+FAKE_VLLM_TEMPLATE = json.dumps(
+    [
+        "{python}",
+        "-m",
+        "testkit.fake_engine",
+        "--port",
+        "{port}",
+        "--host",
+        "{host}",
+        "--gpu-memory-utilization",
+        "{gpu_memory_utilization}",
+        "{extra_args}",
+    ]
+)
+
 
 def tag_session() -> str:
     """Mark this process's environment (and so its future children's) as one test session."""
@@ -106,7 +122,11 @@ class Executor:
     """``imageworks-vllm`` as a real process."""
 
     def __init__(
-        self, root: Path, template: str = LLAMACPP_TEMPLATE, served_port: int | None = None
+        self,
+        root: Path,
+        template: str = LLAMACPP_TEMPLATE,
+        served_port: int | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.root = root
         self.port = free_port()
@@ -121,6 +141,7 @@ class Executor:
             "IMAGEWORKS_VLLM_LAUNCH_TEMPLATE": template,
             "IMAGEWORKS_VLLM_START_TIMEOUT_S": "60",
             "PYTHONPATH": str(REPO),
+            **(env or {}),
         }
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
@@ -176,3 +197,19 @@ def start_proxy(
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     wait_for_port(port, timeout=30, host=host)
     return process, f"http://{host}:{port}"
+
+
+def start_engine(root: Path, *args: str, **env: str) -> tuple[subprocess.Popen[bytes], str]:
+    """A fake engine as a process of its own (``testkit.fake_engine`` flags), e.g. an Ollama
+    on the simulated GPU; returns the process and its root URL."""
+    port = free_port()
+    with (root / f"engine-{port}.out").open("ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "testkit.fake_engine", "--port", str(port), *args],
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": str(REPO), **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    wait_for_port(port, timeout=30)
+    return process, f"http://127.0.0.1:{port}"

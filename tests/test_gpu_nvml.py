@@ -38,6 +38,8 @@ def test_gpu_check_script(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
     assert report["steps"]["lease_evicted"] == ["holder"]
+    assert report["steps"]["child_on_other_devices"] == [report["steps"]["lease_device"]]
+    assert len(report["steps"]["ledger"]) == len(report["devices"])  # every device
     assert report["steps"]["nvml_sees_child"]["used_mb"] >= 2048 * 0.9
     assert report["steps"]["crash_state"] == "crashed"  # kill -9 seen by the exit watch
     assert report["steps"]["crash_memory_back_s"] is not None  # and its memory came back

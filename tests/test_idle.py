@@ -50,7 +50,10 @@ def test_an_idle_model_is_unloaded_after_its_ttl_and_a_pinned_one_never(proxy_fa
     now = states(proxy)
     assert now["pinned"]["state"] == "ready" and now["pinned"]["idle_unload_in_s"] is None
     assert now["own-ttl"]["state"] == "ready"  # ttl_s 0 on the entry: never
-    assert 'chat_proxy_idle_unloads_total{model="idle"} 1.0' in proxy.client.get("/metrics").text
+    assert (
+        'chat_proxy_idle_unloads_total{model="idle",reason="idle"} 1.0'
+        in proxy.client.get("/metrics").text
+    )
     # Unloaded is not broken: the next request starts it again.
     assert proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "idle"}).is_success
     proxy.server.stop()

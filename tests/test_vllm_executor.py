@@ -201,7 +201,18 @@ def test_vllm_is_sized_by_the_ledger_not_a_fixed_fraction(tmp_path: Path, proxy_
         assert proxy.client.post("/admin/activate", json={"model": "own-share"}, timeout=60)
         assert launched_share() == "0.5"  # the entry's own share wins
         status = proxy.client.get("/v1/gpu/status").json()
-        assert status["models"] == [{"name": "own-share", "vram_mb": 24000, "in_flight": 0}]
+        # Both fit on the card (14000 + 24000 of 48000): with a GPU budget they run at once,
+        # each its own child on its own port.
+        assert sorted(status["models"], key=lambda m: m["name"]) == [
+            {"name": "own-share", "vram_mb": 24000, "in_flight": 0},
+            {"name": "seven-b", "vram_mb": 14000, "in_flight": 0},
+        ]
+        runs = httpx.get(running.url + "/admin/state").json()["models"]
+        assert {r["logical_name"] for r in runs if r["status"] == "running"} == {
+            "seven-b",
+            "own-share",
+        }
+        assert len({r["port"] for r in runs}) == 2
         bad = httpx.post(
             running.url + "/admin/activate", json={"model": "seven-b", "gpu_memory_utilization": 2}
         )
@@ -209,3 +220,55 @@ def test_vllm_is_sized_by_the_ledger_not_a_fixed_fraction(tmp_path: Path, proxy_
         proxy.server.stop()
     finally:
         assert running.stop() == 0
+
+
+def test_several_models_run_at_once_each_on_its_devices_and_port(tmp_path: Path) -> None:
+    """``alongside``: one child per model, its own port and CUDA_VISIBLE_DEVICES; deactivating
+    one leaves the other; a restarted executor adopts every child; {} stops them all."""
+    from testkit.processes import FAKE_ENGINE_TEMPLATE
+
+    entries = [
+        vllm_entry("alpha"),
+        {**vllm_entry("wide"), "tensor_parallel": 2},
+    ]
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "model_registry.curated.json").write_text(json.dumps(entries))
+    running = Executor(tmp_path, template=FAKE_ENGINE_TEMPLATE)
+    try:
+        for bad in ("1", [], [-1], [True], [0, "1"]):
+            answer = post(running, "/admin/activate", {"model": "alpha", "devices": bad})
+            assert answer.status_code == 400 and answer.json()["error"]["param"] == "devices"
+        assert (
+            post(running, "/admin/activate", {"model": "alpha", "alongside": 1}).status_code == 400
+        )
+        alpha = post(running, "/admin/activate", {"model": "alpha", "devices": [1]}).json()
+        wide = post(
+            running, "/admin/activate", {"model": "wide", "devices": [0, 2], "alongside": True}
+        ).json()
+        assert alpha["status"] == wide["status"] == "running" and alpha["port"] != wide["port"]
+        assert alpha["base_url"] == f"http://127.0.0.1:{running.served_port}/v1"
+        assert pid_alive(alpha["pid"]) and pid_alive(wide["pid"])
+        assert environ_of(alpha["pid"])["CUDA_VISIBLE_DEVICES"] == "1"
+        assert environ_of(wide["pid"])["CUDA_VISIBLE_DEVICES"] == "0,2"
+        argv = Path(f"/proc/{wide['pid']}/cmdline").read_bytes().split(b"\0")
+        assert argv[argv.index(b"--tensor-parallel-size") + 1] == b"2"
+        listed = {m["logical_name"]: m for m in state(running)["models"]}
+        assert set(listed) == {"alpha", "wide"} and listed["wide"]["devices"] == [0, 2]
+        running.kill()  # a crash: both children live on and are adopted
+        running.start()
+        assert {m["logical_name"] for m in state(running)["models"]} == {"alpha", "wide"}
+        left = post(running, "/admin/deactivate", {"model": "alpha"}).json()
+        assert not pid_alive(alpha["pid"]) and pid_alive(wide["pid"])
+        assert [m["logical_name"] for m in left["models"]] == ["wide"]
+        # Without ``alongside`` (an older proxy): one model at a time, as before.
+        again = post(running, "/admin/activate", {"model": "alpha"}).json()
+        assert again["status"] == "running" and not pid_alive(wide["pid"])
+        post(running, "/admin/deactivate")
+        assert not pid_alive(again["pid"]) and state(running)["models"] == []
+    finally:
+        assert running.stop() == 0
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    items = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in items if b"=" in item)

@@ -64,6 +64,9 @@ def test_shared_imageworks_dirs_are_used_unless_the_proxy_sets_its_own(tmp_path:
         ("CHAT_PROXY_VLLM_REMOTE_URL", "imageworks-vllm:8600", "http://"),
         ("CHAT_PROXY_VLLM_GPU_MEMORY_UTILIZATION", "1.5", "less than or equal to 1"),
         ("CHAT_PROXY_SERVER", "gunicorn", "hypercorn"),
+        ("CHAT_PROXY_GPU_TOTAL_MB", "24000,0", "at least 1 MB"),
+        ("CHAT_PROXY_GPU_TOTAL_MB", "24000,lots", "valid integer"),
+        ("CHAT_PROXY_GPU_PROBE", "cuda", "'sim'"),
     ],
 )
 def test_a_bad_value_fails_naming_the_variable(
@@ -87,6 +90,16 @@ def test_binding_beyond_loopback_requires_an_admin_token(tmp_path: Path) -> None
 def test_api_keys_are_a_comma_separated_list(tmp_path: Path) -> None:
     config = ProxyConfig.load(environ={"CHAT_PROXY_API_KEYS": " a, b ,,c"}, cwd=tmp_path)
     assert config.api_keys == ("a", "b", "c")
+
+
+def test_gpu_totals_are_one_per_device(tmp_path: Path) -> None:
+    def totals(raw: str) -> tuple[int, ...] | None:
+        return ProxyConfig.load(environ={"CHAT_PROXY_GPU_TOTAL_MB": raw}, cwd=tmp_path).gpu_total_mb
+
+    assert totals("20000") == (20000,)  # one number: one device, as before
+    assert totals("24000, 24000") == (24000, 24000)
+    assert totals("") is None
+    assert ProxyConfig.load(cwd=tmp_path, gpu_total_mb=20000).gpu_total_mb == (20000,)
 
 
 def test_printing_shows_addresses_and_paths_but_never_secrets(tmp_path: Path) -> None:

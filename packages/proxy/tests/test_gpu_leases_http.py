@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from testkit.entries import eventually
 from testkit.fake_engine import entry_for
@@ -242,3 +243,75 @@ def test_declared_budget_admits_a_model_that_fits_an_empty_budget(proxy_factory,
     assert http.post("/v1/chat/completions", json={**CHAT, "model": "other"}).status_code == 200
     states = {m["name"]: m["state"] for m in http.get("/admin/state").json()["models"]}
     assert states == {"big": "stopped", "other": "ready"}
+
+
+FAKE_LLAMACPP = json.dumps(
+    ["{python}", "-m", "testkit.fake_engine", "--port", "{port}", "--flavour", "llamacpp"]
+)
+
+
+def test_without_any_gpu_budget_a_lease_still_evicts_every_idle_model(proxy_factory) -> None:
+    """No NVML and no declared total: nothing is measured, yet the whole GPU is still lent and
+    every idle model is stopped for it (the runbook's lease step on a machine like that)."""
+    engine = {
+        "name": "resident",
+        "backend": "llamacpp",
+        "vram_estimate_mb": 4000,
+        "backend_config": {"model_path": "none"},
+    }
+    proxy = proxy_factory([engine], gpu_probe="none", llamacpp_launch_template=FAKE_LLAMACPP)
+    http = proxy.client
+    assert http.post("/v1/chat/completions", json={**CHAT, "model": "resident"}).is_success
+    granted = http.post("/v1/gpu/lease", json={"owner": "jv"})
+    assert granted.status_code == 200, granted.text
+    assert granted.json()["lease"]["evicted"] == ["resident"]
+    status = http.get("/v1/gpu/status").json()
+    assert status["budget"] == "none" and status["devices"] == [] and status["leased"] is True
+
+
+def test_declared_devices_take_one_model_each_and_a_lease_by_size_finds_room(
+    proxy_factory,
+) -> None:
+    """Two declared cards (CHAT_PROXY_GPU_TOTAL_MB=20000,20000): two 14,000 MB models go to
+    different devices, each engine told its device; a lease asking for 5,000 MB gets a device
+    without evicting anything that way, and one naming a device that does not exist is a 400."""
+    big = {
+        "name": "big",
+        "backend": "llamacpp",
+        "vram_estimate_mb": 14000,
+        "backend_config": {"model_path": "none"},
+    }
+    proxy = proxy_factory(
+        [big, {**big, "name": "other"}],
+        gpu_probe="none",
+        gpu_total_mb="20000,20000",
+        gpu_headroom_mb=1000,
+        llamacpp_launch_template=FAKE_LLAMACPP,
+    )
+    http = proxy.client
+    for name in ("big", "other"):
+        assert http.post("/v1/chat/completions", json={**CHAT, "model": name}).status_code == 200
+    rows = {m["name"]: m for m in http.get("/admin/state").json()["models"]}
+    assert {rows["big"]["state"], rows["other"]["state"]} == {"ready"}
+    assert sorted([rows["big"]["devices"], rows["other"]["devices"]]) == [[0], [1]]
+    backend = proxy.state.backends["llamacpp"]
+    for name in ("big", "other"):
+        pid = backend.pid_of(name)
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert f"CUDA_VISIBLE_DEVICES={rows[name]['devices'][0]}".encode() in environ
+    status = http.get("/v1/gpu/status").json()
+    assert status["budget"] == "declared"
+    assert [(d["index"], d["used_mb"], d["free_mb"]) for d in status["devices"]] == [
+        (0, 14000, 6000),
+        (1, 14000, 6000),
+    ]
+    # 5,000 + 1,000 headroom fit in the 6,000 left on either card: nothing is evicted, and
+    # with a tie the lower index.
+    lease = http.post("/v1/gpu/lease", json={"owner": "jv", "need_mb": 5000}).json()["lease"]
+    assert lease["evicted"] == [] and lease["device"] == 0
+    # 7,000 fits nowhere: the device where evicting frees the least (a tie: device 1, as
+    # device 0 is lent now).
+    second = http.post("/v1/gpu/lease", json={"owner": "kv", "need_mb": 7000}).json()["lease"]
+    assert second["device"] == 1 and len(second["evicted"]) == 1
+    missing = http.post("/v1/gpu/lease", json={"owner": "x", "device": 5})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "device"

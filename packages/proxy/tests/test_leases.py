@@ -101,7 +101,7 @@ class Gpu:
         self.pending_seen: list[str | None] = []
         self.fail_free = False
 
-    async def free(self, need_mb: int | None, why: str) -> list[str]:
+    async def free(self, need_mb: int | None, why: str, device: int = 0) -> list[str]:
         self.freed.append((need_mb, why))
         assert self.desk is not None
         self.pending_seen.append(self.desk.public()["pending"])
@@ -192,7 +192,7 @@ async def settle(desk: LeaseDesk) -> None:
 async def test_the_desk_admits_anyone_while_nothing_is_lent(desk: Desk) -> None:
     desk.desk.admit(None)
     desk.desk.admit("anything")
-    assert desk.desk.public() == {"leased": False, "lease": None, "pending": None}
+    assert desk.desk.public() == {"leased": False, "lease": None, "pending": None, "leases": []}
     assert desk.active() == 0
 
 
@@ -218,6 +218,7 @@ async def test_a_grant_frees_the_gpu_and_hands_out_the_token_once(desk: Desk) ->
             "owner": "jv",
             "reason": "stage 2",
             "evicted": ["big-a", "small"],
+            "device": 0,
         }
     ]
 
@@ -240,7 +241,7 @@ async def test_a_failed_eviction_grants_nothing_and_lets_requests_in(desk: Desk)
     desk.gpu.fail_free = True
     with pytest.raises(RuntimeError, match="eviction failed"):
         await desk.grant()
-    assert desk.desk.public() == {"leased": False, "lease": None, "pending": None}
+    assert desk.desk.public() == {"leased": False, "lease": None, "pending": None, "leases": []}
     desk.desk.admit(None)
     assert desk.saved() is None and desk.active() == 0
 

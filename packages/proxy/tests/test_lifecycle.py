@@ -44,7 +44,13 @@ class ScriptedBackend(Backend):
         return "one-gpu"
 
     async def start(
-        self, entry: ModelEntry, log_path: Path, timeout: float, *, gpu_share: float | None = None
+        self,
+        entry: ModelEntry,
+        log_path: Path,
+        timeout: float,
+        *,
+        gpu_share: float | None = None,
+        devices: tuple[int, ...] | None = None,
     ) -> str:
         self.events.append(f"start {entry.name}")
         if self.gate is not None:

@@ -47,7 +47,13 @@ class GpuBackend(Backend):
         return f"own:{entry.name}"
 
     async def start(
-        self, entry: ModelEntry, log_path: Path, timeout: float, *, gpu_share: float | None = None
+        self,
+        entry: ModelEntry,
+        log_path: Path,
+        timeout: float,
+        *,
+        gpu_share: float | None = None,
+        devices: tuple[int, ...] | None = None,
     ) -> str:
         self.events.append(f"start {entry.name}")
         self.held[entry.name] = SIZES[entry.name]

@@ -63,8 +63,10 @@ class ProxyConfig(BaseModel):
     queue_timeout_s: float = Field(default=120.0, gt=0)
     keepalive_s: float = Field(default=5.0, gt=0)
     # GPU arbitration.
-    gpu_probe: Literal["auto", "nvml", "none"] = "auto"
-    gpu_total_mb: int | None = Field(default=None, ge=1)
+    gpu_probe: Literal["auto", "nvml", "none", "sim"] = "auto"
+    # One total per device (a comma list in the environment); one number: one device.
+    gpu_total_mb: tuple[int, ...] | None = None
+    gpu_sim: Path | None = None
     gpu_headroom_mb: int = Field(default=1024, ge=0)
     # Supervision: a failed start is retried no sooner than the backoff (doubling from the
     # first value to the cap, reset on success); so many crashes within the window is a crash
@@ -134,8 +136,19 @@ class ProxyConfig(BaseModel):
 
     @field_validator("gpu_total_mb", mode="before")
     @classmethod
-    def _blank_total_is_none(cls, value: Any) -> Any:
-        return None if value == "" else value
+    def _totals_per_device(cls, value: Any) -> Any:
+        if value == "" or value is None:
+            return None
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(","))
+        return (value,) if isinstance(value, int) else value
+
+    @field_validator("gpu_total_mb")
+    @classmethod
+    def _totals_are_positive(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is not None and (not value or min(value) < 1):
+            raise ValueError("each device's total must be at least 1 MB")
+        return value
 
     @field_validator("admin_token", "ray_token_env", mode="before")
     @classmethod

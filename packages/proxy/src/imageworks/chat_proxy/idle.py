@@ -47,7 +47,7 @@ async def unload_idle(lifecycle: Lifecycle) -> list[str]:
         if await slot.evict(entry.name, "idle"):
             unloaded.append(entry.name)
             if lifecycle.metrics is not None:
-                lifecycle.metrics.idle_unloads.labels(entry.name).inc()
+                lifecycle.metrics.idle_unloads.labels(entry.name, "idle").inc()
             if lifecycle.gate is not None and slot.backend.uses_gpu(entry):
                 await lifecycle.gate.released(pid)
     return unloaded

@@ -247,8 +247,11 @@ class Lifecycle:
         names = set(self.registry().names)
         for slot in list(self.slots.values()):
             if slot.active is not None and slot.active not in names:
-                if await slot.evict(slot.active, "removed from the registry"):
+                name = slot.active
+                if await slot.evict(name, "removed from the registry"):
                     log.info("stopped %s: it is no longer in the registry", slot.key)
+                    if self.metrics is not None:
+                        self.metrics.idle_unloads.labels(name, "removed").inc()
                 continue
             await slot.check()
         entries = [e for e in self.registry() if e.servable and not self.managed(e)]
@@ -301,6 +304,7 @@ class Lifecycle:
                     slot.in_flight,
                     protected=slot.state != READY,  # starting or stopping: its slot's business
                     evict=functools.partial(slot.evict, entry.name, "vram"),
+                    pid=slot.backend.pid_of(entry.name),
                     entry=entry,
                 )
             )
@@ -314,10 +318,11 @@ class Lifecycle:
     def usage(self, name: str) -> tuple[float, int]:
         return self.last_used(name), self.in_flight.get(name, 0)
 
-    def declared_mb(self) -> list[int]:
-        """Declared sizes of what runs now (the budget when there is no GPU to measure)."""
+    def declared_mb(self) -> list[tuple[tuple[int, ...], int]]:
+        """Where what runs now was placed, with its declared size (the budget when there is no
+        GPU to measure)."""
         return [
-            slot.entry.vram_estimate_mb or 0
+            (self.gpu_devices(slot.entry) or (), slot.entry.vram_estimate_mb or 0)
             for slot in self.slots.values()
             if slot.active is not None and slot.entry is not None and not slot.making_room
         ]
@@ -330,6 +335,12 @@ class Lifecycle:
         if self.gate is None or not self.backend(entry).uses_gpu(entry):
             return None
         return self.gate.share_of(entry)
+
+    def gpu_devices(self, entry: ModelEntry) -> tuple[int, ...] | None:
+        """The devices ``entry`` was placed on (its engine's CUDA_VISIBLE_DEVICES)."""
+        if self.gate is None or not self.backend(entry).uses_gpu(entry):
+            return None
+        return self.gate.placement_of(entry)
 
     async def learn(self, entry: ModelEntry, pid: int | None) -> None:
         if self.gate is not None and self.backend(entry).uses_gpu(entry):
@@ -401,7 +412,14 @@ class Lifecycle:
             view["pinned"] = entry.pinned
             view["restart"] = entry.restart
             view["restarts"] = self.restarts_of(entry.name).public(time.monotonic())
+        view["devices"] = self.devices_of(entry)
         return view
+
+    def devices_of(self, entry: ModelEntry) -> list[int]:
+        """Where ``entry`` runs now; [] when it is not loaded or nobody knows."""
+        if self.gate is None or self.state(entry) not in (READY, STARTING, STOPPING):
+            return []
+        return list(self.gate.placement_of(entry) or ())
 
     def managed(self, entry: ModelEntry) -> bool:
         return self.backend(entry).slot_key(entry) is not None

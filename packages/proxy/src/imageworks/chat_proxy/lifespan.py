@@ -28,8 +28,9 @@ from typing import Any
 from imageworks.chat_proxy import idle
 from imageworks.chat_proxy.admission import Admission
 from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
-from imageworks.chat_proxy.arbiter.gpu import GpuProbe, NoGpuProbe, NvmlProbe
+from imageworks.chat_proxy.arbiter.gpu import GpuProbe, NoGpuProbe, NvmlProbe, SimProbe
 from imageworks.chat_proxy.backends import build_backends
+from imageworks.chat_proxy.backends.vllm import VllmBackend
 from imageworks.chat_proxy.config import ProxyConfig
 from imageworks.chat_proxy.egress import Egress
 from imageworks.chat_proxy.lifecycle import Lifecycle
@@ -48,6 +49,10 @@ log = logging.getLogger("imageworks.chat_proxy")
 
 
 def make_probe(config: ProxyConfig, lifecycle: Lifecycle) -> GpuProbe:
+    if config.gpu_probe == "sim":
+        if config.gpu_sim is None:
+            raise RuntimeError("CHAT_PROXY_GPU_PROBE=sim needs CHAT_PROXY_GPU_SIM (a file)")
+        return SimProbe(config.gpu_sim)
     if config.gpu_probe in ("auto", "nvml"):
         try:
             return NvmlProbe()
@@ -110,6 +115,10 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         metrics=metrics,
     )
     lifecycle.gate = arbiter
+    budgeted = not (isinstance(arbiter.probe, NoGpuProbe) and not arbiter.probe.totals_mb)
+    for backend in backends.values():
+        if isinstance(backend, VllmBackend):
+            backend.concurrent = budgeted  # several vLLM models at once where the ledger fits
     state = ProxyState(
         config=config,
         watcher=watcher,

@@ -12,11 +12,13 @@ queued tuple costs almost nothing, and a scrape always sees every finished reque
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
+    from imageworks.chat_proxy.arbiter.gpu import GpuSnapshot
     from imageworks.chat_proxy.vision import ImageStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -98,8 +100,8 @@ class Metrics:
         )
         self.idle_unloads = Counter(
             "chat_proxy_idle_unloads",
-            "Models stopped after their idle TTL, by model",
-            ["model"],
+            "Models stopped without a request asking: idle TTL ('idle') or left the registry",
+            ["model", "reason"],
             registry=r,
         )
         self.evictions = Counter(
@@ -111,8 +113,17 @@ class Metrics:
         self.vram_used = Gauge(
             "chat_proxy_vram_used_mb", "GPU memory in use, as last probed", registry=r
         )
+        # Per device, as last probed: total, used, held by our engines, held by others.
+        self.device_mb = Gauge(
+            "chat_proxy_gpu_device_mb",
+            "GPU memory per device: total, used, ours (our engines), foreign (other processes)",
+            ["device", "kind"],
+            registry=r,
+        )
         self.lease_active = Gauge(
-            "chat_proxy_gpu_lease_active", "1 while the GPU is leased", registry=r
+            "chat_proxy_gpu_lease_active",
+            "GPU leases held now (one per device at most)",
+            registry=r,
         )
         self.lease_events = Counter(
             "chat_proxy_gpu_lease_events", "Lease grants, releases, ...", ["event"], registry=r
@@ -197,3 +208,18 @@ class Metrics:
     def render(self) -> bytes:
         self.fold()
         return generate_latest(self.registry)
+
+    def gpu_read(self, devices: Sequence[GpuSnapshot]) -> None:
+        """A probe read: device 0 keeps the one-GPU gauges; every device its own."""
+        if devices:
+            self.vram_total.set(devices[0].total_mb)
+            self.vram_used.set(devices[0].used_mb)
+        for snap in devices:
+            self.device_mb.labels(str(snap.index), "total").set(snap.total_mb)
+            self.device_mb.labels(str(snap.index), "used").set(snap.used_mb)
+
+    def gpu_ledger(self, devices: Sequence[dict[str, Any]]) -> None:
+        """The ledger's split of each device (``/v1/gpu/status`` ``devices``)."""
+        for row in devices:
+            self.device_mb.labels(str(row["index"]), "ours").set(row["ours_mb"])
+            self.device_mb.labels(str(row["index"]), "foreign").set(row["foreign_mb"])

@@ -145,6 +145,29 @@ def find_launched(argv: list[str]) -> list[int]:
     ]
 
 
+def listening_pid(port: int) -> int | None:
+    """The process listening on TCP ``port`` on this host, if this user can see it (from
+    /proc: the socket's inode, then the process holding it). Blocking: call in a thread."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if len(fields) > 9 and fields[3] == "0A" and fields[1].endswith(f":{port:04X}"):
+                    inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (entry / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if str(fd.readlink()) in inodes:
+                        return int(entry.name)
+    return None
+
+
 @dataclass(frozen=True)
 class ProcessRecord:
     """What identifies a running engine across a supervisor crash, plus what to reattach."""

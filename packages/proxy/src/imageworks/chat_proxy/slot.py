@@ -213,6 +213,7 @@ class Slot:
                     self.owner.start_log(name),
                     self.owner.start_timeout,
                     gpu_share=self.owner.gpu_share(entry),
+                    devices=self.owner.gpu_devices(entry),
                 )
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):

@@ -1,9 +1,15 @@
-"""The executor's admin API (port 8600): run one vLLM server at a time for the proxy.
+"""The executor's admin API (port 8600): run vLLM servers for the proxy, one child per model.
 
     GET  /health            {"status": "ok"}
-    GET  /admin/state       the active model, pid, port, base_url, status
-    POST /admin/activate    {"model": "<registry name>"}: stop the current one, launch, wait
-    POST /admin/deactivate  stop it (process group, SIGKILL after a grace period)
+    GET  /admin/state       the latest model's pid, port, base_url, status; ``models``: every one
+    POST /admin/activate    {"model": "<registry name>", "gpu_memory_utilization": 0.3,
+                             "devices": [1], "alongside": true}: launch, wait. Without
+                             ``alongside`` every other model is stopped first (one at a time)
+    POST /admin/deactivate  {} stops every model; {"model": name} only that one
+
+Each child gets its own port (the first ``IMAGEWORKS_VLLM_SERVED_PORT``, others a free one)
+and its devices as ``CUDA_VISIBLE_DEVICES``. The executor builds every command itself from its
+template and the registry; nothing in a request becomes argv but numbers it validates.
 
 The state is persisted under the staging dir: a restarted executor adopts a still-running
 child (same pid, kernel start time *and* command line: ``chat_proxy.process``) or cleans up
@@ -17,8 +23,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
@@ -41,6 +49,7 @@ from imageworks.chat_proxy.process import (
     ProcessRecord,
     StartFailed,
     StartTimedOut,
+    free_port,
     safe_name,
 )
 from imageworks.model_loader.errors import RegistryError, UnknownModelError
@@ -54,82 +63,131 @@ log = logging.getLogger("imageworks.vllm_executor")
 STATE_FILE = "vllm_executor.json"
 
 
+@dataclass
+class Run:
+    """One model's vLLM child."""
+
+    name: str
+    port: int
+    process: ManagedProcess | None = None
+    record: dict[str, Any] | None = None
+    status: str = "stopped"
+    last_error: str | None = None
+
+
 class Executor:
     def __init__(self, config: ExecutorConfig) -> None:
         self.config = config
         self.state_path = config.staging_dir / STATE_FILE
-        self.process: ManagedProcess | None = None
-        self.record: dict[str, Any] | None = None
-        self.status = "stopped"
-        self.last_error: str | None = None
+        self.runs: dict[str, Run] = {}
+        self.latest: str | None = None  # the model /admin/state's top-level fields describe
+        self.last_failed: Run | None = None
         self._lock = asyncio.Lock()
 
     # --- state ---------------------------------------------------------------------------------
 
-    def state(self) -> dict[str, Any]:
-        if self.process is not None and not self.process.alive and self.status == "running":
-            self.status = "failed"
-            self.last_error = f"process {self.process.pid} exited"
-        record = self.record or {}
+    def _view(self, run: Run | None) -> dict[str, Any]:
+        if run is None:
+            run = self.last_failed or Run("", self.config.served_port)
+        process = run.process
+        if process is not None and not process.alive and run.status == "running":
+            run.status = "failed"
+            run.last_error = f"process {process.pid} exited"
+        record = run.record or {}
         return {
-            "status": self.status,
+            "status": run.status,
             "logical_name": record.get("logical_name"),
             "served_model_id": record.get("served_model_id"),
             "pid": record.get("pid"),
-            "port": self.config.served_port,
-            "base_url": self.config.base_url if self.status == "running" else None,
+            "port": run.port,
+            "base_url": self._base_url(run.port) if run.status == "running" else None,
             "started_at": record.get("started_at"),
             "log_file": record.get("log_file"),
-            "last_error": self.last_error,
+            "devices": record.get("devices"),
+            "last_error": run.last_error,
         }
+
+    def _base_url(self, port: int) -> str:
+        return f"http://{self.config.public_host}:{port}/v1"
+
+    def _health_url(self, port: int) -> str:
+        host = self.config.served_host
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        return f"http://{host}:{port}/health"
+
+    def state(self, name: str | None = None) -> dict[str, Any]:
+        """One model's state (the latest activated by default), with ``models``: every one."""
+        run = self.runs.get(name or self.latest or "")
+        if run is None and name is None and self.runs:
+            run = next(iter(self.runs.values()))
+        return {**self._view(run), "models": [self._view(r) for r in self.runs.values()]}
 
     async def _persist(self) -> None:
         """Write (fsync) the state file in a thread: never block the event loop on a disk."""
         await asyncio.to_thread(self._write_state)
 
     def _write_state(self) -> None:
-        if self.record is None:
+        records = {n: r.record for n, r in self.runs.items() if r.record is not None}
+        if not records:
             self.state_path.unlink(missing_ok=True)
-        else:
-            write_atomic(self.state_path, json.dumps(self.record, indent=2).encode())
+            return
+        # The latest model's record at the top (the one-model shape older readers know).
+        top = records.get(self.latest or "") or next(iter(records.values()))
+        body = {**top, "models": records}
+        write_atomic(self.state_path, json.dumps(body, indent=2).encode())
 
     async def recover(self) -> None:
-        """After a restart: adopt the child we launched before, or clean up after it."""
+        """After a restart: adopt the children we launched before, or clean up after them."""
         try:
-            record = json.loads(self.state_path.read_text())
+            saved = json.loads(self.state_path.read_text())
         except (OSError, ValueError):
             return
+        records = saved.get("models") if isinstance(saved.get("models"), dict) else None
+        for record in (records or {"": saved}).values():
+            await self._adopt(record)
+        self.latest = saved.get("logical_name") if saved.get("logical_name") in self.runs else None
+        await self._persist()
+
+    async def _adopt(self, record: dict[str, Any]) -> None:
         # Records from before the start time was kept have pid and argv only: still adoptable.
         legacy = {"pid": record.get("pid"), "argv": record.get("argv"), "start_ticks": None}
         identity = ProcessRecord.loads(json.dumps(record.get("process") or legacy))
         if identity is None:
-            self.state_path.unlink(missing_ok=True)
             return
         pid = identity.pid
         if not identity.matches():
             log.info("previous vLLM (pid %s) is gone; clearing its state", pid)
-            self.state_path.unlink(missing_ok=True)
             return
+        name = str(record.get("logical_name"))
+        port = int(record.get("port") or self.config.served_port)
         process = ManagedProcess.adopt(identity)
-        self.process, self.record = process, record
+        run = Run(name, port, process, record)
         try:
-            await process.wait_healthy(self.config.health_url, 15.0)
+            await process.wait_healthy(self._health_url(port), 15.0)
         except (StartFailed, StartTimedOut) as exc:
             log.warning("adopted vLLM (pid %s) is not healthy, stopping it: %s", pid, exc)
             await process.stop()
-            self.process, self.record, self.status = None, None, "stopped"
-            await self._persist()
             return
-        self.status = "running"
-        process.watch(self._exited(process))
-        log.info("adopted running vLLM %s (pid %s)", record.get("logical_name"), pid)
+        run.status = "running"
+        self.runs[name] = run
+        process.watch(self._exited(run, process))
+        log.info("adopted running vLLM %s (pid %s)", name, pid)
 
     # --- actions -------------------------------------------------------------------------------
 
-    async def activate(self, name: str, share: float | None = None) -> dict[str, Any]:
+    async def activate(
+        self,
+        name: str,
+        share: float | None = None,
+        *,
+        devices: list[int] | None = None,
+        alongside: bool = False,
+    ) -> dict[str, Any]:
         """Run ``name``. Its ``--gpu-memory-utilization`` is the entry's own
         ``backend_config.gpu_memory_utilization``, else ``share`` (the proxy's ledger: the
-        entry's need over the card's total), else ``CHAT_PROXY_VLLM_GPU_MEMORY_UTILIZATION``."""
+        entry's need over its device's total), else ``CHAT_PROXY_VLLM_GPU_MEMORY_UTILIZATION``.
+        ``devices`` become its ``CUDA_VISIBLE_DEVICES``; without ``alongside`` every other
+        model is stopped first."""
         try:
             registry = await asyncio.to_thread(load_registry, self.config.registry_dir)
             entry = registry.resolve(name)
@@ -142,34 +200,47 @@ class Executor:
                 f"model {entry.name!r} has backend {entry.backend!r}, not vllm", param="model"
             )
         async with self._lock:
+            current = self.runs.get(entry.name)
             if (
-                self.status == "running"
-                and self.record is not None
-                and self.record.get("logical_name") == entry.name
-                and self.process is not None
-                and self.process.alive
+                current is not None
+                and current.status == "running"
+                and current.process is not None
+                and current.process.alive
             ):
-                return self.state()
-            await self._stop()
+                self.latest = entry.name
+                return self.state(entry.name)
+            for other in list(self.runs):
+                if other == entry.name or not alongside:
+                    await self._stop(other)
+            used = {r.port for r in self.runs.values()}
+            port = self.config.served_port if self.config.served_port not in used else free_port()
             try:
                 argv = build_command(
                     entry,
                     self.config.launch_template,
                     host=self.config.served_host,
-                    port=self.config.served_port,
+                    port=port,
                     gpu_memory_utilization=entry.backend_config.gpu_memory_utilization
                     or share
                     or self.config.gpu_memory_utilization,
                 )
             except LaunchError as exc:
                 raise InvalidRequest(str(exc), param="model") from None
+            span = len(devices) if devices else entry.gpu_span
+            if span > 1 and not any(a.startswith("--tensor-parallel-size") for a in argv):
+                argv += ["--tensor-parallel-size", str(span)]
+            env = None
+            if devices:
+                env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))}
             log_file = self.config.staging_dir / "vllm" / f"{safe_name(entry.name)}.log"
-            process = ManagedProcess(argv, log_file)
-            self.status, self.last_error = "starting", None
+            process = ManagedProcess(argv, log_file, env=env)
+            run = Run(entry.name, port, status="starting")
+            self.runs[entry.name] = run
+            self.latest = entry.name
             try:
                 await process.spawn()
-                self.process = process
-                self.record = {
+                run.process = process
+                run.record = {
                     "pid": process.pid,
                     "argv": argv,
                     "process": json.loads(process.record().dumps()),
@@ -177,45 +248,55 @@ class Executor:
                     "served_model_id": entry.upstream_id,
                     "log_file": str(log_file),
                     "started_at": time.time(),
+                    "port": port,
+                    "devices": devices,
                 }
                 await self._persist()  # before the wait: a crash now must not orphan the child
-                await process.wait_healthy(self.config.health_url, self.config.start_timeout_s)
+                await process.wait_healthy(self._health_url(port), self.config.start_timeout_s)
             except StartFailed as exc:
-                await self._forget(str(exc))
+                await self._forget(run, str(exc))
                 raise ModelStartFailed(f"{entry.name!r} failed to start: {exc}") from None
             except StartTimedOut as exc:
-                await self._forget(str(exc))
+                await self._forget(run, str(exc))
                 raise ModelStartTimeout(f"{entry.name!r}: {exc}") from None
-            self.status = "running"
-            process.watch(self._exited(process))
-            log.info("activated %s (pid %s)", entry.name, process.pid)
-            return self.state()
+            run.status = "running"
+            process.watch(self._exited(run, process))
+            log.info("activated %s (pid %s) on port %s", entry.name, process.pid, port)
+            return self.state(entry.name)
 
-    def _exited(self, process: ManagedProcess) -> Any:
+    def _exited(self, run: Run, process: ManagedProcess) -> Any:
         def exited(code: int | None) -> None:
-            if self.process is process and not process.stopping:
-                self.status = "failed"
-                self.last_error = f"process {process.pid} exited with code {code}"
+            if run.process is process and not process.stopping:
+                run.status = "failed"
+                run.last_error = f"process {process.pid} exited with code {code}"
                 log.warning("vLLM (pid %s) exited with code %s", process.pid, code)
 
         return exited
 
-    async def deactivate(self) -> dict[str, Any]:
+    async def deactivate(self, name: str | None = None) -> dict[str, Any]:
         async with self._lock:
-            await self._stop()
+            for other in [name] if name is not None else list(self.runs):
+                await self._stop(other)
+            self.last_failed = None
             return self.state()
 
-    async def _stop(self) -> None:
-        if self.process is not None:
-            code = await self.process.stop()
-            log.info("stopped %s (exit %s)", (self.record or {}).get("logical_name"), code)
-        self.process, self.record, self.status = None, None, "stopped"
+    async def _stop(self, name: str) -> None:
+        run = self.runs.pop(name, None)
+        if run is not None and run.process is not None:
+            code = await run.process.stop()
+            log.info("stopped %s (exit %s)", name, code)
+        if self.latest == name:
+            self.latest = None
         await self._persist()
 
-    async def _forget(self, error: str) -> None:
-        if self.process is not None and self.process.alive:
-            await self.process.stop()
-        self.process, self.record, self.status, self.last_error = None, None, "failed", error
+    async def _forget(self, run: Run, error: str) -> None:
+        if run.process is not None and run.process.alive:
+            await run.process.stop()
+        self.runs.pop(run.name, None)
+        run.record, run.status, run.last_error = None, "failed", error
+        self.last_failed = run
+        if self.latest == run.name:
+            self.latest = None
         await self._persist()
 
 
@@ -251,13 +332,29 @@ async def activate(request: Request) -> Response:
         raise InvalidRequest(
             "'gpu_memory_utilization' must be a number in (0, 1]", param="gpu_memory_utilization"
         )
-    return JSONResponse(await executor.activate(body["model"], share))
+    devices = body.get("devices")
+    if devices is not None and not (
+        isinstance(devices, list)
+        and devices
+        and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 64 for d in devices)
+    ):
+        raise InvalidRequest("'devices' must be a list of GPU indexes", param="devices")
+    alongside = body.get("alongside", False)
+    if not isinstance(alongside, bool):
+        raise InvalidRequest("'alongside' must be true or false", param="alongside")
+    return JSONResponse(
+        await executor.activate(body["model"], share, devices=devices, alongside=alongside)
+    )
 
 
 async def deactivate(request: Request) -> Response:
     executor = _executor(request)
     _require_admin(request, executor)
-    return JSONResponse(await executor.deactivate())
+    body = await json_object(request, idle_timeout=30.0, optional=True)
+    name = body.get("model")
+    if name is not None and not isinstance(name, str):
+        raise InvalidRequest("'model' must be a registry name", param="model")
+    return JSONResponse(await executor.deactivate(name))
 
 
 async def _error(request: Request, exc: Exception) -> Response:

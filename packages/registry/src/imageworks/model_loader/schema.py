@@ -146,6 +146,11 @@ class ModelEntry(_Open):
     ttl_s: float | None = Field(default=None, ge=0)
     pinned: bool = False
     preload: bool = False
+    # Placement on a box with several GPUs: pin to these device indexes (``gpus: [1]``), or span
+    # ``tensor_parallel`` devices (vLLM's --tensor-parallel-size); neither: the arbiter picks
+    # the device where the model fits with the least eviction.
+    gpus: list[int] | None = Field(default=None, min_length=1)
+    tensor_parallel: int | None = Field(default=None, ge=1)
     # Requests forwarded at once; beyond it requests wait in a bounded queue, then get 429.
     max_concurrency: int | None = Field(default=None, ge=1)
     profiles: list[str] | None = None
@@ -173,6 +178,18 @@ class ModelEntry(_Open):
             known = ", ".join(SERVABLE_BACKENDS + LEGACY_BACKENDS)
             raise ValueError(f"unknown backend {value!r} (known: {known})")
         return value
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus_are_indexes(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (min(value) < 0 or len(set(value)) != len(value)):
+            raise ValueError("must be distinct device indexes (0, 1, ...)")
+        return value
+
+    @property
+    def gpu_span(self) -> int:
+        """How many devices the model occupies at once."""
+        return len(self.gpus) if self.gpus else (self.tensor_parallel or 1)
 
     @field_validator("served_model_id")
     @classmethod

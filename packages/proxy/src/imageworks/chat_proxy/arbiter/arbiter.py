@@ -1,8 +1,10 @@
-"""The VRAM arbiter: one ledger of GPU memory across vLLM, Ollama and llama.cpp.
+"""The VRAM arbiter: one ledger of GPU memory per device across vLLM, Ollama and llama.cpp.
 
-Before a model starts, ``make_room`` compares free memory (minus ``headroom``) with what the
-model needs (its learned footprint, else ``vram_estimate_mb``), evicts idle models chosen by
-the pure policy (``policy.plan_evictions``), and waits until the probe shows the memory back.
+Before a model starts, ``make_room`` places it (``placement.place``: its pinned devices, else
+the device where it fits with the least eviction), evicts the idle models the pure policy
+chose there, and waits until the probe shows the memory back on those devices. What a model
+needs is its own ``gpu_memory_utilization`` of its device, else its learned footprint, else
+``vram_estimate_mb``; vLLM is then told that need over its device's total.
 Busy models are never evicted: the arbiter waits for them (bounded) instead. Models someone
 else loaded (a foreign Ollama model) are never evicted either; they are foreign memory.
 
@@ -20,11 +22,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from imageworks.chat_proxy.arbiter import ledger
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe, GpuSnapshot
 from imageworks.chat_proxy.arbiter.leases import LeaseDesk
-from imageworks.chat_proxy.arbiter.policy import Plan, Resident, plan_evictions, plan_exclusive
+from imageworks.chat_proxy.arbiter.placement import Placement, place, share_mb
+from imageworks.chat_proxy.arbiter.policy import Plan, plan_exclusive
 from imageworks.chat_proxy.arbiter.seams import Holding, Residency
-from imageworks.chat_proxy.errors import InsufficientVram
+from imageworks.chat_proxy.errors import InsufficientVram, InvalidRequest
 from imageworks.model_loader.schema import ModelEntry
 
 if TYPE_CHECKING:
@@ -56,70 +60,108 @@ class VramArbiter:
         self.request_log = request_log
         self.metrics = metrics
         self.learned_mb: dict[str, int] = {}
-        self.last_snapshot: GpuSnapshot | None = None
+        self.placements: dict[str, tuple[int, ...]] = {}
+        self.last_devices: list[GpuSnapshot] = []
         self.last_holdings: list[Holding] = []
         self._room_lock = asyncio.Lock()
         self.leases = LeaseDesk(
             staging_dir,
             free=self._free_for_lease,
+            choose=self._device_for_lease,
             restore=residency.restore,
             default_ttl_s=default_ttl_s,
             request_log=request_log,
             metrics=metrics,
         )
 
+    @property
+    def last_snapshot(self) -> GpuSnapshot | None:
+        """Device 0, as last probed (a one-GPU view)."""
+        return self.last_devices[0] if self.last_devices else None
+
     # --- the GpuGate the lifecycle uses --------------------------------------------------------
 
     def admit(self, entry: ModelEntry, token: str | None) -> None:
-        self.leases.admit(token)
+        """Refuse ``entry`` while a device it would use is lent. A model already running (or
+        pinned) uses its devices; one the arbiter may still place is refused only when every
+        device is lent."""
+        lent = self.leases.lent()
+        running = any(h.name == entry.name for h in self.last_holdings)
+        devices = tuple(entry.gpus or ()) or (self.placements.get(entry.name) if running else ())
+        if devices:
+            self.leases.admit(token, devices)
+            return
+        every = {s.index for s in self.last_devices} or {0}
+        self.leases.admit(token, None if (-1 in lent or every <= lent) else ())
+
+    def _total_of(self, device: int) -> int:
+        return next((s.total_mb for s in self.last_devices if s.index == device), 0)
+
+    def _devices_of(self, entry: ModelEntry) -> tuple[int, ...]:
+        return self.placements.get(entry.name) or tuple(entry.gpus or ()) or (0,)
 
     def need_mb(self, entry: ModelEntry) -> int:
-        """What ``entry`` takes: its own share of the card when it sets one (vLLM reserves
-        exactly that), else its learned footprint, else its estimate."""
+        """What ``entry`` takes over all its devices: its own share of each when it sets one
+        (vLLM reserves exactly that), else its learned footprint, else its estimate."""
         own = entry.backend_config.gpu_memory_utilization
-        total = self.last_snapshot.total_mb if self.last_snapshot is not None else 0
+        devices = self._devices_of(entry)
+        total = self._total_of(devices[0])
         if own and total:
-            return math.ceil(own * total)
+            return math.ceil(own * total) * max(len(devices), entry.gpu_span)
         return self.learned_mb.get(entry.name) or entry.vram_estimate_mb or 0
 
     def held_mb(self, holding: Holding) -> int:
         return self.need_mb(holding.entry) if holding.entry is not None else holding.vram_mb
 
     def share_of(self, entry: ModelEntry) -> float | None:
-        """The fraction of the card ``entry`` needs (vLLM's ``--gpu-memory-utilization``), so
+        """The fraction of its device ``entry`` needs (vLLM's ``--gpu-memory-utilization``), so
         that vLLM reserves what the ledger budgets, not a fixed 90%; None without a known
         total or need."""
-        total = self.last_snapshot.total_mb if self.last_snapshot is not None else 0
-        need = self.need_mb(entry)
+        devices = self._devices_of(entry)
+        total = self._total_of(devices[0])
+        need = share_mb(self.need_mb(entry), len(devices))
         if not total or need <= 0:
             return None
         return min(1.0, math.ceil(need / total * 100) / 100)
 
+    def placement_of(self, entry: ModelEntry) -> tuple[int, ...] | None:
+        return self.placements.get(entry.name)
+
     async def make_room(self, entry: ModelEntry, need_mb: int | None = None) -> None:
-        """Before ``entry`` starts: evict idle models until it fits, and wait for the memory."""
-        need = need_mb if need_mb is not None else self.need_mb(entry)
-        if need <= 0:
-            return
+        """Before ``entry`` starts: place it, evict idle models there until it fits, and wait
+        for the memory."""
+        pin = tuple(entry.gpus) if entry.gpus else None
         async with self._room_lock:  # two starts must not both count the same free memory
-            await self._free(need, reason=f"start {entry.name}", exclude=entry.name)
+            await self.snapshot()
+            need = need_mb if need_mb is not None else self.need_mb(entry)
+            if need <= 0:  # nothing to budget: a pin still says where it runs
+                if pin:
+                    self.placements[entry.name] = pin
+                return
+            devices, _ = await self._free(
+                need, reason=f"start {entry.name}", exclude=entry.name, pin=pin, span=entry.gpu_span
+            )
+            if devices:
+                self.placements[entry.name] = devices
+                self._event("place", model=entry.name, devices=list(devices), need_mb=need)
 
     async def learn(self, entry: ModelEntry, pid: int | None) -> None:
-        """After a model is ready: remember what it really holds (per-process NVML usage)."""
+        """After a model is ready: remember what it really holds (per-process use on its
+        devices)."""
         if pid is None or not self.probe.measures:
             return
-        snap = await self.snapshot()
-        used = snap.processes.get(pid) if snap else None
+        snaps = await self.snapshot()
+        used = sum(int(s.processes.get(pid, 0)) for s in snaps)
         if used:
             self.learned_mb[entry.name] = used
 
     async def released(self, pid: int | None) -> bool:
-        """Verify an engine's memory came back: its pid gone from the per-process usage."""
+        """Verify an engine's memory came back: its pid gone from every device."""
         if pid is None or not self.probe.measures:
             return True
         deadline = time.monotonic() + self.vram_timeout_s
         while time.monotonic() < deadline:
-            snap = await self.snapshot()
-            if snap is None or pid not in snap.processes:
+            if not any(pid in s.processes for s in await self.snapshot()):
                 return True
             await asyncio.sleep(0.1)
         log.warning("[gpu-arbiter] pid %s still holds GPU memory after it stopped", pid)
@@ -127,77 +169,159 @@ class VramArbiter:
 
     # --- what holds the GPU ------------------------------------------------------------------
 
-    async def snapshot(self) -> GpuSnapshot | None:
-        snap = await self.probe.snapshot()
-        self.last_snapshot = snap
-        if snap is not None and self.metrics is not None:
-            self.metrics.vram_total.set(snap.total_mb)
-            self.metrics.vram_used.set(snap.used_mb)
-        return snap
+    async def snapshot(self) -> list[GpuSnapshot]:
+        """Every device now (empty: no budget)."""
+        snaps = await self.probe.devices()
+        self.last_devices = snaps
+        if self.metrics is not None:
+            self.metrics.gpu_read(snaps)
+        return snaps
 
     async def holdings(self) -> list[Holding]:
         self.last_holdings = await self.residency.holdings()
         return self.last_holdings
 
+    def _locate(self, holdings: list[Holding], snaps: list[GpuSnapshot]) -> list[ledger.Held]:
+        def placed(holding: Holding) -> tuple[int, ...] | None:
+            if holding.entry is None:
+                return None  # Ollama places its own models: learned from its process's use
+            return self.placements.get(holding.name) or tuple(holding.entry.gpus or ()) or None
+
+        held = ledger.locate(holdings, snaps, placed, self.held_mb)
+        for item in held:  # where Ollama put its models shows in /admin/state too
+            if item.holding.entry is None and item.devices:
+                self.placements[item.name] = item.devices
+        return held
+
     # --- making room ---------------------------------------------------------------------------
 
-    async def _free_for_lease(self, need: int | None, reason: str) -> list[str]:
+    async def _device_for_lease(self, need: int | None, device: int | None) -> int:
+        snaps = await self.snapshot()
+        indexes = [s.index for s in snaps] or [0]
+        if device is not None:
+            if device not in indexes:
+                raise InvalidRequest(
+                    f"there is no GPU {device} (devices: {indexes})", param="device"
+                )
+            return device
+        if need is None:
+            return 0
+        held = self._locate(await self.holdings(), snaps)
+        lent = self.leases.lent()
+        views = ledger.devices_for_placement(snaps, held, lent, measured=self.probe.measures)
+        found = place(views, need, headroom_mb=self.headroom_mb)
+        return found.devices[0] if found.devices else 0
+
+    async def _free_for_lease(self, need: int | None, reason: str, device: int) -> list[str]:
         async with self._room_lock:
-            return await self._free(need, reason=reason)
+            _, evicted = await self._free(need, reason=reason, pin=(device,), lease=True)
+            return evicted
+
+    def _plan(
+        self,
+        snaps: list[GpuSnapshot],
+        held: list[ledger.Held],
+        need: int | None,
+        pin: tuple[int, ...] | None,
+        span: int,
+        lease: bool,
+    ) -> Placement:
+        if need is None:  # a whole device for a lease: everything idle there goes
+            device = (pin or (0,))[0]
+            mine = [h.resident(device) for h in held if not h.holding.foreign and h.on(device)]
+            if not snaps:  # no budget: the whole GPU is everything idle, wherever it is
+                mine = [h.resident(None) for h in held if not h.holding.foreign]
+            return Placement((device,), plan_exclusive(mine))
+        lent = set() if lease else self.leases.lent()
+        views = ledger.devices_for_placement(snaps, held, lent, measured=self.probe.measures)
+        found = place(views, need, pin=pin, span=span, headroom_mb=self.headroom_mb)
+        if not found.devices and lent:
+            # Only lent devices could take it: the request was admitted with the lease's
+            # token (``admit`` refuses anyone else), so the holder's model may use its device.
+            views = ledger.devices_for_placement(snaps, held, (), measured=self.probe.measures)
+            found = place(views, need, pin=pin, span=span, headroom_mb=self.headroom_mb)
+        return found
 
     async def _free(
-        self, need: int | None, *, reason: str, exclude: str | None = None
-    ) -> list[str]:
-        """Evict until ``need`` MB (None: everything) is free; returns what was evicted."""
+        self,
+        need: int | None,
+        *,
+        reason: str,
+        exclude: str | None = None,
+        pin: tuple[int, ...] | None = None,
+        span: int = 1,
+        lease: bool = False,
+    ) -> tuple[tuple[int, ...], list[str]]:
+        """Place ``need`` MB (None: a whole device) and evict there until it fits; returns the
+        devices and what was evicted."""
         deadline = time.monotonic() + self.wait_timeout_s
         evicted: list[str] = []
         while True:
-            snap = await self.snapshot()
-            if snap is None and need is not None:
-                return evicted  # no budget to enforce
-            holdings = [h for h in await self.holdings() if h.name != exclude and not h.foreign]
-            residents = [
-                Resident(
-                    h.name,
-                    self.held_mb(h),
-                    h.last_used,
-                    h.in_flight,
-                    h.protected or not h.evict,
-                )
-                for h in holdings
-            ]
+            snaps = await self.snapshot()
+            if not snaps and need is not None:
+                # No budget to enforce, nor devices to choose from: only a pin places it (an
+                # engine that is not placed sees every GPU, as it would without the proxy).
+                return tuple(pin or ()), evicted
+            holdings = [h for h in await self.holdings() if h.name != exclude]
+            held = self._locate(holdings, snaps)
+            found = self._plan(snaps, held, need, pin, span, lease)
+            plan: Plan = found.plan
             evictors = {h.name: h.evict for h in holdings if h.evict is not None}
-            plan: Plan
-            if need is None:
-                plan = plan_exclusive(residents)
-            else:
-                assert snap is not None
-                plan = plan_evictions(residents, need, snap.free_mb, self.headroom_mb)
-            # Evict only when that achieves something: for a lease of the whole GPU every
-            # idle model goes anyway; for a need, only a plan that fits is worth its evictions.
+            # Evict only when that achieves something: for a lease of a whole device every
+            # idle model there goes anyway; for a need, only a plan that fits is worth it.
             if plan.sufficient or need is None:
                 evicted += await self._evict(plan.evict, evictors, reason)
             if plan.sufficient:
-                if need is not None:
-                    target = need + self.headroom_mb
-                else:
-                    # The whole GPU: never all of it (the driver and strangers hold some), so
-                    # wait for what the evicted models held, less 10% for estimates.
-                    target = (snap.free_mb if snap else 0) + int(plan.freed_mb * 0.9)
-                await self._await_memory(target, reason)
-                return evicted
-            free = snap.free_mb if snap else 0
-            if not plan.blocked_by or time.monotonic() >= deadline:
-                busy = ", ".join(plan.blocked_by) or "none"
-                raise InsufficientVram(
-                    f"[gpu-arbiter] cannot free {need if need is not None else 'the GPU'} MB for "
-                    f"{reason}: free={free} MB, busy: {busy}",
-                    headers={"Retry-After": "30"},
+                await self._await_memory(
+                    self._targets(snaps, held, found, need), reason, need is None
                 )
+                return found.devices, evicted
+            if not found.devices or not plan.blocked_by or time.monotonic() >= deadline:
+                raise self._refusal(need, reason, snaps, held, found)
             log.info(
                 "[gpu-arbiter] %s waits for busy models: %s", reason, ", ".join(plan.blocked_by)
             )
             await asyncio.sleep(0.5)
+
+    def _targets(
+        self,
+        snaps: list[GpuSnapshot],
+        held: list[ledger.Held],
+        found: Placement,
+        need: int | None,
+    ) -> dict[int, int]:
+        """Free memory to wait for on each device of the placement."""
+        targets = {}
+        for snap in snaps:
+            if snap.index not in found.devices:
+                continue
+            if need is not None:
+                targets[snap.index] = share_mb(need, len(found.devices)) + self.headroom_mb
+            else:
+                # A whole device: never all of it (the driver and strangers hold some), so
+                # wait for what the evicted models held there, less 10% for estimates.
+                freed = sum(h.on(snap.index) for h in held if h.name in found.plan.evict)
+                targets[snap.index] = snap.free_mb + int(freed * 0.9)
+        return targets
+
+    def _refusal(
+        self,
+        need: int | None,
+        reason: str,
+        snaps: list[GpuSnapshot],
+        held: list[ledger.Held],
+        found: Placement,
+    ) -> InsufficientVram:
+        views = ledger.devices_for_placement(snaps, held, (), measured=self.probe.measures)
+        free = ", ".join(f"GPU {v.index} free={v.free_mb} MB" for v in views)
+        if len(views) == 1:
+            free = f"free={views[0].free_mb} MB"
+        busy = ", ".join(found.plan.blocked_by) or "none"
+        return InsufficientVram(
+            f"[gpu-arbiter] cannot free {need if need is not None else 'the GPU'} MB for "
+            f"{reason}: {free}, busy: {busy}",
+            headers={"Retry-After": "30"},
+        )
 
     async def _evict(
         self,
@@ -210,30 +334,39 @@ class VramArbiter:
             if await evictors[name]():
                 evicted.append(name)
                 self._event("evict", model=name, reason=reason)
+                self.last_holdings = [h for h in self.last_holdings if h.name != name]
                 if self.metrics is not None:
                     self.metrics.evictions.labels(reason.split()[0]).inc()
         return evicted
 
-    async def _await_memory(self, target_free_mb: int, reason: str) -> None:
-        """Evicted processes take a moment to give memory back: wait until the probe agrees."""
+    async def _await_memory(self, targets: dict[int, int], reason: str, whole: bool) -> None:
+        """Evicted processes take a moment to give memory back: wait until the probe agrees
+        on every device of the placement."""
         deadline = time.monotonic() + self.vram_timeout_s
         logged = False
         while True:
-            snap = await self.snapshot()
-            if snap is None or snap.free_mb >= target_free_mb:
+            snaps = {s.index: s for s in await self.snapshot()}
+            short = {
+                d: (want, snaps[d].free_mb)
+                for d, want in targets.items()
+                if d in snaps and snaps[d].free_mb < want
+            }
+            if not short:
                 return
+            device, (want, free) = next(iter(short.items()))
             if not logged:
                 log.info(
-                    "[gpu-arbiter] waiting for VRAM need=%s free=%s (%s)",
-                    target_free_mb - self.headroom_mb,
-                    snap.free_mb,
+                    "[gpu-arbiter] waiting for VRAM need=%s free=%s (%s, GPU %s)",
+                    want - (0 if whole else self.headroom_mb),
+                    free,
                     reason,
+                    device,
                 )
                 logged = True
             if time.monotonic() >= deadline:
                 raise InsufficientVram(
                     f"[gpu-arbiter] VRAM did not come back within {self.vram_timeout_s:.0f} s for "
-                    f"{reason}: need={target_free_mb} MB free={snap.free_mb} MB",
+                    f"{reason}: need={want} MB free={free} MB",
                     headers={"Retry-After": "30"},
                 )
             await asyncio.sleep(0.2)
@@ -242,10 +375,17 @@ class VramArbiter:
 
     def status(self) -> dict[str, Any]:
         snap = self.last_snapshot
-        foreign = [{"name": h.name, "vram_mb": h.vram_mb} for h in self.last_holdings if h.foreign]
+        held = self._locate(self.last_holdings, self.last_devices)
+        leases = self.leases.public()
+        devices = ledger.report(self.last_devices, held, leases["leases"])
+        if self.metrics is not None:
+            self.metrics.gpu_ledger(devices)
         return {
-            **self.leases.public(),
+            **leases,
             "probe": self.probe.kind,
+            "budget": "none"
+            if not self.last_devices
+            else ("measured" if self.probe.measures else "declared"),
             "gpu": None
             if snap is None
             else {
@@ -255,11 +395,12 @@ class VramArbiter:
                 "free_mb": snap.free_mb,
             },
             "models": [
-                {"name": h.name, "vram_mb": self.held_mb(h), "in_flight": h.in_flight}
-                for h in self.last_holdings
-                if not h.foreign
+                {"name": h.name, "vram_mb": h.mb, "in_flight": h.holding.in_flight}
+                for h in held
+                if not h.holding.foreign
             ],
-            "foreign": foreign,
+            "foreign": [{"name": h.name, "vram_mb": h.mb} for h in held if h.holding.foreign],
+            "devices": devices,
         }
 
     def _event(self, event: str, **fields: Any) -> None:

@@ -1,16 +1,19 @@
-"""GPU probes: how much memory the GPU has, uses and gives to each process.
+"""GPU probes: how much memory each GPU has, uses and gives to each process.
 
-Two implementations behind one interface, chosen by ``CHAT_PROXY_GPU_PROBE``: ``nvml``
-(nvidia-ml-py; every call runs in a thread, off the event loop) and ``none`` (no GPU: budgets
-come from the models' declared ``vram_estimate_mb`` against ``CHAT_PROXY_GPU_TOTAL_MB`` when it
+Implementations behind one interface (``devices()``: every device, in index order), chosen by
+``CHAT_PROXY_GPU_PROBE``: ``nvml`` (nvidia-ml-py, every device; every call runs in a thread,
+off the event loop), ``sim`` (the simulated GPU file named by ``CHAT_PROXY_GPU_SIM``, which
+fake engines allocate from: ``simgpu``) and ``none`` (no GPU: budgets come from the models'
+declared ``vram_estimate_mb`` against ``CHAT_PROXY_GPU_TOTAL_MB``, one total per device, when it
 is set, otherwise nothing is gated). Tests bring their own (``testkit.gpu.FakeProbe``).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 
@@ -21,6 +24,7 @@ class GpuSnapshot:
     # Memory held per process id (NVML) or per holder name (fake); empty when unknown.
     processes: dict[int | str, int] = field(default_factory=dict)
     name: str = ""
+    index: int = 0
 
     @property
     def free_mb(self) -> int:
@@ -31,54 +35,102 @@ class GpuProbe(Protocol):
     kind: str
     measures: bool  # False: free memory is only an estimate from declared model sizes
 
-    async def snapshot(self) -> GpuSnapshot | None:
-        """The GPU now; None when there is no budget to enforce."""
+    async def devices(self) -> list[GpuSnapshot]:
+        """Every device now, by index; empty when there is no budget to enforce."""
+        ...
+
+
+async def first_device(probe: GpuProbe) -> GpuSnapshot | None:
+    """Device 0 (what a one-GPU caller means by "the GPU")."""
+    devices = await probe.devices()
+    return devices[0] if devices else None
 
 
 class NvmlProbe:
     kind = "nvml"
     measures = True
 
-    def __init__(self, index: int = 0) -> None:
+    def __init__(self) -> None:
         import pynvml  # from nvidia-ml-py
 
         self._nvml: Any = pynvml
         pynvml.nvmlInit()
-        self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        raw_name = pynvml.nvmlDeviceGetName(self._handle)
-        self.name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
+        count = pynvml.nvmlDeviceGetCount()
+        self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        if not self._handles:
+            raise RuntimeError("NVML sees no GPU")
+        names = [pynvml.nvmlDeviceGetName(h) for h in self._handles]
+        self.names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
-    def _read(self) -> GpuSnapshot:
-        nvml = self._nvml
-        memory = nvml.nvmlDeviceGetMemoryInfo(self._handle)
+    def _read_one(self, index: int) -> GpuSnapshot:
+        nvml, handle = self._nvml, self._handles[index]
+        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
         processes: dict[int | str, int] = {}
-        for proc in nvml.nvmlDeviceGetComputeRunningProcesses(self._handle):
+        for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
             used = getattr(proc, "usedGpuMemory", None)
             if isinstance(used, int):
                 processes[int(proc.pid)] = used // (1024 * 1024)
         return GpuSnapshot(
-            memory.total // (1024 * 1024), memory.used // (1024 * 1024), processes, self.name
+            memory.total // (1024 * 1024),
+            memory.used // (1024 * 1024),
+            processes,
+            self.names[index],
+            index,
         )
 
-    async def snapshot(self) -> GpuSnapshot | None:
+    def _read(self) -> list[GpuSnapshot]:
+        return [self._read_one(i) for i in range(len(self._handles))]
+
+    async def devices(self) -> list[GpuSnapshot]:
         return await asyncio.to_thread(self._read)
 
 
+class SimProbe:
+    """The simulated GPU (``simgpu``), read like NVML: per device, per process."""
+
+    kind = "sim"
+    measures = True
+
+    def __init__(self, path: Path) -> None:
+        from imageworks.chat_proxy.arbiter.simgpu import SimGpu
+
+        self.sim = SimGpu(path)
+        self.sim.totals()  # a missing or broken file fails at start-up, not on first use
+
+    async def devices(self) -> list[GpuSnapshot]:
+        return await asyncio.to_thread(self.sim.read)
+
+
+# What a declared budget knows of a running model: the devices it runs on and its size.
+Declared = tuple[tuple[int, ...], int]
+
+
 class NoGpuProbe:
-    """No GPU to measure: the ledger of declared model sizes stands in for one, if a total is
-    configured. ``resident`` returns the estimates of what is loaded now."""
+    """No GPU to measure: the ledger of declared model sizes stands in for one device per
+    configured total (none configured: nothing is gated). ``resident`` returns the placement
+    and estimate of each model loaded now; a model spanning devices counts a share on each."""
 
     kind = "none"
     measures = False
 
-    def __init__(self, total_mb: int | None, resident: Callable[[], Iterable[int]]) -> None:
-        self.total_mb = total_mb
+    def __init__(
+        self, totals_mb: Sequence[int] | int | None, resident: Callable[[], Iterable[Declared]]
+    ) -> None:
+        if isinstance(totals_mb, int):
+            totals_mb = [totals_mb]
+        self.totals_mb = list(totals_mb or ())
         self.resident = resident
 
-    async def snapshot(self) -> GpuSnapshot | None:
-        if self.total_mb is None:
-            return None
-        return GpuSnapshot(self.total_mb, sum(self.resident()), {}, "declared budget")
+    async def devices(self) -> list[GpuSnapshot]:
+        used = [0] * len(self.totals_mb)
+        for devices, mb in self.resident():
+            on = [d for d in devices or (0,) if d < len(used)]
+            for device in on:
+                used[device] += mb // len(on)
+        return [
+            GpuSnapshot(total, min(total, used[i]), {}, "declared budget", i)
+            for i, total in enumerate(self.totals_mb)
+        ]
 
 
 def nvml_available() -> bool:

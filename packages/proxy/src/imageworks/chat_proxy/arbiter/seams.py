@@ -25,6 +25,9 @@ class Holding:
     protected: bool = False  # starting or stopping: its slot owns it, not the arbiter
     foreign: bool = False  # loaded by someone else: never evicted, shown as foreign memory
     evict: Callable[[], Awaitable[bool]] | None = None
+    # The process that holds the memory (our engine's, or the Ollama server's): how the ledger
+    # tells our memory from strangers' and learns which device a model landed on.
+    pid: int | None = None
     # The proxy's own engines: the arbiter sizes them from the entry (its share of the card,
     # learned footprint or estimate) rather than from ``vram_mb``.
     entry: ModelEntry | None = None
@@ -55,6 +58,10 @@ class GpuGate(Protocol):
 
     def share_of(self, entry: ModelEntry) -> float | None:
         """The fraction of its GPU ``entry`` needs (for engines that reserve a fraction)."""
+        ...
+
+    def placement_of(self, entry: ModelEntry) -> tuple[int, ...] | None:
+        """The devices ``entry`` was placed on by ``make_room`` (None: no placement known)."""
         ...
 
     async def released(self, pid: int | None) -> bool:

@@ -9,6 +9,7 @@ with an explicit address is *external*: the proxy forwards to it but never start
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,6 +24,13 @@ from imageworks.model_loader.schema import ModelEntry
 # How a backend learns what the lifecycle knows of a model: (last used, requests in flight).
 Usage = Callable[[str], tuple[float, int]]
 MakeRoom = Callable[[ModelEntry], Awaitable[None]]
+
+
+def cuda_env(devices: tuple[int, ...] | None) -> dict[str, str] | None:
+    """The environment of an engine placed on ``devices`` (None: the proxy's own)."""
+    if not devices:
+        return None
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in devices)}
 
 
 def has_explicit_address(entry: ModelEntry) -> bool:
@@ -92,11 +100,18 @@ class Backend:
         return None
 
     async def start(
-        self, entry: ModelEntry, log_path: Path, timeout: float, *, gpu_share: float | None = None
+        self,
+        entry: ModelEntry,
+        log_path: Path,
+        timeout: float,
+        *,
+        gpu_share: float | None = None,
+        devices: tuple[int, ...] | None = None,
     ) -> str:
         """Start ``entry`` and return its OpenAI base URL once it answers. On any failure
         nothing it spawned may be left running. ``gpu_share``: the fraction of the GPU the
-        ledger budgets for it (engines that reserve a fraction, like vLLM, use it)."""
+        ledger budgets for it (engines that reserve a fraction, like vLLM, use it); ``devices``:
+        the GPUs the arbiter placed it on (its ``CUDA_VISIBLE_DEVICES``), None: not placed."""
         raise NotImplementedError(f"{self.kind} models are not started by the proxy")
 
     async def stop(self, name: str) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from imageworks.chat_proxy import launch
-from imageworks.chat_proxy.backends.base import Backend, has_explicit_address
+from imageworks.chat_proxy.backends.base import Backend, cuda_env, has_explicit_address
 from imageworks.chat_proxy.config import ProxyConfig
 from imageworks.chat_proxy.errors import ModelStartFailed, ModelStartTimeout
 from imageworks.chat_proxy.process import (
@@ -93,11 +93,17 @@ class LlamaCppBackend(Backend):
         return None if has_explicit_address(entry) else f"llamacpp:{entry.name}"
 
     async def start(
-        self, entry: ModelEntry, log_path: Path, timeout: float, *, gpu_share: float | None = None
+        self,
+        entry: ModelEntry,
+        log_path: Path,
+        timeout: float,
+        *,
+        gpu_share: float | None = None,
+        devices: tuple[int, ...] | None = None,
     ) -> str:
         port = free_port()
         argv = server_argv(entry, port, self.template)
-        process = ManagedProcess(argv, log_path)
+        process = ManagedProcess(argv, log_path, env=cuda_env(devices))
         extra = {"model": entry.name, "port": port}
         try:
             # A pending record before the spawn: a proxy killed between the spawn and the

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import logging
 import time
+import urllib.parse
 from dataclasses import dataclass
 
 import aiohttp
@@ -23,6 +24,7 @@ from imageworks.chat_proxy.backends.base import Backend, MakeRoom, Usage
 from imageworks.chat_proxy.config import ProxyConfig
 from imageworks.chat_proxy.errors import BackendUnavailable
 from imageworks.chat_proxy.modelstate import READY, STOPPED, UNREACHABLE
+from imageworks.chat_proxy.process import listening_pid, pid_alive
 from imageworks.model_loader.schema import ModelEntry
 
 log = logging.getLogger("imageworks.chat_proxy.ollama")
@@ -48,6 +50,22 @@ class OllamaManager:
         self.unload_timeout_s = unload_timeout_s
         self.poll_s = poll_s
         self.reachable: bool | None = None
+        self._pid: int | None = None
+        self._pid_looked_at = -1e9
+
+    async def pid(self) -> int | None:
+        """The Ollama server's process, when it runs on this host and we can see it: the GPU
+        ledger learns from its per-process use where Ollama put its models. Looked up again
+        when it dies, and at most every 30 s while it cannot be found."""
+        if self._pid is not None and pid_alive(self._pid):
+            return self._pid
+        self._pid = None
+        parsed = urllib.parse.urlsplit(self.base_url)
+        local = parsed.hostname in ("127.0.0.1", "localhost", "::1")
+        if local and parsed.port and time.monotonic() - self._pid_looked_at > 30:
+            self._pid_looked_at = time.monotonic()
+            self._pid = await asyncio.to_thread(listening_pid, parsed.port)
+        return self._pid
 
     async def loaded(self) -> dict[str, Loaded]:
         """Models resident now, from ``/api/ps``; empty (and ``reachable`` False) if Ollama is
@@ -188,10 +206,14 @@ class OllamaBackend(Backend):
         found: list[Holding] = []
         for root, manager in self._roots(entries).items():
             known = self._registry_tags(entries, root)
-            for tag, loaded in (await manager.loaded()).items():
+            loaded_now = await manager.loaded()
+            pid = await manager.pid() if loaded_now else None
+            for tag, loaded in loaded_now.items():
                 entry = known.get(tag)
                 if entry is None and (root, tag) not in self.ours:
-                    found.append(Holding(f"ollama:{tag}", loaded.vram_mb, 0.0, foreign=True))
+                    found.append(
+                        Holding(f"ollama:{tag}", loaded.vram_mb, 0.0, foreign=True, pid=pid)
+                    )
                     continue
                 name = entry.name if entry is not None else f"ollama:{tag}"
                 last_used, in_flight = usage(name)
@@ -202,6 +224,7 @@ class OllamaBackend(Backend):
                         last_used,
                         in_flight,
                         evict=functools.partial(manager.unload, tag),
+                        pid=pid,
                     )
                 )
         return found

@@ -77,7 +77,13 @@ class RayBackend(Backend):
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(
-        self, entry: ModelEntry, log_path: Path, timeout: float, *, gpu_share: float | None = None
+        self,
+        entry: ModelEntry,
+        log_path: Path,
+        timeout: float,
+        *,
+        gpu_share: float | None = None,
+        devices: tuple[int, ...] | None = None,
     ) -> str:
         app = ray_apps.application(entry)
         name = app["name"]

@@ -23,11 +23,14 @@ EXECUTOR_SLOT = "vllm-executor"
 
 
 class VllmBackend(Backend):
-    """vLLM, run one model at a time by the executor (``imageworks-vllm``, DESIGN.md §6).
+    """vLLM, run by the executor (``imageworks-vllm``, DESIGN.md §6).
 
     The proxy never builds a vLLM command: it asks the executor to activate a model by name
-    and forwards to the base URL the executor reports (one source of truth for the port).
-    An entry with an explicit address is a vLLM server run elsewhere.
+    (with its share of its device and the devices it was placed on) and forwards to the base
+    URL the executor reports (one source of truth for the port). With a GPU budget (measured
+    or declared) each model has a slot of its own and several run at once where the ledger has
+    room; without one, one model at a time (nothing could tell whether two fit). An entry with
+    an explicit address is a vLLM server run elsewhere.
     """
 
     kind = "vllm"
@@ -38,17 +41,27 @@ class VllmBackend(Backend):
     def __init__(self, config: ProxyConfig) -> None:
         super().__init__(config)
         self.pids: dict[str, int | None] = {}
+        self.concurrent = False  # set by the lifespan when there is a GPU budget
 
     def uses_gpu(self, entry: ModelEntry) -> bool:
         return True
 
     def slot_key(self, entry: ModelEntry) -> str | None:
-        return None if has_explicit_address(entry) else EXECUTOR_SLOT
+        if has_explicit_address(entry):
+            return None
+        return f"vllm:{entry.name}" if self.concurrent else EXECUTOR_SLOT
 
     async def start(
-        self, entry: ModelEntry, log_path: Path, timeout: float, *, gpu_share: float | None = None
+        self,
+        entry: ModelEntry,
+        log_path: Path,
+        timeout: float,
+        *,
+        gpu_share: float | None = None,
+        devices: tuple[int, ...] | None = None,
     ) -> str:
         share = f" with {gpu_share} of the GPU" if gpu_share else ""
+        share += f" on GPU {','.join(map(str, devices))}" if devices else ""
         await asyncio.to_thread(
             _note,
             log_path,
@@ -58,6 +71,10 @@ class VllmBackend(Backend):
         body: dict[str, Any] = {"model": entry.name}
         if gpu_share:
             body["gpu_memory_utilization"] = gpu_share
+        if devices:
+            body["devices"] = list(devices)
+        if self.concurrent:
+            body["alongside"] = True
         state = await self._call("/admin/activate", body, timeout)
         base_url = state.get("base_url")
         if state.get("status") != "running" or not isinstance(base_url, str):
@@ -72,9 +89,11 @@ class VllmBackend(Backend):
         activated on the executor meanwhile is not ours to stop."""
         self.pids.pop(name, None)
         if name != "*":
-            state = await self._call("/admin/state", None, 10.0)
-            if state.get("logical_name") != name or state.get("status") == "stopped":
+            runs = _runs(await self._call("/admin/state", None, 10.0))
+            if runs.get(name, {}).get("status") in (None, "stopped"):
                 return
+            await self._call("/admin/deactivate", {"model": name}, 30.0)
+            return
         await self._call("/admin/deactivate", {}, 30.0)
 
     async def reconcile(self, entry: ModelEntry) -> bool | None:
@@ -83,21 +102,26 @@ class VllmBackend(Backend):
             state = await self._call("/admin/state", None, 5.0)
         except ProxyError:
             return None
-        return state.get("status") == "running" and state.get("logical_name") == entry.name
+        return _runs(state).get(entry.name, {}).get("status") == "running"
 
     async def recover(self, entries: Iterable[ModelEntry]) -> dict[str, str]:
-        """A vLLM the executor still runs for one of our entries is ours again after a restart."""
+        """The vLLMs the executor still runs for our entries are ours again after a restart
+        (one at a time without a GPU budget: the latest)."""
         names = {e.name for e in entries if self.slot_key(e) is not None}
         try:
             state = await self._call("/admin/state", None, 5.0)
         except ProxyError:
             return {}
-        name, base_url = state.get("logical_name"), state.get("base_url")
-        if state.get("status") != "running" or name not in names or not isinstance(base_url, str):
-            return {}
-        pid = state.get("pid")
-        self.pids[str(name)] = pid if isinstance(pid, int) else None
-        return {str(name): _openai_base(base_url)}
+        runs = _runs(state) if self.concurrent else {str(state.get("logical_name")): state}
+        found = {}
+        for name, run in runs.items():
+            base_url = run.get("base_url")
+            if run.get("status") != "running" or name not in names or not isinstance(base_url, str):
+                continue
+            pid = run.get("pid")
+            self.pids[name] = pid if isinstance(pid, int) else None
+            found[name] = _openai_base(base_url)
+        return found
 
     async def shutdown(self, entries: list[ModelEntry]) -> str | None:
         """Ask the executor to stop whatever it still runs (a vLLM the proxy did not start
@@ -147,6 +171,18 @@ class VllmBackend(Backend):
                 error = ModelStartFailed(f"vLLM executor: {text}")
             raise error
         return data if isinstance(data, dict) else {}
+
+
+def _runs(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every model the executor runs, by name (an executor from before ``models`` existed
+    describes its one model at the top level)."""
+    models = state.get("models")
+    items = models if isinstance(models, list) else [state]
+    return {
+        str(item["logical_name"]): item
+        for item in items
+        if isinstance(item, dict) and item.get("logical_name")
+    }
 
 
 def _openai_base(base_url: str) -> str:

@@ -1,5 +1,6 @@
 """GPU leases, compatible with the existing ImageWorks clients (Judge Vision):
-status, lease, renew, release, force_release under /v1/gpu."""
+status, lease, renew, release, force_release under /v1/gpu. A lease may name a ``device`` or
+give ``need_mb`` and get the device where it fits; neither: device 0, "the GPU"."""
 
 from __future__ import annotations
 
@@ -75,8 +76,9 @@ async def gpu_lease(request: Request) -> Response:
     restart = _optional(body, "restart_model", bool)
     ttl = _optional(body, "ttl_s", (int, float), lambda v: 0 < v <= 86400)
     need = _optional(body, "need_mb", int, lambda v: v > 0)
+    device = _optional(body, "device", int, lambda v: 0 <= v < 64)
     lease = await state.arbiter.leases.grant(
-        owner, reason, restart_model=restart is not False, ttl_s=ttl, need_mb=need
+        owner, reason, restart_model=restart is not False, ttl_s=ttl, need_mb=need, device=device
     )
     return _json({"token": lease.token, "lease": lease.public()})
 
@@ -100,6 +102,7 @@ async def gpu_force_release(request: Request) -> Response:
         owner=_optional(body, "owner", str),
         max_age_s=_optional(body, "max_age_s", (int, float), lambda v: v >= 0),
         restart_model=_optional(body, "restart_model", bool),
+        device=_optional(body, "device", int, lambda v: v >= 0),
     )
     if restoring is None:
         return _json({"status": "idle", "restoring": []})

@@ -1,0 +1,144 @@
+"""The per-device ledger: what each GPU holds, whose it is, over plain data.
+
+The probe says what each device holds per process; the lifecycle says what our engines hold
+(``Holding``) and where the arbiter placed them. Models that share one server process (Ollama
+places its own models) are located from that process's use on each device: all on the one
+device it uses, or, when it spreads over several, each model on the device with the most of
+the process's memory still unaccounted for, largest model first. Memory held by processes
+that are not ours is foreign. Effective free memory also subtracts what models still loading
+are booked for but do not hold yet, so two starts never count the same memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from imageworks.chat_proxy.arbiter.gpu import GpuSnapshot
+from imageworks.chat_proxy.arbiter.placement import Device, share_mb
+from imageworks.chat_proxy.arbiter.policy import Resident
+from imageworks.chat_proxy.arbiter.seams import Holding
+
+
+@dataclass(frozen=True)
+class Held:
+    holding: Holding
+    mb: int  # over all its devices
+    devices: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return self.holding.name
+
+    def on(self, device: int) -> int:
+        """Its share on ``device`` (0 when it is not there)."""
+        return share_mb(self.mb, len(self.devices)) if device in self.devices else 0
+
+    def resident(self, device: int | None) -> Resident:
+        """As the eviction policy sees it on ``device`` (None: wherever it is, all of it)."""
+        h = self.holding
+        mb = self.mb if device is None else self.on(device)
+        return Resident(h.name, mb, h.last_used, h.in_flight, h.protected or not h.evict)
+
+
+def locate(
+    holdings: Sequence[Holding],
+    snapshots: Sequence[GpuSnapshot],
+    placed: Callable[[Holding], tuple[int, ...] | None],
+    size: Callable[[Holding], int],
+) -> list[Held]:
+    """Each holding with its size and devices: where the arbiter placed it, else where its
+    process holds memory, else device 0 (a budget with devices) or nowhere."""
+    by_pid: dict[int, list[Holding]] = {}
+    found: dict[str, tuple[int, ...]] = {}
+    for holding in holdings:
+        where = placed(holding)
+        if where:
+            found[holding.name] = where
+        elif holding.pid is not None:
+            by_pid.setdefault(holding.pid, []).append(holding)
+    for pid, group in by_pid.items():
+        left = {s.index: int(s.processes.get(pid, 0)) for s in snapshots if s.processes.get(pid)}
+        for holding in sorted(group, key=lambda h: (-size(h), h.name)):
+            if left:
+                device = max(left, key=lambda d: (left[d], -d))
+                left[device] -= size(holding)
+                found[holding.name] = (device,)
+    default = (0,) if snapshots else ()
+    return [Held(h, size(h), found.get(h.name, default)) for h in holdings]
+
+
+def effective_free(snapshot: GpuSnapshot, held: Sequence[Held], *, measured: bool = True) -> int:
+    """Free memory as the probe says, less what models still loading are booked for beyond
+    what their processes hold yet (a measured probe only: a declared budget already counts
+    them), so that two starts never count the same memory."""
+    pending = 0
+    if measured:
+        for item in held:
+            if item.holding.protected and (booked := item.on(snapshot.index)):
+                pid = item.holding.pid
+                holds = int(snapshot.processes.get(pid, 0)) if pid is not None else 0
+                pending += max(0, booked - holds)
+    return max(0, snapshot.free_mb - pending)
+
+
+def strangers_on(snapshot: GpuSnapshot, held: Sequence[Held]) -> list[tuple[str, int]]:
+    """Memory on the device held by processes that are not ours, as ("pid N", MiB). (A fake
+    probe that keys memory by holder name rather than pid tells nothing about strangers.)"""
+    ours = {h.holding.pid for h in held if h.holding.pid is not None}
+    return [
+        (f"pid {key}", mb)
+        for key, mb in sorted(snapshot.processes.items(), key=lambda item: str(item[0]))
+        if isinstance(key, int) and key not in ours
+    ]
+
+
+def devices_for_placement(
+    snapshots: Sequence[GpuSnapshot],
+    held: Sequence[Held],
+    lent: Collection[int],
+    *,
+    measured: bool = True,
+) -> list[Device]:
+    return [
+        Device(
+            s.index,
+            effective_free(s, held, measured=measured),
+            tuple(h.resident(s.index) for h in held if not h.holding.foreign and h.on(s.index)),
+            available=s.index not in lent,
+        )
+        for s in snapshots
+    ]
+
+
+def report(
+    snapshots: Sequence[GpuSnapshot], held: Sequence[Held], leases: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``/v1/gpu/status`` ``devices``: one entry per device."""
+    rows = []
+    for snap in snapshots:
+        here = [h for h in held if h.on(snap.index)]
+        models = [
+            {"name": h.name, "vram_mb": h.on(snap.index), "in_flight": h.holding.in_flight}
+            for h in here
+            if not h.holding.foreign
+        ]
+        foreign = [{"name": h.name, "vram_mb": h.on(snap.index)} for h in here if h.holding.foreign]
+        foreign += [{"name": key, "vram_mb": mb} for key, mb in strangers_on(snap, held)]
+        ours = sum(h.on(snap.index) for h in here if not h.holding.foreign)
+        rows.append(
+            {
+                "index": snap.index,
+                "name": snap.name,
+                "total_mb": snap.total_mb,
+                "used_mb": snap.used_mb,
+                "free_mb": snap.free_mb,
+                "ours_mb": ours,
+                "foreign_mb": max(0, snap.used_mb - ours),
+                "models": models,
+                "foreign": foreign,
+                "lease": next((le for le in leases if le.get("device") == snap.index), None),
+            }
+        )
+    return rows
