@@ -120,6 +120,7 @@ def proxy_factory(tmp_path: Path) -> Iterator[ProxyFactory]:
         )
         server = UvicornServer(
             create_app(config, probe=probe),
+            port=settings.get("port"),  # a port chosen before (peers naming each other)
             slow_callback_s=slow_callback_s,
             keep_alive_s=config.keep_alive_s,
             header_timeout_s=config.header_timeout_s,

@@ -16,14 +16,19 @@ test's script:
 ``hang-stream``    sends the role chunk, then nothing
 ``no-usage``       never reports usage
 ``json-for-stream`` answers a stream request with plain JSON
+``function-call``  answers (streamed or not) with a legacy ``function_call``
+``json-prose``     a plain answer whose prose holds a JSON object with a "name"
 =================  ===============================================================
-Every request is recorded (``requests``); handlers cut off by a client that left are listed
-in ``cancelled`` by their ``x-request-id``.
+Every request is recorded (``requests``: the parsed body and the exact bytes); handlers cut off
+by a client that left are listed in ``cancelled`` by their ``x-request-id``. The Ollama flavour
+checks image parts as Ollama's OpenAI layer does (only ``data:image/{jpeg,jpg,png,webp};base64``
+URLs, 400 otherwise).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import time
@@ -44,6 +49,7 @@ class Recorded:
     headers: dict[str, str]
     body: dict[str, Any] | None
     peer: Any = None  # the client's (host, port): the same port means a reused connection
+    raw: bytes = b""  # the body exactly as it arrived
 
 
 @dataclass
@@ -113,11 +119,11 @@ class FakeEngine:
         return web.json_response(body, status=status)
 
     async def record(self, request: web.Request) -> dict[str, Any]:
-        body: dict[str, Any] = await request.json()
+        raw = await request.read()
+        body: dict[str, Any] = json.loads(raw)
         peer = request.transport.get_extra_info("peername") if request.transport else None
-        self.requests.append(
-            Recorded(request.path, {k.lower(): v for k, v in request.headers.items()}, body, peer)
-        )
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.requests.append(Recorded(request.path, headers, body, peer, raw))
         return body
 
     def chunk(
@@ -161,6 +167,8 @@ class FakeEngine:
             return self.error(404, f'model "{model}" not found, try pulling it first')
         if model.startswith("fail-"):
             return self.error(int(model[5:]), f"scripted failure {model}")
+        if self.flavour == "ollama" and (problem := _ollama_image_problem(body)):
+            return self.error(400, problem)
         if self.flavour == "ollama" and not self.load(model):
             return self.error(500, f"model {model!r} does not fit in GPU memory")
         try:
@@ -169,7 +177,11 @@ class FakeEngine:
             words = [w.format(flavour=self.flavour) for w in ANSWER_WORDS]
             if model == "slow":
                 words = [f" w{i}" for i in range(10)]
-            tools = body.get("tools")
+            if model == "json-prose":
+                words = ["Here is the record: ", '{"name": "Alice", "age": 30}', " as asked."]
+            if model == "function-call":
+                return await self.function_call(request, body, model)
+            tools = body.get("tools") and model != "json-prose"  # it answers in prose
             if body.get("stream") and model != "json-for-stream":
                 return await self.stream_chat(request, body, model, words, bool(tools))
             return web.json_response(self.full_chat(body, model, words, bool(tools)))
@@ -258,6 +270,43 @@ class FakeEngine:
         await response.write(b"data: [DONE]\n\n")
         # Real servers end the chunked body in a later write than [DONE]; so does this one.
         await asyncio.sleep(0.005)
+        await response.write_eof()
+        return response
+
+    async def function_call(
+        self, request: web.Request, body: dict[str, Any], model: str
+    ) -> web.StreamResponse:
+        """The legacy answer shape: ``function_call`` with ``finish_reason: function_call``."""
+        if not body.get("stream"):
+            message = {
+                "role": "assistant",
+                "content": None,
+                "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+            return web.json_response(
+                {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": model,
+                    "choices": [{"index": 0, "message": message, "finish_reason": "function_call"}],
+                    "usage": self.usage(body, 5),
+                }
+            )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        cid = "chatcmpl-fakestream"
+        deltas: list[dict[str, Any]] = [
+            {"role": "assistant", "content": None},
+            {"function_call": {"name": "get_weather", "arguments": ""}},
+            {"function_call": {"arguments": '{"city": '}},
+            {"function_call": {"arguments": '"Paris"}'}},
+        ]
+        events = b"".join(self.chunk(model, cid, d) for d in deltas)
+        events += self.chunk(model, cid, {}, "function_call") + b"data: [DONE]\n\n"
+        # Written in pieces that cut events in two, as a network read may.
+        for start in range(0, len(events), 37):
+            await response.write(events[start : start + 37])
         await response.write_eof()
         return response
 
@@ -371,7 +420,38 @@ def _scripted(model: str) -> bool:
         "hang-stream",
         "no-usage",
         "json-for-stream",
+        "function-call",
+        "json-prose",
     }
+
+
+_OLLAMA_IMAGE_PREFIXES = (
+    "data:;base64,",
+    *(f"data:image/{kind};base64," for kind in ("jpeg", "jpg", "png", "webp")),
+)
+
+
+def _ollama_image_problem(body: dict[str, Any]) -> str | None:
+    """What Ollama's OpenAI layer (openai/openai.go) refuses in a message's parts."""
+    for message in body.get("messages") or ():
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            kind = part.get("type")
+            if kind == "text":
+                continue
+            if kind != "image_url":
+                return "invalid message format"
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str) or not url.startswith(_OLLAMA_IMAGE_PREFIXES):
+                return "invalid image input"
+            try:
+                base64.b64decode(url.split(",", 1)[1], validate=True)
+            except ValueError:
+                return "invalid message format"
+    return None
 
 
 def entry_for(

@@ -192,8 +192,11 @@ def start_proxy(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    wait_for_port(port, timeout=30)
-    return process, f"http://127.0.0.1:{port}"
+    # A test that binds elsewhere (its own veth address) is answered there, not on loopback.
+    host = env.get("CHAT_PROXY_HOST", "127.0.0.1")
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    wait_for_port(port, timeout=30, host=host)
+    return process, f"http://{host}:{port}"
 
 
 def start_engine(root: Path, *args: str, **env: str) -> tuple[subprocess.Popen[bytes], str]:

@@ -109,15 +109,15 @@ class UvicornServer:
         self._loop.close()
 
 
-def wait_for_port(port: int, timeout: float = 15) -> None:
+def wait_for_port(port: int, timeout: float = 15, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.02)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout} s")
 
 
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

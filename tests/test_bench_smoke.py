@@ -82,3 +82,16 @@ def test_crash_recovery_bench_runs_and_reports_every_measure() -> None:
     }
     assert report["runs"][0]["detected_s"] < report["runs"][0]["served_s"]
     assert "kill -9 to 'crashed'" in result.stdout
+
+
+def test_quick_vision_benchmark_runs() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.vision", "--quick"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "| 12 MP |" in result.stdout and "| 24 MP |" in result.stdout
+    assert "| during image preparation |" in result.stdout

@@ -246,6 +246,30 @@ def test_two_cards_place_vllm_apart_and_a_third_evicts_the_idle_one_never_the_bu
     assert eventually(lambda: evictions() == [("b", "start c")], 10), evictions()
 
 
+def test_two_starts_at_once_never_count_the_same_memory(box: Any) -> None:
+    """ "slow" takes 2 s to load before it holds anything; "quick", asked for meanwhile, must
+    not be placed in the memory "slow" is about to take (the fake vLLM on the same card would
+    then refuse to start, as vLLM does)."""
+    slow = vllm(
+        "slow", 14000, backend_config={"model_path": "/m", "extra_args": ["--startup-delay", "2"]}
+    )
+    gpu = box([24000, 24000], [slow, vllm("quick", 14000)])
+    answers: dict[str, int] = {}
+
+    def activate(name: str) -> None:
+        with httpx.Client(base_url=gpu.url, timeout=120) as client:
+            answers[name] = client.post("/admin/activate", json={"model": name}).status_code
+
+    first = threading.Thread(target=activate, args=("slow",))
+    first.start()
+    assert eventually(lambda: gpu.models()["slow"]["state"] == "starting", 30)
+    activate("quick")
+    first.join(120)
+    assert answers == {"slow": 200, "quick": 200}
+    devices = {cuda_devices(gpu.vllm_run(n)["pid"]) for n in ("slow", "quick")}
+    assert devices == {"0", "1"}
+
+
 def test_a_lease_on_device_1_evicts_only_device_1_and_release_restores_it(box: Any) -> None:
     entries = [vllm("a", 14000), VISION, llamacpp("small", 4000, gpus=[1])]
     gpu = box([24000, 24000], entries)

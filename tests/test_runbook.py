@@ -24,6 +24,7 @@ import pytest
 
 from testkit.entries import eventually
 from testkit.fake_engine import FakeEngine
+from testkit.images import decode_data_url
 from testkit.processes import LLAMACPP_TEMPLATE, our_processes
 from testkit.servers import AiohttpServer, wait_for_port
 
@@ -58,6 +59,7 @@ CHECKED = {
     "ollama-prewarm",
     "autostart-off",
     "lease",
+    "vision",
     "engine-crash",
     "reload",
     "profiles",
@@ -208,6 +210,15 @@ def test_the_runbook_works_as_written(project: Path, cleanup: list[object]) -> N
     assert "stopped: qwen2-7b-instruct" in activation
     shell.run(book["ollama-prewarm"])
     assert "qwen2.5vl:7b" in ollama.loaded
+    vision = shell.run(book["vision"])
+    assert "Hello from ollama!" in vision
+    assert 'chat_proxy_images_total{action="resized",model="qwen2.5vl-7b"} 1.0' in vision
+    (image,) = [
+        part["image_url"]["url"]
+        for part in ollama.requests[-1].body["messages"][0]["content"]
+        if part["type"] == "image_url"
+    ]
+    assert decode_data_url(image).size == (1536, 1152)
     lease = shell.run(book["lease"])
     assert '"leased": true' in lease and '"owner": "judge-vision"' in lease
     assert '"status":"released"' in lease

@@ -42,7 +42,8 @@ def test_stream_relays_every_event_unchanged_and_in_order(
     engine = request.getfixturevalue(f"fake_{flavour}")
     backend = flavour
     served = "qwen2.5vl:7b" if flavour == "ollama" else "served"
-    proxy = proxy_factory([entry_for("m", engine.url, backend, served)])
+    caps = {"tools": True}
+    proxy = proxy_factory([entry_for("m", engine.url, backend, served, capabilities=caps)])
     body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
     if tools:
         body["tools"] = TOOLS

@@ -25,7 +25,11 @@ def sdk(proxy_factory, fake_vllm, fake_ollama):
         [
             entry_for("qwen", fake_vllm.url, served="served-qwen"),
             entry_for(
-                "vision", fake_ollama.url, "ollama", "qwen2.5vl:7b", capabilities={"vision": True}
+                "vision",
+                fake_ollama.url,
+                "ollama",
+                "qwen2.5vl:7b",
+                capabilities={"vision": True, "tools": True},
             ),
             entry_for("broken", fake_vllm.url, served="fail-500"),
         ]

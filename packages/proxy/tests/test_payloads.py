@@ -357,9 +357,32 @@ def test_capability_refusals_name_the_model_and_the_way_out() -> None:
     assert no_vision.value.param == "messages"
     assert no_vision.value.message == (
         "model 'm' does not accept images (2 sent); choose a model with the vision capability "
-        "or send text only"
+        "or send text only (or set vision.alt_text in its entry to send each image's alt_text "
+        "instead)"
     )
     check_capabilities(COMPLETIONS, entry(), two)  # completions carry no images
+    # An entry that opted in to alt text gets the images (vision.py replaces them).
+    assert check_capabilities(CHAT, entry(vision={"alt_text": True}), two) == 2
+
+
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+
+
+@pytest.mark.parametrize("field", ["tools", "functions"])
+def test_tools_for_a_model_without_the_tools_capability_are_refused(field: str) -> None:
+    body = {"messages": M, field: TOOLS if field == "tools" else [TOOLS[0]["function"]]}
+    with pytest.raises(CapabilityMismatch) as refused:
+        check_capabilities(CHAT, entry(), body)
+    assert refused.value.status == 409 and refused.value.param == field
+    assert refused.value.message == (
+        "model 'm' does not support tool calling (its entry has no capabilities.tools), so "
+        f"'{field}' would be ignored or garbled; choose a model with the tools capability, or "
+        'list "tools" in the entry\'s allow_request_fields to forward tools anyway'
+    )
+    check_capabilities(CHAT, entry(capabilities={"tools": True}), body)
+    check_capabilities(CHAT, entry(allow_request_fields=["tools"]), body)  # the opt-out
+    # An empty list declares no tools.
+    check_capabilities(CHAT, entry(), {"messages": M, field: []})
 
 
 def test_the_engine_field_refusal_says_how_to_allow_it() -> None:

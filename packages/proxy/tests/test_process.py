@@ -30,6 +30,7 @@ from imageworks.chat_proxy.process import (
     find_launched,
     free_port,
     group_members,
+    listening_pid,
     pid_alive,
     safe_name,
     session_leader,
@@ -607,6 +608,24 @@ def test_free_port_is_a_port_that_can_be_bound() -> None:
     assert 0 < port < 65536
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
+
+
+def test_the_process_listening_on_a_port_is_found_and_a_closed_port_is_nobody() -> None:
+    """How the GPU ledger finds the Ollama server's pid (its per-device memory is where
+    Ollama put its models): a child listening on a port, found by that port."""
+    port = free_port()
+    code = (
+        "import socket, time; s = socket.socket(); "
+        f"s.bind(('127.0.0.1', {port})); s.listen(); print('up', flush=True); time.sleep(60)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"up\n"
+        assert listening_pid(port) == child.pid
+    finally:
+        child.kill()
+        child.communicate()
+    assert listening_pid(port) is None
 
 
 def test_the_proc_readers_survive_a_command_name_with_parentheses_and_spaces(

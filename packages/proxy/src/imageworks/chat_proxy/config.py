@@ -95,9 +95,30 @@ class ProxyConfig(BaseModel):
     # max_concurrency wins) and how many more may wait for a turn before 429.
     max_concurrency: int = Field(default=0, ge=0)
     max_queue: int = Field(default=64, ge=0)
+    # Images for vision models (an entry's ``vision`` settings win): inline images whose long
+    # edge exceeds the target are resized to it (0: forward every image as it came), resized
+    # JPEGs are written at this quality; most images per request (0: no limit) and the
+    # largest one image may be; threads preparing images (at most this many decode at once).
+    vision_target_long_edge: int = Field(default=1536, ge=0)
+    vision_jpeg_quality: int = Field(default=90, ge=1, le=95)
+    vision_max_images: int = Field(default=0, ge=0)
+    vision_max_image_bytes: int = Field(default=20_000_000, ge=1)
+    vision_workers: int = Field(default=2, ge=1, le=64)
     # Browser origins allowed to call the API (comma-separated; "*" for any, never with
     # credentials). Empty: no CORS headers at all.
     cors_origins: tuple[str, ...] = ()
+    # Ray Serve (``backend: "ray"`` entries): the dashboard that takes the Serve REST API, the
+    # Serve HTTP proxy requests go to, and the *name* of a variable holding the dashboard's
+    # token (sent as ``Authorization: Bearer``; the token itself stays out of the config).
+    ray_dashboard_url: str = "http://127.0.0.1:8265"
+    ray_serve_url: str = "http://127.0.0.1:8000"
+    ray_token_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # Other ImageWorks boxes: a JSON array of {name, url, api_key_env} (empty: read
+    # ``<registry_dir>/peers.json`` if present), how often their model lists are read, and how
+    # long one may stay silent before its models leave the list.
+    peers: str = ""
+    peer_poll_s: float = Field(default=5.0, gt=0)
+    peer_grace_s: float = Field(default=30.0, gt=0)
 
     @field_validator("api_keys", "preload", "cors_origins", mode="before")
     @classmethod
@@ -106,7 +127,7 @@ class ProxyConfig(BaseModel):
             return tuple(k.strip() for k in value.split(",") if k.strip())
         return value
 
-    @field_validator("vllm_remote_url", "ollama_base_url")
+    @field_validator("vllm_remote_url", "ollama_base_url", "ray_dashboard_url", "ray_serve_url")
     @classmethod
     def _is_http_url(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
@@ -129,7 +150,7 @@ class ProxyConfig(BaseModel):
             raise ValueError("each device's total must be at least 1 MB")
         return value
 
-    @field_validator("admin_token", mode="before")
+    @field_validator("admin_token", "ray_token_env", mode="before")
     @classmethod
     def _blank_token_is_none(cls, value: Any) -> Any:
         return None if value == "" else value

@@ -4,7 +4,8 @@ Bodies travel as bytes through aiohttp's client (the app's one ``ClientSession``
 ``egress``): the upstream response is relayed unchanged, one chunk per network read of the
 backend's socket (``iter_any``: no re-chunking, no coalescing, no decompression). The only
 inspection is what the request log needs: where the first byte came, how many events passed,
-and the usage object near the end.
+and the usage object near the end; and, for a request that declared ``tools``, the legacy
+``function_call`` answers that ``toolcalls`` converts (events are then passed on whole).
 
 A client that goes away cancels the upstream request, whether it was streaming or still
 waiting for a non-streaming answer: both paths watch ``receive()`` for ``http.disconnect``.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import time
 from collections import deque
@@ -33,6 +35,7 @@ from imageworks.chat_proxy.errors import (
     ShuttingDown,
     upstream_error,
 )
+from imageworks.chat_proxy.toolcalls import StreamConverter, convert_answer
 
 __all__ = ["ClientGone", "Outcome", "SSEResponse", "open_upstream", "read_body", "send_error"]
 
@@ -44,6 +47,7 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 DONE = b"data: [DONE]\n\n"
+_CHUNKED_ABOVE = 1024 * 1024
 _TAIL_CHUNKS = 8  # the usage chunk and [DONE] are in the last few network reads
 
 
@@ -110,7 +114,11 @@ async def open_upstream(
     headers = target.headers(request_id)
     for attempt in (1, 2):
         try:
-            response = await egress.session.post(url, data=body, headers=headers, ssl=target.ssl)
+            # A big body (photographs) goes out in chunks with a yield to the loop between
+            # them; a new BytesIO per attempt (aiohttp closes it after sending). Small ones
+            # go as they are: the hot path.
+            data = io.BytesIO(body) if len(body) > _CHUNKED_ABOVE else body
+            response = await egress.session.post(url, data=data, headers=headers, ssl=target.ssl)
             break
         except _STALE as exc:
             # A kept-alive connection the backend had already closed (llama.cpp's server drops
@@ -215,7 +223,9 @@ class SSEResponse:
         connect: Callable[[], Awaitable[aiohttp.ClientResponse]],
         waiting_comment: bytes | None = None,
         keepalive_s: float = 5.0,
+        converter: StreamConverter | None = None,
     ) -> None:
+        self.converter = converter  # legacy function_call deltas -> tool_calls
         self.upstream: aiohttp.ClientResponse | None = None
         self.connect = connect
         self.outcome = outcome
@@ -302,6 +312,8 @@ class SSEResponse:
             self.outcome.error = error
             await send_error(error, send)
             return
+        if self.converter is not None:
+            body = convert_answer(body)
         content_type = upstream.headers.get("content-type", "application/json").encode()
         await send(
             {
@@ -336,6 +348,10 @@ class SSEResponse:
                 if outcome.first_byte_at is None:
                     outcome.first_byte_at = time.perf_counter()
                 outcome.events += chunk.count(b"data:")
+                if self.converter is not None:
+                    chunk = self.converter.feed(chunk)
+                    if not chunk:  # an event cut in two: its end is still to come
+                        continue
                 self.tail.append(chunk)
                 if chunk.endswith(DONE):
                     # Complete: end the response with this chunk (one write, not two). Clients
@@ -345,6 +361,10 @@ class SSEResponse:
                     await send({"type": "http.response.body", "body": chunk, "more_body": False})
                     return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            rest = self.converter.flush() if self.converter is not None else b""
+            if rest:
+                self.tail.append(rest)
+                await send({"type": "http.response.body", "body": rest, "more_body": True})
             if not self._saw_done():
                 raise StreamBroken("stream ended without [DONE]")
             self.complete = True

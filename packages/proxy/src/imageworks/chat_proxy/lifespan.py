@@ -36,9 +36,11 @@ from imageworks.chat_proxy.egress import Egress
 from imageworks.chat_proxy.lifecycle import Lifecycle
 from imageworks.chat_proxy.metrics import Metrics
 from imageworks.chat_proxy.modelstate import Restarts
+from imageworks.chat_proxy.peers import Peers
 from imageworks.chat_proxy.requestlog import RequestLog
 from imageworks.chat_proxy.staging import StagingLock
 from imageworks.chat_proxy.state import ProxyState
+from imageworks.chat_proxy.vision import ImagePrep
 from imageworks.model_loader.profiles import PROFILES_FILE, ProfileManager
 from imageworks.model_loader.registry import Registry
 from imageworks.model_loader.watch import RegistryWatcher
@@ -63,6 +65,8 @@ def make_probe(config: ProxyConfig, lifecycle: Lifecycle) -> GpuProbe:
 
 
 def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxyState:
+    # A bad peer list fails the start before anything is opened.
+    peers = Peers(config, lambda: egress.session)
     staging_lock = StagingLock(config.staging_dir).acquire()  # first: before any engine moves
     watcher = RegistryWatcher(config.registry_dir).start()
     profiles = ProfileManager(config.registry_dir / PROFILES_FILE, config.staging_dir)
@@ -128,6 +132,8 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         autostart=config.autostart_enabled,
         admission=Admission(config.max_concurrency, config.max_queue, metrics),
         staging_lock=staging_lock,
+        peers=peers,
+        images=ImagePrep(config.vision_workers),
     )
 
     def on_reload(registry: Registry) -> None:
@@ -162,6 +168,7 @@ async def start_background(state: ProxyState) -> list[asyncio.Task[Any]]:
         loop.create_task(idle.idle_loop(state.lifecycle)),
         # In the background: the proxy serves (and lists models) while they load.
         loop.create_task(state.lifecycle.preload(state.config.preload)),
+        *([loop.create_task(state.peers.poll_loop())] if state.peers else []),
     ]
 
 
@@ -190,6 +197,7 @@ async def close_state(state: ProxyState, background: list[asyncio.Task[Any]] | N
             results[name] = f"failed: {why}"
     with contextlib.suppress(Exception):
         await state.egress.close()
+    state.images.close()
     state.log.event(
         "shutdown", "proxy", steps=results, seconds=round(time.monotonic() - started, 3)
     )

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 if TYPE_CHECKING:
     from imageworks.chat_proxy.arbiter.gpu import GpuSnapshot
+    from imageworks.chat_proxy.vision import ImageStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -38,6 +39,7 @@ class Finished(NamedTuple):
     ttft_s: float | None
     prompt_tokens: int | None
     completion_tokens: int | None
+    images: ImageStats | None = None
 
 
 class Metrics:
@@ -143,6 +145,26 @@ class Metrics:
             "JSONL records dropped whole (a full disk, an unwritable log)",
             registry=r,
         )
+        self.images = Counter(
+            "chat_proxy_images",
+            "Images in chat requests: seen, resized, fetched (allow-listed remote), "
+            "replaced by alt text",
+            ["model", "action"],
+            registry=r,
+        )
+        self.image_bytes = Counter(
+            "chat_proxy_image_bytes",
+            "Image bytes as received (in) and as forwarded (out), images the proxy looked at",
+            ["model", "direction"],
+            registry=r,
+        )
+        self.image_prep = Histogram(
+            "chat_proxy_image_prep_seconds",
+            "Time spent preparing a request's images (decode, resize, encode, fetch, trim)",
+            ["model"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
         self.registry_reloads = Counter(
             "chat_proxy_registry_reloads", "Registry reloads, by result", ["result"], registry=r
         )
@@ -166,6 +188,22 @@ class Metrics:
                 self.tokens.labels(f.model, "prompt").inc(f.prompt_tokens)
             if f.completion_tokens is not None:
                 self.tokens.labels(f.model, "completion").inc(f.completion_tokens)
+            if f.images is not None:
+                self._fold_images(f.model, f.images)
+
+    def _fold_images(self, model: str, stats: ImageStats) -> None:
+        for action, count in (
+            ("seen", stats.seen),
+            ("resized", stats.resized),
+            ("fetched", stats.fetched),
+            ("alt_text", stats.alt_texts),
+        ):
+            if count:
+                self.images.labels(model, action).inc(count)
+        if stats.bytes_in:
+            self.image_bytes.labels(model, "in").inc(stats.bytes_in)
+            self.image_bytes.labels(model, "out").inc(stats.bytes_out)
+        self.image_prep.labels(model).observe(stats.prep_ms / 1000)
 
     def render(self) -> bytes:
         self.fold()

@@ -7,9 +7,12 @@ every other field passes through untouched for the backend to judge.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from imageworks.chat_proxy.errors import CapabilityMismatch, InvalidRequest, TemplateRequired
+from imageworks.chat_proxy.toolcalls import declares_functions, declares_tools
+from imageworks.chat_proxy.vision import IMAGE_PARTS
 from imageworks.model_loader.schema import ModelEntry
 
 CHAT, COMPLETIONS, EMBEDDINGS = "chat", "completions", "embeddings"
@@ -24,7 +27,6 @@ _NUMBERS = (
     "min_p",
 )
 _INTEGERS = ("max_tokens", "max_completion_tokens", "n", "top_k", "seed", "min_tokens")
-_IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
 # generation_defaults keys that describe the model rather than a request.
 _NOT_REQUEST_FIELDS = frozenset({"context_window", "stop_sequences"})
 
@@ -149,29 +151,47 @@ def count_images(body: dict[str, Any]) -> int:
     for message in body.get("messages") or ():
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, list):
-            count += sum(1 for part in content if part.get("type") in _IMAGE_PARTS)
+            count += sum(1 for part in content if part.get("type") in IMAGE_PARTS)
     return count
 
 
-def check_capabilities(endpoint: str, entry: ModelEntry, body: dict[str, Any]) -> None:
+def check_capabilities(endpoint: str, entry: ModelEntry, body: dict[str, Any]) -> int:
+    """Refuse what the model cannot take; return the number of images (chat only)."""
     caps = entry.capabilities
     if endpoint == EMBEDDINGS:
         if not caps.embedding:
             raise CapabilityMismatch(
                 f"model {entry.name!r} is not an embedding model", param="model"
             )
-        return
+        return 0
     if not caps.text and caps.embedding:
         raise CapabilityMismatch(
             f"model {entry.name!r} is an embedding model; use /v1/embeddings", param="model"
         )
-    images = count_images(body) if endpoint == CHAT else 0
-    if images and not caps.vision:
+    if endpoint != CHAT:
+        return 0
+    images = count_images(body)
+    if images and not caps.vision and not entry.vision.alt_text:
         raise CapabilityMismatch(
             f"model {entry.name!r} does not accept images ({images} sent); "
-            "choose a model with the vision capability or send text only",
+            "choose a model with the vision capability or send text only (or set "
+            "vision.alt_text in its entry to send each image's alt_text instead)",
             param="messages",
         )
+    if (
+        (declares_tools(body) or declares_functions(body))
+        and not caps.tools
+        and "tools" not in entry.allow_request_fields
+    ):
+        field = "tools" if declares_tools(body) else "functions"
+        raise CapabilityMismatch(
+            f"model {entry.name!r} does not support tool calling (its entry has no "
+            f"capabilities.tools), so '{field}' would be ignored or garbled; choose a model "
+            'with the tools capability, or list "tools" in the entry\'s '
+            "allow_request_fields to forward tools anyway",
+            param=field,
+        )
+    return images
 
 
 def check_template(entry: ModelEntry, required: bool, template_needed: bool) -> None:
@@ -188,10 +208,18 @@ def check_template(entry: ModelEntry, required: bool, template_needed: bool) -> 
         )
 
 
-def prepare(endpoint: str, entry: ModelEntry, body: dict[str, Any], raw: bytes) -> bytes:
+def prepare(
+    endpoint: str,
+    entry: ModelEntry,
+    body: dict[str, Any],
+    raw: bytes,
+    changed: bool = False,
+    dump: Callable[[dict[str, Any]], bytes] | None = None,
+) -> bytes:
     """Fill generation defaults the request omits and send the served id; re-encode only if
-    something changed (large image bodies then travel as they came)."""
-    changed = False
+    something changed (``changed``: the caller already changed ``body``), so that a request
+    the proxy has nothing to add to travels byte for byte as it came. ``dump``: how to encode
+    it (a lifted body puts its big strings back)."""
     if body["model"] != entry.upstream_id:
         body["model"] = entry.upstream_id
         changed = True
@@ -209,6 +237,6 @@ def prepare(endpoint: str, entry: ModelEntry, body: dict[str, Any], raw: bytes) 
     if not changed:
         return raw
     try:
-        return json.dumps(body).encode()
+        return dump(body) if dump is not None else json.dumps(body).encode()
     except RecursionError:  # parsed just under the limit, re-encoded from deeper in the stack
         raise InvalidRequest("request body is nested too deeply") from None

@@ -17,8 +17,10 @@ from imageworks.chat_proxy.errors import ProxyError
 from imageworks.chat_proxy.forwarding import Outcome
 from imageworks.chat_proxy.lifecycle import Lifecycle
 from imageworks.chat_proxy.metrics import Finished, Metrics
+from imageworks.chat_proxy.peers import Peers
 from imageworks.chat_proxy.requestlog import RequestLog
 from imageworks.chat_proxy.staging import StagingLock
+from imageworks.chat_proxy.vision import ImagePrep, ImageStats
 from imageworks.model_loader.profiles import DeploymentProfile, ProfileManager
 from imageworks.model_loader.registry import Registry
 from imageworks.model_loader.schema import ModelEntry
@@ -41,6 +43,8 @@ class RequestInfo:
     lease_token: str | None = None
     admission_ms: float = 0.0  # waiting for a turn under the model's max_concurrency
     queue_depth: int = 0  # this request's place in that wait queue, 0 if it did not wait
+    images: ImageStats | None = None  # what image preparation did (requests with images)
+    tools: bool = False  # the request declared tools: legacy function_call answers converted
 
 
 @dataclass
@@ -57,8 +61,10 @@ class ProxyState:
     autostart: bool
     admission: Admission
     staging_lock: StagingLock
+    peers: Peers
+    images: ImagePrep
     started_at: float = field(default_factory=time.time)
-    _models_cache: tuple[tuple[str, str, int], bytes] | None = None
+    _models_cache: tuple[tuple[str, str, int, int], bytes] | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -158,6 +164,17 @@ class ProxyState:
             "tokens_per_s": tokens_per_s,
             "usage_estimated": estimated,
         }
+        images = info.images
+        if images is not None:
+            record.update(
+                images=images.seen,
+                images_resized=images.resized,
+                images_fetched=images.fetched,
+                image_bytes_in=images.bytes_in,
+                image_bytes_out=images.bytes_out,
+                image_prep_ms=images.prep_ms,
+                messages_trimmed=images.messages_trimmed,
+            )
         if error is not None:
             record["error_message"] = error.message[:500]
         self.log.write(record)
@@ -174,5 +191,6 @@ class ProxyState:
                 else None,
                 prompt_tokens if isinstance(prompt_tokens, int) else None,
                 completion_tokens if isinstance(completion_tokens, int) else None,
+                images,
             )
         )

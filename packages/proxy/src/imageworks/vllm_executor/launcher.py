@@ -28,6 +28,7 @@ DEFAULT_TEMPLATE: tuple[str, ...] = (
     "--gpu-memory-utilization",
     "{gpu_memory_utilization}",
     "{chat_template_args}",
+    "{tool_args}",
     "{extra_args}",
 )
 FIELDS = launch.COMMON_FIELDS | {"gpu_memory_utilization"}
@@ -51,5 +52,25 @@ def build_command(
     gpu_memory_utilization: float,
 ) -> list[str]:
     return launch.build_command(
-        entry, template, host=host, port=port, gpu_memory_utilization=gpu_memory_utilization
+        entry,
+        template,
+        host=host,
+        port=port,
+        # Only a template that asks for them (a custom one may launch another engine).
+        tool_args=tool_args(entry) if "{tool_args}" in template else [],
+        gpu_memory_utilization=gpu_memory_utilization,
     )
+
+
+def tool_args(entry: ModelEntry) -> list[str]:
+    """vLLM emits OpenAI ``tool_calls`` only with auto tool choice and a parser for the model's
+    tool-call format; without a parser it refuses to start, so the entry must name one."""
+    if not entry.capabilities.tools:
+        return []
+    parser = entry.backend_config.tool_parser
+    if not parser:
+        raise LaunchError(
+            f"model {entry.name!r} has capabilities.tools but no backend_config.tool_parser "
+            "(vLLM's --tool-call-parser: hermes, llama3_json, mistral, ...)"
+        )
+    return ["--enable-auto-tool-choice", "--tool-call-parser", parser]

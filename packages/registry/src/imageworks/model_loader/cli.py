@@ -92,8 +92,29 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
     return "\n".join(lines)
 
 
+proxy_url = click.option(
+    "--proxy-url",
+    envvar="IMAGEWORKS_CHAT_PROXY_URL",
+    default=DEFAULT_PROXY_URL,
+    show_default=True,
+    help="The chat proxy (IMAGEWORKS_CHAT_PROXY_URL).",
+)
+admin_token = click.option(
+    "--admin-token",
+    envvar="CHAT_PROXY_ADMIN_TOKEN",
+    default=None,
+    help="The proxy's admin token, if it has one (CHAT_PROXY_ADMIN_TOKEN).",
+)
+
+
 @main.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
+@click.option(
+    "--live",
+    is_flag=True,
+    help="Ask the running proxy instead: its models and its peers', each with its state and "
+    "where it runs (this box's engines, a peer, a Ray cluster).",
+)
 @click.option("--profile", help="Filter by this deployment profile (default: the active one).")
 @click.option("--backend", help="Only entries of this backend.")
 @click.option(
@@ -102,11 +123,23 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
     is_flag=True,
     help="Include deprecated entries and entries hidden by the profile.",
 )
+@proxy_url
+@admin_token
 @pass_ctx
 def list_models(
-    obj: Context, as_json: bool, profile: str | None, backend: str | None, show_all: bool
+    obj: Context,
+    as_json: bool,
+    live: bool,
+    profile: str | None,
+    backend: str | None,
+    show_all: bool,
+    proxy_url: str,
+    admin_token: str | None,
 ) -> None:
-    """List registry entries visible in a deployment profile."""
+    """List registry entries visible in a deployment profile (--live: what the proxy serves)."""
+    if live:
+        _list_live(proxy_url, admin_token, as_json, backend, show_all)
+        return
     with domain_errors():
         registry = obj.registry()
         active = obj.profiles().get(profile) if profile else obj.profiles().active
@@ -139,6 +172,37 @@ def list_models(
     click.echo(_table(rows, ["NAME", "BACKEND", "SERVED ID", "CAPABILITIES", "VRAM MB", ""]))
     if not show_all:
         click.echo(f"\nprofile: {active.name} ({len(entries)} of {len(registry)} entries)")
+
+
+def where(location: dict[str, Any] | None) -> str:
+    """Where a model runs, in a word: ``local``, ``peer:<box>`` or ``ray:<application>``."""
+    location = location or {}
+    kind = str(location.get("kind", "local"))
+    detail = location.get("peer") or location.get("application")
+    return f"{kind}:{detail}" if detail else kind
+
+
+def _list_live(
+    proxy_url: str, admin_token: str | None, as_json: bool, backend: str | None, show_all: bool
+) -> None:
+    with domain_errors():
+        state = call(proxy_url, "GET", "/admin/state", token=admin_token)
+    models = [
+        m
+        for m in state.get("models", [])
+        if (show_all or m.get("visible")) and (backend is None or m.get("backend") == backend)
+    ]
+    if as_json:
+        click.echo(json.dumps(models, indent=2))
+        return
+    if not models:
+        click.echo("no models")
+        return
+    rows = [
+        [m["name"], str(m.get("backend")), str(m.get("state")), where(m.get("location"))]
+        for m in models
+    ]
+    click.echo(_table(rows, ["NAME", "BACKEND", "STATE", "WHERE"]))
 
 
 @main.command()
@@ -227,20 +291,6 @@ def profiles_use(obj: Context, name: str) -> None:
 
 
 # --- commands that talk to a running proxy -------------------------------------------------
-
-proxy_url = click.option(
-    "--proxy-url",
-    envvar="IMAGEWORKS_CHAT_PROXY_URL",
-    default=DEFAULT_PROXY_URL,
-    show_default=True,
-    help="The chat proxy (IMAGEWORKS_CHAT_PROXY_URL).",
-)
-admin_token = click.option(
-    "--admin-token",
-    envvar="CHAT_PROXY_ADMIN_TOKEN",
-    default=None,
-    help="The proxy's admin token, if it has one (CHAT_PROXY_ADMIN_TOKEN).",
-)
 
 
 @main.command("activate-model")

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Backends the proxy can serve, and legacy values from the existing ImageWorks registry that load
 # without error but are never listed or routed (DESIGN.md §3; seed inventory §3.2).
-SERVABLE_BACKENDS = ("vllm", "ollama", "llamacpp", "openai")
+SERVABLE_BACKENDS = ("vllm", "ollama", "llamacpp", "openai", "ray")
 LEGACY_BACKENDS = ("lmdeploy", "triton", "gguf", "unassigned")
 
 
@@ -45,6 +45,9 @@ class BackendConfig(_Open):
     api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     headers: dict[str, str] = Field(default_factory=dict)
     ca_file: str | None = None
+    # vLLM with capabilities.tools: the parser that turns the model's tool-call text into
+    # OpenAI tool_calls (--tool-call-parser: hermes, llama3_json, mistral, ...).
+    tool_parser: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
 
     @field_validator("headers")
     @classmethod
@@ -91,6 +94,35 @@ class GenerationDefaults(_Open):
     stop: str | list[str] | None = None
 
 
+class RemoteImages(_Open):
+    """Opt-in: the proxy fetches http(s) image URLs from these hosts (and only these) and sends
+    them inline. Without it the proxy never fetches an image."""
+
+    # Exact host names, or "*.example.com" for its subdomains.
+    allow_hosts: list[str] = Field(min_length=1)
+    max_bytes: int = Field(default=10_000_000, ge=1)
+    timeout_s: float = Field(default=10.0, gt=0)
+
+
+class VisionSettings(_Open):
+    """How images are prepared for this model. Unset numbers fall back to the proxy's
+    ``CHAT_PROXY_VISION_*`` defaults."""
+
+    # Inline images whose long edge exceeds this are resized to it (0: never resize).
+    target_long_edge: int | None = Field(default=None, ge=0)
+    jpeg_quality: int | None = Field(default=None, ge=1, le=95)
+    # Most images one request may carry (0: no limit); largest image, in bytes, as sent.
+    max_images: int | None = Field(default=None, ge=0)
+    max_image_bytes: int | None = Field(default=None, ge=1)
+    remote_images: RemoteImages | None = None
+    # A model without the vision capability: replace each image by "[image: <alt text>]"
+    # instead of refusing the request (an image without alt text is still refused).
+    alt_text: bool = False
+    # Vision models, opt-in: keep the system messages and the last N turns (a turn starts at
+    # a user message), carrying the images of dropped user turns onto the last user message.
+    keep_last_turns: int | None = Field(default=None, ge=1)
+
+
 class ModelEntry(_Open):
     """One model as the registry describes it. Only ``name`` and ``backend`` are required."""
 
@@ -103,6 +135,7 @@ class ModelEntry(_Open):
     capabilities: Capabilities = Field(default_factory=Capabilities)
     generation_defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
     chat_template: ChatTemplate | None = None
+    vision: VisionSettings = Field(default_factory=VisionSettings)
     vram_estimate_mb: int | None = Field(default=None, ge=0)
     # What the proxy does when the engine dies while ready: start it again on the next request
     # (with backoff, until a crash loop), or leave it crashed until activated by hand.
@@ -127,7 +160,8 @@ class ModelEntry(_Open):
     roles: list[str] = Field(default_factory=list)
     metadata: dict[str, Any] = Field(default_factory=dict)
     # Engine-control request fields (chat_template, chat_template_kwargs, ...) the proxy
-    # forwards for this model; by default it refuses them.
+    # forwards for this model; by default it refuses them. "tools" here forwards tool
+    # definitions to a model without capabilities.tools (otherwise 409).
     allow_request_fields: list[str] = Field(default_factory=list)
 
     @field_validator("name")

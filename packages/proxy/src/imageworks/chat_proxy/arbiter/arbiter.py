@@ -134,7 +134,9 @@ class VramArbiter:
         async with self._room_lock:  # two starts must not both count the same free memory
             await self.snapshot()
             need = need_mb if need_mb is not None else self.need_mb(entry)
-            if need <= 0:
+            if need <= 0:  # nothing to budget: a pin still says where it runs
+                if pin:
+                    self.placements[entry.name] = pin
                 return
             devices, _ = await self._free(
                 need, reason=f"start {entry.name}", exclude=entry.name, pin=pin, span=entry.gpu_span
@@ -206,7 +208,7 @@ class VramArbiter:
             return 0
         held = self._locate(await self.holdings(), snaps)
         lent = self.leases.lent()
-        views = ledger.devices_for_placement(snaps, held, lent)
+        views = ledger.devices_for_placement(snaps, held, lent, measured=self.probe.measures)
         found = place(views, need, headroom_mb=self.headroom_mb)
         return found.devices[0] if found.devices else 0
 
@@ -231,12 +233,12 @@ class VramArbiter:
                 mine = [h.resident(None) for h in held if not h.holding.foreign]
             return Placement((device,), plan_exclusive(mine))
         lent = set() if lease else self.leases.lent()
-        views = ledger.devices_for_placement(snaps, held, lent)
+        views = ledger.devices_for_placement(snaps, held, lent, measured=self.probe.measures)
         found = place(views, need, pin=pin, span=span, headroom_mb=self.headroom_mb)
         if not found.devices and lent:
             # Only lent devices could take it: the request was admitted with the lease's
             # token (``admit`` refuses anyone else), so the holder's model may use its device.
-            views = ledger.devices_for_placement(snaps, held, ())
+            views = ledger.devices_for_placement(snaps, held, (), measured=self.probe.measures)
             found = place(views, need, pin=pin, span=span, headroom_mb=self.headroom_mb)
         return found
 
@@ -257,7 +259,9 @@ class VramArbiter:
         while True:
             snaps = await self.snapshot()
             if not snaps and need is not None:
-                return tuple(pin or range(span)), evicted  # no budget to enforce
+                # No budget to enforce, nor devices to choose from: only a pin places it (an
+                # engine that is not placed sees every GPU, as it would without the proxy).
+                return tuple(pin or ()), evicted
             holdings = [h for h in await self.holdings() if h.name != exclude]
             held = self._locate(holdings, snaps)
             found = self._plan(snaps, held, need, pin, span, lease)
@@ -308,7 +312,7 @@ class VramArbiter:
         held: list[ledger.Held],
         found: Placement,
     ) -> InsufficientVram:
-        views = ledger.devices_for_placement(snaps, held, ())
+        views = ledger.devices_for_placement(snaps, held, (), measured=self.probe.measures)
         free = ", ".join(f"GPU {v.index} free={v.free_mb} MB" for v in views)
         if len(views) == 1:
             free = f"free={views[0].free_mb} MB"

@@ -5,8 +5,8 @@ The probe says what each device holds per process; the lifecycle says what our e
 places its own models) are located from that process's use on each device: all on the one
 device it uses, or, when it spreads over several, each model on the device with the most of
 the process's memory still unaccounted for, largest model first. Memory held by processes
-that are not ours is foreign. Effective free memory also subtracts what our models are booked
-for but may not hold yet (one still loading), so two starts never count the same memory.
+that are not ours is foreign. Effective free memory also subtracts what models still loading
+are booked for but do not hold yet, so two starts never count the same memory.
 """
 
 from __future__ import annotations
@@ -69,12 +69,18 @@ def locate(
     return [Held(h, size(h), found.get(h.name, default)) for h in holdings]
 
 
-def effective_free(snapshot: GpuSnapshot, held: Sequence[Held]) -> int:
-    """Free memory as the probe measures it, less what our models are booked for beyond what
-    their processes hold yet."""
-    ours = sum(h.on(snapshot.index) for h in held)
-    strangers = sum(mb for _key, mb in strangers_on(snapshot, held))
-    return max(0, min(snapshot.free_mb, snapshot.total_mb - ours - strangers))
+def effective_free(snapshot: GpuSnapshot, held: Sequence[Held], *, measured: bool = True) -> int:
+    """Free memory as the probe says, less what models still loading are booked for beyond
+    what their processes hold yet (a measured probe only: a declared budget already counts
+    them), so that two starts never count the same memory."""
+    pending = 0
+    if measured:
+        for item in held:
+            if item.holding.protected and (booked := item.on(snapshot.index)):
+                pid = item.holding.pid
+                holds = int(snapshot.processes.get(pid, 0)) if pid is not None else 0
+                pending += max(0, booked - holds)
+    return max(0, snapshot.free_mb - pending)
 
 
 def strangers_on(snapshot: GpuSnapshot, held: Sequence[Held]) -> list[tuple[str, int]]:
@@ -89,12 +95,16 @@ def strangers_on(snapshot: GpuSnapshot, held: Sequence[Held]) -> list[tuple[str,
 
 
 def devices_for_placement(
-    snapshots: Sequence[GpuSnapshot], held: Sequence[Held], lent: Collection[int]
+    snapshots: Sequence[GpuSnapshot],
+    held: Sequence[Held],
+    lent: Collection[int],
+    *,
+    measured: bool = True,
 ) -> list[Device]:
     return [
         Device(
             s.index,
-            effective_free(s, held),
+            effective_free(s, held, measured=measured),
             tuple(h.resident(s.index) for h in held if not h.holding.foreign and h.on(s.index)),
             available=s.index not in lent,
         )

@@ -6,11 +6,13 @@ from imageworks.chat_proxy.backends.base import Backend
 from imageworks.chat_proxy.backends.llamacpp import LlamaCppBackend
 from imageworks.chat_proxy.backends.ollama import OllamaBackend
 from imageworks.chat_proxy.backends.openai import OpenAIBackend
+from imageworks.chat_proxy.backends.ray import RayBackend
 from imageworks.chat_proxy.backends.vllm import VllmBackend
 from imageworks.chat_proxy.config import ProxyConfig
 
 BACKEND_KINDS: dict[str, type[Backend]] = {
-    cls.kind: cls for cls in (VllmBackend, OllamaBackend, LlamaCppBackend, OpenAIBackend)
+    cls.kind: cls
+    for cls in (VllmBackend, OllamaBackend, LlamaCppBackend, OpenAIBackend, RayBackend)
 }
 
 

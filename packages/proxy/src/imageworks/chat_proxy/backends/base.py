@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import aiohttp
 
@@ -43,8 +43,14 @@ class Backend:
     default_port: ClassVar[int | None] = None
     # vLLM refuses to guess a chat template (newer transformers), so the entry must name one.
     requires_template: ClassVar[bool] = False
+    # Image formats the engine takes inline, when it takes only some (None: any), and whether
+    # it can take an image by URL at all (else the proxy must inline it or refuse it).
+    image_formats: ClassVar[frozenset[str] | None] = None
+    takes_image_urls: ClassVar[bool] = True
     # The name of this kind's step in the shutdown record; None: it has nothing to do then.
     shutdown_step: ClassVar[str | None] = None
+    # Set where the kind's GPUs are budgeted by someone else (``/v1/gpu/status`` says by whom).
+    budgeted_elsewhere: ClassVar[str | None] = None
 
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
@@ -76,6 +82,10 @@ class Backend:
         raise BackendUnavailable(
             f"model {entry.name!r} ({self.kind}) has no backend_config.base_url, host or port"
         )
+
+    def location(self, entry: ModelEntry) -> dict[str, Any]:
+        """Where ``entry`` runs, as ``/admin/state`` and ``imageworks-models list`` show it."""
+        return {"kind": "local"}
 
     def uses_gpu(self, entry: ModelEntry) -> bool:
         """Does serving ``entry`` take GPU memory (and so wait while the GPU is lent)? Engines

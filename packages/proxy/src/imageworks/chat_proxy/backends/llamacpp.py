@@ -47,6 +47,7 @@ DEFAULT_TEMPLATE: tuple[str, ...] = (
     "--alias",
     "{served_model_id}",
     "{chat_template_args}",
+    "{tool_args}",
     "{extra_args}",
 )
 TEMPLATE_VARIABLE = "CHAT_PROXY_LLAMACPP_LAUNCH_TEMPLATE"
@@ -62,9 +63,17 @@ def server_argv(
     entry: ModelEntry, port: int, template: tuple[str, ...] = DEFAULT_TEMPLATE
 ) -> list[str]:
     try:
-        return launch.build_command(entry, template, host="127.0.0.1", port=port)
+        return launch.build_command(
+            entry, template, host="127.0.0.1", port=port, tool_args=tool_args(entry)
+        )
     except launch.LaunchError as exc:
         raise ModelStartFailed(str(exc)) from None
+
+
+def tool_args(entry: ModelEntry) -> list[str]:
+    """llama.cpp parses tool calls into OpenAI ``tool_calls`` only when it renders the chat
+    with the model's Jinja template (``--jinja``)."""
+    return ["--jinja"] if entry.capabilities.tools else []
 
 
 class LlamaCppBackend(Backend):

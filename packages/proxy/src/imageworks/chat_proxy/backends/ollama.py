@@ -147,6 +147,9 @@ class OllamaBackend(Backend):
 
     kind = "ollama"
     shutdown_step = "unload_ollama"
+    # Ollama's /v1 reads image_url parts only as data:image/{jpeg,jpg,png,webp};base64 URLs.
+    image_formats = frozenset({"JPEG", "PNG", "WEBP"})
+    takes_image_urls = False
 
     def __init__(self, config: ProxyConfig) -> None:
         super().__init__(config)

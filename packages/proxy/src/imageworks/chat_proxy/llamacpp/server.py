@@ -31,6 +31,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--chat-template",
         help="a llama.cpp built-in template name (gemma, chatml, ...) or a Jinja file",
     )
+    parser.add_argument(
+        "--jinja",
+        action="store_true",
+        help="render chats with the Jinja template (needed for tool calls)",
+    )
     parser.add_argument("--ctx-size", "-c", type=int, default=4096)
     parser.add_argument("--threads", "-t", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--n-gpu-layers", "-ngl", type=int, default=0)
@@ -58,10 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     params.cpuparams_batch.n_threads = args.threads
     if args.alias:
         params.model_alias = {args.alias}
+    if args.jinja:
+        params.use_jinja = True
     if args.chat_template:
         template = Path(args.chat_template)
         if template.is_file():
             params.chat_template = template.read_text()
+        elif args.jinja:
+            print(
+                f"error: --jinja needs a Jinja template file or the model's own, not the "
+                f"built-in name {args.chat_template!r}",
+                file=sys.stderr,
+            )
+            return 2
         else:
             # A built-in name: with Jinja on, llama.cpp would take "gemma" as the template text.
             params.chat_template = args.chat_template

@@ -14,6 +14,7 @@ from starlette.routing import Route
 from imageworks.chat_proxy.auth import require_admin
 from imageworks.chat_proxy.bodies import json_object, query
 from imageworks.chat_proxy.errors import InvalidRequest, RegistryInvalid
+from imageworks.chat_proxy.peers import Listed
 from imageworks.chat_proxy.routes.openai import JSON, proxy_state, resolve
 from imageworks.chat_proxy.state import ProxyState
 from imageworks.model_loader.errors import RegistryError, UnknownProfileError
@@ -55,6 +56,7 @@ async def _body(request: Request, *, optional: bool = False) -> dict[str, Any]:
 async def admin_state(request: Request) -> Response:
     state = await _admin(request)
     models = [model_state(state, entry) for entry in state.registry]
+    models += [peer_state(listed) for listed in state.peers.listed(set(state.registry.names))]
     return _json(
         {
             "registry": {
@@ -67,6 +69,7 @@ async def admin_state(request: Request) -> Response:
             "autostart": state.autostart,
             "models": models,
             "config": state.config.public(),
+            "peers": state.peers.public(),
             "request_log": {"path": str(state.log.path), "dropped": state.log.dropped},
         }
     )
@@ -80,6 +83,7 @@ def model_state(state: ProxyState, entry: ModelEntry) -> dict[str, Any]:
             "backend": entry.backend,
             "visible": state.visible(entry),
             "managed": entry.servable and lifecycle.managed(entry),
+            "location": lifecycle.backend(entry).location(entry),
             **lifecycle.describe(entry),
             "in_flight": lifecycle.in_flight.get(entry.name, 0),
         }
@@ -93,6 +97,21 @@ def model_state(state: ProxyState, entry: ModelEntry) -> dict[str, Any]:
             "in_flight": 0,
         }
     )
+
+
+def peer_state(listed: Listed) -> dict[str, Any]:
+    """A model another box serves: its state is that box's word (never managed from here)."""
+    info = listed.model.info
+    return {
+        "name": listed.id,
+        "backend": info.get("backend"),
+        "visible": True,
+        "managed": False,
+        "location": {"kind": "peer", "peer": listed.model.peer},
+        "state": info.get("state", "unknown"),
+        "last_error": None,
+        "in_flight": 0,
+    }
 
 
 def _managed_entry(state: ProxyState, name: Any) -> ModelEntry:

@@ -57,7 +57,14 @@ async def gpu_status(request: Request) -> Response:
     require_api_key(request.headers, state.config.api_keys)
     await state.arbiter.snapshot()
     await state.arbiter.holdings()
-    return _json(state.arbiter.status())
+    status = state.arbiter.status()
+    # Models whose GPUs are someone else's to budget (Ray places its applications itself).
+    status["not_budgeted"] = [
+        {"name": entry.name, "backend": entry.backend, "why": why}
+        for entry in state.registry
+        if state.visible(entry) and (why := state.backends[entry.backend].budgeted_elsewhere)
+    ]
+    return _json(status)
 
 
 async def gpu_lease(request: Request) -> Response:

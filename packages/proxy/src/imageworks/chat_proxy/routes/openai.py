@@ -34,7 +34,8 @@ from imageworks.chat_proxy.forwarding import (
     until_disconnect,
 )
 from imageworks.chat_proxy.lifecycle import Ticket
-from imageworks.chat_proxy.modelstate import STARTING
+from imageworks.chat_proxy.lifting import LiftedBody
+from imageworks.chat_proxy.modelstate import READY, STARTING
 from imageworks.chat_proxy.payloads import (
     CHAT,
     COMPLETIONS,
@@ -47,11 +48,18 @@ from imageworks.chat_proxy.payloads import (
     prepare,
     validate,
 )
+from imageworks.chat_proxy.peers import FORWARDED_HEADER, Listed
 from imageworks.chat_proxy.state import ProxyState, RequestInfo
+from imageworks.chat_proxy.toolcalls import StreamConverter, convert_answer, declares_tools
+from imageworks.chat_proxy.vision import ImageStats, VisionPolicy
 from imageworks.model_loader.errors import UnknownModelError
 from imageworks.model_loader.schema import ModelEntry
 
 JSON = "application/json"
+# Bodies beyond this (images, mostly) are cut, parsed and re-encoded in the vision pool, their
+# big data: URLs lifted out first (lifting.py): parsing 8 MB of JSON holds the GIL, and so the
+# event loop, for tens of milliseconds.
+BIG_BODY = 1024 * 1024
 
 
 def proxy_state(request: Request) -> ProxyState:
@@ -80,29 +88,72 @@ def model_object(state: ProxyState, entry: ModelEntry) -> dict[str, Any]:
     }
 
 
-def models_body(state: ProxyState) -> bytes:
-    """The /v1/models body, cached until the registry, the profile or a model state changes."""
-    key = (state.registry.version, state.profile.name, state.lifecycle.version)
-    cached = state._models_cache
-    if cached is not None and cached[0] == key:
-        return cached[1]
+def peer_object(state: ProxyState, listed: Listed) -> dict[str, Any]:
+    return {
+        "id": listed.id,
+        "object": "model",
+        "created": int(state.started_at),
+        "owned_by": "imageworks",
+        "imageworks": {**listed.model.info, "peer": listed.model.peer, "boxes": listed.boxes},
+    }
+
+
+def models_data(state: ProxyState, local_only: bool) -> list[dict[str, Any]]:
     data = [model_object(state, e) for e in state.registry if state.visible(e)]
-    body = json.dumps({"object": "list", "data": data}).encode()
-    state._models_cache = (key, body)
+    if state.peers and not local_only:
+        local = {item["id"] for item in data}
+        data += [peer_object(state, listed) for listed in state.peers.listed(local)]
+    return data
+
+
+def models_body(state: ProxyState, local_only: bool = False) -> bytes:
+    """The /v1/models body, cached until the registry, the profile, a model state or what the
+    peers serve changes. ``local_only``: for a peer asking (it never lists our peers)."""
+    key = (state.registry.version, state.profile.name, state.lifecycle.version, state.peers.version)
+    cached = state._models_cache
+    if not local_only and cached is not None and cached[0] == key:
+        return cached[1]
+    body = json.dumps({"object": "list", "data": models_data(state, local_only)}).encode()
+    if not local_only:
+        state._models_cache = (key, body)
     return body
 
 
 async def list_models(request: Request) -> Response:
     state = proxy_state(request)
     require_api_key(request.headers, state.config.api_keys)
-    return Response(models_body(state), media_type=JSON)
+    local_only = FORWARDED_HEADER in request.headers
+    return Response(models_body(state, local_only), media_type=JSON)
 
 
 async def get_model(request: Request) -> Response:
     state = proxy_state(request)
     require_api_key(request.headers, state.config.api_keys)
-    entry = resolve(state, request.path_params["model_id"])
+    name = request.path_params["model_id"]
+    if state.peers and FORWARDED_HEADER not in request.headers:
+        for item in models_data(state, local_only=False):
+            if item["id"] == name:
+                return Response(json.dumps(item).encode(), media_type=JSON)
+    entry = resolve(state, name)
     return Response(json.dumps(model_object(state, entry)).encode(), media_type=JSON)
+
+
+def route(state: ProxyState, name: str, forwarded: bool) -> ModelEntry:
+    """The entry a request for ``name`` goes to: this box's, or a peer's (never for a request a
+    peer forwarded: one hop at most)."""
+    if forwarded or not state.peers:
+        return resolve(state, name)
+    try:
+        local: ModelEntry | None = resolve(state, name)
+    except ModelNotFound as exc:
+        local, missing = None, exc
+    warm = local is not None and state.lifecycle.state(local) == READY
+    elsewhere = state.peers.route(name, local, warm)
+    if elsewhere is not None:
+        return elsewhere
+    if local is None:
+        raise missing
+    return local
 
 
 def resolve(state: ProxyState, name: str) -> ModelEntry:
@@ -193,19 +244,38 @@ async def forward(
             state.config.max_body_bytes,
             idle_timeout=state.config.body_timeout_s,
         )
-        body = parse_body(raw)
+        lifted = await state.images.run(LiftedBody.lift, raw) if len(raw) > BIG_BODY else None
+        body = (
+            parse_body(raw)
+            if lifted is None
+            else await state.images.run(parse_body, lifted.skeleton)
+        )
         info.model = validate(endpoint, body)
         info.stream = body.get("stream") is True
         info.prompt_bytes = len(raw)
-        info.entry = entry = resolve(state, info.model)
-        check_capabilities(endpoint, entry, body)
+        info.entry = entry = route(state, info.model, FORWARDED_HEADER in headers)
+        images = check_capabilities(endpoint, entry, body)
+        info.tools = endpoint == CHAT and declares_tools(body)
         check_engine_fields(entry, body)
+        backend = state.lifecycle.backend(entry)
         check_template(
-            entry,
-            state.config.require_template,
-            endpoint == CHAT and state.lifecycle.backend(entry).requires_template,
+            entry, state.config.require_template, endpoint == CHAT and backend.requires_template
         )
-        payload = prepare(endpoint, entry, body, raw)
+        changed = False
+        if images:
+            policy = VisionPolicy.of(
+                entry, state.config, backend.image_formats, backend.takes_image_urls
+            )
+            info.images = ImageStats()
+            changed = await state.images.prepare(
+                entry, body, policy, state.session, info.images, lifted
+            )
+        if images or lifted is not None:
+            dump = lifted.dump if lifted is not None else None
+            payload = await state.images.run(prepare, endpoint, entry, body, raw, changed, dump)
+        else:  # the fast path: the body as it came, unless the served id or defaults differ
+            payload = prepare(endpoint, entry, body, raw)
+        info.prompt_bytes = len(payload)  # what the model reads (photographs resized)
         loading = state.lifecycle.needs_start(entry)
         if loading and state.autostart and state.lifecycle.state(entry) != STARTING:
             # A start that will be refused (backoff, crash loop, restart: never) is refused
@@ -246,13 +316,17 @@ async def forward(
             connect=connect,
             waiting_comment=waiting,
             keepalive_s=state.config.keepalive_s,
+            converter=StreamConverter() if info.tools else None,
         )
         await relay(scope, receive, send)
         return
 
     async def answer() -> tuple[str, bytes]:
         upstream = await connect()
-        return upstream.headers.get("content-type", JSON), await read_body(upstream, outcome)
+        answer = await read_body(upstream, outcome)
+        if info.tools:  # a legacy function_call becomes tool_calls
+            answer = convert_answer(answer)
+        return upstream.headers.get("content-type", JSON), answer
 
     try:
         content_type, raw = await until_disconnect(receive, answer())  # one watch for both
