@@ -95,16 +95,16 @@ def test_models_filters_restart_and_idle_columns(proxy_factory, fake_vllm, point
 
 
 def test_where_a_model_runs_and_its_timing() -> None:
-    assert where(ModelRow("m", "vllm", "stopped", 0, True, True)) == "—"
-    assert where(ModelRow("m", "vllm", "ready", 0, True, True)) == "vLLM executor"
+    local = {"kind": "local"}
+    assert where(ModelRow("m", "vllm", "stopped", 0, True, True, location=local)) == "—"
+    assert where(ModelRow("m", "vllm", "ready", 0, True, True, location=local)) == "vLLM executor"
     assert where(ModelRow("m", "llamacpp", "ready", 0, True, True)) == "this host"
-    assert (
-        where(ModelRow("m", "vllm", "ready", 0, True, True, devices=[0, 1])) == "local · GPU 0, 1"
-    )
-    peer = ModelRow("m", "vllm", "ready", 0, True, True, location={"kind": "peer", "name": "box2"})
+    on_gpus = ModelRow("m", "vllm", "ready", 0, True, True, devices=[0, 1], location=local)
+    assert where(on_gpus) == "vLLM executor · GPU 0, 1"
+    peer = ModelRow("m", "vllm", "ready", 0, False, True, location={"kind": "peer", "peer": "box2"})
     assert where(peer) == "peer box2"
-    ray = ModelRow("m", "vllm", "ready", 0, True, True, location={"kind": "ray", "node": "n1"})
-    assert where(ray) == "Ray n1"
+    ray = {"kind": "ray", "application": "imageworks-m", "cluster": "http://head:8265"}
+    assert where(ModelRow("m", "ray", "ready", 0, True, True, location=ray)) == "Ray imageworks-m"
     assert timing(ModelRow("m", "vllm", "ready", 0, True, True, pinned=True)) == (
         "📌 pinned · never used"
     )

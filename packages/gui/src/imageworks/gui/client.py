@@ -315,11 +315,11 @@ class ProxyClient:
             rows.append(
                 ModelRow(
                     model["name"],
-                    model["backend"],
-                    model["state"],
-                    model["in_flight"],
-                    model["managed"],
-                    model["visible"],
+                    model.get("backend") or "?",  # a peer's model may not say
+                    model.get("state") or "unknown",
+                    model.get("in_flight") or 0,
+                    bool(model.get("managed")),
+                    bool(model.get("visible")),
                     model.get("last_error"),
                     model.get("load_ms"),
                     model.get("since"),

@@ -96,22 +96,18 @@ RUNS_ON = {"vllm": "vLLM executor", "ollama": "Ollama server", "llamacpp": "this
 
 
 def where(row: ModelRow) -> str:
-    """Device, peer or Ray: what the proxy knows of where the model runs."""
+    """Peer, Ray application, or this proxy's own engines (on which GPU devices)."""
     location = row.location or {}
     kind = location.get("kind")
-    parts = []
     if kind == "peer":
-        parts.append(f"peer {location.get('name') or location.get('url') or '?'}")
-    elif kind == "ray":
-        parts.append(f"Ray {location.get('node') or location.get('address') or ''}".strip())
-    elif kind == "local" or row.devices:
-        parts.append("local")
-    if row.devices:
-        parts.append("GPU " + ", ".join(map(str, row.devices)))
-    if not parts and row.managed and row.state in ("ready", "starting", "stopping"):
-        # Nothing more precise reported: where this backend's engines run.
-        parts.append(RUNS_ON.get(row.backend, "this host"))
-    return " · ".join(parts) or "—"
+        return f"peer {location.get('peer') or location.get('name') or '?'}"
+    if kind == "ray":
+        return f"Ray {location.get('application') or location.get('node') or ''}".strip()
+    running = row.managed and row.state in ("ready", "starting", "stopping")
+    if not (running or row.devices):
+        return "—"
+    base = RUNS_ON.get(row.backend, "this host")
+    return f"{base} · GPU {', '.join(map(str, row.devices))}" if row.devices else base
 
 
 def timing(row: ModelRow) -> str:
