@@ -16,8 +16,9 @@ CONFIRM = "confirm_release"  # the owner whose lease the operator asked to end
 
 st.title("Leases")
 st.caption(
-    "A lease gives one client (e.g. Judge Vision) the GPU: the proxy unloads its models and "
-    "starts none until the lease ends, expires or is force-released."
+    "A lease lends one device to a client (e.g. Judge Vision): the proxy unloads its idle "
+    "models from that device and places none there until the lease ends, expires or is "
+    "force-released; the other devices go on serving."
 )
 
 
