@@ -4,9 +4,11 @@ function_call conversion (toolcalls.py) and the engines' tool-calling launch fla
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from imageworks.chat_proxy.backends.llamacpp import server_argv
 from imageworks.chat_proxy.config import ProxyConfig
@@ -24,7 +26,15 @@ from imageworks.chat_proxy.toolcalls import StreamConverter, convert_answer
 from imageworks.chat_proxy.vision import IMAGE_PARTS, VisionPolicy, host_allowed
 from imageworks.model_loader.schema import ModelEntry, RemoteImages
 from imageworks.vllm_executor.launcher import DEFAULT_TEMPLATE, build_command
-from testkit.images import data_url, decode_data_url, image_part, jpeg_bytes, photo, png_bytes
+from testkit.images import (
+    data_url,
+    decode_data_url,
+    image_part,
+    jpeg_bytes,
+    photo,
+    png_bytes,
+    png_declaring,
+)
 
 FIT = Fit(target_long_edge=256, jpeg_quality=85)
 
@@ -99,6 +109,20 @@ def test_a_truncated_jpeg_that_needs_resizing_is_an_image_error() -> None:
     raw = jpeg_bytes(photo(1200, 800, grain=0))
     with pytest.raises(ImageError, match="cannot be decoded"):
         prepare_inline(data_url(raw[: len(raw) // 3], "image/jpeg"), FIT)
+
+
+@pytest.mark.parametrize("size", [(10_000, 10_000), (12_000, 12_000), (50_000, 50_000)])
+@pytest.mark.parametrize("warning_action", ["error", "ignore"])
+def test_a_decompression_bomb_is_refused_before_decoding(
+    size: tuple[int, int], warning_action: str
+) -> None:
+    """Between Pillow's threshold (89 MP) and twice it Pillow only warns and decodes anyway:
+    refused whether warnings are errors (tests) or shown once and ignored (a server)."""
+    url = data_url(png_declaring(*size), "image/png")
+    with warnings.catch_warnings():
+        warnings.simplefilter(warning_action, Image.DecompressionBombWarning)
+        with pytest.raises(ImageError, match="pixels"):
+            prepare_inline(url, FIT)
 
 
 def test_base64_wrapped_in_lines_is_accepted_and_sizes_are_estimated_without_decoding() -> None:

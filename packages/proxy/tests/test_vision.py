@@ -18,6 +18,7 @@ from testkit.images import (
     jpeg_bytes,
     photo,
     png_bytes,
+    png_declaring,
 )
 from testkit.servers import AiohttpServer
 
@@ -169,6 +170,8 @@ def test_a_text_request_to_a_vision_entry_is_forwarded_byte_for_byte(
     [
         ("data:image/jpeg;base64,/9j/4AAQ!!!notbase64", "its base64 data is corrupt"),
         ("data:image/png;base64," + "QUJD" * 10, "it is not an image Pillow can read"),
+        (data_url(png_declaring(12_000, 12_000), "image/png"), "more than 89478485 pixels"),
+        (data_url(png_declaring(50_000, 50_000), "image/png"), "more than 89478485 pixels"),
     ],
 )
 def test_an_unreadable_image_is_a_400_naming_the_message_and_part(
