@@ -3,15 +3,19 @@ function_call conversion (toolcalls.py) and the engines' tool-calling launch fla
 
 from __future__ import annotations
 
+import asyncio
 import json
 import warnings
-from typing import Any
+from typing import Any, Literal
 
+import aiohttp
 import pytest
 from PIL import Image
 
+from imageworks.chat_proxy import vision
 from imageworks.chat_proxy.backends.llamacpp import server_argv
 from imageworks.chat_proxy.config import ProxyConfig
+from imageworks.chat_proxy.errors import InvalidRequest
 from imageworks.chat_proxy.history import trim_turns
 from imageworks.chat_proxy.images import (
     DataUrl,
@@ -114,7 +118,7 @@ def test_a_truncated_jpeg_that_needs_resizing_is_an_image_error() -> None:
 @pytest.mark.parametrize("size", [(10_000, 10_000), (12_000, 12_000), (50_000, 50_000)])
 @pytest.mark.parametrize("warning_action", ["error", "ignore"])
 def test_a_decompression_bomb_is_refused_before_decoding(
-    size: tuple[int, int], warning_action: str
+    size: tuple[int, int], warning_action: Literal["error", "ignore"]
 ) -> None:
     """Between Pillow's threshold (89 MP) and twice it Pillow only warns and decodes anyway:
     refused whether warnings are errors (tests) or shown once and ignored (a server)."""
@@ -155,6 +159,55 @@ def test_the_policy_takes_the_entry_first_then_the_legacy_key_then_the_default()
     assert VisionPolicy.of(legacy, config).fit.target_long_edge == 896
     assert VisionPolicy.of(own, config).fit.target_long_edge == 0
     assert not VisionPolicy.of(own, config).rewrites
+
+
+def test_one_requests_images_go_to_the_pool_a_few_at_a_time_and_stop_at_the_first_bad_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """200 images in one request: never more than ``workers`` of them handed to the pool at
+    once (other requests' images queue between them, memory stays flat), and once the first
+    is found unreadable (the 400) the rest are not prepared at all."""
+    started: list[int] = []
+    in_pool = 0
+    most_in_pool = 0
+
+    def counting(url: str | bytes, fit: Fit) -> Any:
+        started.append(1)
+        return prepare_inline(url, fit)
+
+    monkeypatch.setattr(vision, "prepare_inline", counting)
+    prep = vision.ImagePrep(workers=1)
+    real_run = prep.run
+
+    async def run(fn: Any, *args: Any) -> Any:
+        nonlocal in_pool, most_in_pool
+        in_pool += 1
+        most_in_pool = max(most_in_pool, in_pool)
+        try:
+            return await real_run(fn, *args)
+        finally:
+            in_pool -= 1
+
+    monkeypatch.setattr(prep, "run", run)
+    entry = ModelEntry(name="m", backend="vllm", capabilities={"text": True, "vision": True})
+    policy = VisionPolicy.of(entry, ProxyConfig.load(environ={}))
+    good = image_part(data_url(png_bytes(8, 8), "image/png"))
+    bad = image_part("data:image/png;base64," + "QUJD" * 10)
+
+    async def send(parts: list[Any]) -> None:
+        body = {"messages": [{"role": "user", "content": parts}]}
+        async with aiohttp.ClientSession() as session:
+            await prep.prepare(entry, body, policy, session, vision.ImageStats())
+
+    try:
+        asyncio.run(send([good] * 200))
+        assert len(started) == 200 and most_in_pool == 1
+        started.clear()
+        with pytest.raises(InvalidRequest, match=r"messages\[0\]\.content\[0\]"):
+            asyncio.run(send([bad] + [good] * 200))
+    finally:
+        prep.pool.shutdown(wait=True)  # whatever was handed to the pool has run now
+    assert len(started) == 1
 
 
 # --- history ---------------------------------------------------------------------------------
