@@ -11,6 +11,7 @@ from typing import Any, Literal
 import aiohttp
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
 from imageworks.chat_proxy import vision
 from imageworks.chat_proxy.backends.llamacpp import server_argv
@@ -349,6 +350,19 @@ def test_vllm_with_tools_launches_with_auto_tool_choice_and_the_entrys_parser() 
             host="127.0.0.1",
             port=1,
             gpu_memory_utilization=0.5,
+        )
+
+
+@pytest.mark.parametrize(
+    "parser", ["--x", "-x", "--trust-remote-code", ".", "hermes --foo", "hermes\n", ""]
+)
+def test_a_tool_parser_that_could_read_as_a_flag_or_split_is_refused(parser: str) -> None:
+    """The parser follows --tool-call-parser as its own argv token: one that starts with a
+    dash would be read by vLLM as a flag, one with a space is not one word."""
+    with pytest.raises(ValidationError, match="tool_parser"):
+        vllm(
+            capabilities={"tools": True},
+            backend_config={"model_path": "/m", "tool_parser": parser},
         )
 
 
