@@ -27,7 +27,7 @@ from imageworks.chat_proxy.images import (
 )
 from imageworks.chat_proxy.launch import LaunchError
 from imageworks.chat_proxy.lifting import LiftedBody
-from imageworks.chat_proxy.toolcalls import StreamConverter, convert_answer
+from imageworks.chat_proxy.toolcalls import MAX_PENDING, StreamConverter, convert_answer
 from imageworks.chat_proxy.vision import IMAGE_PARTS, VisionPolicy, host_allowed
 from imageworks.model_loader.schema import ModelEntry, RemoteImages
 from imageworks.vllm_executor.launcher import DEFAULT_TEMPLATE, build_command
@@ -285,6 +285,35 @@ def test_the_stream_converter_handles_events_cut_anywhere(cut: int) -> None:
     assert second == {"index": 0, "function": {"arguments": '{"a": 1}'}}
     assert chunks[3]["choices"][0]["finish_reason"] == "tool_calls"
     assert chunks[0] == json.loads(raw.split(b"\n\n")[0][6:])  # others unchanged
+
+
+@pytest.mark.parametrize("end", [b"\r\n\r\n", b"\r\r"])
+def test_events_ended_by_crlf_are_converted_and_passed_on_as_they_arrive(end: bytes) -> None:
+    """SSE allows CRLF (sse-starlette sends it): each whole event goes on at once, converted;
+    looking for LF LF alone held the whole stream back to its end, unconverted."""
+    events = legacy_stream().replace(b"\n\n", end).split(end)[:-1]
+    converter = StreamConverter()
+    out = []
+    for event in events:
+        passed = converter.feed(event + end)
+        assert passed.endswith(end)  # nothing held back
+        out.append(passed)
+    assert converter.flush() == b""
+    assert b"function_call" not in b"".join(out)
+    first = json.loads(out[1][6 : -len(end)])["choices"][0]["delta"]["tool_calls"][0]
+    assert first["function"] == {"name": "f", "arguments": ""}
+    assert out[-1] == b"data: [DONE]" + end
+
+
+def test_a_hostile_stream_neither_breaks_the_converter_nor_grows_its_memory() -> None:
+    converter = StreamConverter()
+    odd = b'data: {"choices": [{"index": [1], "delta": {"function_call": {"name": "f"}}}]}\n\n'
+    (choice,) = json.loads(converter.feed(odd)[6:])["choices"]
+    assert choice["delta"]["tool_calls"][0]["function"]["name"] == "f"
+    endless = b"x" * (MAX_PENDING // 2)  # a body that never ends an event
+    assert converter.feed(endless) == b""
+    assert converter.feed(endless + b"function_call") == endless * 2 + b"function_call"
+    assert converter.pending == b""
 
 
 def test_events_without_a_function_call_pass_as_the_same_bytes() -> None:
