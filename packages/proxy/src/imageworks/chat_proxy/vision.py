@@ -36,7 +36,12 @@ import aiohttp
 
 from imageworks.chat_proxy import history
 from imageworks.chat_proxy.config import ProxyConfig
-from imageworks.chat_proxy.errors import CapabilityMismatch, InvalidRequest, PayloadTooLarge
+from imageworks.chat_proxy.errors import (
+    CapabilityMismatch,
+    InvalidRequest,
+    PayloadTooLarge,
+    RateLimited,
+)
 from imageworks.chat_proxy.images import (
     DataUrl,
     Fit,
@@ -177,19 +182,41 @@ def _yield_to_the_loop() -> None:
         pass
 
 
+# How many jobs (an image, a big body to cut or parse) may wait for each vision thread before
+# new requests are turned away: about 4 s of 12 MP photographs. Beyond it a burst of image
+# requests would only queue, each holding its body (up to CHAT_PROXY_MAX_BODY_BYTES).
+BACKLOG_PER_WORKER = 32
+
+
 class ImagePrep:
     """The vision pool and the request walk; opened and closed by the lifespan."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
+        self.backlog = workers * BACKLOG_PER_WORKER  # waiting, beyond those being worked on
+        self.pending = 0  # jobs handed to the pool and not finished
         self.pool = ThreadPoolExecutor(
             workers, thread_name_prefix="imageworks-vision", initializer=_yield_to_the_loop
         )
 
+    def has_room(self) -> None:
+        """Called before a request's first job: a 429 (retry shortly) when the pool is behind
+        by its whole backlog. Jobs of requests already admitted are never refused."""
+        if self.pending >= self.workers + self.backlog:
+            raise RateLimited(
+                f"image preparation is at capacity ({self.pending} jobs waiting for "
+                f"{self.workers} threads, CHAT_PROXY_VISION_WORKERS); retry shortly",
+                headers={"Retry-After": "1"},
+            )
+
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         call = functools.partial(contextvars.copy_context().run, fn, *args)
-        return await loop.run_in_executor(self.pool, call)
+        self.pending += 1
+        try:
+            return await loop.run_in_executor(self.pool, call)
+        finally:
+            self.pending -= 1
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -270,6 +297,8 @@ class ImagePrep:
                     "vision.remote_images.allow_hosts",
                     param=where(m, p),
                 )
+        if jobs and lifted is None:  # a big body was admitted to the pool when it was cut
+            self.has_room()
         changed = await self._in_lanes(jobs)
         if policy.keep_last_turns is not None:
             trimmed, dropped = history.trim_turns(messages, policy.keep_last_turns, IMAGE_PARTS)
