@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import io
 import random
+import struct
+import zlib
 
 from PIL import Image, ImageDraw
 
@@ -47,6 +49,21 @@ def png_bytes(width: int = 64, height: int = 48) -> bytes:
     out = io.BytesIO()
     image.save(out, "PNG")
     return out.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG of a few hundred bytes whose header declares ``width`` x ``height`` pixels (a
+    decompression bomb; its pixel data is short, so decoding it also fails)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 4096)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
 
 
 def gif_bytes(width: int = 40, height: int = 30) -> bytes:

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 from click.testing import CliRunner
 from conftest import Engine, Proxy, ProxyFactory
 
@@ -19,7 +20,7 @@ from imageworks.chat_proxy.config import ConfigError, ProxyConfig
 from imageworks.chat_proxy.peers import FORWARDED_HEADER, load_peers
 from imageworks.model_loader.cli import main as cli_main
 from testkit.entries import eventually
-from testkit.servers import free_port
+from testkit.servers import AiohttpServer, free_port
 
 GRACE_S = 1.5
 
@@ -156,3 +157,86 @@ def test_a_bad_peer_list_names_its_source(tmp_path: Any) -> None:
     (tmp_path / "peers.json").write_text(json.dumps([{"name": "x", "url": "http://h:1"}]))
     loaded = load_peers(ProxyConfig.load(environ={}, cwd=tmp_path, registry_dir=tmp_path))
     assert [(p.name, p.url) for p in loaded] == [("x", "http://h:1")]
+
+
+class LyingPeer:
+    """A 'peer' whose model list is whatever the test says; counts the lists it is asked for."""
+
+    def __init__(self) -> None:
+        self.body = b'{"object": "list", "data": []}'
+        self.polls = 0
+        app = web.Application()
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        self.server = AiohttpServer(app)
+        self.url = self.server.url
+
+    async def models(self, request: web.Request) -> web.Response:
+        self.polls += 1
+        return web.Response(body=self.body, content_type="application/json")
+
+    async def chat(self, request: web.Request) -> web.Response:
+        message = {"role": "assistant", "content": "from the peer"}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        return web.json_response({"id": "c", "object": "chat.completion", "choices": [choice]})
+
+    def answers(self, body: bytes) -> bool:
+        """Serve ``body`` and wait until the proxy has read it twice (so it was read, and the
+        polling went on after it)."""
+        self.body, seen = body, self.polls
+        return eventually(lambda: self.polls >= seen + 2)
+
+
+@pytest.fixture
+def liar(proxy_factory: ProxyFactory) -> Iterator[tuple[LyingPeer, Proxy]]:
+    peer = LyingPeer()
+    proxy = proxy_factory(
+        [],
+        peers=json.dumps([{"name": "liar", "url": peer.url}]),
+        peer_poll_s=0.1,
+        peer_grace_s=60,
+    )
+    yield peer, proxy
+    peer.server.stop()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[]",
+        b'"models"',
+        b'{"data": 5}',
+        b"<html>not json</html>",
+        json.dumps({"data": [{"id": "big"}], "padding": "x" * 9_000_000}).encode(),
+    ],
+)
+def test_a_peer_that_answers_nonsense_lists_nothing_and_the_polling_goes_on(
+    liar: tuple[LyingPeer, Proxy], body: bytes
+) -> None:
+    """A model list that is not one (or is larger than 8 MB) counts as no answer; the next poll
+    still happens (a list that was not an object used to end the poll loop for good)."""
+    peer, proxy = liar
+    assert peer.answers(body)
+    assert ids(proxy) == {}
+    assert peer.answers(b'{"data": [{"id": "fine"}]}')
+    assert eventually(lambda: "fine" in ids(proxy))
+
+
+def test_a_peers_models_that_cannot_be_sent_to_are_left_out_and_duplicates_listed_once(
+    liar: tuple[LyingPeer, Proxy],
+) -> None:
+    peer, proxy = liar
+    models = [
+        {"id": "ok"},
+        {"id": "ok"},
+        {"id": "padded "},
+        {"id": ""},
+        {"id": "x" * 300},
+        {"id": "odd", "imageworks": {"capabilities": {"vision": "maybe", "nonsense": [1]}}},
+    ]
+    assert peer.answers(json.dumps({"data": models}).encode())
+    listed = [m["id"] for m in proxy.client.get("/v1/models").json()["data"]]
+    assert listed == ["ok"]
+    assert chat(proxy, "ok").status_code == 200
+    for name in ("padded ", "odd"):
+        assert chat(proxy, name).status_code == 404  # not a model here, never a 500

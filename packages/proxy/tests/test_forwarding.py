@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -134,6 +135,43 @@ def test_a_backend_that_answers_a_stream_with_json_is_relayed(proxy_factory, fak
     proxy = proxy_factory([entry_for("m", fake_vllm.url, served="json-for-stream")])
     answer = proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "m", "stream": True})
     assert answer.status_code == 200 and answer.json()["object"] == "chat.completion"
+
+
+@pytest.mark.parametrize("tools", [False, True])
+def test_a_json_answer_to_a_stream_after_loading_comments_arrives_as_one_chunk(
+    proxy_factory, tools: bool
+) -> None:
+    """A model that had to load first: the loading comment already made the answer a 200
+    stream, so a backend answering JSON has its answer sent as one chunk then [DONE]. It was
+    relayed raw, run into the next line with a 'stream ended without [DONE]' error, and an
+    SSE client saw neither."""
+    entry = {
+        "name": "m",
+        "backend": "llamacpp",
+        "served_model_id": "json-for-stream",
+        "backend_config": {"model_path": "none"},
+        "capabilities": {"text": True, "tools": True},
+    }
+    launch = ["{python}", "-m", "testkit.fake_engine", "--port", "{port}", "--flavour", "llamacpp"]
+    proxy = proxy_factory([entry], gpu_probe="none", llamacpp_launch_template=json.dumps(launch))
+    body: dict[str, Any] = {**CHAT, "model": "m", "stream": True}
+    if tools:
+        body["tools"] = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    answer = proxy.client.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 200
+    assert answer.text.startswith(": loading m\n\n")
+    events = sse_events(answer.text)
+    assert events[-1] == "[DONE]" and len(events) == 2
+    chunk = json.loads(events[0])
+    assert chunk["object"] == "chat.completion.chunk"
+    (choice,) = chunk["choices"]
+    assert "message" not in choice
+    if tools:  # the engine called the tool
+        assert choice["delta"]["tool_calls"][0]["type"] == "function"
+    else:
+        assert choice["delta"]["content"] == "Hello from llamacpp!"
+    (record,) = proxy.records()
+    assert record["status"] == 200 and record.get("error_code") is None, record
 
 
 def test_each_request_is_logged_with_timings_and_tokens(proxy_factory, fake_vllm) -> None:

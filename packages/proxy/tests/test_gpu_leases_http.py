@@ -315,3 +315,46 @@ def test_declared_devices_take_one_model_each_and_a_lease_by_size_finds_room(
     assert second["device"] == 1 and len(second["evicted"]) == 1
     missing = http.post("/v1/gpu/lease", json={"owner": "x", "device": 5})
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "device"
+
+
+def test_what_no_card_of_the_box_could_ever_hold_is_a_409_at_once_not_a_503_to_retry(
+    proxy_factory,
+) -> None:
+    """Two declared 8,000 MB cards: a model pinned to GPU 5, one spanning three GPUs, one
+    needing 9,000 MB, and a lease of 9,000 MB can never be placed, whatever is evicted or
+    waited for: each is a 409 that says why (they were 503 "cannot free ... busy: none" with
+    Retry-After, inviting retries forever). What fits still starts."""
+    small = {
+        "name": "small",
+        "backend": "llamacpp",
+        "vram_estimate_mb": 1000,
+        "backend_config": {"model_path": "none"},
+    }
+    proxy = proxy_factory(
+        [
+            small,
+            {**small, "name": "pinned", "gpus": [5]},
+            {**small, "name": "wide", "tensor_parallel": 3},
+            {**small, "name": "huge", "vram_estimate_mb": 9000},
+        ],
+        gpu_probe="none",
+        gpu_total_mb="8000,8000",
+        gpu_headroom_mb=1024,
+        llamacpp_launch_template=FAKE_LLAMACPP,
+    )
+    http = proxy.client
+    expected = {
+        "pinned": "pinned to GPU [5] (the entry's gpus), and this box has GPUs [0, 1]",
+        "wide": "spans 3 GPUs, and this box has GPUs [0, 1]",
+        "huge": "needs 9000 MB (+1024 MB headroom) on each of 1 GPU(s), more than a whole card",
+    }
+    for name, why in expected.items():
+        response = http.post("/v1/chat/completions", json={**CHAT, "model": name})
+        assert response.status_code == 409, response.text
+        assert "retry-after" not in response.headers
+        error = response.json()["error"]
+        assert error["code"] == "insufficient_vram" and why in error["message"]
+    lease = http.post("/v1/gpu/lease", json={"owner": "jv", "need_mb": 9000})
+    assert lease.status_code == 409 and "more than a whole card holds" in lease.text
+    assert http.get("/v1/gpu/status").json()["leased"] is False
+    assert http.post("/v1/chat/completions", json={**CHAT, "model": "small"}).status_code == 200

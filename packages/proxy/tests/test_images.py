@@ -3,13 +3,20 @@ function_call conversion (toolcalls.py) and the engines' tool-calling launch fla
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import Any
+import warnings
+from typing import Any, Literal
 
+import aiohttp
 import pytest
+from PIL import Image
+from pydantic import ValidationError
 
+from imageworks.chat_proxy import vision
 from imageworks.chat_proxy.backends.llamacpp import server_argv
 from imageworks.chat_proxy.config import ProxyConfig
+from imageworks.chat_proxy.errors import InvalidRequest
 from imageworks.chat_proxy.history import trim_turns
 from imageworks.chat_proxy.images import (
     DataUrl,
@@ -20,11 +27,19 @@ from imageworks.chat_proxy.images import (
 )
 from imageworks.chat_proxy.launch import LaunchError
 from imageworks.chat_proxy.lifting import LiftedBody
-from imageworks.chat_proxy.toolcalls import StreamConverter, convert_answer
+from imageworks.chat_proxy.toolcalls import MAX_PENDING, StreamConverter, convert_answer
 from imageworks.chat_proxy.vision import IMAGE_PARTS, VisionPolicy, host_allowed
 from imageworks.model_loader.schema import ModelEntry, RemoteImages
 from imageworks.vllm_executor.launcher import DEFAULT_TEMPLATE, build_command
-from testkit.images import data_url, decode_data_url, image_part, jpeg_bytes, photo, png_bytes
+from testkit.images import (
+    data_url,
+    decode_data_url,
+    image_part,
+    jpeg_bytes,
+    photo,
+    png_bytes,
+    png_declaring,
+)
 
 FIT = Fit(target_long_edge=256, jpeg_quality=85)
 
@@ -101,6 +116,20 @@ def test_a_truncated_jpeg_that_needs_resizing_is_an_image_error() -> None:
         prepare_inline(data_url(raw[: len(raw) // 3], "image/jpeg"), FIT)
 
 
+@pytest.mark.parametrize("size", [(10_000, 10_000), (12_000, 12_000), (50_000, 50_000)])
+@pytest.mark.parametrize("warning_action", ["error", "ignore"])
+def test_a_decompression_bomb_is_refused_before_decoding(
+    size: tuple[int, int], warning_action: Literal["error", "ignore"]
+) -> None:
+    """Between Pillow's threshold (89 MP) and twice it Pillow only warns and decodes anyway:
+    refused whether warnings are errors (tests) or shown once and ignored (a server)."""
+    url = data_url(png_declaring(*size), "image/png")
+    with warnings.catch_warnings():
+        warnings.simplefilter(warning_action, Image.DecompressionBombWarning)
+        with pytest.raises(ImageError, match="pixels"):
+            prepare_inline(url, FIT)
+
+
 def test_base64_wrapped_in_lines_is_accepted_and_sizes_are_estimated_without_decoding() -> None:
     url = data_url(png_bytes(), "image/png")
     header, payload = url.split(",", 1)
@@ -131,6 +160,55 @@ def test_the_policy_takes_the_entry_first_then_the_legacy_key_then_the_default()
     assert VisionPolicy.of(legacy, config).fit.target_long_edge == 896
     assert VisionPolicy.of(own, config).fit.target_long_edge == 0
     assert not VisionPolicy.of(own, config).rewrites
+
+
+def test_one_requests_images_go_to_the_pool_a_few_at_a_time_and_stop_at_the_first_bad_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """200 images in one request: never more than ``workers`` of them handed to the pool at
+    once (other requests' images queue between them, memory stays flat), and once the first
+    is found unreadable (the 400) the rest are not prepared at all."""
+    started: list[int] = []
+    in_pool = 0
+    most_in_pool = 0
+
+    def counting(url: str | bytes, fit: Fit) -> Any:
+        started.append(1)
+        return prepare_inline(url, fit)
+
+    monkeypatch.setattr(vision, "prepare_inline", counting)
+    prep = vision.ImagePrep(workers=1)
+    real_run = prep.run
+
+    async def run(fn: Any, *args: Any) -> Any:
+        nonlocal in_pool, most_in_pool
+        in_pool += 1
+        most_in_pool = max(most_in_pool, in_pool)
+        try:
+            return await real_run(fn, *args)
+        finally:
+            in_pool -= 1
+
+    monkeypatch.setattr(prep, "run", run)
+    entry = ModelEntry(name="m", backend="vllm", capabilities={"text": True, "vision": True})
+    policy = VisionPolicy.of(entry, ProxyConfig.load(environ={}))
+    good = image_part(data_url(png_bytes(8, 8), "image/png"))
+    bad = image_part("data:image/png;base64," + "QUJD" * 10)
+
+    async def send(parts: list[Any]) -> None:
+        body = {"messages": [{"role": "user", "content": parts}]}
+        async with aiohttp.ClientSession() as session:
+            await prep.prepare(entry, body, policy, session, vision.ImageStats())
+
+    try:
+        asyncio.run(send([good] * 200))
+        assert len(started) == 200 and most_in_pool == 1
+        started.clear()
+        with pytest.raises(InvalidRequest, match=r"messages\[0\]\.content\[0\]"):
+            asyncio.run(send([bad] + [good] * 200))
+    finally:
+        prep.pool.shutdown(wait=True)  # whatever was handed to the pool has run now
+    assert len(started) == 1
 
 
 # --- history ---------------------------------------------------------------------------------
@@ -209,6 +287,35 @@ def test_the_stream_converter_handles_events_cut_anywhere(cut: int) -> None:
     assert chunks[0] == json.loads(raw.split(b"\n\n")[0][6:])  # others unchanged
 
 
+@pytest.mark.parametrize("end", [b"\r\n\r\n", b"\r\r"])
+def test_events_ended_by_crlf_are_converted_and_passed_on_as_they_arrive(end: bytes) -> None:
+    """SSE allows CRLF (sse-starlette sends it): each whole event goes on at once, converted;
+    looking for LF LF alone held the whole stream back to its end, unconverted."""
+    events = legacy_stream().replace(b"\n\n", end).split(end)[:-1]
+    converter = StreamConverter()
+    out = []
+    for event in events:
+        passed = converter.feed(event + end)
+        assert passed.endswith(end)  # nothing held back
+        out.append(passed)
+    assert converter.flush() == b""
+    assert b"function_call" not in b"".join(out)
+    first = json.loads(out[1][6 : -len(end)])["choices"][0]["delta"]["tool_calls"][0]
+    assert first["function"] == {"name": "f", "arguments": ""}
+    assert out[-1] == b"data: [DONE]" + end
+
+
+def test_a_hostile_stream_neither_breaks_the_converter_nor_grows_its_memory() -> None:
+    converter = StreamConverter()
+    odd = b'data: {"choices": [{"index": [1], "delta": {"function_call": {"name": "f"}}}]}\n\n'
+    (choice,) = json.loads(converter.feed(odd)[6:])["choices"]
+    assert choice["delta"]["tool_calls"][0]["function"]["name"] == "f"
+    endless = b"x" * (MAX_PENDING // 2)  # a body that never ends an event
+    assert converter.feed(endless) == b""
+    assert converter.feed(endless + b"function_call") == endless * 2 + b"function_call"
+    assert converter.pending == b""
+
+
 def test_events_without_a_function_call_pass_as_the_same_bytes() -> None:
     raw = b'data: {"choices": [{"delta": {"content": "x"}}]}\n\ndata: [DONE]\n\n'
     converter = StreamConverter()
@@ -272,6 +379,19 @@ def test_vllm_with_tools_launches_with_auto_tool_choice_and_the_entrys_parser() 
             host="127.0.0.1",
             port=1,
             gpu_memory_utilization=0.5,
+        )
+
+
+@pytest.mark.parametrize(
+    "parser", ["--x", "-x", "--trust-remote-code", ".", "hermes --foo", "hermes\n", ""]
+)
+def test_a_tool_parser_that_could_read_as_a_flag_or_split_is_refused(parser: str) -> None:
+    """The parser follows --tool-call-parser as its own argv token: one that starts with a
+    dash would be read by vLLM as a flag, one with a space is not one word."""
+    with pytest.raises(ValidationError, match="tool_parser"):
+        vllm(
+            capabilities={"tools": True},
+            backend_config={"model_path": "/m", "tool_parser": parser},
         )
 
 

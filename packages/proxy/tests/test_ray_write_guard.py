@@ -15,6 +15,7 @@ from aiohttp import web
 from imageworks.chat_proxy.backends.ray import RayBackend
 from imageworks.chat_proxy.config import ProxyConfig
 from imageworks.chat_proxy.errors import BackendUnavailable
+from imageworks.model_loader.schema import ModelEntry
 from testkit.servers import AiohttpServer
 
 
@@ -104,3 +105,45 @@ async def test_removing_ours_keeps_theirs_and_waits_until_it_is_gone(
     await backend.stop("m")
     assert fake.puts[-1]["applications"] == [THEIRS]
     assert set(fake.apps) == {"theirs"}
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"applications": []},
+        {"applications": {"theirs": "RUNNING"}},
+        {"applications": {"theirs": {"status": "RUNNING", "deployed_app_config": "t:app"}}},
+        # A config filed under another name: carrying it over would deploy 'imageworks-m' twice.
+        {"applications": {"theirs": {"status": "RUNNING", "deployed_app_config": MINE}}},
+        {"applications": {}, "http_options": ["0.0.0.0"]},
+    ],
+)
+async def test_a_dashboard_answering_another_shape_is_a_clear_error_and_nothing_is_written(
+    answer: dict[str, Any],
+) -> None:
+    puts: list[Any] = []
+
+    async def get(request: web.Request) -> web.Response:
+        return web.json_response(answer)
+
+    async def put(request: web.Request) -> web.Response:
+        puts.append(await request.json())
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/api/serve/applications/", get)
+    app.router.add_put("/api/serve/applications/", put)
+    server = AiohttpServer(app)
+    backend = RayBackend(ProxyConfig.load(environ={}, ray_dashboard_url=server.url))
+    try:
+        async with aiohttp.ClientSession() as session:
+            backend.attach(session)
+            for attempt in (backend._write("imageworks-m", MINE), backend.stop("m")):
+                with pytest.raises(BackendUnavailable, match="did not answer Serve's status"):
+                    await attempt
+            entry = ModelEntry(name="m", backend="ray", ray={"import_path": "m:app"})
+            assert await backend.reconcile(entry) is None  # cannot tell, rather than a crash
+            assert await backend.recover([entry]) == {}
+    finally:
+        server.stop()
+    assert puts == []

@@ -3,13 +3,19 @@ back a while after a process exits, and the probe reading it like NVML."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from imageworks.chat_proxy.arbiter.gpu import SimProbe
-from imageworks.chat_proxy.arbiter.simgpu import SimGpu
+from imageworks.chat_proxy.arbiter.simgpu import SimGpu, SimGpuError
 from testkit.entries import eventually
+from testkit.processes import REPO
 
 
 def test_allocations_are_per_device_and_refused_when_they_do_not_fit(tmp_path: Path) -> None:
@@ -51,3 +57,62 @@ async def test_the_sim_probe_reads_every_device(tmp_path: Path) -> None:
         (1, 24000, 24000),
         (2, 48000, 48000),
     ]
+
+
+BROKEN = [
+    "not json{",
+    "[]",
+    '{"devices": "x", "allocations": []}',
+    '{"devices": [{"name": "g", "total_mb": 1000}]}',
+    '{"devices": [{"name": "g", "total_mb": -5}], "allocations": []}',
+    '{"devices": [{"name": "g", "total_mb": 1000}], "allocations": '
+    '[{"pid": "x", "device": 0, "mb": 1, "label": "a", "freed_at": null}]}',
+    '{"devices": [{"name": "g", "total_mb": 1000}], "allocations": '
+    '[{"pid": 1, "device": 3, "mb": 1, "label": "a", "freed_at": null}]}',
+]
+
+
+@pytest.mark.parametrize("content", BROKEN)
+def test_a_broken_file_is_a_clear_error_at_every_use(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "gpu.json"
+    path.write_text(content)
+    sim = SimGpu(path)
+    for use in (sim.totals, sim.read, lambda: sim.allocate(0, 1, pid=1, label="x")):
+        with pytest.raises(
+            SimGpuError, match=r"simulated GPU file .*gpu\.json is (unreadable|broken)"
+        ):
+            use()
+
+
+def test_the_proxy_refuses_to_start_on_a_broken_file_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "configs").mkdir()
+    shutil.copy(REPO / "configs" / "deployment_profiles.json", tmp_path / "configs")
+    (tmp_path / "configs" / "model_registry.curated.json").write_text("[]")
+    (tmp_path / "gpu.json").write_text('{"devices": "x"}')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_PROXY_")}
+    env.update(CHAT_PROXY_GPU_PROBE="sim", CHAT_PROXY_GPU_SIM=str(tmp_path / "gpu.json"))
+    done = subprocess.run(
+        [sys.executable, "-m", "imageworks.chat_proxy.cli", "--port", "0"],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert "CHAT_PROXY_GPU_SIM: the simulated GPU file" in done.stderr
+    assert "'devices' must be a list" in done.stderr
+
+
+def test_a_file_broken_while_the_proxy_runs_is_a_502_not_a_500(
+    proxy_factory: Any, tmp_path: Path
+) -> None:
+    sim = SimGpu.create(tmp_path / "gpu.json", [8000])
+    proxy = proxy_factory([], probe=SimProbe(sim.path))
+    assert proxy.client.get("/v1/gpu/status").status_code == 200
+    sim.path.write_text('{"devices": [{"name": "g", "total_mb": 8000}]}')
+    response = proxy.client.get("/v1/gpu/status")
+    assert response.status_code == 502
+    error = response.json()["error"]
+    assert error["code"] == "backend_unavailable" and "'allocations' must be" in error["message"]

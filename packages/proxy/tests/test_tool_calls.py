@@ -129,3 +129,22 @@ def test_tools_for_a_model_without_the_capability_are_refused_before_the_engine(
     forwarded = proxy.client.post("/v1/chat/completions", json={**body, "model": "forwards"})
     assert forwarded.status_code == 200
     assert fake_vllm.engine.requests[0].body["tools"] == TOOLS
+
+
+@pytest.mark.parametrize("field", ["tools", "functions"])
+@pytest.mark.parametrize("value", ["get_weather", {"type": "function"}, 3, True, ["get_weather"]])
+def test_tools_that_are_not_a_list_of_objects_are_a_400_before_the_engine(
+    proxy_factory, fake_vllm, field: str, value: object
+) -> None:
+    """Not a list (of objects): refused as OpenAI does. It used to slip past the capability
+    check (a model without tools got it forwarded) and reach the engine as it was."""
+    proxy = proxy_factory(
+        [entry_for("plain", fake_vllm.url), entry_for("m", fake_vllm.url, capabilities=TOOL_CAPS)]
+    )
+    for model in ("plain", "m"):
+        body = {"model": model, "messages": MESSAGES, field: value}
+        response = proxy.client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "invalid_request" and error["param"] == field
+    assert fake_vllm.engine.requests == []

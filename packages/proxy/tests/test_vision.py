@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 from aiohttp import web
 
+from imageworks.chat_proxy import images, vision
+from testkit.entries import eventually
 from testkit.fake_engine import entry_for
 from testkit.images import (
     data_url,
@@ -18,6 +22,7 @@ from testkit.images import (
     jpeg_bytes,
     photo,
     png_bytes,
+    png_declaring,
 )
 from testkit.servers import AiohttpServer
 
@@ -169,6 +174,8 @@ def test_a_text_request_to_a_vision_entry_is_forwarded_byte_for_byte(
     [
         ("data:image/jpeg;base64,/9j/4AAQ!!!notbase64", "its base64 data is corrupt"),
         ("data:image/png;base64," + "QUJD" * 10, "it is not an image Pillow can read"),
+        (data_url(png_declaring(12_000, 12_000), "image/png"), "more than 89478485 pixels"),
+        (data_url(png_declaring(50_000, 50_000), "image/png"), "more than 89478485 pixels"),
     ],
 )
 def test_an_unreadable_image_is_a_400_naming_the_message_and_part(
@@ -389,3 +396,40 @@ def test_a_big_image_that_fits_travels_unchanged_when_the_body_is_rewritten(
     (recorded,) = fake_vllm.engine.requests
     assert recorded.body["model"] == "served"  # the body was written again ...
     assert sent_parts(fake_vllm.engine)[0]["image_url"]["url"] == url  # ... the image as it came
+
+
+def test_image_requests_beyond_the_pools_backlog_are_a_429_and_text_is_never_held_up(
+    proxy_factory, fake_vllm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One vision thread, a backlog of 2, and every image stuck in preparation: three requests
+    are taken (one prepared, two waiting), the fourth is a 429 with Retry-After at once (the
+    queue was unbounded, each waiter holding its body), a text request to the same model is
+    answered meanwhile, and once the images come through the three are answered."""
+    release = threading.Event()
+
+    def stuck(url: str | bytes, fit: Any) -> Any:
+        release.wait(60)
+        return images.prepare_inline(url, fit)
+
+    monkeypatch.setattr(vision, "prepare_inline", stuck)
+    proxy = proxy_factory([entry_for("m", fake_vllm.url, capabilities=VISION)], vision_workers=1)
+    prep = proxy.state.images
+    prep.backlog = 2
+    body = chat(image_part(data_url(png_bytes(8, 8), "image/png")))
+    with ThreadPoolExecutor(3) as clients:
+        try:
+            taken = [
+                clients.submit(proxy.client.post, "/v1/chat/completions", json=body)
+                for _ in range(3)
+            ]
+            assert eventually(lambda: prep.pending == 3)
+            refused = proxy.client.post("/v1/chat/completions", json=body)
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+            error = refused.json()["error"]
+            assert error["code"] == "rate_limited" and "image preparation" in error["message"]
+            text = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            assert proxy.client.post("/v1/chat/completions", json=text).status_code == 200
+        finally:
+            release.set()
+        assert [f.result().status_code for f in taken] == [200, 200, 200]
+    assert prep.pending == 0

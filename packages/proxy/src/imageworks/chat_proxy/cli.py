@@ -6,12 +6,14 @@ budget allows (docs/performance.md)."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import click
 
 from imageworks.chat_proxy.app import create_app
 from imageworks.chat_proxy.arbiter.gpu import nvml_available
+from imageworks.chat_proxy.arbiter.simgpu import SimGpu, SimGpuError
 from imageworks.chat_proxy.config import ConfigError, ProxyConfig
 from imageworks.chat_proxy.serving import serve_hypercorn, serve_uvicorn
 from imageworks.model_loader.errors import RegistryError
@@ -54,6 +56,8 @@ def main(host: str | None, port: int | None, server: str | None, log_level: str)
                 "CHAT_PROXY_GPU_PROBE: nvml was asked for, but NVML is not usable "
                 "here (no NVIDIA driver or GPU); use auto or none"
             )
+        if config.gpu_probe == "sim":
+            check_sim_gpu(config.gpu_sim)
     except (ConfigError, RegistryError) as exc:
         raise click.ClickException(str(exc)) from None
     app = create_app(config)
@@ -70,6 +74,16 @@ def main(host: str | None, port: int | None, server: str | None, log_level: str)
         keep_alive_s=config.keep_alive_s,
         header_timeout_s=config.header_timeout_s,
     )
+
+
+def check_sim_gpu(path: Path | None) -> None:
+    """The simulated GPU's file, read once before binding: a broken one is a one-line error."""
+    if path is None:
+        raise ConfigError("CHAT_PROXY_GPU_PROBE=sim needs CHAT_PROXY_GPU_SIM (a file)")
+    try:
+        SimGpu(path).totals()
+    except SimGpuError as exc:
+        raise ConfigError(f"CHAT_PROXY_GPU_SIM: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -139,6 +139,24 @@ async def open_upstream(
     return response
 
 
+def as_one_chunk(body: bytes) -> bytes | None:
+    """A whole answer (JSON) as the one chunk of a stream: each choice's ``message`` becomes its
+    ``delta``; an error object stays as it is (an in-band error event). None: not JSON."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    choices = data.get("choices")
+    for choice in choices if isinstance(choices, list) else []:
+        if isinstance(choice, dict) and "message" in choice and "delta" not in choice:
+            choice["delta"] = choice.pop("message")
+    if data.get("object") == "chat.completion":
+        data["object"] = "chat.completion.chunk"
+    return json.dumps(data).encode()
+
+
 async def read_body(response: aiohttp.ClientResponse, outcome: Outcome) -> bytes:
     """The whole body; the connection goes back to the pool (aiohttp closes it instead if the
     body was not read to its end)."""
@@ -302,6 +320,9 @@ class SSEResponse:
             except ProxyError as error:
                 await self._fail(error, send)
                 return
+            if self.upstream.content_type.lower() != "text/event-stream":
+                await self._relay_whole_as_event(self.upstream, send)
+                return
         await self._pump(self.upstream, send)
 
     async def _relay_whole(self, upstream: aiohttp.ClientResponse, send: Send) -> None:
@@ -324,6 +345,31 @@ class SSEResponse:
         )
         await send({"type": "http.response.body", "body": body, "more_body": False})
         self.complete = True
+
+    async def _relay_whole_as_event(self, upstream: aiohttp.ClientResponse, send: Send) -> None:
+        """A backend that answered plain JSON after the loading comments had committed the
+        response to a 200 stream: the answer goes on as one event (a ``chat.completion`` as one
+        chunk), then ``[DONE]``. Relayed raw, it ran into the next event's line and a client
+        saw neither the answer nor an error."""
+        try:
+            body = await read_body(upstream, self.outcome)
+        except ProxyError as error:
+            await self._fail(error, send)
+            return
+        if self.converter is not None:
+            body = convert_answer(body)
+        chunk = as_one_chunk(body)
+        if chunk is None:
+            not_json = BackendUnavailable(
+                f"the backend ({upstream.url}) answered a stream request with "
+                f"{upstream.content_type or 'no content type'} that is not JSON"
+            )
+            await self._fail(not_json, send)
+            return
+        event = b"data: " + chunk + b"\n\n" + DONE
+        self.tail.append(event)
+        self.complete = True
+        await send({"type": "http.response.body", "body": event, "more_body": False})
 
     async def _keep_alive(self, work: Awaitable[T], send: Send) -> T:
         assert self.waiting_comment is not None

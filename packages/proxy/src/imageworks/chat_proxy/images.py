@@ -15,12 +15,18 @@ import binascii
 import io
 import math
 import urllib.parse
+import warnings
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# Pillow's own decompression-bomb guard raises past twice this; refuse at it, plainly.
-MAX_PIXELS = 150_000_000
+# Refuse at Pillow's own decompression-bomb threshold (89 MP, 4 bytes a pixel decoded), not
+# past it: between it and twice it Pillow only *warns* and decodes anyway, so a 100 KB PNG
+# declaring 12000x12000 pixels cost each vision thread half a gigabyte. Pillow's documented way
+# to refuse there is to make its warning an error; the check below says so plainly.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+warnings.simplefilter("error", Image.DecompressionBombWarning)
+_BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 _MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
 
 
@@ -139,7 +145,9 @@ def fit_image(raw: bytes, fit: Fit) -> tuple[bytes | None, str, bool]:
     """(new bytes or None if ``raw`` fits as it is, their media type, whether resized)."""
     try:
         image = Image.open(io.BytesIO(raw))  # reads the header only
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+    except _BOMB:
+        raise ImageError(f"it declares more than {MAX_PIXELS} pixels in all") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ImageError(f"it is not an image Pillow can read ({exc})") from None
     width, height = image.size
     if width * height > MAX_PIXELS:
@@ -153,7 +161,7 @@ def fit_image(raw: bytes, fit: Fit) -> tuple[bytes | None, str, bool]:
         return None, Image.MIME.get(fmt, "application/octet-stream"), False
     try:
         data, media_type = _rewrite(image, fit if too_big else None, fit.jpeg_quality)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, SyntaxError, *_BOMB) as exc:
         raise ImageError(f"its {fmt or 'image'} data cannot be decoded ({exc})") from None
     return data, media_type, too_big
 

@@ -91,6 +91,14 @@ def validate(endpoint: str, body: dict[str, Any]) -> str:
         raise InvalidRequest("'stop' must be a string or a list of strings", param="stop")
     if endpoint == CHAT:
         _validate_messages(body.get("messages"))
+        for name in ("tools", "functions"):
+            # Not a list: neither the capability check (it looks for a list) nor an engine
+            # would read it as tools; OpenAI refuses it too.
+            value = body.get(name)
+            if value is not None and not (
+                isinstance(value, list) and all(isinstance(t, dict) for t in value)
+            ):
+                raise InvalidRequest(f"'{name}' must be a list of objects", param=name)
     elif endpoint == COMPLETIONS:
         if not isinstance(body.get("prompt"), str | list):
             raise InvalidRequest("'prompt' is required (a string or a list)", param="prompt")

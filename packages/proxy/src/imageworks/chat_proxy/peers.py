@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 FORWARDED_HEADER = "x-imageworks-forwarded"
 PEERS_FILE = "peers.json"
 READY = "ready"
+# What a peer's model list may weigh: a lying or broken peer must not fill this box's memory
+# (a 100-byte id a model: tens of thousands of models).
+MAX_MODELS_BYTES = 8 * 1024 * 1024
+MAX_MODELS = 10_000
 
 
 class PeerConfig(BaseModel):
@@ -164,6 +168,9 @@ class Peers:
         except (aiohttp.ClientError, TimeoutError, ValueError, BackendUnavailable) as exc:
             peer.last_error = str(exc) or type(exc).__name__
             log.debug("peer %s did not answer: %s", peer.name, peer.last_error)
+        except Exception as exc:  # whatever a peer sends, the loop polling every peer goes on
+            peer.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("peer %s: unexpected answer: %s", peer.name, peer.last_error)
         # Compared with what the last poll saw: a peer falls silent between polls, by time.
         seen = (self._alive(peer), [(m.id, m.info.get("state")) for m in peer.models])
         if seen != peer.seen:
@@ -186,15 +193,38 @@ class Peers:
         ) as response:
             if response.status != 200:
                 raise ValueError(f"GET /v1/models answered {response.status}")
-            data = json.loads(await response.read())
-        found = []
-        for item in data.get("data") or []:
-            if isinstance(item, dict) and isinstance(item.get("id"), str):
-                info = item.get("imageworks")
-                found.append(
-                    PeerModel(peer.name, item["id"], info if isinstance(info, dict) else {})
-                )
-        return found
+            if (response.content_length or 0) > MAX_MODELS_BYTES:
+                raise ValueError(f"GET /v1/models is larger than {MAX_MODELS_BYTES} bytes")
+            body = await response.content.read(MAX_MODELS_BYTES + 1)
+            if len(body) > MAX_MODELS_BYTES:
+                raise ValueError(f"GET /v1/models is larger than {MAX_MODELS_BYTES} bytes")
+            data = json.loads(body)
+        listed = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(listed, list):
+            raise ValueError("GET /v1/models is not an OpenAI model list ({'data': [...]})")
+        found: dict[str, PeerModel] = {}
+        for item in listed[:MAX_MODELS]:
+            if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+                continue
+            info = item.get("imageworks")
+            model = PeerModel(peer.name, item["id"], info if isinstance(info, dict) else {})
+            if model.id in found or not self._usable(peer, model):
+                continue
+            found[model.id] = model
+        return list(found.values())
+
+    def _usable(self, peer: Peer, model: PeerModel) -> bool:
+        """Can a request be sent to it? Checked here, once a poll, so that an id or
+        capabilities this box cannot take (blank, padded, a wrong type) leave the model out of
+        the list instead of failing the requests for it."""
+        if not model.id.strip() or len(model.id) > 256 or not model.id.isprintable():
+            return False
+        try:
+            peer.entry(model, self.self_name)
+        except ValidationError:
+            log.debug("peer %s: model %r left out (not a valid entry here)", peer.name, model.id)
+            return False
+        return True
 
     def _alive(self, peer: Peer) -> bool:
         return peer.alive(time.monotonic(), self.config.peer_grace_s)

@@ -12,10 +12,17 @@ earlier proxy turned ``{"name": "Alice"}`` in a plain answer into a call to "Ali
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from typing import Any
 
 _MARK = b"function_call"
+# Where an event ends: a blank line, in any of the line endings SSE allows (a server such as
+# sse-starlette ends lines with CRLF; looking for "\n\n" alone held its whole stream back).
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# An "event" longer than this without an end is no event a converter could hold whole: it is
+# passed on as it came, so a backend that never sends a blank line cannot grow memory.
+MAX_PENDING = 4 * 1024 * 1024
 
 
 def declares_tools(body: dict[str, Any]) -> bool:
@@ -88,26 +95,33 @@ class StreamConverter:
 
     def feed(self, chunk: bytes) -> bytes:
         data = self.pending + chunk
-        end = data.rfind(b"\n\n")
-        if end < 0:
+        ends = list(_EVENT_END.finditer(data))
+        if not ends:
+            if len(data) > MAX_PENDING:
+                self.pending = b""
+                return data
             self.pending = data
             return b""
-        ready, self.pending = data[: end + 2], data[end + 2 :]
+        ready, self.pending = data[: ends[-1].end()], data[ends[-1].end() :]
         if _MARK not in ready:
             return ready
-        return b"".join(self._event(event) for event in ready.split(b"\n\n")[:-1])
+        out, start = [], 0
+        for end in ends:
+            out.append(self._event(data[start : end.start()], end.group()))
+            start = end.end()
+        return b"".join(out)
 
     def flush(self) -> bytes:
         rest, self.pending = self.pending, b""
         return rest
 
-    def _event(self, event: bytes) -> bytes:
+    def _event(self, event: bytes, end: bytes) -> bytes:
         if _MARK not in event or not event.startswith(b"data: {"):
-            return event + b"\n\n"
+            return event + end
         try:
             data = json.loads(event[6:])
         except ValueError:
-            return event + b"\n\n"
+            return event + end
         for choice in _choices(data):
             delta = choice.get("delta")
             if not isinstance(delta, dict):
@@ -115,6 +129,7 @@ class StreamConverter:
             call = delta.get("function_call")
             if isinstance(call, dict) and not delta.get("tool_calls"):
                 index = choice.get("index", 0)
+                index = index if isinstance(index, int) else 0  # a key, whatever was sent
                 piece: dict[str, Any] = {"index": 0}
                 function: dict[str, Any] = {}
                 if index not in self.ids:
@@ -129,4 +144,4 @@ class StreamConverter:
                 del delta["function_call"]
             if choice.get("finish_reason") == "function_call":
                 choice["finish_reason"] = "tool_calls"
-        return b"data: " + json.dumps(data).encode() + b"\n\n"
+        return b"data: " + json.dumps(data).encode() + end

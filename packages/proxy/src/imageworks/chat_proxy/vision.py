@@ -27,7 +27,7 @@ import os
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -36,7 +36,12 @@ import aiohttp
 
 from imageworks.chat_proxy import history
 from imageworks.chat_proxy.config import ProxyConfig
-from imageworks.chat_proxy.errors import CapabilityMismatch, InvalidRequest, PayloadTooLarge
+from imageworks.chat_proxy.errors import (
+    CapabilityMismatch,
+    InvalidRequest,
+    PayloadTooLarge,
+    RateLimited,
+)
 from imageworks.chat_proxy.images import (
     DataUrl,
     Fit,
@@ -177,18 +182,41 @@ def _yield_to_the_loop() -> None:
         pass
 
 
+# How many jobs (an image, a big body to cut or parse) may wait for each vision thread before
+# new requests are turned away: about 4 s of 12 MP photographs. Beyond it a burst of image
+# requests would only queue, each holding its body (up to CHAT_PROXY_MAX_BODY_BYTES).
+BACKLOG_PER_WORKER = 32
+
+
 class ImagePrep:
     """The vision pool and the request walk; opened and closed by the lifespan."""
 
     def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.backlog = workers * BACKLOG_PER_WORKER  # waiting, beyond those being worked on
+        self.pending = 0  # jobs handed to the pool and not finished
         self.pool = ThreadPoolExecutor(
             workers, thread_name_prefix="imageworks-vision", initializer=_yield_to_the_loop
         )
 
+    def has_room(self) -> None:
+        """Called before a request's first job: a 429 (retry shortly) when the pool is behind
+        by its whole backlog. Jobs of requests already admitted are never refused."""
+        if self.pending >= self.workers + self.backlog:
+            raise RateLimited(
+                f"image preparation is at capacity ({self.pending} jobs waiting for "
+                f"{self.workers} threads, CHAT_PROXY_VISION_WORKERS); retry shortly",
+                headers={"Retry-After": "1"},
+            )
+
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         call = functools.partial(contextvars.copy_context().run, fn, *args)
-        return await loop.run_in_executor(self.pool, call)
+        self.pending += 1
+        try:
+            return await loop.run_in_executor(self.pool, call)
+        finally:
+            self.pending -= 1
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -245,7 +273,7 @@ class ImagePrep:
                 f"{policy.max_images} (vision.max_images)",
                 param="messages",
             )
-        jobs = []
+        jobs: list[Callable[[], Awaitable[bool]]] = []
         for m, p, part in parts:
             url = image_url(part)
             if url is None:
@@ -254,9 +282,13 @@ class ImagePrep:
             if inline is not None or url.startswith("data:"):
                 if policy.rewrites:
                     data = url if inline is None else inline
-                    jobs.append(self._inline(entry, m, p, part, data, policy, stats))
+                    job = functools.partial(self._inline, entry, m, p, part, data, policy, stats)
+                    jobs.append(job)
             elif policy.remote is not None and host_allowed(url, policy.remote):
-                jobs.append(self._remote(m, p, part, url, policy, policy.remote, session, stats))
+                remote = policy.remote
+                jobs.append(
+                    functools.partial(self._remote, m, p, part, url, policy, remote, session, stats)
+                )
             elif not policy.takes_image_urls:
                 raise InvalidRequest(
                     f"the image at {where(m, p)} is a URL, and model {entry.name!r} "
@@ -265,16 +297,36 @@ class ImagePrep:
                     "vision.remote_images.allow_hosts",
                     param=where(m, p),
                 )
-        changed = False
-        if jobs:
-            results = await asyncio.gather(*jobs)
-            changed = any(results)
+        if jobs and lifted is None:  # a big body was admitted to the pool when it was cut
+            self.has_room()
+        changed = await self._in_lanes(jobs)
         if policy.keep_last_turns is not None:
             trimmed, dropped = history.trim_turns(messages, policy.keep_last_turns, IMAGE_PARTS)
             if dropped:
                 body["messages"] = trimmed
                 stats.messages_trimmed = dropped
                 changed = True
+        return changed
+
+    async def _in_lanes(self, jobs: list[Callable[[], Awaitable[bool]]]) -> bool:
+        """Run one request's images at most ``workers`` at a time, stopping at the first that
+        fails. Handing them all to the pool at once (as before) let one request of 50,000 tiny
+        images hold 50,000 tasks (~300 MB), queue every other request's images behind its own,
+        and keep the pool busy with the rest after its first bad image had been answered."""
+        changed = False
+        waiting = iter(jobs)
+
+        async def lane() -> None:
+            nonlocal changed
+            for job in waiting:
+                changed = await job() or changed
+
+        lanes = [asyncio.ensure_future(lane()) for _ in range(min(self.workers, len(jobs)))]
+        try:
+            await asyncio.gather(*lanes)
+        finally:
+            for running in lanes:
+                running.cancel()
         return changed
 
     async def _inline(

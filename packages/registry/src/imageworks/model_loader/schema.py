@@ -46,8 +46,9 @@ class BackendConfig(_Open):
     headers: dict[str, str] = Field(default_factory=dict)
     ca_file: str | None = None
     # vLLM with capabilities.tools: the parser that turns the model's tool-call text into
-    # OpenAI tool_calls (--tool-call-parser: hermes, llama3_json, mistral, ...).
-    tool_parser: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+    # OpenAI tool_calls (--tool-call-parser: hermes, llama3_json, mistral, ...). One argv token
+    # starting with a letter or digit: "--x" or "-x" would read as a flag of its own.
+    tool_parser: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
     @field_validator("headers")
     @classmethod

@@ -262,6 +262,8 @@ class VramArbiter:
                 # No budget to enforce, nor devices to choose from: only a pin places it (an
                 # engine that is not placed sees every GPU, as it would without the proxy).
                 return tuple(pin or ()), evicted
+            if need is not None:
+                self._check_the_box_can_hold(snaps, need, reason, pin, span)
             holdings = [h for h in await self.holdings() if h.name != exclude]
             held = self._locate(holdings, snaps)
             found = self._plan(snaps, held, need, pin, span, lease)
@@ -282,6 +284,39 @@ class VramArbiter:
                 "[gpu-arbiter] %s waits for busy models: %s", reason, ", ".join(plan.blocked_by)
             )
             await asyncio.sleep(0.5)
+
+    def _check_the_box_can_hold(
+        self,
+        snaps: list[GpuSnapshot],
+        need: int,
+        reason: str,
+        pin: tuple[int, ...] | None,
+        span: int,
+    ) -> None:
+        """Refuse at once, and not as a 503 to retry, what no eviction or wait could ever
+        place: a pin to a GPU the box lacks, more GPUs than it has, a share bigger than a whole
+        card. (These read "cannot free 1000 MB: GPU 0 free=8000 MB, busy: none", Retry-After.)"""
+        indexes = [s.index for s in snaps]
+        wanted = len(pin) if pin else span
+        problem = None
+        if pin and (missing := [i for i in pin if i not in indexes]):
+            problem = f"it is pinned to GPU {missing} (the entry's gpus), and this box has GPUs"
+        elif wanted > len(indexes):
+            problem = f"it spans {wanted} GPUs, and this box has GPUs"
+        else:
+            totals = sorted((s.total_mb for s in snaps if not pin or s.index in pin), reverse=True)
+            each = share_mb(need, wanted)
+            if totals[wanted - 1] < each + self.headroom_mb:
+                room = f" (+{self.headroom_mb} MB headroom)" if self.headroom_mb else ""
+                problem = (
+                    f"it needs {each} MB{room} on each of {wanted} GPU(s), more than a whole "
+                    f"card holds ({', '.join(f'{t} MB' for t in totals)}), on GPUs"
+                )
+        if problem is not None:
+            raise InsufficientVram(
+                f"[gpu-arbiter] {reason} can never be placed here: {problem} {indexes}",
+                status=409,
+            )
 
     def _targets(
         self,

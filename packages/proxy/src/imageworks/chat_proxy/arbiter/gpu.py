@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from imageworks.chat_proxy.errors import BackendUnavailable
+
 
 @dataclass(frozen=True)
 class GpuSnapshot:
@@ -98,7 +100,12 @@ class SimProbe:
         self.sim.totals()  # a missing or broken file fails at start-up, not on first use
 
     async def devices(self) -> list[GpuSnapshot]:
-        return await asyncio.to_thread(self.sim.read)
+        from imageworks.chat_proxy.arbiter.simgpu import SimGpuError
+
+        try:
+            return await asyncio.to_thread(self.sim.read)
+        except SimGpuError as exc:  # broken since start-up: the request says so, not a 500
+            raise BackendUnavailable(str(exc)) from None
 
 
 # What a declared budget knows of a running model: the devices it runs on and its size.

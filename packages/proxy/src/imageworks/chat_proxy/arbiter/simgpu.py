@@ -30,6 +30,50 @@ from imageworks.chat_proxy.process import pid_alive
 SIM_VARIABLE = "CHAT_PROXY_GPU_SIM"
 
 
+class SimGpuError(RuntimeError):
+    """The simulated GPU's file is missing or not in the shape above; the message says where."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shape_error(data: Any) -> str | None:
+    """What is wrong with the file's content (None: nothing). A test facility, but one a test
+    (or a hand) can break: a clear message beats a KeyError from the middle of a request."""
+    if not isinstance(data, dict):
+        return "it is not a JSON object"
+    devices, allocations = data.get("devices"), data.get("allocations")
+    if not isinstance(devices, list) or not all(
+        isinstance(d, dict)
+        and _is_int(d.get("total_mb"))
+        and d["total_mb"] > 0
+        and isinstance(d.get("name", ""), str)
+        for d in devices
+    ):
+        return '\'devices\' must be a list of {"name", "total_mb" > 0}'
+    if not isinstance(allocations, list) or not all(
+        isinstance(a, dict)
+        and _is_int(a.get("pid"))
+        and a["pid"] > 0
+        and _is_int(a.get("device"))
+        and 0 <= a["device"] < len(devices)
+        and _is_int(a.get("mb"))
+        and a["mb"] >= 0
+        and isinstance(a.get("label"), str)
+        and (a.get("freed_at") is None or isinstance(a["freed_at"], (int, float)))
+        for a in allocations
+    ):
+        return (
+            "'allocations' must be a list of {\"pid\" > 0, \"device\" (an index of 'devices'), "
+            '"mb" >= 0, "label", "freed_at": null or a time}'
+        )
+    delay = data.get("release_delay_s", 0)
+    if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not 0 <= delay < 3600:
+        return "'release_delay_s' must be a number of seconds"
+    return None
+
+
 class SimGpu:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -53,15 +97,28 @@ class SimGpu:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        with self.lock_path.open("a") as handle:
+        try:
+            handle = self.lock_path.open("a")
+        except OSError as exc:
+            raise SimGpuError(f"the simulated GPU's lock file is unusable: {exc}") from None
+        with handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    def _read_file(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SimGpuError(f"the simulated GPU file {self.path} is unreadable: {exc}") from None
+        if (wrong := _shape_error(data)) is not None:
+            raise SimGpuError(f"the simulated GPU file {self.path} is broken: {wrong}")
+        return dict(data)
+
     def _load(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads(self.path.read_text())
+        data = self._read_file()
         now = time.time()
         delay = float(data.get("release_delay_s") or 0.0)
         kept = []
@@ -110,6 +167,8 @@ class SimGpu:
         (default: ``mb``) is free, as a CUDA allocation would fail."""
         with self._locked():
             data = self._load()
+            if not 0 <= device < len(data["devices"]):
+                raise SimGpuError(f"the simulated GPU has no device {device}")
             total = data["devices"][device]["total_mb"]
             free = total - self._used(data, device)
             if free < (mb if need_free_mb is None else need_free_mb):
@@ -137,4 +196,4 @@ class SimGpu:
             self._write(data)
 
     def totals(self) -> list[int]:
-        return [int(d["total_mb"]) for d in json.loads(self.path.read_text())["devices"]]
+        return [int(d["total_mb"]) for d in self._read_file()["devices"]]

@@ -43,6 +43,9 @@ API = "/api/serve/applications/"
 POLL_S = 0.5
 WRITE_ATTEMPTS = 5
 STOP_TIMEOUT_S = 120.0
+# Far above any real cluster's Serve status (a few KB an application); a dashboard that answers
+# more is not one this proxy can carry over anyway.
+MAX_ANSWER_BYTES = 32 * 1024 * 1024
 FAILED_STATES = frozenset({"DEPLOY_FAILED", "UNHEALTHY"})
 GONE_STATES = FAILED_STATES | {"DELETING", "NOT_STARTED"}
 
@@ -193,7 +196,12 @@ class RayBackend(Backend):
             await self._remove(name)
 
     async def _read(self) -> dict[str, Any]:
-        return await self._call("GET", None)
+        status = await self._call("GET", None)
+        if (wrong := ray_apps.status_error(status)) is not None:
+            raise BackendUnavailable(
+                f"the Ray dashboard at {self._dashboard} did not answer Serve's status: {wrong}"
+            )
+        return status
 
     async def _call(self, method: str, body: dict[str, Any] | None) -> dict[str, Any]:
         url = self._dashboard + API
@@ -214,8 +222,12 @@ class RayBackend(Backend):
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=60, sock_connect=10),
             ) as response:
-                raw = await response.read()
+                raw = await response.content.read(MAX_ANSWER_BYTES + 1)
                 status = response.status
+                if len(raw) > MAX_ANSWER_BYTES:
+                    raise BackendUnavailable(
+                        f"the Ray dashboard at {url} answered more than {MAX_ANSWER_BYTES} bytes"
+                    )
         except TimeoutError:
             raise BackendUnavailable(f"the Ray dashboard at {url} did not answer in time") from None
         except aiohttp.ClientError as exc:

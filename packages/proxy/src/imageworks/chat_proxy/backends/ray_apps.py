@@ -115,6 +115,27 @@ def llm_config(entry: ModelEntry, llm: LlmApp) -> dict[str, Any]:
     return config
 
 
+def status_error(status: dict[str, Any]) -> str | None:
+    """What makes a ``GET /api/serve/applications/`` answer unusable (None: nothing). Every
+    write carries the other applications over from it, so an answer in another shape (a
+    dashboard of another version, or one that lies) must stop us, not half-work."""
+    apps = status.get("applications")
+    if apps is not None and not isinstance(apps, dict):
+        return "'applications' is not an object"
+    for name, details in (apps or {}).items():
+        if not isinstance(details, dict):
+            return f"application {name!r} is not an object"
+        config = details.get("deployed_app_config")
+        if config is not None and not (
+            isinstance(config, dict) and config.get("name", name) == name
+        ):
+            return f"application {name!r} has a deployed config that is not its own"
+    http = status.get("http_options")
+    if http is not None and not isinstance(http, dict):
+        return "'http_options' is not an object"
+    return None
+
+
 def deployed(status: dict[str, Any]) -> dict[str, Any]:
     """Every application's config as deployed ({name: config}), from a
     ``GET /api/serve/applications/`` answer: what a write must carry over, and what a

@@ -244,7 +244,10 @@ async def forward(
             state.config.max_body_bytes,
             idle_timeout=state.config.body_timeout_s,
         )
-        lifted = await state.images.run(LiftedBody.lift, raw) if len(raw) > BIG_BODY else None
+        lifted = None
+        if len(raw) > BIG_BODY:
+            state.images.has_room()
+            lifted = await state.images.run(LiftedBody.lift, raw)
         body = (
             parse_body(raw)
             if lifted is None
