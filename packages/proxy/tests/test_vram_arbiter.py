@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import aiohttp
 import pytest
 
 from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
+from imageworks.chat_proxy.arbiter.gpu import GpuSnapshot
 from imageworks.chat_proxy.backends.base import Backend
 from imageworks.chat_proxy.config import ProxyConfig
 from imageworks.chat_proxy.errors import (
@@ -332,3 +334,82 @@ async def test_the_real_footprint_is_learned_from_per_process_usage(tmp_path, se
     await world.use("big-b")
     assert world.backend.events == ["start big-a", "start big-b"]  # nothing evicted
     assert world.arbiter.learned_mb["big-b"] == 15000
+
+
+async def test_memory_of_an_engine_that_just_died_is_waited_for_not_evicted_for(
+    tmp_path, session, monkeypatch
+) -> None:
+    """A crashed engine's memory shows on the card a moment after its process is gone (as on
+    real cards, and on the simulated GPU). The next start waits for it instead of evicting a
+    healthy idle model to make room it already has."""
+    from imageworks.chat_proxy.arbiter import arbiter as arbiter_module
+
+    world = World(tmp_path, session, wait_s=5.0)
+    world.backend = PidBackend()
+    world.lifecycle.backends["llamacpp"] = world.backend
+    ghost: dict[int | str, int] = {}
+    reads_left = [0]
+
+    def dying() -> dict[int | str, int]:
+        if reads_left[0] <= 0:
+            ghost.clear()  # the driver has given it back
+        reads_left[0] -= 1
+        return dict(ghost)
+
+    world.probe.holders = [world.backend.by_pid, dying]
+    await world.use("big-a")  # really 8,000 MB, pid 4000
+    await world.use("small")  # 4,000 MB
+    dead = world.backend.pid_of("big-a")
+    assert dead is not None
+    monkeypatch.setattr(arbiter_module, "pid_alive", lambda pid: pid != dead)
+    ghost[dead], reads_left[0] = 8000, 2  # seen by the placement, gone by the wait for it
+
+    world.lifecycle.slots["own:big-a"].crashed("big-a", "killed")
+    await world.lifecycle.slots["own:big-a"].switch_task  # reaped: no longer a holding
+    # 24,000 - 4,000 (small) - 8,000 (the dead engine's, coming back) = 12,000 free now;
+    # big-b needs 14,000 + 1,000 headroom, which the returning memory makes.
+    await world.use("big-b")
+    assert "stop small" not in world.backend.events
+    assert world.backend.events[-1] == "start big-b"
+    assert set(world.backend.held) == {"small", "big-b"}
+
+
+async def test_memory_a_live_stranger_holds_is_made_room_for(tmp_path, session) -> None:
+    """The same picture with a process that is not one of our engines (or is still alive):
+    its memory is not coming back, so an idle model is evicted."""
+    world = World(tmp_path, session, wait_s=5.0)
+    world.backend = PidBackend()
+    world.lifecycle.backends["llamacpp"] = world.backend
+    world.probe.holders = [world.backend.by_pid, lambda: {os.getpid(): 8000}]
+    await world.use("small")
+    await world.use("big-b")
+    assert "stop small" in world.backend.events
+
+
+async def test_an_adopted_engine_is_placed_where_its_process_holds_memory(
+    tmp_path, session
+) -> None:
+    """After a proxy restart the earlier placement is gone; the engine it adopted is found on
+    the device its process uses, so /admin/state says where it runs."""
+    world = World(tmp_path, session)
+    world.backend = PidBackend()
+    world.lifecycle.backends["llamacpp"] = world.backend
+    await world.use("small")
+    pid = world.backend.pid_of("small")
+    world.arbiter.placements.clear()  # a new proxy: nothing placed by it
+
+    class TwoCards:
+        kind, measures = "fake", True
+
+        async def devices(self) -> list[GpuSnapshot]:
+            return [
+                GpuSnapshot(24000, 0, {}, "card 0", 0),
+                GpuSnapshot(24000, 4000, {pid: 4000}, "card 1", 1),
+            ]
+
+    world.arbiter.probe = TwoCards()  # type: ignore[assignment]
+    assert world.lifecycle.devices_of(world.entry("small")) == []
+    await world.arbiter.snapshot()
+    await world.arbiter.holdings()
+    world.arbiter.status()
+    assert world.lifecycle.devices_of(world.entry("small")) == [1]

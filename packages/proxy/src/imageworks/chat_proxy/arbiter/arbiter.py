@@ -18,17 +18,18 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imageworks.chat_proxy.arbiter import ledger
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe, GpuSnapshot
 from imageworks.chat_proxy.arbiter.leases import LeaseDesk
-from imageworks.chat_proxy.arbiter.placement import Placement, place, share_mb
+from imageworks.chat_proxy.arbiter.placement import Device, Placement, place, share_mb
 from imageworks.chat_proxy.arbiter.policy import Plan, plan_exclusive
 from imageworks.chat_proxy.arbiter.seams import Holding, Residency
 from imageworks.chat_proxy.errors import InsufficientVram, InvalidRequest
+from imageworks.chat_proxy.process import pid_alive
 from imageworks.model_loader.schema import ModelEntry
 
 if TYPE_CHECKING:
@@ -63,6 +64,9 @@ class VramArbiter:
         self.placements: dict[str, tuple[int, ...]] = {}
         self.last_devices: list[GpuSnapshot] = []
         self.last_holdings: list[Holding] = []
+        # Our engines' pids, when last seen holding: memory of one that has since exited is
+        # on its way back (see ``_exiting``).
+        self._engine_pids: dict[int, float] = {}
         self._room_lock = asyncio.Lock()
         self.leases = LeaseDesk(
             staging_dir,
@@ -179,7 +183,37 @@ class VramArbiter:
 
     async def holdings(self) -> list[Holding]:
         self.last_holdings = await self.residency.holdings()
+        now = time.monotonic()
+        for holding in self.last_holdings:
+            if holding.pid is not None and not holding.foreign:
+                self._engine_pids[holding.pid] = now
         return self.last_holdings
+
+    def _exiting(self, holdings: list[Holding]) -> frozenset[int]:
+        """Pids of our engines that are no longer holdings and whose process is gone (a crash,
+        a kill -9): the memory the probe still shows for them is coming back, as it does a
+        moment after any process exits. Past ``vram_timeout_s`` it counts as a stranger's
+        again (memory that never came back is not ours to wait for)."""
+        now = time.monotonic()
+        current = {h.pid for h in holdings}
+        exiting = set()
+        for pid, seen in list(self._engine_pids.items()):
+            if now - seen > self.vram_timeout_s:
+                del self._engine_pids[pid]
+            elif pid not in current and not pid_alive(pid):
+                exiting.add(pid)
+        return frozenset(exiting)
+
+    def _views(
+        self, snaps: list[GpuSnapshot], held: list[ledger.Held], lent: Collection[int]
+    ) -> list[Device]:
+        return ledger.devices_for_placement(
+            snaps,
+            held,
+            lent,
+            measured=self.probe.measures,
+            exiting=self._exiting([h.holding for h in held]),
+        )
 
     def _locate(self, holdings: list[Holding], snaps: list[GpuSnapshot]) -> list[ledger.Held]:
         def placed(holding: Holding) -> tuple[int, ...] | None:
@@ -188,8 +222,15 @@ class VramArbiter:
             return self.placements.get(holding.name) or tuple(holding.entry.gpus or ()) or None
 
         held = ledger.locate(holdings, snaps, placed, self.held_mb)
-        for item in held:  # where Ollama put its models shows in /admin/state too
-            if item.holding.entry is None and item.devices:
+        for item in held:
+            pid = item.holding.pid
+            if not item.devices:
+                continue
+            if item.holding.entry is None:  # where Ollama put its models shows in /admin/state
+                self.placements[item.name] = item.devices
+            elif item.name not in self.placements and any(pid in s.processes for s in snaps):
+                # An engine this proxy adopted after a restart: placed where its process holds
+                # memory (the earlier proxy's placement died with it).
                 self.placements[item.name] = item.devices
         return held
 
@@ -208,7 +249,7 @@ class VramArbiter:
             return 0
         held = self._locate(await self.holdings(), snaps)
         lent = self.leases.lent()
-        views = ledger.devices_for_placement(snaps, held, lent, measured=self.probe.measures)
+        views = self._views(snaps, held, lent)
         found = place(views, need, headroom_mb=self.headroom_mb)
         return found.devices[0] if found.devices else 0
 
@@ -233,12 +274,12 @@ class VramArbiter:
                 mine = [h.resident(None) for h in held if not h.holding.foreign]
             return Placement((device,), plan_exclusive(mine))
         lent = set() if lease else self.leases.lent()
-        views = ledger.devices_for_placement(snaps, held, lent, measured=self.probe.measures)
+        views = self._views(snaps, held, lent)
         found = place(views, need, pin=pin, span=span, headroom_mb=self.headroom_mb)
         if not found.devices and lent:
             # Only lent devices could take it: the request was admitted with the lease's
             # token (``admit`` refuses anyone else), so the holder's model may use its device.
-            views = ledger.devices_for_placement(snaps, held, (), measured=self.probe.measures)
+            views = self._views(snaps, held, ())
             found = place(views, need, pin=pin, span=span, headroom_mb=self.headroom_mb)
         return found
 
@@ -347,7 +388,7 @@ class VramArbiter:
         held: list[ledger.Held],
         found: Placement,
     ) -> InsufficientVram:
-        views = ledger.devices_for_placement(snaps, held, (), measured=self.probe.measures)
+        views = self._views(snaps, held, ())
         free = ", ".join(f"GPU {v.index} free={v.free_mb} MB" for v in views)
         if len(views) == 1:
             free = f"free={views[0].free_mb} MB"

@@ -69,10 +69,19 @@ def locate(
     return [Held(h, size(h), found.get(h.name, default)) for h in holdings]
 
 
-def effective_free(snapshot: GpuSnapshot, held: Sequence[Held], *, measured: bool = True) -> int:
+def effective_free(
+    snapshot: GpuSnapshot,
+    held: Sequence[Held],
+    *,
+    measured: bool = True,
+    exiting: Collection[int] = (),
+) -> int:
     """Free memory as the probe says, less what models still loading are booked for beyond
     what their processes hold yet (a measured probe only: a declared budget already counts
-    them), so that two starts never count the same memory."""
+    them), so that two starts never count the same memory; plus what engines of ours that
+    have exited still hold (``exiting``): the driver gives it back a moment after the process
+    is gone, so it is waited for, not made room for by evicting a healthy model."""
+    coming_back = sum(int(snapshot.processes.get(pid, 0)) for pid in exiting)
     pending = 0
     if measured:
         for item in held:
@@ -80,7 +89,7 @@ def effective_free(snapshot: GpuSnapshot, held: Sequence[Held], *, measured: boo
                 pid = item.holding.pid
                 holds = int(snapshot.processes.get(pid, 0)) if pid is not None else 0
                 pending += max(0, booked - holds)
-    return max(0, snapshot.free_mb - pending)
+    return max(0, snapshot.free_mb + coming_back - pending)
 
 
 def strangers_on(snapshot: GpuSnapshot, held: Sequence[Held]) -> list[tuple[str, int]]:
@@ -100,11 +109,12 @@ def devices_for_placement(
     lent: Collection[int],
     *,
     measured: bool = True,
+    exiting: Collection[int] = (),
 ) -> list[Device]:
     return [
         Device(
             s.index,
-            effective_free(s, held, measured=measured),
+            effective_free(s, held, measured=measured, exiting=exiting),
             tuple(h.resident(s.index) for h in held if not h.holding.foreign and h.on(s.index)),
             available=s.index not in lent,
         )
