@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 
+import httpx
 import pytest
 
 from testkit.fake_engine import entry_for
@@ -143,3 +145,20 @@ def test_registry_view_hides_every_credential(proxy_factory) -> None:
     assert config["base_url"].startswith("https://<hidden>@llm.example/v1?")
     assert shown["metadata"]["notes"] == "kept"
     assert shown["generation_defaults"] == {"max_tokens": 64}
+
+
+def test_views_refuse_another_host_without_an_admin_token(proxy_factory) -> None:
+    proxy = proxy_factory([BROKEN])  # no token: admin calls are for loopback peers only
+
+    async def ask(peer: str) -> list[int]:
+        # The running proxy's own app, called as a request from ``peer`` would reach it.
+        transport = httpx.ASGITransport(app=proxy.server.app, client=(peer, 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as client:
+            answers = [
+                await client.get("/admin/logs", params={"model": "org/broken"}),
+                await client.get("/admin/registry"),
+            ]
+        return [answer.status_code for answer in answers]
+
+    assert asyncio.run(ask("192.0.2.10")) == [401, 401]
+    assert asyncio.run(ask("127.0.0.1")) == [200, 200]
