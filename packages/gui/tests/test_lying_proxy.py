@@ -142,6 +142,10 @@ def test_log_lines_lose_terminal_escapes(liar: Liar) -> None:
     shown = shows_no_traceback("logs")
     assert "ERROR engine died" in shown and "\x1b" not in shown
     assert printable("plain text, ünïcode") == "plain text, ünïcode"
+    failed = {**ROW, "state": "failed", "last_error": "start failed:\n\x1b[1;31mOOM\x1b[0m"}
+    liar.answers["/admin/state"] = {"models": [failed]}
+    (row,) = ProxyClient().models()
+    assert row.last_error == "start failed:\nOOM"
 
 
 def test_a_trickling_proxy_is_given_up_on(liar: Liar) -> None:

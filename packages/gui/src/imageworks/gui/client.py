@@ -539,7 +539,7 @@ def _row(model: dict[str, Any], listed: dict[str, Any]) -> ModelRow:
         max(0, int(model.get("in_flight") or 0)),
         bool(model.get("managed")),
         bool(model.get("visible")),
-        None if error is None else str(error),
+        None if error is None else printable(str(error)),  # it may hold the engine's output
         _seconds(model.get("load_ms")),
         _seconds(model.get("since")),
         caps,
