@@ -112,3 +112,16 @@ def test_gpu_view_reads_devices_and_falls_back_to_the_single_gpu_summary() -> No
     new = {**old, "budget": "measured", "devices": [device], "leases": [{**lease, "device": 1}]}
     (card,) = gpu_view(new).devices
     assert card.index == 1 and card.ours_mb == 600 and card.lease and card.lease.device == 1
+
+
+def test_a_reply_streams_in_pieces_with_its_figures(proxy_factory, fake_vllm) -> None:
+    proxy = proxy_factory([entry_for("ext", fake_vllm.url, "openai")])
+    stream = ProxyClient(proxy.url).chat_stream("ext", "Say hello.", max_tokens=8)
+    pieces = list(stream)
+    # More than one piece: a reply read whole and handed over at the end is not a stream.
+    assert len(pieces) > 1 and all(pieces)
+    assert stream.tokens >= len(pieces) or stream.usage_reported
+    assert stream.ttft_ms is not None and stream.total_ms is not None
+    assert stream.finish_reason is not None
+    record = proxy.client.get("/admin/requests?limit=1").json()["data"][0]
+    assert record["logical_name"] == "ext" and record["stream"] is True

@@ -117,10 +117,17 @@ def summary(records: list[dict[str, Any]]) -> dict[str, float | None]:
     }
 
 
+def _status(value: Any) -> int:
+    """An HTTP status as recorded; 0 when the record holds something else."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
 def errors_by_code(records: list[dict[str, Any]]) -> list[tuple[str, int, int]]:
     """(error code, HTTP status, count), most frequent first."""
     counts = Counter(
-        (str(r["error_code"]), int(r.get("status") or 0)) for r in records if r.get("error_code")
+        (str(r["error_code"]), _status(r.get("status"))) for r in records if r.get("error_code")
     )
     return [(code, status, n) for (code, status), n in counts.most_common()]
 

@@ -1,21 +1,31 @@
 """A typed client for the proxy's HTTP API, as the console uses it (no Streamlit here).
 
-Every call either returns data or raises ``ProxyDown`` (nothing answers at that address) or
-``ProxyRequestFailed`` (the proxy answered with an error; its message is kept).
+Every call either returns data or raises ``ProxyDown`` (nothing answers at that address, or
+nothing within the call's time limit) or ``ProxyRequestFailed`` (the proxy answered with an
+error; its message is kept). An answer the console cannot read (not JSON, missing fields,
+text where numbers belong: another program at that address, or another version) is a
+``ProxyBadAnswer``, a kind of ``ProxyRequestFailed``, so no page shows a traceback for it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8100"
+# No answer of the proxy's API is near this: more is not the proxy, and is not kept in memory.
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+# Colour codes and other escape sequences an engine writes to its log, and control characters.
+_ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 class ProxyDown(RuntimeError):
@@ -27,6 +37,36 @@ class ProxyRequestFailed(RuntimeError):
         super().__init__(message)
         self.status = status
         self.code = code
+
+
+class ProxyBadAnswer(ProxyRequestFailed):
+    """The proxy's answer is not what the console reads."""
+
+
+@contextmanager
+def _reading(what: str, status: int = 200) -> Iterator[None]:
+    """Turn a malformed answer (a missing key, a string where a number belongs, a list where an
+    object belongs) into a ``ProxyBadAnswer`` naming ``what`` was read."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
+        raise ProxyBadAnswer(
+            status, f"the proxy's answer to {what} is not what the console reads ({exc!r})"
+        ) from None
+
+
+def printable(line: str) -> str:
+    """A log line without terminal escape sequences and control characters (tabs stay)."""
+    return _CONTROLS.sub("", _ESCAPES.sub("", line))
+
+
+def _mb(value: Any) -> int:
+    """Memory in MB as the console shows it: never negative."""
+    return max(0, int(value or 0))
+
+
+def _seconds(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 @dataclass(frozen=True)
@@ -121,7 +161,7 @@ def _lease(data: dict[str, Any] | None, device: int | None = None) -> Lease | No
 
 def _held(items: list[dict[str, Any]] | None) -> list[DeviceModel]:
     return [
-        DeviceModel(str(i["name"]), int(i.get("vram_mb") or 0), int(i.get("in_flight") or 0))
+        DeviceModel(str(i["name"]), _mb(i.get("vram_mb")), max(0, int(i.get("in_flight") or 0)))
         for i in items or []
     ]
 
@@ -129,6 +169,11 @@ def _held(items: list[dict[str, Any]] | None) -> list[DeviceModel]:
 def gpu_view(status: dict[str, Any]) -> GpuView:
     """Read ``/v1/gpu/status``: one card per device from ``devices``; a proxy that predates
     it has one GPU summary (``gpu``) with the models and foreign holders at the top level."""
+    with _reading("GET /v1/gpu/status"):
+        return _gpu_view(status)
+
+
+def _gpu_view(status: dict[str, Any]) -> GpuView:
     probe = str(status.get("probe") or "none")
     devices: list[GpuDevice] = []
     for d in status.get("devices") or []:
@@ -136,11 +181,11 @@ def gpu_view(status: dict[str, Any]) -> GpuView:
             GpuDevice(
                 int(d["index"]),
                 str(d.get("name") or f"GPU {d['index']}"),
-                int(d.get("total_mb") or 0),
-                int(d.get("used_mb") or 0),
-                int(d.get("free_mb") or 0),
-                int(d.get("ours_mb") or 0),
-                int(d.get("foreign_mb") or 0),
+                _mb(d.get("total_mb")),
+                _mb(d.get("used_mb")),
+                _mb(d.get("free_mb")),
+                _mb(d.get("ours_mb")),
+                _mb(d.get("foreign_mb")),
                 _held(d.get("models")),
                 _held(d.get("foreign")),
                 _lease(d.get("lease"), int(d["index"])),
@@ -153,9 +198,9 @@ def gpu_view(status: dict[str, Any]) -> GpuView:
             GpuDevice(
                 0,
                 str(card.get("name") or "GPU 0"),
-                int(card["total_mb"]),
-                int(card["used_mb"]),
-                int(card["free_mb"]),
+                _mb(card["total_mb"]),
+                _mb(card["used_mb"]),
+                _mb(card["free_mb"]),
                 sum(m.vram_mb for m in models),
                 sum(f.vram_mb for f in foreign),
                 models,
@@ -196,16 +241,19 @@ class ReplyStream:
             for line in self._response.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    error = event["error"]
-                    raise ProxyRequestFailed(200, str(error.get("message")), error.get("code"))
-                if event.get("usage"):
-                    self.tokens = int(event["usage"].get("completion_tokens") or 0)
-                    self.usage_reported = True
-                for choice in event.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content") or ""
-                    self.finish_reason = choice.get("finish_reason") or self.finish_reason
+                with _reading("the chat stream"):
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        error = event["error"]
+                        raise ProxyRequestFailed(200, str(error.get("message")), error.get("code"))
+                    if event.get("usage"):
+                        self.tokens = int(event["usage"].get("completion_tokens") or 0)
+                        self.usage_reported = True
+                    pieces = []
+                    for choice in event.get("choices") or []:
+                        pieces.append(str((choice.get("delta") or {}).get("content") or ""))
+                        self.finish_reason = choice.get("finish_reason") or self.finish_reason
+                for text in pieces:
                     if text:
                         if self._first_at is None:
                             self._first_at = time.monotonic()
@@ -264,19 +312,46 @@ class ProxyClient:
         path: str,
         body: dict[str, Any] | None = None,
         timeout: float | None = None,
-    ) -> Any:
+    ) -> dict[str, Any]:
+        """One call, its whole answer within ``timeout`` (httpx's own limits are per read: a
+        proxy trickling a byte at a time would hold the page forever) and within
+        ``MAX_ANSWER_BYTES``; the answer must be a JSON object."""
+        limit = timeout or self.timeout
+        deadline = time.monotonic() + limit
+        received = bytearray()
         try:
-            response = httpx.request(
-                method,
-                self.base_url + path,
-                json=body,
-                headers=self._headers,
-                timeout=timeout or self.timeout,
-            )
+            with httpx.stream(
+                method, self.base_url + path, json=body, headers=self._headers, timeout=limit
+            ) as response:
+                for chunk in response.iter_bytes():
+                    received += chunk
+                    if time.monotonic() > deadline:
+                        raise ProxyDown(
+                            f"the chat proxy at {self.base_url} did not answer "
+                            f"{method} {path} within {limit:g} s"
+                        )
+                    if len(received) > MAX_ANSWER_BYTES:
+                        raise ProxyBadAnswer(
+                            response.status_code,
+                            f"the answer to {method} {path} is over {MAX_ANSWER_BYTES} bytes",
+                        )
+        except httpx.TimeoutException:
+            raise ProxyDown(
+                f"the chat proxy at {self.base_url} did not answer {method} {path} "
+                f"within {limit:g} s"
+            ) from None
         except httpx.TransportError as exc:
             raise ProxyDown(f"the chat proxy is not reachable at {self.base_url} ({exc})") from None
-        _raise_for_error(response)
-        return response.json()
+        _raise_for_error(response.status_code, bytes(received))
+        try:
+            data = json.loads(received)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise ProxyBadAnswer(
+                response.status_code, f"the answer to {method} {path} is not a JSON object"
+            )
+        return data
 
     # --- reads -----------------------------------------------------------------------------
 
@@ -292,57 +367,46 @@ class ProxyClient:
 
     def health(self) -> Health:
         data = self._call("GET", "/v1/healthz", timeout=3)
-        return Health(
-            data["status"],
-            data.get("version", ""),
-            data.get("uptime_s", 0.0),
-            data.get("profile", ""),
-            data.get("models", 0),
-            data.get("registry_error"),
-        )
+        with _reading("GET /v1/healthz"):
+            error = data.get("registry_error")
+            return Health(
+                str(data["status"]),
+                str(data.get("version", "")),
+                float(data.get("uptime_s") or 0.0),
+                str(data.get("profile", "")),
+                int(data.get("models") or 0),
+                None if error is None else str(error),
+            )
 
     def state(self) -> dict[str, Any]:
-        data: dict[str, Any] = self._call("GET", "/admin/state")
+        """``/admin/state`` with its ``models`` (a list of objects, each with a name) and its
+        ``config`` (an object) checked, so pages can read them."""
+        data = self._call("GET", "/admin/state")
+        with _reading("GET /admin/state"):
+            # A row without a name cannot be shown or acted on: left out, the others shown.
+            data["models"] = [
+                m for m in data["models"] if isinstance(m, dict) and isinstance(m.get("name"), str)
+            ]
+            data["config"] = dict(data.get("config") or {})
         return data
 
     def models(self) -> list[ModelRow]:
         """Every registry entry with its live state, and capabilities where it is listed."""
-        listed = {m["id"]: m for m in self._call("GET", "/v1/models")["data"]}
-        rows = []
-        for model in self.state()["models"]:
-            info = listed.get(model["name"], {}).get("imageworks", {})
-            caps = sorted(k for k, v in (info.get("capabilities") or {}).items() if v)
-            rows.append(
-                ModelRow(
-                    model["name"],
-                    model.get("backend") or "?",  # a peer's model may not say
-                    model.get("state") or "unknown",
-                    model.get("in_flight") or 0,
-                    bool(model.get("managed")),
-                    bool(model.get("visible")),
-                    model.get("last_error"),
-                    model.get("load_ms"),
-                    model.get("since"),
-                    caps,
-                    restart=model.get("restart"),
-                    retry_in_s=(model.get("restarts") or {}).get("retry_in_s") or 0.0,
-                    halted=(model.get("restarts") or {}).get("halted"),
-                    idle_unload_in_s=model.get("idle_unload_in_s"),
-                    pinned=bool(model.get("pinned")),
-                    last_used_s_ago=model.get("last_used_s_ago"),
-                    devices=list(model.get("devices") or []),
-                    location=model.get("location"),
-                )
-            )
-        return rows
+        models = self._call("GET", "/v1/models")
+        with _reading("GET /v1/models"):
+            listed = {m["id"]: m for m in models["data"]}
+        states = self.state()["models"]
+        with _reading("GET /admin/state"):
+            return [_row(model, listed.get(model["name"]) or {}) for model in states]
 
     def recent_requests(self, limit: int = 100) -> list[dict[str, Any]]:
-        data: list[dict[str, Any]] = self._call("GET", f"/admin/requests?limit={limit}")["data"]
-        return data
+        """The request records (objects; anything else in the list is left out)."""
+        data = self._call("GET", f"/admin/requests?limit={limit}")
+        with _reading("GET /admin/requests"):
+            return [record for record in data["data"] if isinstance(record, dict)]
 
     def gpu(self) -> dict[str, Any]:
-        data: dict[str, Any] = self._call("GET", "/v1/gpu/status")
-        return data
+        return self._call("GET", "/v1/gpu/status")
 
     def gpu_view(self) -> GpuView:
         return gpu_view(self.gpu())
@@ -352,30 +416,52 @@ class ProxyClient:
         of it (``executor``), read by the proxy from its staging dir."""
         query = httpx.QueryParams({"model": name, "source": source, "lines": lines})
         data = self._call("GET", f"/admin/logs?{query}")
-        return LogTail(data["model"], data["source"], bool(data["exists"]), list(data["lines"]))
+        with _reading("GET /admin/logs"):
+            return LogTail(
+                str(data["model"]),
+                str(data["source"]),
+                bool(data["exists"]),
+                [printable(str(line)) for line in data["lines"]],
+            )
 
     def registry(self) -> dict[str, Any]:
-        """The merged entries with the layer each field came from, and the held-off error."""
-        data: dict[str, Any] = self._call("GET", "/admin/registry")
-        return data
+        """The merged entries with the layer each field came from, and the held-off error,
+        every field the Registry page reads present and of its type."""
+        data = self._call("GET", "/admin/registry")
+        with _reading("GET /admin/registry"):
+            error = data.get("last_error")
+            return {
+                "version": str(data.get("version") or "?"),
+                "directory": str(data.get("directory") or "?"),
+                "profile": str(data.get("profile") or "?"),
+                "last_error": None if error is None else str(error),
+                "entries": [_registry_item(item) for item in data["entries"]],
+            }
 
     def autostart(self) -> bool:
-        return bool(self._call("GET", "/admin/autostart")["enabled"])
+        return bool(self._call("GET", "/admin/autostart").get("enabled"))
 
     def profile(self) -> tuple[str, list[str]]:
+        """The active profile and every profile's name (the active one among them)."""
         data = self._call("GET", "/admin/profile")
-        return data["name"], [p["name"] for p in data["profiles"]]
+        with _reading("GET /admin/profile"):
+            active = str(data["name"])
+            names = [str(p["name"]) for p in data["profiles"]]
+        return active, names if active in names else [*names, active]
 
     # --- actions ---------------------------------------------------------------------------
 
     def activate(self, name: str) -> dict[str, Any]:
-        data: dict[str, Any] = self._call("POST", "/admin/activate", {"model": name}, timeout=900)
+        """The model's state once it is ready (``state`` always present)."""
+        data = self._call("POST", "/admin/activate", {"model": name}, timeout=900)
+        data["state"] = str(data.get("state") or "unknown")
         return data
 
     def deactivate(self, name: str | None = None) -> list[str]:
         body = {"model": name} if name else None
-        stopped: list[str] = self._call("POST", "/admin/deactivate", body, timeout=300)["stopped"]
-        return stopped
+        data = self._call("POST", "/admin/deactivate", body, timeout=300)
+        with _reading("POST /admin/deactivate"):
+            return [str(stopped) for stopped in data["stopped"]]
 
     def restart(self, name: str) -> dict[str, Any]:
         """Stop the model, then start it again; answers once it is ready."""
@@ -385,8 +471,7 @@ class ProxyClient:
     def force_release(self, owner: str | None = None) -> dict[str, Any]:
         """End the GPU lease (only ``owner``'s, so a lease granted since is not cut)."""
         body = {"owner": owner} if owner else None
-        data: dict[str, Any] = self._call("POST", "/v1/gpu/force_release", body)
-        return data
+        return self._call("POST", "/v1/gpu/force_release", body)
 
     def chat_stream(self, model: str, prompt: str, max_tokens: int = 256) -> ReplyStream:
         """Send ``prompt`` to ``model`` through the proxy, streamed, as any client would."""
@@ -408,28 +493,90 @@ class ProxyClient:
             client.close()
             raise ProxyDown(f"the chat proxy is not reachable at {self.base_url} ({exc})") from None
         if response.status_code >= 400:
-            response.read()
-            client.close()
-            _raise_for_error(response)
+            try:
+                content = b"".join(_bounded(response.iter_bytes()))
+            except httpx.TransportError:
+                content = b""
+            finally:
+                response.close()
+                client.close()
+            _raise_for_error(response.status_code, content)
         return ReplyStream(response, started, client)
 
     def set_autostart(self, enabled: bool) -> bool:
-        return bool(self._call("PUT", "/admin/autostart", {"enabled": enabled})["enabled"])
+        return bool(self._call("PUT", "/admin/autostart", {"enabled": enabled}).get("enabled"))
 
     def set_profile(self, name: str) -> str:
-        return str(self._call("PUT", "/admin/profile", {"name": name})["name"])
+        return str(self._call("PUT", "/admin/profile", {"name": name}).get("name") or name)
 
     def reload_registry(self) -> dict[str, Any]:
-        data: dict[str, Any] = self._call("POST", "/admin/registry/reload")
-        return data
+        """``version`` and ``entries`` (their count) of the registry now in service."""
+        data = self._call("POST", "/admin/registry/reload")
+        with _reading("POST /admin/registry/reload"):
+            return {**data, "version": str(data["version"]), "entries": int(data["entries"])}
 
 
-def _raise_for_error(response: httpx.Response) -> None:
-    if response.status_code < 400:
+def _bounded(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+        if total > MAX_ANSWER_BYTES:
+            return
+        yield chunk
+
+
+def _row(model: dict[str, Any], listed: dict[str, Any]) -> ModelRow:
+    """One ``/admin/state`` row, each field of its type (a missing one takes its default)."""
+    info = listed.get("imageworks") or {}
+    caps = sorted(str(k) for k, v in (info.get("capabilities") or {}).items() if v)
+    restarts = model.get("restarts") or {}
+    location = model.get("location")
+    error = model.get("last_error")
+    return ModelRow(
+        model["name"],
+        str(model.get("backend") or "?"),  # a peer's model may not say
+        str(model.get("state") or "unknown"),
+        max(0, int(model.get("in_flight") or 0)),
+        bool(model.get("managed")),
+        bool(model.get("visible")),
+        None if error is None else printable(str(error)),  # it may hold the engine's output
+        _seconds(model.get("load_ms")),
+        _seconds(model.get("since")),
+        caps,
+        restart=None if model.get("restart") is None else str(model["restart"]),
+        retry_in_s=float(restarts.get("retry_in_s") or 0.0),
+        halted=None if restarts.get("halted") is None else str(restarts["halted"]),
+        idle_unload_in_s=_seconds(model.get("idle_unload_in_s")),
+        pinned=bool(model.get("pinned")),
+        last_used_s_ago=_seconds(model.get("last_used_s_ago")),
+        devices=[int(d) for d in model.get("devices") or []],
+        location=dict(location) if location else None,
+    )
+
+
+def _registry_item(item: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": str(item["name"]),
+        "visible": bool(item.get("visible", True)),
+        "entry": dict(item.get("entry") or {}),
+        "origins": {str(k): str(v) for k, v in (item.get("origins") or {}).items()},
+        "sources": [
+            {
+                "layer": str(s.get("layer") or "?"),
+                "file": str(s.get("file") or "?"),
+                "index": s.get("index", "?"),
+            }
+            for s in item.get("sources") or []
+        ],
+    }
+
+
+def _raise_for_error(status: int, content: bytes) -> None:
+    if status < 400:
         return
     try:
-        error = response.json()["error"]
+        error = json.loads(content)["error"]
         message, code = str(error["message"]), error.get("code")
     except (ValueError, KeyError, TypeError):
-        message, code = response.text[:300], None
-    raise ProxyRequestFailed(response.status_code, message, code)
+        message, code = content[:300].decode("utf-8", "replace"), None
+    raise ProxyRequestFailed(status, message, code)

@@ -37,7 +37,10 @@ def live() -> None:
     ]
     if broken or failing:
         names = ", ".join(
-            sorted({r.name for r in broken} | {str(r["logical_name"]) for r in failing})
+            sorted(
+                {r.name for r in broken}
+                | {str(r.get("logical_name") or r.get("model")) for r in failing}
+            )
         )
         st.warning(
             f"**Backend unavailable** for: {names}. See Models for the error.",
@@ -80,12 +83,12 @@ def live() -> None:
         st.subheader("Latency (recent requests)")
         if requests:
             figure = go.Figure()
-            x = [r["ts"] for r in requests]
+            x = [r.get("ts") for r in requests]
             figure.add_scatter(
-                x=x, y=[r["ttft_ms"] for r in requests], name="TTFT ms", mode="lines+markers"
+                x=x, y=[r.get("ttft_ms") for r in requests], name="TTFT ms", mode="lines+markers"
             )
             figure.add_scatter(
-                x=x, y=[r["total_ms"] for r in requests], name="total ms", mode="lines+markers"
+                x=x, y=[r.get("total_ms") for r in requests], name="total ms", mode="lines+markers"
             )
             figure.update_layout(height=220, margin={"t": 10, "b": 10, "l": 10, "r": 10})
             chart(figure)

@@ -84,9 +84,9 @@ with backends:
         config = proxy.state()["config"]
         st.table(
             {
-                "vLLM executor": [config["vllm_remote_url"]],
-                "Ollama": [config["ollama_base_url"]],
-                "Request log": [config["log_path"]],
+                "vLLM executor": [config.get("vllm_remote_url", "?")],
+                "Ollama": [config.get("ollama_base_url", "?")],
+                "Request log": [config.get("log_path", "?")],
             }
         )
     except (ProxyDown, ProxyRequestFailed):

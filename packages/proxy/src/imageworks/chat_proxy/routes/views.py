@@ -3,23 +3,31 @@ registry with the layer each field came from.
 
 The log file is never named by the request: the model name is resolved through the registry and
 the path is built from the staging dir and the entry's own (percent-encoded) name, so no request
-can read any other file.
+can read any other file. A link planted at that path is not followed, and only the tail of a
+regular file is read, so neither a link to a secret nor a FIFO nor a multi-GB log gets through.
+
+The registry view leaves credentials out: header values, secret-named fields and engine flags,
+environment values and the password in a URL are replaced by ``<hidden>``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import stat
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from imageworks.chat_proxy.bodies import query
 from imageworks.chat_proxy.errors import ModelNotFound
-from imageworks.chat_proxy.process import safe_name, tail
+from imageworks.chat_proxy.process import safe_name
 from imageworks.chat_proxy.routes.admin import _admin, _json
 from imageworks.chat_proxy.state import ProxyState
 from imageworks.model_loader.errors import UnknownModelError
@@ -35,6 +43,14 @@ class LogQuery(BaseModel):
     source: Literal["engine", "executor"] = "engine"
     lines: int = Field(default=200, ge=1, le=2000)
 
+    @field_validator("lines", mode="before")
+    @classmethod
+    def _ascii_digits(cls, value: Any) -> Any:
+        # Plain digits only: pydantic would also take ' 5', '+5', '1_000' and '5.0'.
+        if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+            raise ValueError("must be a positive integer")
+        return value
+
 
 def log_path(state: ProxyState, name: str, source: str) -> Path:
     """``engine``: what the proxy's start of the model wrote (the engine's own output for
@@ -45,6 +61,27 @@ def log_path(state: ProxyState, name: str, source: str) -> Path:
     return state.config.staging_dir / "vllm" / f"{safe_name(name)}.log"
 
 
+def read_tail(path: Path, lines: int, max_bytes: int) -> str | None:
+    """The last ``lines`` within the last ``max_bytes`` of the regular file at ``path``; None
+    when there is none. A symlink is not followed (O_NOFOLLOW) and a FIFO or device is not
+    waited on (O_NONBLOCK, then fstat); at most ``max_bytes`` are read even while it grows."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        descriptor = os.open(path, flags)
+    except OSError:
+        return None
+    with os.fdopen(descriptor, "rb") as handle:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        start = max(0, info.st_size - max_bytes)
+        handle.seek(start)
+        data = handle.read(max_bytes)
+    if start:  # the first line read is cut: leave it out rather than show half of it
+        data = data.partition(b"\n")[2]
+    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+
 async def admin_logs(request: Request) -> Response:
     state = await _admin(request)
     asked = query(request, LogQuery)
@@ -53,25 +90,86 @@ async def admin_logs(request: Request) -> Response:
     except UnknownModelError:
         raise ModelNotFound(f"The model '{asked.model}' does not exist", param="model") from None
     path = log_path(state, entry.name, asked.source)
-    exists = await asyncio.to_thread(path.is_file)
-    text = await asyncio.to_thread(tail, path, asked.lines, MAX_LOG_BYTES) if exists else ""
+    text = await asyncio.to_thread(read_tail, path, asked.lines, MAX_LOG_BYTES)
     return _json(
         {
             "model": entry.name,
             "source": asked.source,
-            "exists": exists,
-            "lines": text.splitlines(),
+            "exists": text is not None,
+            "lines": (text or "").splitlines(),
         }
     )
 
 
-def _hide_header_values(raw: dict[str, Any]) -> dict[str, Any]:
-    """Header values may hold credentials: the console shows which headers are set, not them."""
-    config = raw.get("backend_config")
-    if isinstance(config, dict) and isinstance(config.get("headers"), dict):
-        headers = dict.fromkeys(config["headers"], HIDDEN)
-        raw = {**raw, "backend_config": {**config, "headers": headers}}
-    return raw
+# Words that make a field or an engine flag a credential (``api_key``, ``hf_token``,
+# ``--api-key``); ``max_tokens`` or ``tokenizer`` are other words and stay visible.
+SECRET_WORDS = frozenset(
+    {"key", "apikey", "token", "secret", "password", "passwd", "credential", "credentials"}
+    | {"authorization", "cookie", "auth"}
+)
+# Mappings whose every value may be a credential: HTTP headers, an engine's environment.
+OPAQUE_MAPS = frozenset({"headers", "env", "environment"})
+
+
+def _secret_name(name: str) -> bool:
+    words = re.split(r"[^a-z0-9]+", name.lower().lstrip("-"))
+    # ``api_key_env`` names the variable that holds a key: the name is no secret.
+    return words[-1] != "env" and any(word in SECRET_WORDS for word in words)
+
+
+def _hide_in_url(text: str) -> str:
+    """A password in a URL's user info, and secret-named query parameters, are hidden."""
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError:
+        return text
+    if not parts.scheme or not parts.netloc:
+        return text
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{HIDDEN}@{netloc.rpartition('@')[2]}"
+    pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    query = parts.query
+    if any(_secret_name(k) for k, _ in pairs):
+        query = "&".join(f"{k}={HIDDEN if _secret_name(k) else v}" for k, v in pairs)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _hide_in_args(args: list[Any]) -> list[Any]:
+    """``--api-key X`` and ``--api-key=X`` lose X."""
+    shown: list[Any] = []
+    hide_next = False
+    for arg in args:
+        if hide_next and isinstance(arg, str) and not arg.startswith("-"):
+            shown.append(HIDDEN)
+            hide_next = False
+            continue
+        hide_next = False
+        if isinstance(arg, str) and arg.startswith("-"):
+            flag, equals, _ = arg.partition("=")
+            if _secret_name(flag):
+                if equals:
+                    arg = f"{flag}={HIDDEN}"
+                else:
+                    hide_next = True
+        shown.append(_hidden(arg))
+    return shown
+
+
+def _hidden(value: Any, key: str = "") -> Any:
+    """``value`` with every credential in it replaced by ``<hidden>`` (keys stay visible)."""
+    if isinstance(value, dict):
+        if key.lower() in OPAQUE_MAPS:
+            return dict.fromkeys(value, HIDDEN)
+        return {
+            k: HIDDEN if _secret_name(str(k)) and value[k] not in (None, "") else _hidden(v, k)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return _hide_in_args(value)
+    if isinstance(value, str) and "://" in value:
+        return _hide_in_url(value)
+    return value
 
 
 async def admin_registry(request: Request) -> Response:
@@ -81,7 +179,7 @@ async def admin_registry(request: Request) -> Response:
         {
             "name": entry.name,
             "visible": state.visible(entry),
-            "entry": _hide_header_values(registry.raw(entry.name)),
+            "entry": _hidden(registry.raw(entry.name)),
             "origins": registry.origins(entry.name),
             "sources": [
                 {"layer": layer, "file": file, "index": index}
