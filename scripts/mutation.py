@@ -41,6 +41,9 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "payloads": (f"{PROXY}/payloads.py", [f"{PT}/test_payloads.py"]),
     "requestlog": (f"{PROXY}/requestlog.py", [f"{PT}/test_requestlog.py"]),
     "process": (f"{PROXY}/process.py", [f"{PT}/test_process.py"]),
+    "placement": (f"{PROXY}/arbiter/placement.py", [f"{PT}/test_placement.py"]),
+    "ledger": (f"{PROXY}/arbiter/ledger.py", [f"{PT}/test_ledger.py"]),
+    "simgpu": (f"{PROXY}/arbiter/simgpu.py", [f"{PT}/test_simgpu.py"]),
 }
 
 PYPROJECT = """\
