@@ -51,3 +51,27 @@ async def test_the_sim_probe_reads_every_device(tmp_path: Path) -> None:
         (1, 24000, 24000),
         (2, 48000, 48000),
     ]
+
+
+def test_an_exact_fit_is_allocated_and_one_process_s_allocations_add_up(tmp_path: Path) -> None:
+    sim = SimGpu.create(tmp_path / "gpu.json", [10000])
+    me = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert sim.allocate(0, 4000, pid=me.pid, label="weights")
+        assert sim.allocate(0, 6000, pid=me.pid, label="cache")  # exactly what is free
+        (device,) = sim.read()
+        assert device.processes == {me.pid: 10000} and device.free_mb == 0
+        assert not sim.allocate(0, 1, pid=me.pid, label="more")
+    finally:
+        me.kill()
+        me.communicate()
+
+
+def test_a_release_delay_set_later_holds_memory_back(tmp_path: Path) -> None:
+    sim = SimGpu.create(tmp_path / "gpu.json", [8000])
+    sim.set_release_delay(600)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    assert sim.allocate(0, 6000, pid=child.pid, label="engine")
+    child.kill()
+    child.communicate()
+    assert sim.read()[0].used_mb == 6000
