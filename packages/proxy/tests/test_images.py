@@ -116,6 +116,7 @@ def test_host_allow_list() -> None:
     assert host_allowed("https://eu.cdn.example.org/a.jpg", remote)
     assert not host_allowed("https://cdn.example.org.evil.net/a.jpg", remote)
     assert not host_allowed("https://evilimages.example.com/a.jpg", remote)
+    assert not host_allowed("https://evilcdn.example.org/a.jpg", remote)  # "*." means a subdomain
     assert not host_allowed("https://images.example.com@169.254.169.254/", remote)
     assert not host_allowed("file://images.example.com/etc/passwd", remote)
 
