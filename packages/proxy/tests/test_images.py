@@ -19,7 +19,7 @@ from imageworks.chat_proxy.images import (
     prepare_inline,
 )
 from imageworks.chat_proxy.launch import LaunchError
-from imageworks.chat_proxy.lifting import LiftedBody
+from imageworks.chat_proxy.lifting import LIFT_MIN, LiftedBody
 from imageworks.chat_proxy.toolcalls import StreamConverter, convert_answer
 from imageworks.chat_proxy.vision import IMAGE_PARTS, VisionPolicy, host_allowed
 from imageworks.model_loader.schema import ModelEntry, RemoteImages
@@ -360,3 +360,41 @@ def test_vision_threads_run_below_the_event_loop() -> None:
     finally:
         prep.close()
     assert worker == min(19, niceness() + WORKER_NICENESS)
+
+
+def test_several_big_strings_are_lifted_each_and_put_back_in_place() -> None:
+    one, two = big_url(LIFT_MIN), "data:x;base64," + "Q" * (LIFT_MIN - 14)
+    assert len(two) == LIFT_MIN
+    body = {"a": one, "short": "data:,x", "b": [two, "tail"], "c": "data:" + "Q" * (LIFT_MIN - 6)}
+    raw = json.dumps(body).encode()
+    lifted = LiftedBody.lift(raw)
+    # Exactly LIFT_MIN characters between the quotes is big; one fewer is not.
+    assert lifted.strings == [one.encode(), two.encode()]
+    parsed = json.loads(lifted.skeleton)
+    assert parsed["short"] == "data:,x" and parsed["b"][1] == "tail"
+    assert parsed["c"] == body["c"]
+    assert [lifted.value(parsed["a"]), lifted.value(parsed["b"][0])] == lifted.strings
+    assert lifted.value(parsed["a"] + "x") is None and lifted.value("tail") is None
+    assert lifted.dump(parsed) == raw
+
+
+def test_an_even_run_of_backslashes_does_not_escape_the_quote() -> None:
+    # "x\\" ends with an escaped backslash: the quote after it opens a real string.
+    raw = b'{"p": "x\\\\", "url": "' + big_url().encode() + b'"}'
+    lifted = LiftedBody.lift(raw)
+    assert lifted.strings == [big_url().encode()]
+    assert json.loads(lifted.dump(json.loads(lifted.skeleton))) == json.loads(raw)
+
+
+def test_a_control_character_far_into_a_huge_string_keeps_it_in_place() -> None:
+    huge = big_url(1_000_000)  # several of the checker's steps
+    raw = b'{"url": "' + huge.encode()[:-1] + b'\t"}'
+    assert LiftedBody.lift(raw).skeleton == raw
+
+
+def test_an_unterminated_string_and_a_body_without_big_strings() -> None:
+    raw = b'{"url": "' + big_url().encode()
+    assert LiftedBody.lift(raw).skeleton == raw
+    small = LiftedBody.lift(b'{"a": 1}')
+    assert small.value("imageworks-lifted:") is None
+    assert small.dump({"a": 1}) == b'{"a": 1}'
