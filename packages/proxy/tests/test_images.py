@@ -398,3 +398,26 @@ def test_an_unterminated_string_and_a_body_without_big_strings() -> None:
     small = LiftedBody.lift(b'{"a": 1}')
     assert small.value("imageworks-lifted:") is None
     assert small.dump({"a": 1}) == b'{"a": 1}'
+
+
+@pytest.mark.parametrize("escapes", [1, 3])
+def test_a_data_url_behind_an_escaped_quote_is_part_of_its_string(escapes: int) -> None:
+    # {"text": "say \"data:…"} (and with an escaped backslash before it): one string that
+    # merely mentions a data: URL; lifting from its middle would make the placeholder text.
+    raw = b'{"text": "say ' + b"\\" * escapes + b'"' + big_url().encode() + b'"}'
+    assert json.loads(raw)["text"].endswith(big_url())
+    lifted = LiftedBody.lift(raw)
+    assert lifted.skeleton == raw and lifted.strings == []
+
+
+def test_escapes_elsewhere_and_a_newline_before_the_quote_do_not_stop_a_lift() -> None:
+    body = {"messages": [big_url()], "note": 'a "quoted"\nline'}
+    for raw in (json.dumps(body).encode(), json.dumps(body, indent=0).encode()):
+        lifted = LiftedBody.lift(raw)
+        assert lifted.strings == [big_url().encode()], raw[:40]
+        assert json.loads(lifted.dump(json.loads(lifted.skeleton))) == body
+
+
+def test_each_lift_has_its_own_nonce() -> None:
+    raw = json.dumps({"url": big_url()}).encode()
+    assert LiftedBody.lift(raw).marker != LiftedBody.lift(raw).marker
