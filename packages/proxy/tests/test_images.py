@@ -421,3 +421,28 @@ def test_escapes_elsewhere_and_a_newline_before_the_quote_do_not_stop_a_lift() -
 def test_each_lift_has_its_own_nonce() -> None:
     raw = json.dumps({"url": big_url()}).encode()
     assert LiftedBody.lift(raw).marker != LiftedBody.lift(raw).marker
+
+
+def test_exactly_keep_last_turns_user_turns_keep_whatever_comes_before_them() -> None:
+    messages: list[Any] = [
+        {"role": "assistant", "content": "Hello, what can I do?"},  # a greeting, no user yet
+        {"role": "user", "content": [IMG_A]},
+        {"role": "user", "content": "and this"},
+    ]
+    assert trim_turns(messages, 2, IMAGE_PARTS) == (messages, 0)
+
+
+@pytest.mark.parametrize(
+    ("content", "own"),
+    [([{"type": "text", "text": "3"}], [{"type": "text", "text": "3"}]), (None, [])],
+)
+def test_carried_images_join_a_last_user_message_of_parts_or_none(
+    content: list[Any] | None, own: list[Any]
+) -> None:
+    messages: list[Any] = [
+        {"role": "user", "content": [IMG_A]},
+        {"role": "assistant", "content": "1"},
+        {"role": "user", "content": content},
+    ]
+    trimmed, dropped = trim_turns(messages, 1, IMAGE_PARTS)
+    assert dropped == 2 and trimmed == [{"role": "user", "content": [IMG_A, *own]}]
