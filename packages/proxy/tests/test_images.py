@@ -446,3 +446,9 @@ def test_carried_images_join_a_last_user_message_of_parts_or_none(
     ]
     trimmed, dropped = trim_turns(messages, 1, IMAGE_PARTS)
     assert dropped == 2 and trimmed == [{"role": "user", "content": [IMG_A, *own]}]
+
+
+@pytest.mark.parametrize("key", ["u", "ur", "url"])  # the quote at an odd and an even offset
+def test_a_big_string_is_lifted_wherever_its_quote_falls(key: str) -> None:
+    raw = json.dumps({key: big_url()}).encode()
+    assert LiftedBody.lift(raw).strings == [big_url().encode()]
