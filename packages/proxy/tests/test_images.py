@@ -26,7 +26,7 @@ from imageworks.chat_proxy.images import (
     prepare_inline,
 )
 from imageworks.chat_proxy.launch import LaunchError
-from imageworks.chat_proxy.lifting import LiftedBody
+from imageworks.chat_proxy.lifting import LIFT_MIN, LiftedBody
 from imageworks.chat_proxy.toolcalls import MAX_PENDING, StreamConverter, convert_answer
 from imageworks.chat_proxy.vision import IMAGE_PARTS, VisionPolicy, host_allowed
 from imageworks.model_loader.schema import ModelEntry, RemoteImages
@@ -145,6 +145,7 @@ def test_host_allow_list() -> None:
     assert host_allowed("https://eu.cdn.example.org/a.jpg", remote)
     assert not host_allowed("https://cdn.example.org.evil.net/a.jpg", remote)
     assert not host_allowed("https://evilimages.example.com/a.jpg", remote)
+    assert not host_allowed("https://evilcdn.example.org/a.jpg", remote)  # "*." means a subdomain
     assert not host_allowed("https://images.example.com@169.254.169.254/", remote)
     assert not host_allowed("file://images.example.com/etc/passwd", remote)
 
@@ -479,3 +480,95 @@ def test_vision_threads_run_below_the_event_loop() -> None:
     finally:
         prep.close()
     assert worker == min(19, niceness() + WORKER_NICENESS)
+
+
+def test_several_big_strings_are_lifted_each_and_put_back_in_place() -> None:
+    one, two = big_url(LIFT_MIN), "data:x;base64," + "Q" * (LIFT_MIN - 14)
+    assert len(two) == LIFT_MIN
+    body = {"a": one, "short": "data:,x", "b": [two, "tail"], "c": "data:" + "Q" * (LIFT_MIN - 6)}
+    raw = json.dumps(body).encode()
+    lifted = LiftedBody.lift(raw)
+    # Exactly LIFT_MIN characters between the quotes is big; one fewer is not.
+    assert lifted.strings == [one.encode(), two.encode()]
+    parsed = json.loads(lifted.skeleton)
+    assert parsed["short"] == "data:,x" and parsed["b"][1] == "tail"
+    assert parsed["c"] == body["c"]
+    assert [lifted.value(parsed["a"]), lifted.value(parsed["b"][0])] == lifted.strings
+    assert lifted.value(parsed["a"] + "x") is None and lifted.value("tail") is None
+    assert lifted.dump(parsed) == raw
+
+
+def test_an_even_run_of_backslashes_does_not_escape_the_quote() -> None:
+    # "x\\" ends with an escaped backslash: the quote after it opens a real string.
+    raw = b'{"p": "x\\\\", "url": "' + big_url().encode() + b'"}'
+    lifted = LiftedBody.lift(raw)
+    assert lifted.strings == [big_url().encode()]
+    assert json.loads(lifted.dump(json.loads(lifted.skeleton))) == json.loads(raw)
+
+
+def test_a_control_character_far_into_a_huge_string_keeps_it_in_place() -> None:
+    huge = big_url(1_000_000)  # several of the checker's steps
+    raw = b'{"url": "' + huge.encode()[:-1] + b'\t"}'
+    assert LiftedBody.lift(raw).skeleton == raw
+
+
+def test_an_unterminated_string_and_a_body_without_big_strings() -> None:
+    raw = b'{"url": "' + big_url().encode()
+    assert LiftedBody.lift(raw).skeleton == raw
+    small = LiftedBody.lift(b'{"a": 1}')
+    assert small.value("imageworks-lifted:") is None
+    assert small.dump({"a": 1}) == b'{"a": 1}'
+
+
+@pytest.mark.parametrize("escapes", [1, 3])
+def test_a_data_url_behind_an_escaped_quote_is_part_of_its_string(escapes: int) -> None:
+    # {"text": "say \"data:…"} (and with an escaped backslash before it): one string that
+    # merely mentions a data: URL; lifting from its middle would make the placeholder text.
+    raw = b'{"text": "say ' + b"\\" * escapes + b'"' + big_url().encode() + b'"}'
+    assert json.loads(raw)["text"].endswith(big_url())
+    lifted = LiftedBody.lift(raw)
+    assert lifted.skeleton == raw and lifted.strings == []
+
+
+def test_escapes_elsewhere_and_a_newline_before_the_quote_do_not_stop_a_lift() -> None:
+    body = {"messages": [big_url()], "note": 'a "quoted"\nline'}
+    for raw in (json.dumps(body).encode(), json.dumps(body, indent=0).encode()):
+        lifted = LiftedBody.lift(raw)
+        assert lifted.strings == [big_url().encode()], raw[:40]
+        assert json.loads(lifted.dump(json.loads(lifted.skeleton))) == body
+
+
+def test_each_lift_has_its_own_nonce() -> None:
+    raw = json.dumps({"url": big_url()}).encode()
+    assert LiftedBody.lift(raw).marker != LiftedBody.lift(raw).marker
+
+
+def test_exactly_keep_last_turns_user_turns_keep_whatever_comes_before_them() -> None:
+    messages: list[Any] = [
+        {"role": "assistant", "content": "Hello, what can I do?"},  # a greeting, no user yet
+        {"role": "user", "content": [IMG_A]},
+        {"role": "user", "content": "and this"},
+    ]
+    assert trim_turns(messages, 2, IMAGE_PARTS) == (messages, 0)
+
+
+@pytest.mark.parametrize(
+    ("content", "own"),
+    [([{"type": "text", "text": "3"}], [{"type": "text", "text": "3"}]), (None, [])],
+)
+def test_carried_images_join_a_last_user_message_of_parts_or_none(
+    content: list[Any] | None, own: list[Any]
+) -> None:
+    messages: list[Any] = [
+        {"role": "user", "content": [IMG_A]},
+        {"role": "assistant", "content": "1"},
+        {"role": "user", "content": content},
+    ]
+    trimmed, dropped = trim_turns(messages, 1, IMAGE_PARTS)
+    assert dropped == 2 and trimmed == [{"role": "user", "content": [IMG_A, *own]}]
+
+
+@pytest.mark.parametrize("key", ["u", "ur", "url"])  # the quote at an odd and an even offset
+def test_a_big_string_is_lifted_wherever_its_quote_falls(key: str) -> None:
+    raw = json.dumps({key: big_url()}).encode()
+    assert LiftedBody.lift(raw).strings == [big_url().encode()]

@@ -92,3 +92,28 @@ def test_a_blocked_placement_names_the_busy_model() -> None:
 
 def test_share_per_device_rounds_up() -> None:
     assert share_mb(14001, 2) == 7001 and share_mb(14000, 1) == 14000
+
+
+def test_the_plan_reports_what_it_frees() -> None:
+    assert place([dev(0, 20000)], 8000).plan.freed_mb == 0
+    found = place([dev(0, 2000, OLD), dev(1, 2000, SMALL, NEW)], 4000)
+    assert found.plan.freed_mb == 2000
+
+
+WIDE = Resident("wide", 8000, last_used=0.1)  # tensor parallel: 8000 on each of two devices
+
+
+def test_a_model_spanning_the_devices_is_evicted_once_and_counted_whole() -> None:
+    found = place([dev(0, 0, WIDE), dev(1, 0, WIDE)], 16000, span=2)
+    assert found.devices == (0, 1)
+    assert found.plan.evict == ("wide",) and found.plan.freed_mb == 16000
+
+
+def test_evicting_a_spanning_model_costs_all_it_holds() -> None:
+    """Evicting "wide" stops 16000 MB (8000 on each card); two models of 5000 on the other two
+    cards cost 10000: they go, although they are two."""
+    y, z = Resident("y", 5000, last_used=0.2), Resident("z", 5000, last_used=0.3)
+    devices = [dev(0, 0, WIDE), dev(1, 0, WIDE), dev(2, 3000, y), dev(3, 3000, z)]
+    found = place(devices, 16000, span=2)
+    assert found.devices == (2, 3)
+    assert found.plan.evict == ("y", "z") and found.plan.freed_mb == 10000

@@ -129,3 +129,27 @@ def test_rays_message_is_the_exception_line_of_its_traceback() -> None:
     message = 'Traceback (most recent call last):\n  File "x"\nModuleNotFoundError: No module x\n'
     assert ray_apps.ray_message({"message": message}) == "ModuleNotFoundError: No module x"
     assert ray_apps.ray_message({"message": "", "status": "UNHEALTHY"}) == "UNHEALTHY"
+
+
+def test_deployments_are_passed_on_and_a_route_prefix_loses_its_trailing_slash() -> None:
+    deployments = [{"name": "Model", "num_replicas": 2}]
+    app = ray_apps.application(
+        entry({"import_path": "a:b", "deployments": deployments, "route_prefix": "/x/"})
+    )
+    assert app["deployments"] == deployments and app["route_prefix"] == "/x"
+    assert "args" not in app and "runtime_env" not in app
+    root = ray_apps.application(entry({"import_path": "a:b", "route_prefix": "/"}))
+    assert root["route_prefix"] == "/"
+
+
+def test_a_write_keeps_the_clusters_target_capacity() -> None:
+    body = ray_apps.deploy_config(
+        status({}, target_capacity=50, http_options={"port": 8000}), "imageworks-m", None, ("h", 1)
+    )
+    assert body == {"applications": [], "http_options": {"port": 8000}, "target_capacity": 50}
+    zero = ray_apps.deploy_config(status({}, target_capacity=0), "imageworks-m", None, ("h", 1))
+    assert zero["target_capacity"] == 0  # 0 is a capacity, not an absent one
+
+
+def test_rays_message_without_a_message_or_a_status() -> None:
+    assert ray_apps.ray_message({}) == "no message"

@@ -116,3 +116,27 @@ def test_a_file_broken_while_the_proxy_runs_is_a_502_not_a_500(
     assert response.status_code == 502
     error = response.json()["error"]
     assert error["code"] == "backend_unavailable" and "'allocations' must be" in error["message"]
+
+
+def test_an_exact_fit_is_allocated_and_one_process_s_allocations_add_up(tmp_path: Path) -> None:
+    sim = SimGpu.create(tmp_path / "gpu.json", [10000])
+    me = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert sim.allocate(0, 4000, pid=me.pid, label="weights")
+        assert sim.allocate(0, 6000, pid=me.pid, label="cache")  # exactly what is free
+        (device,) = sim.read()
+        assert device.processes == {me.pid: 10000} and device.free_mb == 0
+        assert not sim.allocate(0, 1, pid=me.pid, label="more")
+    finally:
+        me.kill()
+        me.communicate()
+
+
+def test_a_release_delay_set_later_holds_memory_back(tmp_path: Path) -> None:
+    sim = SimGpu.create(tmp_path / "gpu.json", [8000])
+    sim.set_release_delay(600)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    assert sim.allocate(0, 6000, pid=child.pid, label="engine")
+    child.kill()
+    child.communicate()
+    assert sim.read()[0].used_mb == 6000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Iterator
@@ -59,12 +60,31 @@ class ImageHost:
         app = web.Application()
         app.router.add_get("/cat.png", self.serve)
         app.router.add_get("/elsewhere.png", self.redirect)
+        app.router.add_get("/chunked.png", self.serve_chunked)
+        app.router.add_get("/never.png", self.never)
         self.server = AiohttpServer(app)
         self.url = self.server.url
 
     async def serve(self, request: web.Request) -> web.Response:
         self.hits.append(request.path)
         return web.Response(body=png_bytes(3000, 2000), content_type="image/png")
+
+    async def serve_chunked(self, request: web.Request) -> web.StreamResponse:
+        """The same image without a Content-Length: only counting the bytes can stop it."""
+        self.hits.append(request.path)
+        response = web.StreamResponse(headers={"content-type": "image/png"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        body = png_bytes(3000, 2000)
+        for at in range(0, len(body), 65536):
+            await response.write(body[at : at + 65536])
+        await response.write_eof()
+        return response
+
+    async def never(self, request: web.Request) -> web.Response:
+        self.hits.append(request.path)
+        await asyncio.Event().wait()  # answers nothing until the server stops
+        raise AssertionError("unreachable")
 
     async def redirect(self, request: web.Request) -> web.Response:
         self.hits.append(request.path)
@@ -330,6 +350,8 @@ def test_a_non_vision_model_gets_alt_text_only_when_it_opted_in(proxy_factory, f
     assert ok.status_code == 200, ok.text
     content = fake_vllm.engine.requests[0].body["messages"][0]["content"]
     assert [p["text"] for p in content[1:]] == ["[image: a red bicycle]", "[image: a map]"]
+    metrics = metric_values(proxy.client.get("/metrics").text)
+    assert metrics['chat_proxy_images_total{action="alt_text",model="alt"}'] == 2
     # One image without alt text: refused, never dropped in silence.
     missing = proxy.client.post(
         "/v1/chat/completions", json=chat(described, image_part(url), model="alt")
@@ -433,3 +455,79 @@ def test_image_requests_beyond_the_pools_backlog_are_a_429_and_text_is_never_hel
             release.set()
         assert [f.result().status_code for f in taken] == [200, 200, 200]
     assert prep.pending == 0
+
+
+@pytest.mark.parametrize("path", ["/cat.png", "/chunked.png"])
+def test_a_remote_image_over_max_bytes_is_a_413_with_or_without_a_length(
+    proxy_factory, fake_ollama, image_host: ImageHost, path: str
+) -> None:
+    remote = {"allow_hosts": ["127.0.0.1"], "max_bytes": 10_000, "timeout_s": 30}
+    entry = entry_for(
+        "m",
+        fake_ollama.url,
+        "ollama",
+        "qwen2.5vl:7b",
+        capabilities=VISION,
+        vision={"remote_images": remote},
+    )
+    proxy = proxy_factory([entry])
+    answer = proxy.client.post(
+        "/v1/chat/completions", json=chat(image_part(image_host.url + path), model="m")
+    )
+    assert answer.status_code == 413, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "messages[0].content[1]"
+    assert "larger than 10000 bytes (vision.remote_images.max_bytes)" in error["message"]
+    assert image_host.hits == [path] and fake_ollama.engine.requests == []
+
+
+def test_a_remote_image_that_never_comes_is_a_400_within_timeout_s(
+    proxy_factory, fake_ollama, image_host: ImageHost
+) -> None:
+    remote = {"allow_hosts": ["127.0.0.1"], "max_bytes": 10_000, "timeout_s": 0.5}
+    entry = entry_for(
+        "m",
+        fake_ollama.url,
+        "ollama",
+        "qwen2.5vl:7b",
+        capabilities=VISION,
+        vision={"remote_images": remote},
+    )
+    proxy = proxy_factory([entry])
+    answer = proxy.client.post(
+        "/v1/chat/completions", json=chat(image_part(image_host.url + "/never.png"), model="m")
+    )
+    assert answer.status_code == 400, answer.text
+    assert "took longer than 0.5 s" in answer.json()["error"]["message"]
+    assert fake_ollama.engine.requests == []
+
+
+def test_an_image_of_exactly_max_image_bytes_is_taken(proxy_factory, fake_vllm) -> None:
+    image = png_bytes(8, 8)
+    entry = entry_for(
+        "m", fake_vllm.url, capabilities=VISION, vision={"max_image_bytes": len(image)}
+    )
+    proxy = proxy_factory([entry])
+    answer = proxy.client.post(
+        "/v1/chat/completions", json=chat(image_part(data_url(image, "image/png")))
+    )
+    assert answer.status_code == 200, answer.text
+
+
+def test_every_image_part_shape_is_seen_and_given_to_ollama_as_image_url(
+    proxy_factory, fake_ollama
+) -> None:
+    entry = entry_for("m", fake_ollama.url, "ollama", "qwen2.5vl:7b", capabilities=VISION)
+    proxy = proxy_factory([entry])
+    url = data_url(png_bytes(), "image/png")
+    shapes = [
+        image_part(url),
+        {"type": "input_image", "image_url": url},
+        {"type": "image", "image_url": {"url": url}},
+    ]
+    response = proxy.client.post("/v1/chat/completions", json=chat(*shapes, model="m"))
+    assert response.status_code == 200, response.text
+    parts = sent_parts(fake_ollama.engine)
+    assert [p["image_url"]["url"] for p in parts] == [url] * 3
+    metrics = metric_values(proxy.client.get("/metrics").text)
+    assert metrics['chat_proxy_images_total{action="seen",model="m"}'] == 3

@@ -3,8 +3,9 @@
 Candidates are the devices an entry pins (``gpus``), else every set of ``span`` devices that is
 not lent out. On each candidate the eviction policy (``policy.plan_evictions``) says what must
 go for the model's share of the need to fit. The best candidate is the one that fits with the
-least eviction: fits without evicting before evicting; less memory evicted; fewer models
-evicted; more memory left free (spreading models over the cards); lower index. A candidate that
+least eviction: fits without evicting before evicting; less memory evicted (a model spanning
+several devices counts with all it holds); fewer models evicted; more memory left free
+(spreading models over the cards); lower index. A candidate that
 cannot fit even after evicting every idle model loses to any that can; if none can, the answer
 says what blocks the best one, so the caller can wait for busy models or refuse.
 """
@@ -42,18 +43,29 @@ def share_mb(need_mb: int, span: int) -> int:
     return math.ceil(need_mb / max(1, span))
 
 
-def _plan_on(devices: Sequence[Device], need_mb: int, headroom_mb: int) -> Plan:
+def _footprints(devices: Sequence[Device]) -> dict[str, int]:
+    """What each model holds over every device: evicting one that spans several frees (and
+    stops) all of it, not just its share on the device that asked."""
+    whole: dict[str, int] = {}
+    for device in devices:
+        for resident in device.residents:
+            whole[resident.name] = whole.get(resident.name, 0) + resident.vram_mb
+    return whole
+
+
+def _plan_on(
+    devices: Sequence[Device], need_mb: int, headroom_mb: int, whole: dict[str, int]
+) -> Plan:
     evict: list[str] = []
     blocked: set[str] = set()
     freed = 0
     sufficient = True
     for device in devices:
         plan = plan_evictions(list(device.residents), need_mb, device.free_mb, headroom_mb)
-        sizes = {r.name: r.vram_mb for r in device.residents}
         for name in plan.evict:
-            if name not in evict:
+            if name not in evict:  # a model spanning devices is planned on each of them
                 evict.append(name)
-                freed += sizes[name]
+                freed += whole[name]
         blocked.update(plan.blocked_by)
         sufficient = sufficient and plan.sufficient
     return Plan(tuple(evict), freed, sufficient, tuple(sorted(blocked)))
@@ -78,9 +90,10 @@ def place(
     if not candidates:
         return NOWHERE
     each = share_mb(need_mb, len(candidates[0]))
+    whole = _footprints(devices)
 
     def score(option: tuple[Device, ...]) -> tuple[object, ...]:
-        plan = _plan_on(option, each, headroom_mb)
+        plan = _plan_on(option, each, headroom_mb, whole)
         return (
             not plan.sufficient,
             plan.freed_mb,
@@ -90,4 +103,4 @@ def place(
         )
 
     best = min(candidates, key=score)
-    return Placement(tuple(d.index for d in best), _plan_on(best, each, headroom_mb))
+    return Placement(tuple(d.index for d in best), _plan_on(best, each, headroom_mb, whole))
