@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import plotly.graph_objects as go
 import streamlit as st
 
-from imageworks.gui.client import ModelRow
+from imageworks.gui.client import ModelRow, ProxyDown, ProxyRequestFailed
+
+T = TypeVar("T")
 
 STATE_COLOURS = {
     "ready": "green",
@@ -77,6 +80,18 @@ def request_failed(exc: Exception) -> None:
         )
     else:
         st.error(f"The proxy answered with an error: {exc}", icon=":material/error:")
+
+
+def fetched(read: Callable[[], T]) -> T | None:
+    """``read()`` from the proxy for a page's live part, or None once the page says why it
+    could not be read (the proxy down: the banner; an error answer: its message)."""
+    try:
+        return read()
+    except ProxyDown as exc:
+        proxy_down_banner(str(exc))
+    except ProxyRequestFailed as exc:
+        request_failed(exc)
+    return None
 
 
 def wait_for_proxy(reason: str, is_up: Callable[[], bool]) -> None:

@@ -8,9 +8,8 @@ import streamlit as st
 
 from imageworks.gui import activity
 from imageworks.gui.charts import latency_chart, rate_chart, tokens_chart
-from imageworks.gui.client import ProxyDown, ProxyRequestFailed
 from imageworks.gui.state import client
-from imageworks.gui.widgets import chart, proxy_down_banner, request_failed
+from imageworks.gui.widgets import chart, fetched
 
 WINDOW = 500  # the proxy keeps this many recent request records
 
@@ -25,13 +24,8 @@ def ms(value: float | None) -> str:
 
 @st.fragment(run_every=5)
 def live() -> None:
-    try:
-        records = client().recent_requests(WINDOW)
-    except ProxyDown as exc:
-        proxy_down_banner(str(exc))
-        return
-    except ProxyRequestFailed as exc:
-        request_failed(exc)
+    records = fetched(lambda: client().recent_requests(WINDOW))
+    if records is None:
         return
     if not records:
         st.info("No requests since the proxy started.", icon=":material/hourglass_empty:")

@@ -10,7 +10,7 @@ import streamlit as st
 from imageworks.gui.charts import device_bar, sparkline
 from imageworks.gui.client import GpuDevice, GpuView, ProxyDown, ProxyRequestFailed
 from imageworks.gui.state import client
-from imageworks.gui.widgets import chart, duration, proxy_down_banner, request_failed
+from imageworks.gui.widgets import chart, duration, fetched
 
 HISTORY = timedelta(minutes=10)
 
@@ -92,13 +92,8 @@ def card(device: GpuDevice) -> None:
 @st.fragment(run_every=2)
 def live() -> None:
     proxy = client()
-    try:
-        view = proxy.gpu_view()
-    except ProxyDown as exc:
-        proxy_down_banner(str(exc))
-        return
-    except ProxyRequestFailed as exc:
-        request_failed(exc)
+    view = fetched(proxy.gpu_view)
+    if view is None:
         return
     try:
         declared = proxy.state()["config"].get("gpu_total_mb")

@@ -10,7 +10,7 @@ import streamlit as st
 
 from imageworks.gui.client import Lease, ProxyClient, ProxyDown, ProxyRequestFailed
 from imageworks.gui.state import client
-from imageworks.gui.widgets import duration, proxy_down_banner, request_failed
+from imageworks.gui.widgets import duration, fetched
 
 CONFIRM = "confirm_release"  # the owner whose lease the operator asked to end
 
@@ -109,13 +109,8 @@ def lease_card(title: str, lease: Lease | None) -> None:
 
 @st.fragment(run_every=2)
 def live() -> None:
-    try:
-        view = client().gpu_view()
-    except ProxyDown as exc:
-        proxy_down_banner(str(exc))
-        return
-    except ProxyRequestFailed as exc:
-        request_failed(exc)
+    view = fetched(client().gpu_view)
+    if view is None:
         return
     result = st.session_state.get("release_result")
     if result:

@@ -7,7 +7,7 @@ import streamlit as st
 
 from imageworks.gui.client import ProxyDown, ProxyRequestFailed
 from imageworks.gui.state import client
-from imageworks.gui.widgets import proxy_down_banner, request_failed, state_label, wait_for_proxy
+from imageworks.gui.widgets import fetched, request_failed, state_label, wait_for_proxy
 
 SOURCES = {
     "engine": "Engine (autostart)",
@@ -31,15 +31,15 @@ def managed() -> list[tuple[str, str]] | None:
 
 def show(name: str, source: str, lines: int) -> None:
     proxy = client()
-    try:
-        log = proxy.engine_log(name, source, lines)
-        state = next((r.state for r in proxy.models() if r.name == name), "unknown")
-    except ProxyDown as exc:
-        proxy_down_banner(str(exc))
+    got = fetched(
+        lambda: (
+            proxy.engine_log(name, source, lines),
+            next((r.state for r in proxy.models() if r.name == name), "unknown"),
+        )
+    )
+    if got is None:
         return
-    except ProxyRequestFailed as exc:
-        request_failed(exc)
-        return
+    log, state = got
     st.markdown(f"`{name}` is {state_label(state)}")
     if not log.exists:
         where = (

@@ -12,8 +12,7 @@ import streamlit as st
 from imageworks.gui.client import ModelRow, ProxyClient, ProxyDown, ProxyRequestFailed
 from imageworks.gui.state import client
 from imageworks.gui.widgets import (
-    proxy_down_banner,
-    request_failed,
+    fetched,
     state_label,
     timing,
     where,
@@ -120,15 +119,10 @@ def model_row(row: ModelRow, proxy: ProxyClient) -> None:
 @st.fragment(run_every=3)
 def live() -> None:
     proxy = client()
-    try:
-        rows = [r for r in proxy.models() if r.visible]
-        profile, _ = proxy.profile()
-    except ProxyDown as exc:
-        proxy_down_banner(str(exc))
+    got = fetched(lambda: ([r for r in proxy.models() if r.visible], proxy.profile()[0]))
+    if got is None:
         return
-    except ProxyRequestFailed as exc:
-        request_failed(exc)
-        return
+    rows, profile = got
     top = st.columns([2, 2, 1], vertical_alignment="bottom")
     backends = top[0].multiselect("Backend", sorted({r.backend for r in rows}), key="backends")
     capabilities = top[1].multiselect(

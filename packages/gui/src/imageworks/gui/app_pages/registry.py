@@ -10,7 +10,7 @@ import streamlit as st
 
 from imageworks.gui.client import ProxyDown, ProxyRequestFailed
 from imageworks.gui.state import client
-from imageworks.gui.widgets import proxy_down_banner, request_failed
+from imageworks.gui.widgets import fetched
 
 st.title("Registry")
 
@@ -48,13 +48,8 @@ def fields(item: dict[str, Any]) -> list[dict[str, str]]:
 
 @st.fragment(run_every=5)
 def live() -> None:
-    try:
-        view = client().registry()
-    except ProxyDown as exc:
-        proxy_down_banner(str(exc))
-        return
-    except ProxyRequestFailed as exc:
-        request_failed(exc)
+    view = fetched(client().registry)
+    if view is None:
         return
     top = st.columns([4, 1], vertical_alignment="bottom")
     top[0].caption(
