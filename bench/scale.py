@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -33,7 +31,8 @@ import httpx
 
 from bench import loadgen
 from bench.arms import Mock
-from testkit.ray_cluster import REPO, RayHead, RayUnavailable
+from testkit.processes import proxy_env, write_registry
+from testkit.ray_cluster import RayHead, RayUnavailable
 from testkit.servers import free_port, wait_for_port
 
 MODEL = "m0"
@@ -48,19 +47,12 @@ def start_proxy(
     root: Path, entries: list[dict[str, Any]], **env: str
 ) -> tuple[subprocess.Popen[bytes], str]:
     """The proxy's command line over a registry of its own, quiet (its output is not read)."""
-    (root / "configs").mkdir(parents=True)
-    shutil.copy(REPO / "configs" / "deployment_profiles.json", root / "configs")
-    (root / "configs" / "model_registry.curated.json").write_text(json.dumps(entries))
+    write_registry(root, entries)
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "imageworks.chat_proxy.cli", *QUIET, "--port", str(port)],
         cwd=root,
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith("CHAT_PROXY_")},
-            "CHAT_PROXY_GPU_PROBE": "none",
-            "PYTHONPATH": str(REPO),
-            **env,
-        },
+        env=proxy_env(**env),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -9,7 +9,9 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from testkit.servers import free_port, wait_for_port
 
@@ -171,24 +173,38 @@ class Executor:
         return self.process.returncode
 
 
+def write_registry(root: Path, entries: Sequence[Mapping[str, Any]]) -> Path:
+    """``root/configs`` as a proxy or executor started in ``root`` reads it: the shipped
+    deployment profiles and a curated registry of ``entries``; returns the directory."""
+    configs = root / "configs"
+    configs.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "configs" / "deployment_profiles.json", configs)
+    (configs / "model_registry.curated.json").write_text(json.dumps(list(entries)))
+    return configs
+
+
+def proxy_env(**env: str) -> dict[str, str]:
+    """The environment of a proxy process: none of this shell's ``CHAT_PROXY_*`` settings, no
+    GPU probe unless ``env`` asks for one, this checkout's packages."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CHAT_PROXY_")},
+        "CHAT_PROXY_GPU_PROBE": "none",
+        "PYTHONPATH": str(REPO),
+        **env,
+    }
+
+
 def start_proxy(
     root: Path, entries: list[dict[str, object]], **env: str
 ) -> tuple[subprocess.Popen[bytes], str]:
     """``imageworks-chat-proxy`` as a real process over a registry of the test's own, in
     ``root`` (its staging dir and log are there); returns the process and its URL."""
-    (root / "configs").mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "configs" / "deployment_profiles.json", root / "configs")
-    (root / "configs" / "model_registry.curated.json").write_text(json.dumps(entries))
+    write_registry(root, entries)
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "imageworks.chat_proxy.cli", "--port", str(port)],
         cwd=root,
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith("CHAT_PROXY_")},
-            "CHAT_PROXY_GPU_PROBE": "none",
-            "PYTHONPATH": str(REPO),
-            **env,
-        },
+        env=proxy_env(**env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )

@@ -8,7 +8,6 @@ so that a broken test cannot hang."""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import threading
 from collections.abc import Iterator
@@ -24,10 +23,10 @@ from testkit.gpu import held_by, simulated_gpu
 from testkit.processes import (
     FAKE_ENGINE_TEMPLATE,
     FAKE_VLLM_TEMPLATE,
-    REPO,
     Executor,
     start_engine,
     start_proxy,
+    write_registry,
 )
 
 pytestmark = pytest.mark.subprocess
@@ -93,9 +92,7 @@ class Box:
         )
         self.stoppers.append(self._stop_ollama)
         executor_root = root / "executor"
-        (executor_root / "configs").mkdir(parents=True)
-        shutil.copy(REPO / "configs" / "deployment_profiles.json", executor_root / "configs")
-        (executor_root / "configs" / "model_registry.curated.json").write_text(json.dumps(entries))
+        write_registry(executor_root, entries)
         self.executor = Executor(executor_root, template=FAKE_VLLM_TEMPLATE, env=self.env)
         self.stoppers.append(self.executor.stop)
         self.proxy, self.url = start_proxy(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from testkit.processes import start_proxy
+from testkit.processes import proxy_env, start_proxy, write_registry
 from testkit.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,9 +163,7 @@ def test_an_app_served_beyond_loopback_by_plain_uvicorn_refuses_lan_admin(
 ) -> None:
     """Our CLI refuses a non-loopback bind without an admin token; someone who runs the app
     with uvicorn directly gets past that check, so each request's peer is checked instead."""
-    (tmp_path / "configs").mkdir()
-    shutil.copy(REPO / "configs" / "deployment_profiles.json", tmp_path / "configs")
-    (tmp_path / "configs" / "model_registry.curated.json").write_text("[]")
+    write_registry(tmp_path, [])
     port = free_port()
     server = subprocess.Popen(
         [
@@ -173,11 +171,7 @@ def test_an_app_served_beyond_loopback_by_plain_uvicorn_refuses_lan_admin(
             *("--host", lan.host_address, "--port", str(port), "--log-level", "warning"),
         ],
         cwd=tmp_path,
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith("CHAT_PROXY_")},
-            "CHAT_PROXY_GPU_PROBE": "none",
-            "PYTHONPATH": str(REPO),
-        },
+        env=proxy_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )

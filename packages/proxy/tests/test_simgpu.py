@@ -4,7 +4,6 @@ back a while after a process exits, and the probe reading it like NVML."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from imageworks.chat_proxy.arbiter.gpu import SimProbe
 from imageworks.chat_proxy.arbiter.simgpu import SimGpu, SimGpuError
 from testkit.entries import eventually
-from testkit.processes import REPO
+from testkit.processes import REPO, write_registry
 
 
 def test_allocations_are_per_device_and_refused_when_they_do_not_fit(tmp_path: Path) -> None:
@@ -85,9 +84,7 @@ def test_a_broken_file_is_a_clear_error_at_every_use(tmp_path: Path, content: st
 
 
 def test_the_proxy_refuses_to_start_on_a_broken_file_in_one_line(tmp_path: Path) -> None:
-    (tmp_path / "configs").mkdir()
-    shutil.copy(REPO / "configs" / "deployment_profiles.json", tmp_path / "configs")
-    (tmp_path / "configs" / "model_registry.curated.json").write_text("[]")
+    write_registry(tmp_path, [])
     (tmp_path / "gpu.json").write_text('{"devices": "x"}')
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_PROXY_")}
     env.update(CHAT_PROXY_GPU_PROBE="sim", CHAT_PROXY_GPU_SIM=str(tmp_path / "gpu.json"))
