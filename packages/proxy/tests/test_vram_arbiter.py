@@ -20,15 +20,15 @@ import pytest
 
 from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
 from imageworks.chat_proxy.arbiter.gpu import GpuSnapshot
-from imageworks.chat_proxy.backends.base import Backend
 from imageworks.chat_proxy.config import ProxyConfig
+from imageworks.chat_proxy.engines.backends.base import Backend
+from imageworks.chat_proxy.engines.lifecycle import READY, STOPPED, Lifecycle
+from imageworks.chat_proxy.engines.modelstate import Restarts
 from imageworks.chat_proxy.errors import (
     GpuLeaseActive,
     InsufficientVram,
     InvalidRequest,
 )
-from imageworks.chat_proxy.lifecycle import READY, STOPPED, Lifecycle
-from imageworks.chat_proxy.modelstate import Restarts
 from imageworks.model_loader.registry import build_registry
 from imageworks.model_loader.schema import ModelEntry
 from testkit.gpu import FakeProbe

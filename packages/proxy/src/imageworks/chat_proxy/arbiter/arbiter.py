@@ -29,12 +29,12 @@ from imageworks.chat_proxy.arbiter.placement import Device, Placement, place, sh
 from imageworks.chat_proxy.arbiter.policy import Plan, plan_exclusive
 from imageworks.chat_proxy.arbiter.seams import Holding, Residency
 from imageworks.chat_proxy.errors import InsufficientVram, InvalidRequest
-from imageworks.chat_proxy.process import pid_alive
+from imageworks.chat_proxy.supervision.process import pid_alive
 from imageworks.model_loader.schema import ModelEntry
 
 if TYPE_CHECKING:
-    from imageworks.chat_proxy.metrics import Metrics
-    from imageworks.chat_proxy.requestlog import RequestLog
+    from imageworks.chat_proxy.observe.metrics import Metrics
+    from imageworks.chat_proxy.observe.requestlog import RequestLog
 
 log = logging.getLogger("imageworks.chat_proxy.arbiter")
 

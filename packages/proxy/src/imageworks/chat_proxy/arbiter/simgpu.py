@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from imageworks.chat_proxy.arbiter.gpu import GpuSnapshot
-from imageworks.chat_proxy.process import pid_alive
+from imageworks.chat_proxy.supervision.process import pid_alive
 
 SIM_VARIABLE = "CHAT_PROXY_GPU_SIM"
 

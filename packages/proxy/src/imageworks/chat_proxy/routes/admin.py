@@ -12,11 +12,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from imageworks.chat_proxy.auth import require_admin
-from imageworks.chat_proxy.bodies import json_object, query
 from imageworks.chat_proxy.errors import InvalidRequest, RegistryInvalid
-from imageworks.chat_proxy.peers import Listed
+from imageworks.chat_proxy.request.bodies import json_object, query
 from imageworks.chat_proxy.routes.openai import JSON, proxy_state, resolve
-from imageworks.chat_proxy.state import ProxyState
+from imageworks.chat_proxy.server.state import ProxyState
+from imageworks.chat_proxy.upstream.peers import Listed
 from imageworks.model_loader.errors import RegistryError, UnknownProfileError
 from imageworks.model_loader.schema import ModelEntry
 

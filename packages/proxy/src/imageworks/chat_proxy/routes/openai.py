@@ -15,28 +15,18 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from imageworks.chat_proxy.admission import Gate
 from imageworks.chat_proxy.auth import require_api_key
-from imageworks.chat_proxy.bodies import read_limited
+from imageworks.chat_proxy.engines.lifecycle import Ticket
+from imageworks.chat_proxy.engines.modelstate import READY, STARTING
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
     ModelNotFound,
     ProxyError,
     ShuttingDown,
 )
-from imageworks.chat_proxy.forwarding import (
-    ClientGone,
-    Outcome,
-    SSEResponse,
-    open_upstream,
-    read_body,
-    send_error,
-    until_disconnect,
-)
-from imageworks.chat_proxy.lifecycle import Ticket
-from imageworks.chat_proxy.lifting import LiftedBody
-from imageworks.chat_proxy.modelstate import READY, STARTING
-from imageworks.chat_proxy.payloads import (
+from imageworks.chat_proxy.request.admission import Gate
+from imageworks.chat_proxy.request.bodies import read_limited
+from imageworks.chat_proxy.request.payloads import (
     CHAT,
     COMPLETIONS,
     EMBEDDINGS,
@@ -48,10 +38,20 @@ from imageworks.chat_proxy.payloads import (
     prepare,
     validate,
 )
-from imageworks.chat_proxy.peers import FORWARDED_HEADER, Listed
-from imageworks.chat_proxy.state import ProxyState, RequestInfo
-from imageworks.chat_proxy.toolcalls import StreamConverter, convert_answer, declares_tools
-from imageworks.chat_proxy.vision import ImageStats, VisionPolicy
+from imageworks.chat_proxy.request.toolcalls import StreamConverter, convert_answer, declares_tools
+from imageworks.chat_proxy.server.state import ProxyState, RequestInfo
+from imageworks.chat_proxy.upstream.forwarding import (
+    ClientGone,
+    Outcome,
+    SSEResponse,
+    open_upstream,
+    read_body,
+    send_error,
+    until_disconnect,
+)
+from imageworks.chat_proxy.upstream.peers import FORWARDED_HEADER, Listed
+from imageworks.chat_proxy.vision.lifting import LiftedBody
+from imageworks.chat_proxy.vision.prepare import ImageStats, VisionPolicy
 from imageworks.model_loader.errors import UnknownModelError
 from imageworks.model_loader.schema import ModelEntry
 

@@ -26,7 +26,15 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from imageworks.chat_proxy.backends import Backend
+from imageworks.chat_proxy.engines.backends import Backend
+from imageworks.chat_proxy.engines.modelstate import (
+    CRASHED,
+    FAILED,
+    READY,
+    STARTING,
+    STOPPED,
+    STOPPING,
+)
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
     ModelStartFailed,
@@ -34,13 +42,12 @@ from imageworks.chat_proxy.errors import (
     ProxyError,
     QueueFull,
 )
-from imageworks.chat_proxy.modelstate import CRASHED, FAILED, READY, STARTING, STOPPED, STOPPING
 from imageworks.model_loader.schema import ModelEntry
 
 if TYPE_CHECKING:
-    from imageworks.chat_proxy.lifecycle import Lifecycle
+    from imageworks.chat_proxy.engines.lifecycle import Lifecycle
 
-log = logging.getLogger("imageworks.chat_proxy.lifecycle")
+log = logging.getLogger("imageworks.chat_proxy.engines.lifecycle")
 
 
 @dataclass

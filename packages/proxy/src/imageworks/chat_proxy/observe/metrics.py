@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 if TYPE_CHECKING:
     from imageworks.chat_proxy.arbiter.gpu import GpuSnapshot
-    from imageworks.chat_proxy.vision import ImageStats
+    from imageworks.chat_proxy.vision.prepare import ImageStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 

@@ -26,8 +26,6 @@ from typing import Any, TypeVar
 import aiohttp
 from starlette.types import Receive, Scope, Send
 
-from imageworks.chat_proxy.bodies import ClientGone
-from imageworks.chat_proxy.egress import Egress, Target
 from imageworks.chat_proxy.errors import (
     BackendTimeout,
     BackendUnavailable,
@@ -35,7 +33,9 @@ from imageworks.chat_proxy.errors import (
     ShuttingDown,
     upstream_error,
 )
-from imageworks.chat_proxy.toolcalls import StreamConverter, convert_answer
+from imageworks.chat_proxy.request.bodies import ClientGone
+from imageworks.chat_proxy.request.toolcalls import StreamConverter, convert_answer
+from imageworks.chat_proxy.upstream.egress import Egress, Target
 
 __all__ = ["ClientGone", "Outcome", "SSEResponse", "open_upstream", "read_body", "send_error"]
 
