@@ -18,7 +18,6 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe
 from imageworks.chat_proxy.config import ConfigError, ProxyConfig
 from imageworks.chat_proxy.errors import MethodNotAllowed, NotFound, ProxyError
+from imageworks.chat_proxy.request.browser import AllowedHosts, BrowserGuard
 from imageworks.chat_proxy.routes import admin, gpu, openai, ops, views
 from imageworks.chat_proxy.server.lifespan import close_state, open_state, start_background
 from imageworks.chat_proxy.upstream.forwarding import send_error
@@ -131,23 +131,19 @@ class ProxyApp:
     table, exception middleware and Request object; everything else, and the lifespan, goes
     to the Starlette app."""
 
-    def __init__(self, app: Starlette, cors_origins: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        app: Starlette,
+        cors_origins: tuple[str, ...] = (),
+        hosts: AllowedHosts | None = None,
+    ) -> None:
         self.app = app
         self.state = app.state
         self._forwarded = RequestIdMiddleware(self._forward)
-        self._entry: ASGIApp = self._dispatch
-        if cors_origins:
-            # Browsers (Open WebUI direct connections, web tools). A wildcard origin never comes
-            # with credentials: the middleware would echo each origin back instead of "*".
-            self._entry = CORSMiddleware(
-                self._dispatch,
-                allow_origins=list(cors_origins),
-                allow_methods=["GET", "POST", "PUT"],
-                allow_headers=["*"],
-                allow_credentials="*" not in cors_origins,
-                expose_headers=["x-request-id", "retry-after"],
-                max_age=600,
-            )
+        # Host, Origin and CORS rules, before any route (request/browser.py).
+        self._entry: ASGIApp = BrowserGuard(
+            self._dispatch, hosts or AllowedHosts("127.0.0.1"), cors_origins
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._entry(scope, receive, send)
@@ -192,7 +188,7 @@ def create_app(config: ProxyConfig | None = None, *, probe: GpuProbe | None = No
     )
     app.add_middleware(RequestIdMiddleware)
     app.state.config = config
-    return ProxyApp(app, config.cors_origins)
+    return ProxyApp(app, config.cors_origins, AllowedHosts(config.host, config.allowed_hosts))
 
 
 _built: ProxyApp | None = None

@@ -107,6 +107,9 @@ class ProxyConfig(BaseModel):
     # Browser origins allowed to call the API (comma-separated; "*" for any, never with
     # credentials). Empty: no CORS headers at all.
     cors_origins: tuple[str, ...] = ()
+    # Names the Host header may carry besides loopback names, IP addresses, CHAT_PROXY_HOST
+    # and this machine's name (comma-separated; "*": any). Refused otherwise: DNS rebinding.
+    allowed_hosts: tuple[str, ...] = ()
     # Ray Serve (``backend: "ray"`` entries): the dashboard that takes the Serve REST API, the
     # Serve HTTP proxy requests go to, and the *name* of a variable holding the dashboard's
     # token (sent as ``Authorization: Bearer``; the token itself stays out of the config).
@@ -120,7 +123,7 @@ class ProxyConfig(BaseModel):
     peer_poll_s: float = Field(default=5.0, gt=0)
     peer_grace_s: float = Field(default=30.0, gt=0)
 
-    @field_validator("api_keys", "preload", "cors_origins", mode="before")
+    @field_validator("api_keys", "preload", "cors_origins", "allowed_hosts", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -112,6 +112,16 @@ class PayloadTooLarge(ProxyError):
     code = "payload_too_large"
 
 
+class UnsupportedMediaType(ProxyError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class Forbidden(ProxyError):
+    status = 403
+    code = "forbidden"
+
+
 class GpuLeaseActive(ProxyError):
     status = 423
     code = "gpu_lease_active"

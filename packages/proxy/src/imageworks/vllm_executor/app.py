@@ -44,6 +44,7 @@ from imageworks.chat_proxy.errors import (
     ProxyError,
 )
 from imageworks.chat_proxy.request.bodies import json_object
+from imageworks.chat_proxy.request.browser import AllowedHosts, BrowserGuard
 from imageworks.chat_proxy.supervision.process import (
     ManagedProcess,
     ProcessRecord,
@@ -310,7 +311,9 @@ async def health(request: Request) -> Response:
 
 
 async def admin_state(request: Request) -> Response:
-    return JSONResponse(_executor(request).state())
+    executor = _executor(request)
+    _require_admin(request, executor)  # pids, ports and log paths: not for the LAN
+    return JSONResponse(executor.state())
 
 
 def _require_admin(request: Request, executor: Executor) -> None:
@@ -364,7 +367,7 @@ async def _error(request: Request, exc: Exception) -> Response:
     return Response(exc.to_bytes(), status_code=exc.status, media_type="application/json")
 
 
-def create_app(config: ExecutorConfig | None = None) -> Starlette:
+def create_app(config: ExecutorConfig | None = None) -> BrowserGuard:
     config = config or ExecutorConfig.load()
 
     @contextlib.asynccontextmanager
@@ -378,7 +381,7 @@ def create_app(config: ExecutorConfig | None = None) -> Starlette:
             # A deliberate stop takes the child down too; only a crash leaves it for adoption.
             await executor.deactivate()
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/health", health),
             Route("/admin/state", admin_state),
@@ -388,3 +391,7 @@ def create_app(config: ExecutorConfig | None = None) -> Starlette:
         exception_handlers={ProxyError: _error, Exception: _error},
         lifespan=lifespan,
     )
+    # The proxy's Host and Origin rules (request/browser.py): a web page the operator opens
+    # must not reach /admin/* here either. The proxy calls it by IMAGEWORKS_VLLM_PUBLIC_HOST.
+    hosts = AllowedHosts(config.host, (config.public_host, *config.allowed_hosts))
+    return BrowserGuard(app, hosts)

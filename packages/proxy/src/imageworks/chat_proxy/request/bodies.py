@@ -5,13 +5,19 @@ validated like bodies."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.types import Receive
 
-from imageworks.chat_proxy.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
+from imageworks.chat_proxy.errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 from imageworks.chat_proxy.request.payloads import parse_body
 
 ADMIN_BODY_LIMIT = 64 * 1024  # admin and lease bodies are a few small fields
@@ -67,11 +73,28 @@ async def request_body(request: Request, limit: int, idle_timeout: float) -> byt
 async def json_object(
     request: Request, idle_timeout: float, *, optional: bool = False
 ) -> dict[str, Any]:
-    """A small JSON object body (admin, leases); ``optional``: an empty body is ``{}``."""
+    """A small JSON object body (admin, leases); ``optional``: an empty body is ``{}``.
+    A body must say it is ``application/json``: a web page can send ``text/plain`` (or a form)
+    to any address without the browser asking first, but not JSON (request/browser.py)."""
+    require_json_body(request.headers)
     raw = await request_body(request, ADMIN_BODY_LIMIT, idle_timeout)
     if optional and not raw.strip():
         return {}
     return parse_body(raw)
+
+
+def require_json_body(headers: Mapping[str, str]) -> None:
+    """415 for a request with a body that is not ``application/json`` (any parameters); a
+    request without a body passes."""
+    declared = headers.get("content-length")
+    if declared == "0" or not (declared or "transfer-encoding" in headers):
+        return
+    media = headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media != "application/json":
+        raise UnsupportedMediaType(
+            f"the body must be application/json, not {media or 'untyped'} "
+            "(send 'Content-Type: application/json')"
+        )
 
 
 def query(request: Request, model: type[Q]) -> Q:

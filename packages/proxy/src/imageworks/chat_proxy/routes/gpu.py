@@ -11,9 +11,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from imageworks.chat_proxy.auth import require_admin, require_api_key
+from imageworks.chat_proxy.auth import require_api_key
 from imageworks.chat_proxy.errors import InvalidRequest
-from imageworks.chat_proxy.request.bodies import json_object
+from imageworks.chat_proxy.routes.guard import admin, admin_body
 from imageworks.chat_proxy.routes.openai import JSON, proxy_state
 from imageworks.chat_proxy.server.state import ProxyState
 
@@ -23,14 +23,8 @@ def _json(data: Any) -> Response:
 
 
 async def _mutation(request: Request) -> tuple[ProxyState, dict[str, Any]]:
-    state = proxy_state(request)
-    require_admin(
-        request.headers,
-        state.config.admin_token,
-        peer=request.client.host if request.client else None,
-        api_keys=state.config.api_keys,
-    )
-    return state, await json_object(request, state.config.body_timeout_s, optional=True)
+    state = admin(request)
+    return state, await admin_body(request, optional=True)
 
 
 def _optional(

@@ -27,7 +27,8 @@ from starlette.routing import Route
 
 from imageworks.chat_proxy.errors import ModelNotFound
 from imageworks.chat_proxy.request.bodies import query
-from imageworks.chat_proxy.routes.admin import _admin, _json
+from imageworks.chat_proxy.routes.admin import _json
+from imageworks.chat_proxy.routes.guard import admin
 from imageworks.chat_proxy.server.state import ProxyState
 from imageworks.chat_proxy.supervision.process import safe_name
 from imageworks.model_loader.errors import UnknownModelError
@@ -83,7 +84,7 @@ def read_tail(path: Path, lines: int, max_bytes: int) -> str | None:
 
 
 async def admin_logs(request: Request) -> Response:
-    state = await _admin(request)
+    state = admin(request)
     asked = query(request, LogQuery)
     try:
         entry = state.registry.resolve(asked.model)
@@ -173,7 +174,7 @@ def _hidden(value: Any, key: str = "") -> Any:
 
 
 async def admin_registry(request: Request) -> Response:
-    state = await _admin(request)
+    state = admin(request)
     registry = state.registry
     entries = [
         {
