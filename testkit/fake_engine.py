@@ -50,6 +50,7 @@ class Recorded:
     body: dict[str, Any] | None
     peer: Any = None  # the client's (host, port): the same port means a reused connection
     raw: bytes = b""  # the body exactly as it arrived
+    query: str = ""  # the query string as it arrived
 
 
 @dataclass
@@ -123,7 +124,7 @@ class FakeEngine:
         body: dict[str, Any] = json.loads(raw)
         peer = request.transport.get_extra_info("peername") if request.transport else None
         headers = {k.lower(): v for k, v in request.headers.items()}
-        self.requests.append(Recorded(request.path, headers, body, peer, raw))
+        self.requests.append(Recorded(request.path, headers, body, peer, raw, request.query_string))
         return body
 
     def chunk(

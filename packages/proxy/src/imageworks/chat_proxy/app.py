@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe
 from imageworks.chat_proxy.config import ConfigError, ProxyConfig
 from imageworks.chat_proxy.errors import MethodNotAllowed, NotFound, ProxyError
-from imageworks.chat_proxy.request.browser import AllowedHosts, BrowserGuard
+from imageworks.chat_proxy.request.browser import AllowedHosts, BrowserGuard, is_admin_path
 from imageworks.chat_proxy.routes import admin, gpu, openai, ops, views
 from imageworks.chat_proxy.server.lifespan import close_state, open_state, start_background
 from imageworks.chat_proxy.upstream.forwarding import send_error
@@ -50,9 +50,12 @@ class _RequestIds:
 _request_ids = _RequestIds()
 
 
-def _error_response(exc: ProxyError) -> Response:
+def _error_response(exc: ProxyError, admin: bool = False) -> Response:
     return Response(
-        exc.to_bytes(), status_code=exc.status, media_type="application/json", headers=exc.headers
+        exc.to_bytes(admin),
+        status_code=exc.status,
+        media_type="application/json",
+        headers=exc.headers,
     )
 
 
@@ -67,7 +70,7 @@ def _refused(request: Request, error: ProxyError) -> Response:
             request.client.host if request.client else None,
             error,
         )
-    return _error_response(error)
+    return _error_response(error, admin=is_admin_path(request.url.path))
 
 
 async def _proxy_error(request: Request, exc: Exception) -> Response:

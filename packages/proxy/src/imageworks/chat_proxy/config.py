@@ -16,6 +16,7 @@ from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imageworks.chat_proxy.auth import is_loopback
+from imageworks.chat_proxy.observe.redact import redact_text
 
 PREFIX = "CHAT_PROXY_"
 ENV_FILES = (".env", ".env.local")  # lowest precedence first
@@ -196,6 +197,7 @@ class ProxyConfig(BaseModel):
     def public(self) -> dict[str, Any]:
         """The settings safe to show (GUI, /admin/state): secrets become a flag."""
         shown = self.model_dump(mode="json", exclude=set(SECRET_FIELDS))
+        shown = {k: redact_text(v) if isinstance(v, str) else v for k, v in shown.items()}
         shown["api_keys_set"] = bool(self.api_keys)
         shown["admin_token_set"] = bool(self.admin_token)
         return shown

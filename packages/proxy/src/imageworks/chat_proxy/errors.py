@@ -11,6 +11,8 @@ import json
 import re
 from typing import Any, ClassVar
 
+from imageworks.chat_proxy.observe.redact import public_text, redact_text
+
 
 def error_type(status: int) -> str:
     """OpenAI's error ``type`` for a status (SDKs choose the exception class by status)."""
@@ -46,18 +48,25 @@ class ProxyError(Exception):
     def log_code(self) -> str:
         return f"err_{self.code}"
 
-    def body(self) -> dict[str, Any]:
+    def body(self, admin: bool = False) -> dict[str, Any]:
+        """The envelope. API clients read no URL or address in it (``public_text``); admins
+        (``admin``) read them with their credentials hidden (``redact_text``)."""
         return {
             "error": {
-                "message": self.message,
+                "message": redact_text(self.message) if admin else public_text(self.message),
                 "type": error_type(self.status),
                 "param": self.param,
                 "code": self.code,
             }
         }
 
-    def to_bytes(self) -> bytes:
-        return json.dumps(self.body()).encode()
+    def to_bytes(self, admin: bool = False) -> bytes:
+        return json.dumps(self.body(admin)).encode()
+
+    @property
+    def log_message(self) -> str:
+        """The message as the JSONL log and the admin views show it."""
+        return redact_text(self.message)[:500]
 
 
 class InvalidRequest(ProxyError):
@@ -211,8 +220,8 @@ class UpstreamError(ProxyError):
         super().__init__(message, param=param, status=status)
         self.upstream_code = upstream_code
 
-    def body(self) -> dict[str, Any]:
-        body = super().body()
+    def body(self, admin: bool = False) -> dict[str, Any]:
+        body = super().body(admin)
         body["error"]["code"] = self.upstream_code or self.code
         return body
 

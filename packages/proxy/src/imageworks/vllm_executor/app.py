@@ -364,7 +364,8 @@ async def _error(request: Request, exc: Exception) -> Response:
     if not isinstance(exc, ProxyError):
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         exc = ProxyError(f"internal error: {type(exc).__name__}")
-    return Response(exc.to_bytes(), status_code=exc.status, media_type="application/json")
+    # Its one client is the proxy, an admin: addresses shown, credentials hidden.
+    return Response(exc.to_bytes(admin=True), status_code=exc.status, media_type="application/json")
 
 
 def create_app(config: ExecutorConfig | None = None) -> BrowserGuard:

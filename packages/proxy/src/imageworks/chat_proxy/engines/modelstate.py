@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from imageworks.chat_proxy.observe.redact import redact_text
+
 STOPPED, STARTING, READY, STOPPING = "stopped", "starting", "ready", "stopping"
 FAILED, CRASHED = "failed", "crashed"
 # States of unmanaged models: what the last request (or the reconcile loop) saw.
@@ -33,7 +35,7 @@ class ModelStatus:
         return {
             "state": self.state,
             "since": self.since,
-            "last_error": self.last_error,
+            "last_error": None if self.last_error is None else redact_text(self.last_error),
             "load_ms": self.load_ms,
         }
 

@@ -320,13 +320,14 @@ async def forward(
             waiting_comment=waiting,
             keepalive_s=state.config.keepalive_s,
             converter=StreamConverter() if info.tools else None,
+            model=entry.name,
         )
         await relay(scope, receive, send)
         return
 
     async def answer() -> tuple[str, bytes]:
         upstream = await connect()
-        answer = await read_body(upstream, outcome)
+        answer = await read_body(upstream, outcome, entry.name)
         if info.tools:  # a legacy function_call becomes tool_calls
             answer = convert_answer(answer)
         return upstream.headers.get("content-type", JSON), answer

@@ -102,7 +102,7 @@ class ProxyState:
                 "total_ms": 0.0,
                 **dict.fromkeys(("prompt_tokens", "completion_tokens", "tokens_per_s")),
                 "usage_estimated": False,
-                "error_message": error.message[:500],
+                "error_message": error.log_message,
             }
         )
 
@@ -176,7 +176,7 @@ class ProxyState:
                 messages_trimmed=images.messages_trimmed,
             )
         if error is not None:
-            record["error_message"] = error.message[:500]
+            record["error_message"] = error.log_message
         self.log.write(record)
         self.metrics.request_done(
             Finished(

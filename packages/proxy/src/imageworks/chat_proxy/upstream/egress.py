@@ -40,9 +40,12 @@ class Target:
     extra_headers: tuple[tuple[str, str], ...]
     api_key_env: str | None
     egress: Egress
+    model: str | None = None  # named in errors
 
     def url(self, path: str) -> URL:
-        return self.egress.parsed(self.base_url + path)
+        """``path`` after the base URL's path, before its query (``?api-version=...``)."""
+        base, mark, query = self.base_url.partition("?")
+        return self.egress.parsed(base.rstrip("/") + path + mark + query)
 
     def headers(self, request_id: str) -> dict[str, str]:
         headers = {"content-type": JSON, "x-request-id": request_id}
@@ -90,6 +93,7 @@ class Egress:
             extra_headers=tuple(bc.headers.items()),
             api_key_env=bc.api_key_env,
             egress=self,
+            model=entry.name,
         )
 
     def parsed(self, url: str) -> URL:

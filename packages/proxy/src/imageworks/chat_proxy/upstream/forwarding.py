@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import io
 import json
+import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -87,22 +88,27 @@ _FAILURES = (aiohttp.ClientError, TimeoutError, StreamBroken)
 _STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 
 
-def _classify(exc: BaseException, url: object, during: str) -> ProxyError:
+def _classify(exc: BaseException, url: object, during: str, model: str | None = None) -> ProxyError:
+    """The failure as our error. The address goes in parentheses, which API clients never see
+    (``ProxyError.body``: ``public_text``); admins see it redacted."""
+    who = f"the backend of model {model!r}" if model else "the backend"
+    where = f" ({url})"
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return BackendUnavailable(f"timed out connecting to {url}")
+        return BackendUnavailable(f"timed out connecting to {who}{where}")
     if isinstance(exc, TimeoutError):
-        return BackendTimeout(f"backend sent nothing for too long {during} ({url})")
+        return BackendTimeout(f"{who} sent nothing for too long {during}{where}")
     if isinstance(exc, aiohttp.ClientSSLError):
-        return BackendUnavailable(f"TLS with the backend at {url} failed: {exc}")
+        return BackendUnavailable(f"TLS with {who} failed{where}: {type(exc).__name__}")
     if isinstance(exc, aiohttp.ClientConnectorError):
-        reason = exc.os_error.strerror or str(exc.os_error) or type(exc.os_error).__name__
-        error = BackendUnavailable(f"cannot connect to backend at {url}: {reason}")
+        code = exc.os_error.errno
+        reason = os.strerror(code) if code else type(exc.os_error).__name__
+        error = BackendUnavailable(f"cannot connect to {who}{where}: {reason}")
         error.unreached = True  # nothing answered there: worth a look at the engine
         return error
     if isinstance(exc, aiohttp.ClientResponseError):  # a head aiohttp could not parse
-        return BackendUnavailable(f"backend sent a malformed response {during} ({url}): {exc}")
-    detail = str(exc) or type(exc).__name__
-    return BackendUnavailable(f"backend connection failed {during} ({url}): {detail}")
+        return BackendUnavailable(f"{who} sent a malformed response {during}{where}")
+    detail = type(exc).__name__ if isinstance(exc, aiohttp.ClientError) else str(exc)
+    return BackendUnavailable(f"the connection to {who} failed {during}{where}: {detail}")
 
 
 async def open_upstream(
@@ -125,9 +131,9 @@ async def open_upstream(
             # them after a few requests without saying so): nothing was answered, so the
             # request is sent once more, on a new connection. aiohttp never resends a POST.
             if attempt == 2 or isinstance(exc, aiohttp.ClientConnectorError):
-                raise _classify(exc, url, "before answering") from exc
+                raise _classify(exc, url, "before answering", target.model) from exc
         except _FAILURES as exc:
-            raise _classify(exc, url, "before answering") from exc
+            raise _classify(exc, url, "before answering", target.model) from exc
     if response.status >= 400:
         try:
             raw = await response.read()
@@ -157,14 +163,16 @@ def as_one_chunk(body: bytes) -> bytes | None:
     return json.dumps(data).encode()
 
 
-async def read_body(response: aiohttp.ClientResponse, outcome: Outcome) -> bytes:
+async def read_body(
+    response: aiohttp.ClientResponse, outcome: Outcome, model: str | None = None
+) -> bytes:
     """The whole body; the connection goes back to the pool (aiohttp closes it instead if the
     body was not read to its end)."""
     try:
         raw = await response.read()
     except _FAILURES as exc:
         response.close()
-        raise _classify(exc, response.url, "while answering") from exc
+        raise _classify(exc, response.url, "while answering", model) from exc
     except BaseException:
         response.close()
         raise
@@ -242,7 +250,9 @@ class SSEResponse:
         waiting_comment: bytes | None = None,
         keepalive_s: float = 5.0,
         converter: StreamConverter | None = None,
+        model: str | None = None,
     ) -> None:
+        self.model = model  # named in errors
         self.converter = converter  # legacy function_call deltas -> tool_calls
         self.upstream: aiohttp.ClientResponse | None = None
         self.connect = connect
@@ -328,7 +338,7 @@ class SSEResponse:
     async def _relay_whole(self, upstream: aiohttp.ClientResponse, send: Send) -> None:
         """A backend that answered a stream request with plain JSON: pass it on as it is."""
         try:
-            body = await read_body(upstream, self.outcome)
+            body = await read_body(upstream, self.outcome, self.model)
         except ProxyError as error:
             self.outcome.error = error
             await send_error(error, send)
@@ -352,7 +362,7 @@ class SSEResponse:
         chunk), then ``[DONE]``. Relayed raw, it ran into the next event's line and a client
         saw neither the answer nor an error."""
         try:
-            body = await read_body(upstream, self.outcome)
+            body = await read_body(upstream, self.outcome, self.model)
         except ProxyError as error:
             await self._fail(error, send)
             return
@@ -415,7 +425,7 @@ class SSEResponse:
                 raise StreamBroken("stream ended without [DONE]")
             self.complete = True
         except _FAILURES as exc:
-            await self._fail(_classify(exc, upstream.url, "mid-stream"), send)
+            await self._fail(_classify(exc, upstream.url, "mid-stream", self.model), send)
             return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from imageworks.chat_proxy.config import ConfigError, ProxyConfig
 from imageworks.chat_proxy.errors import BackendUnavailable
+from imageworks.chat_proxy.observe.redact import redact_text, redact_url
 from imageworks.model_loader.schema import ModelEntry
 
 log = logging.getLogger(__name__)
@@ -307,10 +308,10 @@ class Peers:
         return [
             {
                 "name": p.name,
-                "url": p.config.url,
+                "url": redact_url(p.config.url),
                 "alive": self._alive(p),
                 "last_ok_s_ago": None if p.last_ok is None else round(now - p.last_ok, 1),
-                "last_error": p.last_error,
+                "last_error": None if p.last_error is None else redact_text(p.last_error),
                 "models": [m.id for m in p.models],
             }
             for p in self.peers.values()
