@@ -120,7 +120,8 @@ async def test_the_executor_refuses_page_style_requests(tmp_path: Path) -> None:
         environ={}, registry_dir=REPO / "configs", staging_dir=tmp_path / "staging"
     )
     app = create_executor(config)
-    async with app.app.router.lifespan_context(app.app):
+    starlette = app.app.app  # inside the browser guard and the body guard
+    async with starlette.router.lifespan_context(starlette):
         local = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
         async with httpx.AsyncClient(transport=local, base_url="http://127.0.0.1:8600") as client:
             for method, path in [

@@ -93,7 +93,8 @@ async def test_the_executor_refuses_lan_activation_without_a_token(tmp_path: Pat
         environ={}, registry_dir=REPO / "configs", staging_dir=tmp_path / "staging"
     )
     app = create_executor(config)
-    async with app.app.router.lifespan_context(app.app):
+    starlette = app.app.app  # inside the browser guard and the body guard
+    async with starlette.router.lifespan_context(starlette):
         transport = httpx.ASGITransport(app=app, client=LAN_PEER)
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as lan:
             for path in ("/admin/activate", "/admin/deactivate"):

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe
 from imageworks.chat_proxy.config import ConfigError, ProxyConfig
 from imageworks.chat_proxy.errors import MethodNotAllowed, NotFound, ProxyError
+from imageworks.chat_proxy.request.bodies import BodyBudget, BodyGuard
 from imageworks.chat_proxy.request.browser import AllowedHosts, BrowserGuard, is_admin_path
 from imageworks.chat_proxy.routes import admin, gpu, openai, ops, views
 from imageworks.chat_proxy.server.lifespan import close_state, open_state, start_background
@@ -143,9 +144,15 @@ class ProxyApp:
         self.app = app
         self.state = app.state
         self._forwarded = RequestIdMiddleware(self._forward)
-        # Host, Origin and CORS rules, before any route (request/browser.py).
+        config: ProxyConfig | None = getattr(app.state, "config", None)
+        self.bodies = BodyBudget(config.body_budget_bytes if config else 256 * 1024 * 1024)
+        # Host, Origin and CORS rules before any route (request/browser.py); then every body
+        # counted against the budget of bodies in flight, within a total deadline.
+        guarded = BodyGuard(
+            self._dispatch, self.bodies, config.body_deadline_s if config else 300.0
+        )
         self._entry: ASGIApp = BrowserGuard(
-            self._dispatch, hosts or AllowedHosts("127.0.0.1"), cors_origins
+            guarded, hosts or AllowedHosts("127.0.0.1"), cors_origins
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -73,6 +73,7 @@ def main(host: str | None, port: int | None, server: str | None, log_level: str)
         config.port,
         keep_alive_s=config.keep_alive_s,
         header_timeout_s=config.header_timeout_s,
+        max_header_bytes=config.max_header_bytes,
     )
 
 

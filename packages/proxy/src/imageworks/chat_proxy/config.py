@@ -49,6 +49,13 @@ class ProxyConfig(BaseModel):
     max_log_bytes: int = Field(default=25_000_000, ge=1024)
     log_backups: int = Field(default=5, ge=0, le=1000)
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    # Bodies of all requests in flight together (over it: 503 with Retry-After), the longest
+    # a whole body may take to arrive, the largest request head (431 past it), and the largest
+    # non-stream answer taken from a backend (a 502 past it).
+    body_budget_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    body_deadline_s: float = Field(default=300.0, gt=0)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    max_answer_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     # Slow clients: the longest a request's body may pause, a request head may take to arrive,
     # and an idle kept-alive connection may stay open (uvicorn's own default is 5 s).
     body_timeout_s: float = Field(default=30.0, gt=0)
@@ -158,6 +165,14 @@ class ProxyConfig(BaseModel):
     @classmethod
     def _blank_token_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _budget_holds_a_body(self) -> ProxyConfig:
+        if self.body_budget_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"{env_name('body_budget_bytes')} must be at least {env_name('max_body_bytes')}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _exposed_needs_a_token(self) -> ProxyConfig:

@@ -136,6 +136,13 @@ class GpuLeaseActive(ProxyError):
     code = "gpu_lease_active"
 
 
+class ServerBusy(ProxyError):
+    """The proxy's own budget (request bodies in flight) is spent for the moment."""
+
+    status = 503
+    code = "server_busy"
+
+
 class QueueFull(ProxyError):
     status = 503
     code = "queue_full"

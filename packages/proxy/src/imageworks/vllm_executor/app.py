@@ -43,7 +43,7 @@ from imageworks.chat_proxy.errors import (
     ModelStartTimeout,
     ProxyError,
 )
-from imageworks.chat_proxy.request.bodies import json_object
+from imageworks.chat_proxy.request.bodies import BodyBudget, BodyGuard, json_object
 from imageworks.chat_proxy.request.browser import AllowedHosts, BrowserGuard
 from imageworks.chat_proxy.supervision.process import (
     ManagedProcess,
@@ -395,4 +395,5 @@ def create_app(config: ExecutorConfig | None = None) -> BrowserGuard:
     # The proxy's Host and Origin rules (request/browser.py): a web page the operator opens
     # must not reach /admin/* here either. The proxy calls it by IMAGEWORKS_VLLM_PUBLIC_HOST.
     hosts = AllowedHosts(config.host, (config.public_host, *config.allowed_hosts))
-    return BrowserGuard(app, hosts)
+    # Its bodies are a few small fields: 64 KiB each, 4 MiB together, within 60 s each.
+    return BrowserGuard(BodyGuard(app, BodyBudget(4 * 1024 * 1024), 60.0), hosts)

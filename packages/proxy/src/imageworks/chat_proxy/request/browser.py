@@ -110,6 +110,8 @@ def same_origin(origin: str, host: str) -> bool:
 class BrowserGuard:
     """The ASGI middleware that applies the rules above; outermost, before any route."""
 
+    app: ASGIApp
+
     def __init__(
         self,
         app: ASGIApp,

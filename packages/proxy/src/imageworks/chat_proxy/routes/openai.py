@@ -35,6 +35,7 @@ from imageworks.chat_proxy.request.payloads import (
     check_engine_fields,
     check_template,
     parse_body,
+    parse_valid,
     prepare,
     validate,
 )
@@ -248,16 +249,20 @@ async def forward(
         if len(raw) > BIG_BODY:
             state.images.has_room()
             lifted = await state.images.run(LiftedBody.lift, raw)
-        body = (
-            parse_body(raw)
-            if lifted is None
-            else await state.images.run(parse_body, lifted.skeleton)
-        )
-        info.model = validate(endpoint, body)
+        if lifted is None:
+            body = parse_body(raw)
+            info.model = validate(endpoint, body)
+        else:  # a big body is also walked off the loop (900,000 messages: 0.5 s of CPU)
+            body, model = await state.images.run(parse_valid, endpoint, lifted.skeleton)
+            info.model = model
         info.stream = body.get("stream") is True
         info.prompt_bytes = len(raw)
         info.entry = entry = route(state, info.model, FORWARDED_HEADER in headers)
-        images = check_capabilities(endpoint, entry, body)
+        images = (
+            check_capabilities(endpoint, entry, body)
+            if lifted is None
+            else await state.images.run(check_capabilities, endpoint, entry, body)
+        )
         info.tools = endpoint == CHAT and declares_tools(body)
         check_engine_fields(entry, body)
         backend = state.lifecycle.backend(entry)
@@ -321,13 +326,14 @@ async def forward(
             keepalive_s=state.config.keepalive_s,
             converter=StreamConverter() if info.tools else None,
             model=entry.name,
+            answer_limit=state.config.max_answer_bytes,
         )
         await relay(scope, receive, send)
         return
 
     async def answer() -> tuple[str, bytes]:
         upstream = await connect()
-        answer = await read_body(upstream, outcome, entry.name)
+        answer = await read_body(upstream, outcome, entry.name, state.config.max_answer_bytes)
         if info.tools:  # a legacy function_call becomes tool_calls
             answer = convert_answer(answer)
         return upstream.headers.get("content-type", JSON), answer

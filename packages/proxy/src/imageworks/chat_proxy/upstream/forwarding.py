@@ -37,6 +37,7 @@ from imageworks.chat_proxy.errors import (
 from imageworks.chat_proxy.request.bodies import ClientGone
 from imageworks.chat_proxy.request.toolcalls import StreamConverter, convert_answer
 from imageworks.chat_proxy.upstream.egress import Egress, Target
+from imageworks.chat_proxy.upstream.reading import TooLarge, read_capped
 
 __all__ = ["ClientGone", "Outcome", "SSEResponse", "open_upstream", "read_body", "send_error"]
 
@@ -50,6 +51,8 @@ SSE_HEADERS = [
 DONE = b"data: [DONE]\n\n"
 _CHUNKED_ABOVE = 1024 * 1024
 _TAIL_CHUNKS = 8  # the usage chunk and [DONE] are in the last few network reads
+ERROR_BODY_LIMIT = 64 * 1024  # a backend's error answer: its message is in the first bytes
+ANSWER_LIMIT = 64 * 1024 * 1024  # a non-stream answer (CHAT_PROXY_MAX_ANSWER_BYTES)
 
 
 @dataclass
@@ -136,8 +139,8 @@ async def open_upstream(
             raise _classify(exc, url, "before answering", target.model) from exc
     if response.status >= 400:
         try:
-            raw = await response.read()
-        except _FAILURES:
+            raw = await read_capped(response, ERROR_BODY_LIMIT)
+        except (*_FAILURES, TooLarge):  # a 300 MB "error page": its status is enough
             raw = b""
         finally:
             response.close()
@@ -164,12 +167,22 @@ def as_one_chunk(body: bytes) -> bytes | None:
 
 
 async def read_body(
-    response: aiohttp.ClientResponse, outcome: Outcome, model: str | None = None
+    response: aiohttp.ClientResponse,
+    outcome: Outcome,
+    model: str | None = None,
+    limit: int = ANSWER_LIMIT,
 ) -> bytes:
-    """The whole body; the connection goes back to the pool (aiohttp closes it instead if the
-    body was not read to its end)."""
+    """The whole body, at most ``limit`` bytes (``CHAT_PROXY_MAX_ANSWER_BYTES``: a clear 502
+    past it); the connection goes back to the pool (it is closed instead if the body was not
+    read to its end)."""
     try:
-        raw = await response.read()
+        raw = await read_capped(response, limit)
+    except TooLarge:
+        response.close()
+        who = f"the backend of model {model!r}" if model else "the backend"
+        raise BackendUnavailable(
+            f"{who} answered more than {limit} bytes (CHAT_PROXY_MAX_ANSWER_BYTES)"
+        ) from None
     except _FAILURES as exc:
         response.close()
         raise _classify(exc, response.url, "while answering", model) from exc
@@ -251,8 +264,10 @@ class SSEResponse:
         keepalive_s: float = 5.0,
         converter: StreamConverter | None = None,
         model: str | None = None,
+        answer_limit: int = ANSWER_LIMIT,
     ) -> None:
         self.model = model  # named in errors
+        self.answer_limit = answer_limit  # a whole (non-stream) answer
         self.converter = converter  # legacy function_call deltas -> tool_calls
         self.upstream: aiohttp.ClientResponse | None = None
         self.connect = connect
@@ -338,7 +353,7 @@ class SSEResponse:
     async def _relay_whole(self, upstream: aiohttp.ClientResponse, send: Send) -> None:
         """A backend that answered a stream request with plain JSON: pass it on as it is."""
         try:
-            body = await read_body(upstream, self.outcome, self.model)
+            body = await read_body(upstream, self.outcome, self.model, self.answer_limit)
         except ProxyError as error:
             self.outcome.error = error
             await send_error(error, send)
@@ -362,7 +377,7 @@ class SSEResponse:
         chunk), then ``[DONE]``. Relayed raw, it ran into the next event's line and a client
         saw neither the answer nor an error."""
         try:
-            body = await read_body(upstream, self.outcome, self.model)
+            body = await read_body(upstream, self.outcome, self.model, self.answer_limit)
         except ProxyError as error:
             await self._fail(error, send)
             return

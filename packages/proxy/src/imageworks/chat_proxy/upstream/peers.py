@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from imageworks.chat_proxy.config import ConfigError, ProxyConfig
 from imageworks.chat_proxy.errors import BackendUnavailable
 from imageworks.chat_proxy.observe.redact import redact_text, redact_url
+from imageworks.chat_proxy.upstream.reading import TooLarge, read_capped
 from imageworks.model_loader.schema import ModelEntry
 
 log = logging.getLogger(__name__)
@@ -194,11 +195,12 @@ class Peers:
         ) as response:
             if response.status != 200:
                 raise ValueError(f"GET /v1/models answered {response.status}")
-            if (response.content_length or 0) > MAX_MODELS_BYTES:
-                raise ValueError(f"GET /v1/models is larger than {MAX_MODELS_BYTES} bytes")
-            body = await response.content.read(MAX_MODELS_BYTES + 1)
-            if len(body) > MAX_MODELS_BYTES:
-                raise ValueError(f"GET /v1/models is larger than {MAX_MODELS_BYTES} bytes")
+            try:
+                body = await read_capped(response, MAX_MODELS_BYTES)
+            except TooLarge:
+                raise ValueError(
+                    f"GET /v1/models is larger than {MAX_MODELS_BYTES} bytes"
+                ) from None
             data = json.loads(body)
         listed = data.get("data") if isinstance(data, dict) else None
         if not isinstance(listed, list):
