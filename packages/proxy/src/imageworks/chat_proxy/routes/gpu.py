@@ -39,6 +39,31 @@ def _optional(
     return value
 
 
+async def _device(state: ProxyState, body: dict[str, Any]) -> int | None:
+    """The ``device`` asked for: a device this box has (when it can tell)."""
+    device: int | None = _optional(body, "device", int, lambda v: 0 <= v < 64)
+    if device is not None:
+        known = [snap.index for snap in await state.arbiter.snapshot()]
+        if known and device not in known:
+            raise InvalidRequest(
+                f"there is no GPU device {device} here (devices: {known})", param="device"
+            )
+    return device
+
+
+def _printable(body: dict[str, Any], name: str, most: int) -> str | None:
+    """A text field that goes into logs: printable (no NUL, CR, LF), at most ``most`` long."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.isprintable() or len(value) > most:
+        raise InvalidRequest(
+            f"'{name}' must be printable text (no control characters) of at most {most} characters",
+            param=name,
+        )
+    return value
+
+
 def _token(body: dict[str, Any]) -> str:
     token = body.get("token")
     if not isinstance(token, str) or not token:
@@ -63,14 +88,14 @@ async def gpu_status(request: Request) -> Response:
 
 async def gpu_lease(request: Request) -> Response:
     state, body = await _mutation(request)
-    owner = body.get("owner")
-    if not isinstance(owner, str) or not 1 <= len(owner) <= 64:
+    owner = _printable(body, "owner", 64)
+    if not owner:
         raise InvalidRequest("'owner' is required (1 to 64 characters)", param="owner")
-    reason = _optional(body, "reason", str, lambda v: len(v) <= 512) or ""
+    reason = _printable(body, "reason", 512) or ""
     restart = _optional(body, "restart_model", bool)
     ttl = _optional(body, "ttl_s", (int, float), lambda v: 0 < v <= 86400)
     need = _optional(body, "need_mb", int, lambda v: v > 0)
-    device = _optional(body, "device", int, lambda v: 0 <= v < 64)
+    device = await _device(state, body)
     lease = await state.arbiter.leases.grant(
         owner, reason, restart_model=restart is not False, ttl_s=ttl, need_mb=need, device=device
     )
@@ -93,10 +118,10 @@ async def gpu_release(request: Request) -> Response:
 async def gpu_force_release(request: Request) -> Response:
     state, body = await _mutation(request)
     restoring = await state.arbiter.leases.force_release(
-        owner=_optional(body, "owner", str),
+        owner=_printable(body, "owner", 64),
         max_age_s=_optional(body, "max_age_s", (int, float), lambda v: v >= 0),
         restart_model=_optional(body, "restart_model", bool),
-        device=_optional(body, "device", int, lambda v: v >= 0),
+        device=await _device(state, body),
     )
     if restoring is None:
         return _json({"status": "idle", "restoring": []})

@@ -80,6 +80,23 @@ class Outcome:
         return round((end - self.started) * 1000, 2)
 
 
+MAX_TOKENS_COUNTED = 10**9  # more than any context: a count beyond it is not believed
+
+
+def sane_usage(usage: Any) -> dict[str, Any] | None:
+    """A backend's usage object with its token counts as believable integers: a count that is
+    not an integer from 0 to ``MAX_TOKENS_COUNTED`` (``1e308``, ``-5``, ``"many"``) is left out,
+    so it reaches neither the log nor the metrics as it came."""
+    if not isinstance(usage, dict):
+        return None
+
+    def believable(value: Any) -> bool:
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        return is_int and 0 <= value <= MAX_TOKENS_COUNTED
+
+    return {k: v for k, v in usage.items() if not k.endswith("_tokens") or believable(v)}
+
+
 class StreamBroken(Exception):
     """The backend ended an event stream without ``[DONE]``."""
 
@@ -197,7 +214,7 @@ async def read_body(
             usage = json.loads(raw).get("usage")
         except (ValueError, AttributeError):
             usage = None
-        outcome.usage = usage if isinstance(usage, dict) else None
+        outcome.usage = sane_usage(usage)
     return raw
 
 
@@ -465,7 +482,7 @@ class SSEResponse:
                 except ValueError:
                     continue
                 if isinstance(usage, dict):
-                    self.outcome.usage = usage
+                    self.outcome.usage = sane_usage(usage)
             if line.startswith(b'data: {"error"') and self.outcome.error is None:
                 try:
                     error = json.loads(line[6:])["error"]
