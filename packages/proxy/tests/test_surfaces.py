@@ -92,10 +92,11 @@ def test_an_engine_without_a_store_gets_the_conversation(proxy_factory, fake_lla
     )
     sent = fake_llamacpp.engine.requests[-1].body
     assert "previous_response_id" not in sent
+    answer = [{"type": "output_text", "text": "Hello from llamacpp!", "annotations": []}]
     assert sent["input"] == [
-        {"role": "user", "content": "Remember 7."},
-        {"role": "assistant", "content": "Hello from llamacpp!"},
-        {"role": "user", "content": "Which number?"},
+        {"type": "message", "role": "user", "content": "Remember 7."},
+        {"type": "message", "role": "assistant", "content": answer},
+        {"type": "message", "role": "user", "content": "Which number?"},
     ]
     # The proxy answers requests by id for what it keeps.
     assert client.responses.retrieve(second.id).id == second.id
@@ -237,7 +238,7 @@ def test_rerank_needs_the_capability(proxy_factory, fake_vllm) -> None:
         assert fake_vllm.engine.requests[-1].body["model"] == "rr"
     refused = proxy.client.post("/v1/rerank", json={**body, "model": "m"})
     assert refused.status_code == 409 and "rerank" in refused.json()["error"]["message"]
-    record = [r for r in proxy.records() if r["endpoint"] == "rerank"][0]
+    record = next(r for r in proxy.records() if r["endpoint"] == "rerank")
     assert record["prompt_tokens"] is None and record["usage_estimated"] is False
 
 

@@ -192,7 +192,7 @@ BY_PATH = {path: surface for surface in SURFACES for path in surface.paths}
 RAW = Surface(UPSTREAM, (), "", _model, body="raw", model_at="path", stream=None)
 # GET/DELETE /v1/responses/{id}, .../cancel, .../input_items: the model is the one that made it.
 RESPONSE_BY_ID = Surface(
-    RESPONSES_NAME, (), "", _model, body="raw", model_at="response", stream=None
+    "response_by_id", (), "", _model, body="raw", model_at="response", stream=None
 )
 
 # What each backend kind speaks (an entry's ``protocols`` overrides it: an external server).

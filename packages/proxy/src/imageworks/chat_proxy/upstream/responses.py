@@ -151,14 +151,16 @@ def as_items(value: Any) -> list[Any]:
     if value is None:
         return []
     if isinstance(value, str):
-        return [{"role": "user", "content": value}]
+        return [{"type": "message", "role": "user", "content": value}]
     return list(value)
 
 
 def _as_input(item: dict[str, Any]) -> dict[str, Any]:
-    """An output item as an input item: an assistant message keeps its role and its text."""
+    """An output item as an input item: an assistant message keeps its role and its parts."""
     if item.get("type") == "message":
-        parts = item.get("content") or []
-        text = "".join(str(p.get("text", "")) for p in parts if isinstance(p, dict) and "text" in p)
-        return {"role": item.get("role", "assistant"), "content": text}
+        return {
+            "type": "message",
+            "role": item.get("role", "assistant"),
+            "content": item.get("content") or [],
+        }
     return item
