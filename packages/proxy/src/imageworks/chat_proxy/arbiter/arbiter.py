@@ -26,7 +26,7 @@ from imageworks.chat_proxy.arbiter import ledger
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe, GpuSnapshot
 from imageworks.chat_proxy.arbiter.leases import LeaseDesk
 from imageworks.chat_proxy.arbiter.placement import Device, Placement, place, share_mb
-from imageworks.chat_proxy.arbiter.policy import Plan, plan_exclusive
+from imageworks.chat_proxy.arbiter.policy import Plan, only_pinned_block, plan_exclusive
 from imageworks.chat_proxy.arbiter.seams import Holding, Residency
 from imageworks.chat_proxy.errors import InsufficientVram, InvalidRequest
 from imageworks.chat_proxy.supervision.process import pid_alive
@@ -61,6 +61,9 @@ class VramArbiter:
         self.request_log = request_log
         self.metrics = metrics
         self.learned_mb: dict[str, int] = {}
+        # Measured seconds from room made to ready (a cold start): the cost of evicting it.
+        self.load_s: dict[str, float] = {}
+        self._room_made: dict[str, float] = {}
         self.placements: dict[str, tuple[int, ...]] = {}
         self.last_devices: list[GpuSnapshot] = []
         self.last_holdings: list[Holding] = []
@@ -148,10 +151,14 @@ class VramArbiter:
             if devices:
                 self.placements[entry.name] = devices
                 self._event("place", model=entry.name, devices=list(devices), need_mb=need)
+        self._room_made[entry.name] = time.monotonic()
 
     async def learn(self, entry: ModelEntry, pid: int | None) -> None:
         """After a model is ready: remember what it really holds (per-process use on its
-        devices)."""
+        devices) and how long it took to start (what evicting it will cost)."""
+        made = self._room_made.pop(entry.name, None)
+        if made is not None:
+            self.load_s[entry.name] = round(time.monotonic() - made, 3)
         if pid is None or not self.probe.measures:
             return
         snaps = await self.snapshot()
@@ -221,7 +228,7 @@ class VramArbiter:
                 return None  # Ollama places its own models: learned from its process's use
             return self.placements.get(holding.name) or tuple(holding.entry.gpus or ()) or None
 
-        held = ledger.locate(holdings, snaps, placed, self.held_mb)
+        held = ledger.locate(holdings, snaps, placed, self.held_mb, self.cost_of)
         for item in held:
             pid = item.holding.pid
             if not item.devices:
@@ -314,6 +321,10 @@ class VramArbiter:
             # idle model there goes anyway; for a need, only a plan that fits is worth it.
             if plan.sufficient or need is None:
                 evicted += await self._evict(plan.evict, evictors, reason)
+            if need is not None and found.devices and only_pinned_block(plan):
+                raise self._pinned_refusal(need, reason, plan)
+            if need is None and plan.pinned:
+                raise self._pinned_refusal(need, reason, plan)
             if plan.sufficient:
                 await self._await_memory(
                     self._targets(snaps, held, found, need), reason, need is None
@@ -379,6 +390,20 @@ class VramArbiter:
                 freed = sum(h.on(snap.index) for h in held if h.name in found.plan.evict)
                 targets[snap.index] = snap.free_mb + int(freed * 0.9)
         return targets
+
+    def cost_of(self, name: str) -> float | None:
+        """What evicting ``name`` costs: the measured time to start it again."""
+        return self.load_s.get(name)
+
+    def _pinned_refusal(self, need: int | None, reason: str, plan: Plan) -> InsufficientVram:
+        pinned = ", ".join(plan.pinned)
+        what = "the whole GPU" if need is None else f"{need} MB"
+        return InsufficientVram(
+            f"[gpu-arbiter] {reason} refused: {what} could only be freed by evicting pinned "
+            f"model(s) {pinned}, and a pinned model is never evicted (unpin it or stop it by "
+            "hand)",
+            status=409,
+        )
 
     def _refusal(
         self,
