@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from imageworks.chat_proxy.auth import require_admin
 from imageworks.chat_proxy.errors import InvalidRequest, RegistryInvalid
+from imageworks.chat_proxy.observe.events import sse
 from imageworks.chat_proxy.request.bodies import json_object, query
 from imageworks.chat_proxy.routes.openai import JSON, proxy_state, resolve
 from imageworks.chat_proxy.server.state import ProxyState
@@ -71,6 +73,7 @@ async def admin_state(request: Request) -> Response:
             "config": state.config.public(),
             "peers": state.peers.public(),
             "request_log": {"path": str(state.log.path), "dropped": state.log.dropped},
+            "events": state.log.bus.public() if state.log.bus is not None else None,
         }
     )
 
@@ -192,7 +195,44 @@ async def registry_reload(request: Request) -> Response:
     return _json({"version": registry.version, "entries": len(registry)})
 
 
+EVENTS_KEEPALIVE_S = 15.0
+
+
+async def admin_events(request: Request) -> Response:
+    """``GET /admin/events``: the event bus as server-sent events, from now on (with
+    ``Last-Event-ID``: also what the bus still holds after that id). A comment every 15 s keeps
+    idle connections open; a slow reader misses events (a ``dropped`` event says how many)
+    rather than slowing anyone down."""
+    state = await _admin(request)
+    bus = state.log.bus
+    if bus is None:
+        raise InvalidRequest("this proxy has no event stream")
+    last = request.headers.get("last-event-id", "")
+    after = int(last) if last.isascii() and last.isdigit() else None
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield b": events\n\n"  # the headers and a first byte now, before any event
+        subscriber = bus.open(after)
+        try:
+            while True:
+                try:  # Queue.get is safe to time out: no event is lost
+                    event = await asyncio.wait_for(subscriber.queue.get(), EVENTS_KEEPALIVE_S)
+                except TimeoutError:
+                    yield b": keepalive\n\n"
+                    continue
+                yield sse(event)
+        finally:
+            bus.close(subscriber)
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+
+
 ROUTES = [
+    Route("/admin/events", admin_events, methods=["GET"]),
     Route("/admin/state", admin_state, methods=["GET"]),
     Route("/admin/requests", admin_requests, methods=["GET"]),
     Route("/admin/profile", admin_profile, methods=["GET", "PUT"]),
