@@ -29,6 +29,7 @@ from imageworks.chat_proxy.arbiter.placement import Device, Placement, place, sh
 from imageworks.chat_proxy.arbiter.policy import Plan, only_pinned_block, plan_exclusive
 from imageworks.chat_proxy.arbiter.seams import Holding, Residency
 from imageworks.chat_proxy.errors import InsufficientVram, InvalidRequest
+from imageworks.chat_proxy.observe.progress import SLOW_FACTOR
 from imageworks.chat_proxy.supervision.process import pid_alive
 from imageworks.model_loader.schema import ModelEntry
 
@@ -158,7 +159,11 @@ class VramArbiter:
         devices) and how long it took to start (what evicting it will cost)."""
         made = self._room_made.pop(entry.name, None)
         if made is not None:
-            self.load_s[entry.name] = round(time.monotonic() - made, 3)
+            took = round(time.monotonic() - made, 3)
+            before = self.load_s.get(entry.name)
+            if before and took > SLOW_FACTOR * before:  # said so, in the JSONL and the stream
+                self._event("slow_start", model=entry.name, load_s=took, expected_s=before)
+            self.load_s[entry.name] = took
         if pid is None or not self.probe.measures:
             return
         snaps = await self.snapshot()

@@ -13,10 +13,11 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from imageworks.chat_proxy.auth import require_admin
+from imageworks.chat_proxy.engines.modelstate import STARTING
 from imageworks.chat_proxy.errors import InvalidRequest, RegistryInvalid
 from imageworks.chat_proxy.observe.events import sse
 from imageworks.chat_proxy.request.bodies import json_object, query
-from imageworks.chat_proxy.routes.openai import JSON, proxy_state, resolve
+from imageworks.chat_proxy.routes.openai import JSON, loading_progress, proxy_state, resolve
 from imageworks.chat_proxy.server.state import ProxyState
 from imageworks.chat_proxy.upstream.peers import Listed
 from imageworks.model_loader.errors import RegistryError, UnknownProfileError
@@ -89,6 +90,10 @@ def model_state(state: ProxyState, entry: ModelEntry) -> dict[str, Any]:
             "location": lifecycle.backend(entry).location(entry),
             **lifecycle.describe(entry),
             "in_flight": lifecycle.in_flight.get(entry.name, 0),
+            # While it loads: seconds so far, of about how many (its learned load time).
+            "loading": loading_progress(state, entry).public()
+            if lifecycle.state(entry) == STARTING
+            else None,
         }
         if entry.servable
         else {
