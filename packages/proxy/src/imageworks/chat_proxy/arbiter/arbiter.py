@@ -4,6 +4,7 @@ Before a model starts, ``make_room`` places it (``placement.place``: its pinned 
 the device where it fits with the least eviction), evicts the idle models the pure policy
 chose there, and waits until the probe shows the memory back on those devices. What a model
 needs is its own ``gpu_memory_utilization`` of its device, else its learned footprint, else
+the estimate read from its files before its first start (``estimate``), else
 ``vram_estimate_mb``; vLLM is then told that need over its device's total.
 Busy models are never evicted: the arbiter waits for them (bounded) instead. Models someone
 else loaded (a foreign Ollama model) are never evicted either; they are foreign memory.
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imageworks.chat_proxy.arbiter import ledger
+from imageworks.chat_proxy.arbiter.estimate import Estimate, estimate
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe, GpuSnapshot
 from imageworks.chat_proxy.arbiter.leases import LeaseDesk
 from imageworks.chat_proxy.arbiter.placement import Device, Placement, place, share_mb
@@ -62,6 +64,8 @@ class VramArbiter:
         self.request_log = request_log
         self.metrics = metrics
         self.learned_mb: dict[str, int] = {}
+        # Read from the model's files before its first start (``estimate``), by what was read.
+        self.estimates: dict[tuple[str, str | None, tuple[str, ...]], Estimate | None] = {}
         # Measured seconds from room made to ready (a cold start): the cost of evicting it.
         self.load_s: dict[str, float] = {}
         self._room_made: dict[str, float] = {}
@@ -116,7 +120,53 @@ class VramArbiter:
         total = self._total_of(devices[0])
         if own and total:
             return math.ceil(own * total) * max(len(devices), entry.gpu_span)
-        return self.learned_mb.get(entry.name) or entry.vram_estimate_mb or 0
+        found = self.estimate_of(entry)
+        return (
+            self.learned_mb.get(entry.name)
+            or (found.total_mb if found else None)
+            or entry.vram_estimate_mb
+            or 0
+        )
+
+    @staticmethod
+    def _estimate_key(entry: ModelEntry) -> tuple[str, str | None, tuple[str, ...]]:
+        config = entry.backend_config
+        return (entry.name, config.model_path, tuple(config.extra_args))
+
+    def estimate_of(self, entry: ModelEntry) -> Estimate | None:
+        """The estimate read from ``entry``'s files, once ``estimate_now`` has read them."""
+        return self.estimates.get(self._estimate_key(entry))
+
+    async def estimate_now(self, entry: ModelEntry) -> Estimate | None:
+        """Read ``entry``'s files (once per model path and arguments), off the event loop."""
+        key = self._estimate_key(entry)
+        if key not in self.estimates:
+            self.estimates[key] = await asyncio.to_thread(estimate, entry)
+        return self.estimates[key]
+
+    def sizing(self, entry: ModelEntry) -> dict[str, Any]:
+        """What ``/admin/state`` shows of a model's size: declared, estimated, learned, and
+        which one placement uses now."""
+        found = self.estimate_of(entry)
+        learned = self.learned_mb.get(entry.name)
+        if entry.backend_config.gpu_memory_utilization:
+            used = "share"
+        elif learned:
+            used = "learned"
+        elif found is not None:
+            used = "estimate"
+        elif entry.vram_estimate_mb:
+            used = "declared"
+        else:
+            used = None
+        return {
+            "need_mb": self.need_mb(entry) or None,
+            "from": used,
+            "declared_mb": entry.vram_estimate_mb,
+            "estimate": found.public() if found else None,
+            "learned_mb": learned,
+            "load_s": self.load_s.get(entry.name),
+        }
 
     def held_mb(self, holding: Holding) -> int:
         return self.need_mb(holding.entry) if holding.entry is not None else holding.vram_mb
@@ -139,6 +189,8 @@ class VramArbiter:
         """Before ``entry`` starts: place it, evict idle models there until it fits, and wait
         for the memory."""
         pin = tuple(entry.gpus) if entry.gpus else None
+        if need_mb is None and entry.name not in self.learned_mb:
+            await self.estimate_now(entry)  # a model never run here: its files say its size
         async with self._room_lock:  # two starts must not both count the same free memory
             await self.snapshot()
             need = need_mb if need_mb is not None else self.need_mb(entry)

@@ -58,6 +58,10 @@ async def _body(request: Request, *, optional: bool = False) -> dict[str, Any]:
 
 async def admin_state(request: Request) -> Response:
     state = await _admin(request)
+    for entry in state.registry:  # a model never run here shows what its files say
+        lifecycle = state.lifecycle
+        if entry.servable and lifecycle.managed(entry) and lifecycle.backend(entry).uses_gpu(entry):
+            await state.arbiter.estimate_now(entry)
     models = [model_state(state, entry) for entry in state.registry]
     models += [peer_state(listed) for listed in state.peers.listed(set(state.registry.names))]
     return _json(
@@ -93,6 +97,10 @@ def model_state(state: ProxyState, entry: ModelEntry) -> dict[str, Any]:
             # While it loads: seconds so far, of about how many (its learned load time).
             "loading": loading_progress(state, entry).public()
             if lifecycle.state(entry) == STARTING
+            else None,
+            # Its size: declared, estimated from its files, learned; and which one is used.
+            "vram": state.arbiter.sizing(entry)
+            if lifecycle.backend(entry).uses_gpu(entry)
             else None,
         }
         if entry.servable
