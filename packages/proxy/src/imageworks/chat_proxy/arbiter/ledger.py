@@ -165,6 +165,9 @@ def report(
                 "models": models,
                 "foreign": foreign,
                 "lease": next((le for le in leases if le.get("device") == snap.index), None),
+                "utilization_pct": snap.utilization_pct,
+                "temperature_c": snap.temperature_c,
+                "power_w": snap.power_w,
             }
         )
     return rows
