@@ -160,3 +160,15 @@ def test_after_the_first_load_the_comments_carry_its_estimate(proxy_factory, exe
     assert slower.fullmatch(comments[-1]), comments[-1]
     assert loading["kind"] == "load" and loading["expected_s"] == round(first["load_ms"] / 1000, 1)
     assert loading["elapsed_s"] >= 0 and loading["left_s"] is not None
+
+
+def test_a_pinned_model_is_never_swapped_out_of_its_slot(proxy_factory, executor) -> None:
+    pinned = {**vllm_entry("a"), "pinned": True}
+    proxy = proxy_factory([pinned, vllm_entry("b")], vllm_remote_url=executor.url)
+    assert proxy.client.post("/admin/activate", json={"model": "a"}).status_code == 200
+    refused = proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "b"})
+    assert refused.status_code == 409, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "insufficient_vram" and "pinned model 'a'" in error["message"]
+    states = {m["name"]: m["state"] for m in proxy.client.get("/admin/state").json()["models"]}
+    assert states == {"a": "ready", "b": "stopped"}
