@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -36,6 +38,7 @@ from imageworks.chat_proxy.errors import (
     ProxyError,
     ShuttingDown,
 )
+from imageworks.chat_proxy.observe.progress import Progress, comment, progress
 from imageworks.chat_proxy.request import multipart
 from imageworks.chat_proxy.request.admission import Gate
 from imageworks.chat_proxy.request.bodies import read_limited
@@ -112,6 +115,19 @@ def resolve(state: ProxyState, name: str) -> ModelEntry:
         )
         raise ModelNotFound(f"The model '{name}' {why} (see GET /v1/models)", param="model")
     return entry
+
+
+def loading_comment(state: ProxyState, entry: ModelEntry, asked: float) -> bytes:
+    """``: loading <model> (4.2 s of about 11 s)``: time since its start began (since the
+    request began waiting, while it waits for its turn), of its learned load time."""
+    return comment(entry.name, loading_progress(state, entry, asked))
+
+
+def loading_progress(state: ProxyState, entry: ModelEntry, asked: float | None = None) -> Progress:
+    status = state.lifecycle.status(entry)
+    starting = status.state == STARTING
+    since = status.since if starting or asked is None else asked
+    return progress(since, status.load_ms)
 
 
 # --- the steps that need no request context --------------------------------------------------
@@ -428,6 +444,9 @@ async def relay_stream(
     # autostart off a stopped model is refused before the first byte, as a real 502.
     comments = call.loading and (state.autostart or state.lifecycle.state(entry) == STARTING)
     assert surface.stream is not None
+    waiting: Callable[[], bytes] | None = (
+        functools.partial(loading_comment, state, entry, time.time()) if comments else None
+    )
 
     def finish(outcome: Outcome) -> None:
         call.remember(outcome, None)
@@ -437,7 +456,7 @@ async def relay_stream(
         call.outcome,
         finish if surface.name == RESPONSES_NAME else exchange.finish,
         connect=lambda: call.connect(exchange),
-        waiting_comment=f": loading {entry.name}\n\n".encode() if comments else None,
+        waiting_comment=waiting,
         keepalive_s=state.config.keepalive_s,
         converter=StreamConverter() if call.info.tools else None,
         stream_format=surface.stream,

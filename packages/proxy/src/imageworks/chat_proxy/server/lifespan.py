@@ -33,6 +33,7 @@ from imageworks.chat_proxy.engines.backends import build_backends
 from imageworks.chat_proxy.engines.backends.vllm import VllmBackend
 from imageworks.chat_proxy.engines.lifecycle import Lifecycle
 from imageworks.chat_proxy.engines.modelstate import Restarts
+from imageworks.chat_proxy.observe.events import EventBus
 from imageworks.chat_proxy.observe.metrics import Metrics
 from imageworks.chat_proxy.observe.requestlog import RequestLog
 from imageworks.chat_proxy.request.admission import Admission
@@ -76,6 +77,7 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         max_bytes=config.max_log_bytes,
         backups=config.log_backups,
         recent=config.recent_requests,
+        bus=EventBus(),
     ).start()
     metrics = Metrics()
     metrics.log_dropped.set_function(lambda: request_log.dropped)
@@ -160,6 +162,8 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
 
 async def start_background(state: ProxyState) -> list[asyncio.Task[Any]]:
     """Adopt what an earlier proxy left running, then start the loops that keep state true."""
+    if state.log.bus is not None:
+        state.log.bus.bind()
     adopted = await state.lifecycle.recover()
     if adopted:
         log.info("adopted running engines: %s", ", ".join(adopted))
