@@ -50,7 +50,9 @@ def build_command(
     host: str,
     port: int,
     gpu_memory_utilization: float,
+    python: str | None = None,
 ) -> list[str]:
+    more = {"python": python} if python else {}
     return launch.build_command(
         entry,
         template,
@@ -59,6 +61,7 @@ def build_command(
         # Only a template that asks for them (a custom one may launch another engine).
         tool_args=tool_args(entry) if "{tool_args}" in template else [],
         gpu_memory_utilization=gpu_memory_utilization,
+        **more,
     )
 
 
