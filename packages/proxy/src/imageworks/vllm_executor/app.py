@@ -56,7 +56,7 @@ from imageworks.model_loader.errors import RegistryError, UnknownModelError
 from imageworks.model_loader.layers import write_atomic
 from imageworks.model_loader.registry import load_registry
 from imageworks.vllm_executor.config import ExecutorConfig
-from imageworks.vllm_executor.launcher import LaunchError, build_command
+from imageworks.vllm_executor.launcher import LaunchError, command_for
 
 log = logging.getLogger("imageworks.vllm_executor")
 
@@ -215,7 +215,7 @@ class Executor:
             used = {r.port for r in self.runs.values()}
             port = self.config.served_port if self.config.served_port not in used else free_port()
             try:
-                argv = build_command(
+                argv = command_for(
                     entry,
                     self.config.launch_template,
                     host=self.config.served_host,
@@ -224,12 +224,10 @@ class Executor:
                     or share
                     or self.config.gpu_memory_utilization,
                     python=self.config.python,
+                    span=len(devices) if devices else entry.gpu_span,
                 )
             except LaunchError as exc:
                 raise InvalidRequest(str(exc), param="model") from None
-            span = len(devices) if devices else entry.gpu_span
-            if span > 1 and not any(a.startswith("--tensor-parallel-size") for a in argv):
-                argv += ["--tensor-parallel-size", str(span)]
             env = child_env(os.environ, self.config.served_host)
             if devices:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
