@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from tests.real_engine.conftest import manifest_or_reason
 
 
