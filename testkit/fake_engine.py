@@ -196,13 +196,28 @@ class FakeEngine:
                 words = ["Here is the record: ", '{"name": "Alice", "age": 30}', " as asked."]
             if model == "function-call":
                 return await self.function_call(request, body, model)
-            tools = body.get("tools") and model != "json-prose"  # it answers in prose
+            # As the real engines: a request with tools gets a call, unless the last turn is the
+            # tool's result or tool_choice is "none" (then it answers in words, and a client's
+            # tool loop ends); prose models answer in prose.
+            tools = body.get("tools") and model != "json-prose" and _wants_a_call(body)
+            if (problem := self.sampling_problem(body)) is not None:
+                return self.error(400, problem)
+            if not tools and (schema := _response_schema(body)) is not None:
+                words = [json.dumps(_instance_of(schema))]
             if body.get("stream") and model != "json-for-stream":
                 return await self.stream_chat(request, body, model, words, bool(tools))
             return web.json_response(self.full_chat(body, model, words, bool(tools)))
         except asyncio.CancelledError:
             self.cancelled.append(rid)
             raise
+
+    def sampling_problem(self, body: dict[str, Any]) -> str | None:
+        """vLLM refuses several choices under greedy sampling (temperature 0), in its words;
+        llama.cpp serves them (identical)."""
+        n = _choices(body)
+        if self.flavour == "vllm" and n > 1 and body.get("temperature") == 0:
+            return f"n must be 1 when using greedy sampling, got {n}."
+        return None
 
     def full_chat(
         self, body: dict[str, Any], model: str, words: list[str], tools: bool
@@ -227,7 +242,10 @@ class FakeEngine:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            "choices": [
+                {"index": i, "message": message, "finish_reason": finish}
+                for i in range(_choices(body))
+            ],
         }
         if model != "no-usage":
             data["usage"] = self.usage(body, len(words))
@@ -596,6 +614,51 @@ def _form(content_type: str, raw: bytes) -> dict[str, bytes]:
         if isinstance(name, str) and isinstance(payload, bytes):
             fields[name] = payload
     return fields
+
+
+def _choices(body: dict[str, Any]) -> int:
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+
+
+def _wants_a_call(body: dict[str, Any]) -> bool:
+    if body.get("tool_choice") == "none":
+        return False
+    messages = body.get("messages") or []
+    last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+    return bool(body.get("tool_choice") == "required" or last.get("role") != "tool")
+
+
+def _response_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The schema ``response_format`` asks for (``json_object``: any object)."""
+    wanted = body.get("response_format")
+    if not isinstance(wanted, dict):
+        return None
+    if wanted.get("type") == "json_object":
+        return {"type": "object", "properties": {"answer": {"type": "string"}}}
+    if wanted.get("type") == "json_schema":
+        schema = (wanted.get("json_schema") or {}).get("schema")
+        return schema if isinstance(schema, dict) else {"type": "object"}
+    return None
+
+
+def _instance_of(schema: dict[str, Any]) -> Any:
+    """A value that satisfies a simple JSON schema, as a constrained engine's answer would."""
+    kind = schema.get("type")
+    if "enum" in schema:
+        return schema["enum"][0]
+    if kind == "object" or "properties" in schema:
+        properties = schema.get("properties") or {}
+        return {k: _instance_of(v if isinstance(v, dict) else {}) for k, v in properties.items()}
+    if kind == "array":
+        return []
+    if kind in ("integer", "number"):
+        return 1
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    return "Paris"
 
 
 def _scripted(model: str) -> bool:
