@@ -42,7 +42,7 @@ from imageworks.chat_proxy.engines.modelstate import (
 )
 from imageworks.chat_proxy.engines.slot import Slot, Ticket
 from imageworks.chat_proxy.errors import BackendUnavailable, ModelBackoff, ModelStartFailed
-from imageworks.chat_proxy.observe.requestlog import RequestLog
+from imageworks.chat_proxy.observe.requestlog import RequestLog, utc_now_iso
 from imageworks.chat_proxy.supervision.process import safe_name
 from imageworks.model_loader.registry import Registry
 from imageworks.model_loader.schema import ModelEntry
@@ -439,6 +439,10 @@ class Lifecycle:
         status.load_ms = load_ms if load_ms is not None else (current.load_ms if current else None)
         self.statuses[name] = status
         self.version += 1
+        if current is None or current.state != state:  # the event stream shows each change
+            bus = self.request_log.bus if self.request_log is not None else None
+            if bus is not None:
+                bus.publish({"ts": utc_now_iso(), "event": "state", "model": name, "state": state})
 
     def event(self, event: str, **fields: Any) -> None:
         if self.request_log is not None:

@@ -157,7 +157,10 @@ class BrowserGuard:
         path: str = scope["path"]
         method: str = scope["method"]
         origin = _header(scope, b"origin")
-        if is_admin_path(path):
+        # An engine's raw routes (/upstream/...) may change its state for an admin: no page may
+        # send those either, whatever the CORS origins.
+        raw_write = path.startswith("/upstream/") and method not in SAFE_METHODS
+        if is_admin_path(path) or raw_write:
             if origin is not None and not same_origin(origin, host):
                 await _refuse(
                     ForbiddenOrigin(

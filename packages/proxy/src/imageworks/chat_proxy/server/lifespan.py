@@ -33,6 +33,7 @@ from imageworks.chat_proxy.engines.backends import build_backends
 from imageworks.chat_proxy.engines.backends.vllm import VllmBackend
 from imageworks.chat_proxy.engines.lifecycle import Lifecycle
 from imageworks.chat_proxy.engines.modelstate import Restarts
+from imageworks.chat_proxy.observe.events import EventBus
 from imageworks.chat_proxy.observe.metrics import Metrics
 from imageworks.chat_proxy.observe.requestlog import RequestLog
 from imageworks.chat_proxy.request.admission import Admission
@@ -40,6 +41,7 @@ from imageworks.chat_proxy.server.staging import StagingLock
 from imageworks.chat_proxy.server.state import ProxyState
 from imageworks.chat_proxy.upstream.egress import Egress
 from imageworks.chat_proxy.upstream.peers import Peers
+from imageworks.chat_proxy.upstream.responses import ResponseBook
 from imageworks.chat_proxy.vision.prepare import ImagePrep
 from imageworks.model_loader.profiles import PROFILES_FILE, ProfileManager
 from imageworks.model_loader.registry import Registry
@@ -75,6 +77,7 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         max_bytes=config.max_log_bytes,
         backups=config.log_backups,
         recent=config.recent_requests,
+        bus=EventBus(),
     ).start()
     metrics = Metrics()
     metrics.log_dropped.set_function(lambda: request_log.dropped)
@@ -134,6 +137,7 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         staging_lock=staging_lock,
         peers=peers,
         images=ImagePrep(config.vision_workers),
+        responses=ResponseBook(config.log_path.with_name("response_ids.tsv")).load(),
     )
 
     def on_reload(registry: Registry) -> None:
@@ -158,6 +162,8 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
 
 async def start_background(state: ProxyState) -> list[asyncio.Task[Any]]:
     """Adopt what an earlier proxy left running, then start the loops that keep state true."""
+    if state.log.bus is not None:
+        state.log.bus.bind()
     adopted = await state.lifecycle.recover()
     if adopted:
         log.info("adopted running engines: %s", ", ".join(adopted))
@@ -202,4 +208,5 @@ async def close_state(state: ProxyState, background: list[asyncio.Task[Any]] | N
         "shutdown", "proxy", steps=results, seconds=round(time.monotonic() - started, 3)
     )
     state.log.close()
+    state.responses.close()
     state.staging_lock.release()

@@ -47,6 +47,10 @@ class Target:
         base, mark, query = self.base_url.partition("?")
         return self.egress.parsed(base.rstrip("/") + path + mark + query)
 
+    def root_url(self, path: str) -> URL:
+        """``path`` under the engine's root (its raw routes: /tokenize, /props, ...)."""
+        return self.egress.parsed(self.base_url.removesuffix("/v1") + path)
+
     def headers(self, request_id: str) -> dict[str, str]:
         headers = {"content-type": JSON, "x-request-id": request_id}
         headers.update(self.extra_headers)
