@@ -150,6 +150,8 @@ def test_a_lan_client_reads_but_administers_only_with_the_token(lan: Lan, tmp_pa
             "PUT",
             "-H",
             f"Authorization: Bearer {TOKEN}",
+            "-H",
+            "Content-Type: application/json",  # curl -d says form data otherwise: 415
             "-d",
             '{"enabled":false}',
         )
