@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from imageworks.chat_proxy.arbiter.gpu import SimProbe
-from imageworks.chat_proxy.arbiter.simgpu import SimGpu, SimGpuError
+from imageworks.chat_proxy.arbiter.simgpu import SimGpu, SimGpuError, SimProbe
 from testkit.entries import eventually
 from testkit.processes import REPO, write_registry
 

@@ -26,7 +26,8 @@ from collections.abc import Awaitable
 from typing import Any
 
 from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
-from imageworks.chat_proxy.arbiter.gpu import GpuProbe, NoGpuProbe, NvmlProbe, SimProbe
+from imageworks.chat_proxy.arbiter.gpu import GpuProbe, NoGpuProbe, NvmlProbe
+from imageworks.chat_proxy.arbiter.simgpu import SimProbe
 from imageworks.chat_proxy.config import ProxyConfig
 from imageworks.chat_proxy.engines import idle
 from imageworks.chat_proxy.engines.backends import build_backends
