@@ -45,7 +45,10 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "ledger": (f"{PROXY}/arbiter/ledger.py", [f"{PT}/test_ledger.py"]),
     "simgpu": (f"{PROXY}/arbiter/simgpu.py", [f"{PT}/test_simgpu.py"]),
     "images": (f"{PROXY}/vision/images.py", [f"{PT}/test_images.py", f"{PT}/test_vision.py"]),
-    "toolcalls": (f"{PROXY}/request/toolcalls.py", [f"{PT}/test_tool_calls.py", f"{PT}/test_images.py"]),
+    "toolcalls": (
+        f"{PROXY}/request/toolcalls.py",
+        [f"{PT}/test_tool_calls.py", f"{PT}/test_images.py"],
+    ),
     "lifting": (f"{PROXY}/vision/lifting.py", [f"{PT}/test_images.py"]),
     "history": (f"{PROXY}/vision/history.py", [f"{PT}/test_images.py"]),
     "ray_apps": (f"{PROXY}/engines/backends/ray_apps.py", [f"{PT}/test_ray_apps.py"]),

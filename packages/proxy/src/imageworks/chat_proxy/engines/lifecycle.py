@@ -7,10 +7,14 @@ engine exits are reported by each backend's supervisor the moment they happen, a
 asks every backend every ``CHAT_PROXY_RECONCILE_S`` whether what we believe ready still runs
 (and what Ollama holds), and a refused connection to a ready engine triggers a check at once.
 Models the proxy does not manage (an entry with an explicit address, Ollama, ``openai``) only
-get their in-flight count and the passive state the last request or reconcile saw.
+get their in-flight count and the passive state the last request or reconcile saw. Every
+model's state is in one ``StatusBook`` (``modelstate``): the slots move managed models' states,
+this module the passive ones.
 
-The GPU arbiter is reached only through ``arbiter.seams.GpuGate``, and it reaches back only
-through ``holdings``/``restore`` (``seams.Residency``).
+The GPU arbiter is reached only through ``arbiter.seams.GpuGate`` (``NO_GPU`` when there is
+none, or for a model that takes no GPU), and it reaches back only through
+``holdings``/``restore`` (``seams.Residency``). The gate is made at construction, from the
+lifecycle itself (``gate=``): the arbiter needs the lifecycle as its residency.
 """
 
 from __future__ import annotations
@@ -23,38 +27,43 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from imageworks.chat_proxy.arbiter.seams import GpuGate, Holding
-from imageworks.chat_proxy.engines import idle
-from imageworks.chat_proxy.engines.backends import Backend
+from imageworks.chat_proxy.arbiter.seams import NO_GPU, GpuGate, Holding
+from imageworks.chat_proxy.engines.backends import Backend, StartRequest
 from imageworks.chat_proxy.engines.modelstate import (
     CRASHED,
-    FAILED,
+    LOADED,
     READY,
-    STARTING,
     STOPPED,
-    STOPPING,
     UNKNOWN,
     UNREACHABLE,
     ModelStatus,
     Restarts,
+    State,
+    StatusBook,
 )
 from imageworks.chat_proxy.engines.slot import Slot, Ticket
-from imageworks.chat_proxy.errors import BackendUnavailable, ModelBackoff, ModelStartFailed
+from imageworks.chat_proxy.errors import (
+    BackendUnavailable,
+    ModelBackoff,
+    ModelStartFailed,
+    ProxyError,
+)
+from imageworks.chat_proxy.observe.metrics import Metrics
 from imageworks.chat_proxy.observe.requestlog import RequestLog
 from imageworks.chat_proxy.supervision.process import safe_name
 from imageworks.model_loader.registry import Registry
 from imageworks.model_loader.schema import ModelEntry
 
-if TYPE_CHECKING:
-    from imageworks.chat_proxy.observe.metrics import Metrics
-
 log = logging.getLogger(__name__)
 
-# Re-exported: callers name states and tickets through this module.
-__all__ = ["CRASHED", "FAILED", "READY", "STARTING", "STOPPED", "STOPPING", "UNKNOWN"]
-__all__ += ["UNREACHABLE", "Lifecycle", "ModelStatus", "Ticket"]
+
+def ttl_of(entry: ModelEntry, default_s: float) -> float:
+    """Seconds of idleness before ``entry`` is unloaded; 0: never."""
+    if entry.pinned:
+        return 0.0
+    return entry.ttl_s if entry.ttl_s is not None else default_s
 
 
 class Lifecycle:
@@ -69,6 +78,8 @@ class Lifecycle:
         request_log: RequestLog | None = None,
         restarts: Callable[[], Restarts] = Restarts,
         idle_ttl_s: float = 0.0,
+        metrics: Metrics | None = None,
+        gate: Callable[[Lifecycle], GpuGate] | None = None,
     ) -> None:
         self.backends = backends
         self.staging_dir = staging_dir
@@ -78,16 +89,19 @@ class Lifecycle:
         self.request_log = request_log
         self.new_restarts = restarts
         self.idle_ttl_s = idle_ttl_s
+        self.metrics = metrics if metrics is not None else Metrics()
         self.slots: dict[str, Slot] = {}
-        self.gate: GpuGate | None = None  # set by the app once the arbiter exists
-        self.metrics: Metrics | None = None
         self._last_used: dict[str, float] = {}
-        self.statuses: dict[str, ModelStatus] = {}
+        self.book = StatusBook()
         self.restarts: dict[str, Restarts] = {}
         self.in_flight: Counter[str] = Counter()
         self._checks: set[asyncio.Task[None]] = set()
-        # Bumped on every state change so cached views (the model list) know to refresh.
-        self.version = 0
+        self.gate: GpuGate = gate(self) if gate is not None else NO_GPU
+
+    @property
+    def version(self) -> int:
+        """Moves on with every state change, so cached views (the model list) refresh."""
+        return self.book.version
 
     def backend(self, entry: ModelEntry) -> Backend:
         return self.backends[entry.backend]
@@ -98,8 +112,12 @@ class Lifecycle:
             return None
         slot = self.slots.get(key)
         if slot is None:
-            slot = self.slots[key] = Slot(key, self.backend(entry), self)
+            slot = self.slots[key] = Slot(key, self.backend(entry), self, self.book)
         return slot
+
+    def _gpu(self, entry: ModelEntry) -> GpuGate:
+        """The gate for ``entry``: the arbiter's, unless serving it takes no GPU."""
+        return self.gate if self.backend(entry).uses_gpu(entry) else NO_GPU
 
     def start_log(self, name: str) -> Path:
         return self.staging_dir / "autostart" / f"{safe_name(name)}.log"
@@ -117,12 +135,10 @@ class Lifecycle:
         self, entry: ModelEntry, *, autostart: bool, lease_token: str | None = None
     ) -> Ticket:
         backend = self.backend(entry)
-        if self.gate is not None and backend.uses_gpu(entry):
-            self.gate.admit(entry, lease_token)
+        self._gpu(entry).admit(entry, lease_token)
         slot = self.slot(entry)
         if slot is None:
-            if self.gate is not None:
-                await backend.prepare(entry, self.gate.make_room)
+            await backend.prepare(entry, self.gate.make_room)
             return self._hold(entry, Ticket(entry.name, backend.base_url(entry), 0.0, False), None)
         ticket = await slot.acquire(entry, autostart=autostart, queue_timeout=self.queue_timeout)
         return self._hold(entry, ticket, slot)
@@ -143,7 +159,7 @@ class Lifecycle:
                 if reached is False:  # refused by an engine we believe ready: look now
                     self._check_soon(slot)
             elif reached is not None:
-                self.set_status(name, READY if reached else UNREACHABLE)
+                self.book.move(name, READY if reached else UNREACHABLE)
 
         ticket._on_release = release
         return ticket
@@ -158,7 +174,7 @@ class Lifecycle:
         name = entry.name
         restarts = self.restarts_of(name)
         now = time.monotonic()
-        status = self.statuses.get(name)
+        status = self.book.get(name)
         last = status.last_error if status else None
         if restarts.halted:
             raise ModelStartFailed(
@@ -186,7 +202,7 @@ class Lifecycle:
         loops (an operator's explicit request); returns once ready."""
         self.restarts_of(entry.name).reset()
         if self.state(entry) == CRASHED:
-            self.set_status(entry.name, STOPPED)  # the operator's word overrides 'never'
+            self.book.move(entry.name, STOPPED)  # the operator's word overrides 'never'
         ticket = await self.acquire(entry, autostart=True)
         ticket.release()
         return self.status(entry)
@@ -247,11 +263,8 @@ class Lifecycle:
         names = set(self.registry().names)
         for slot in list(self.slots.values()):
             if slot.active is not None and slot.active not in names:
-                name = slot.active
-                if await slot.evict(name, "removed from the registry"):
+                if await self.unload(slot, "removed from the registry"):
                     log.info("stopped %s: it is no longer in the registry", slot.key)
-                    if self.metrics is not None:
-                        self.metrics.idle_unloads.labels(name, "removed").inc()
                 continue
             await slot.check()
         entries = [e for e in self.registry() if e.servable and not self.managed(e)]
@@ -261,7 +274,7 @@ class Lifecycle:
                 continue
             with contextlib.suppress(Exception):
                 for name, state in (await backend.observed(mine)).items():
-                    self.set_status(name, state)
+                    self.book.move(name, State(state))
 
     async def reconcile_loop(self, interval_s: float) -> None:
         while True:
@@ -271,7 +284,30 @@ class Lifecycle:
             except Exception as exc:  # the loop must outlive any one bad round
                 log.warning("reconcile failed: %s", exc)
 
-    # --- preload (idle unload lives in idle.py) ------------------------------------------
+    async def unload(self, slot: Slot, reason: str) -> bool:
+        """Stop the slot's model now if it is idle ("idle": its TTL ran out; else why it goes),
+        and wait (bounded) until the GPU shows its memory back. The one way a model is unloaded
+        without being asked (the idle loop, a model removed from the registry)."""
+        entry = slot.entry
+        if entry is None:
+            return False
+        pid = slot.backend.pid_of(entry.name)
+        if not await slot.evict(entry.name, reason):
+            return False
+        self.metrics.idle_unloads.labels(
+            entry.name, "idle" if reason == "idle" else "removed"
+        ).inc()
+        await self._gpu(entry).released(pid)
+        return True
+
+    def idle_left(self, entry: ModelEntry) -> float | None:
+        """Seconds until ``entry`` is unloaded for idleness, if it is ready and idle now."""
+        slot, ttl = self.slot(entry), ttl_of(entry, self.idle_ttl_s)
+        if slot is None or ttl <= 0 or not slot.idle(entry.name):
+            return None
+        return max(0.0, ttl - (time.monotonic() - self.last_used(entry.name)))
+
+    # --- preload (the idle loop lives in idle.py) ----------------------------------------------
 
     async def preload(self, names: Iterable[str]) -> None:
         """Start the named models and those marked ``preload`` (at proxy start)."""
@@ -327,40 +363,36 @@ class Lifecycle:
             if slot.active is not None and slot.entry is not None and not slot.making_room
         ]
 
-    async def make_room(self, entry: ModelEntry) -> None:
-        if self.gate is not None and self.backend(entry).uses_gpu(entry):
-            await self.gate.make_room(entry)
-
-    def gpu_share(self, entry: ModelEntry) -> float | None:
-        if self.gate is None or not self.backend(entry).uses_gpu(entry):
-            return None
-        return self.gate.share_of(entry)
-
     def gpu_devices(self, entry: ModelEntry) -> tuple[int, ...] | None:
         """The devices ``entry`` was placed on (its engine's CUDA_VISIBLE_DEVICES)."""
-        if self.gate is None or not self.backend(entry).uses_gpu(entry):
-            return None
-        return self.gate.placement_of(entry)
+        return self._gpu(entry).placement_of(entry)
+
+    # --- what the slots ask (``slot.SlotOwner``) and report --------------------------------------
+
+    async def room_for(self, entry: ModelEntry) -> StartRequest:
+        gpu = self._gpu(entry)
+        await gpu.make_room(entry)
+        return StartRequest(
+            entry,
+            self.start_log(entry.name),
+            self.start_timeout,
+            gpu_share=gpu.share_of(entry),
+            devices=gpu.placement_of(entry),
+        )
 
     async def learn(self, entry: ModelEntry, pid: int | None) -> None:
-        if self.gate is not None and self.backend(entry).uses_gpu(entry):
-            await self.gate.learn(entry, pid)
-
-    # --- what the slots report -----------------------------------------------------------------
+        await self._gpu(entry).learn(entry, pid)
 
     def started(self, entry: ModelEntry, load_ms: float) -> None:
         self.restarts_of(entry.name).started()
         self.touch(entry.name)  # its idle time counts from now
-        self.set_status(entry.name, READY, load_ms=load_ms)
-        self.statuses[entry.name].last_error = None  # running again: the old error is history
         self.event("autostart", model=entry.name, result="ready", load_ms=load_ms)
         self.count_load(entry.name, "ready", load_ms)
 
-    def start_failed(self, entry: ModelEntry, error: Any, *, backoff: bool = True) -> None:
+    def start_failed(self, entry: ModelEntry, error: ProxyError, *, backoff: bool = True) -> None:
         restarts = self.restarts_of(entry.name)
         if backoff:
             restarts.start_failed(time.monotonic())
-        self.set_status(entry.name, FAILED, error=error.message)
         self.event(
             "autostart",
             model=entry.name,
@@ -370,14 +402,12 @@ class Lifecycle:
         )
         self.count_load(entry.name, "failed", None)
 
-    def engine_crashed(self, name: str, why: str) -> None:
-        restarts = self.restarts_of(name)
-        looping = restarts.crashed(time.monotonic())
+    def crashed(self, name: str, why: str) -> bool:
+        looping = self.restarts_of(name).crashed(time.monotonic())
         log.warning("engine of %s crashed: %s", name, why)
-        self.set_status(name, FAILED if looping else CRASHED, error=why)
         self.event("crash", model=name, error=why, crash_loop=looping)
-        if self.metrics is not None:
-            self.metrics.engine_crashes.labels(name).inc()
+        self.metrics.engine_crashes.labels(name).inc()
+        return looping
 
     def restarts_of(self, name: str) -> Restarts:
         if name not in self.restarts:
@@ -391,23 +421,22 @@ class Lifecycle:
         return self._last_used.get(name, 0.0)
 
     def count_load(self, name: str, result: str, load_ms: float | None) -> None:
-        if self.metrics is not None:
-            self.metrics.model_loads.labels(name, result).inc()
-            if load_ms is not None:
-                self.metrics.model_load_seconds.labels(name).observe(load_ms / 1000)
+        self.metrics.model_loads.labels(name, result).inc()
+        if load_ms is not None:
+            self.metrics.model_load_seconds.labels(name).observe(load_ms / 1000)
 
     def status(self, entry: ModelEntry) -> ModelStatus:
         default = STOPPED if self.managed(entry) else UNKNOWN
-        return self.statuses.get(entry.name) or ModelStatus(state=default)
+        return self.book.get(entry.name) or ModelStatus(state=default)
 
-    def state(self, entry: ModelEntry) -> str:
+    def state(self, entry: ModelEntry) -> State:
         return self.status(entry).state
 
     def describe(self, entry: ModelEntry) -> dict[str, Any]:
         """The status as ``/admin/state`` shows it, with the restart accounting."""
         view = self.status(entry).public()
         if self.managed(entry):
-            left = idle.time_left(self, entry)
+            left = self.idle_left(entry)
             view["idle_unload_in_s"] = None if left is None else round(left, 1)
             view["pinned"] = entry.pinned
             used = self.last_used(entry.name)
@@ -419,26 +448,12 @@ class Lifecycle:
 
     def devices_of(self, entry: ModelEntry) -> list[int]:
         """Where ``entry`` runs now; [] when it is not loaded or nobody knows."""
-        if self.gate is None or self.state(entry) not in (READY, STARTING, STOPPING):
+        if self.state(entry) not in LOADED:
             return []
         return list(self.gate.placement_of(entry) or ())
 
     def managed(self, entry: ModelEntry) -> bool:
         return self.backend(entry).slot_key(entry) is not None
-
-    def set_status(
-        self, name: str, state: str, *, error: str | None = None, load_ms: float | None = None
-    ) -> None:
-        current = self.statuses.get(name)
-        if current is not None and current.state == state and error is None and load_ms is None:
-            return
-        status = ModelStatus(
-            state=state,
-            last_error=error if error is not None else (current.last_error if current else None),
-        )
-        status.load_ms = load_ms if load_ms is not None else (current.load_ms if current else None)
-        self.statuses[name] = status
-        self.version += 1
 
     def event(self, event: str, **fields: Any) -> None:
         if self.request_log is not None:

@@ -16,8 +16,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from imageworks.chat_proxy.auth import require_api_key
-from imageworks.chat_proxy.engines.lifecycle import Ticket
 from imageworks.chat_proxy.engines.modelstate import READY, STARTING
+from imageworks.chat_proxy.engines.slot import Ticket
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
     ModelNotFound,

@@ -31,7 +31,6 @@ from imageworks.chat_proxy.arbiter.simgpu import SimProbe
 from imageworks.chat_proxy.config import ProxyConfig
 from imageworks.chat_proxy.engines import idle
 from imageworks.chat_proxy.engines.backends import build_backends
-from imageworks.chat_proxy.engines.backends.vllm import VllmBackend
 from imageworks.chat_proxy.engines.lifecycle import Lifecycle
 from imageworks.chat_proxy.engines.modelstate import Restarts
 from imageworks.chat_proxy.observe.metrics import Metrics
@@ -50,6 +49,7 @@ log = logging.getLogger("imageworks.chat_proxy")
 
 
 def make_probe(config: ProxyConfig, lifecycle: Lifecycle) -> GpuProbe:
+    """The probe ``CHAT_PROXY_GPU_PROBE`` asks for (``auto``: NVML where it works, else none)."""
     if config.gpu_probe == "sim":
         if config.gpu_sim is None:
             raise RuntimeError("CHAT_PROXY_GPU_PROBE=sim needs CHAT_PROXY_GPU_SIM (a file)")
@@ -93,6 +93,19 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
             window_s=config.crash_loop_window_s,
         )
 
+    def open_arbiter(residency: Lifecycle) -> VramArbiter:
+        return VramArbiter(
+            probe or make_probe(config, residency),
+            residency,
+            staging_dir=config.staging_dir,
+            headroom_mb=config.gpu_headroom_mb,
+            vram_timeout_s=config.vram_timeout_s,
+            wait_timeout_s=config.queue_timeout_s,
+            default_ttl_s=config.lease_ttl_s,
+            request_log=request_log,
+            metrics=metrics,
+        )
+
     lifecycle = Lifecycle(
         backends,
         staging_dir=config.staging_dir,
@@ -102,24 +115,14 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         request_log=request_log,
         restarts=restarts,
         idle_ttl_s=config.idle_ttl_s,
-    )
-    lifecycle.metrics = metrics
-    arbiter = VramArbiter(
-        probe or make_probe(config, lifecycle),
-        lifecycle,
-        staging_dir=config.staging_dir,
-        headroom_mb=config.gpu_headroom_mb,
-        vram_timeout_s=config.vram_timeout_s,
-        wait_timeout_s=config.queue_timeout_s,
-        default_ttl_s=config.lease_ttl_s,
-        request_log=request_log,
         metrics=metrics,
+        gate=open_arbiter,
     )
-    lifecycle.gate = arbiter
+    arbiter = lifecycle.gate
+    assert isinstance(arbiter, VramArbiter)  # what open_arbiter made
     budgeted = not (isinstance(arbiter.probe, NoGpuProbe) and not arbiter.probe.totals_mb)
     for backend in backends.values():
-        if isinstance(backend, VllmBackend):
-            backend.concurrent = budgeted  # several vLLM models at once where the ledger fits
+        backend.configure(budgeted=budgeted)
     state = ProxyState(
         config=config,
         watcher=watcher,
