@@ -15,6 +15,7 @@ import pytest
 
 from imageworks.chat_proxy.arbiter.seams import NoGpuGate
 from imageworks.chat_proxy.config import ProxyConfig
+from imageworks.chat_proxy.engines import upkeep
 from imageworks.chat_proxy.engines.backends.base import Backend, StartRequest
 from imageworks.chat_proxy.engines.lifecycle import Lifecycle
 from imageworks.chat_proxy.engines.modelstate import (
@@ -438,6 +439,6 @@ async def test_a_model_removed_from_the_registry_is_unloaded_and_its_memory_wait
     )
     gpu_entry = ModelEntry.model_validate({"name": "a", "backend": "vllm", "vram_estimate_mb": 900})
     await lifecycle.activate(gpu_entry)
-    await lifecycle.reconcile()
+    await upkeep.reconcile(lifecycle)
     assert backend.events == ["start a", "stop a"] and released == [4242]
     assert lifecycle.state(gpu_entry) == STOPPED

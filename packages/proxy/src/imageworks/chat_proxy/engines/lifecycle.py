@@ -4,8 +4,9 @@ truth about every engine.
 Managed models live in slots (``slot.Slot``: the state machine). This module owns the slots, the
 per-model status and restart accounting (``modelstate``), and the loops that keep them true:
 engine exits are reported by each backend's supervisor the moment they happen, a reconcile loop
-asks every backend every ``CHAT_PROXY_RECONCILE_S`` whether what we believe ready still runs
-(and what Ollama holds), and a refused connection to a ready engine triggers a check at once.
+(``upkeep``) asks every backend every ``CHAT_PROXY_RECONCILE_S`` whether what we believe ready
+still runs (and what Ollama holds), and a refused connection to a ready engine triggers a check
+at once.
 Models the proxy does not manage (an entry with an explicit address, Ollama, ``openai``) only
 get their in-flight count and the passive state the last request or reconcile saw. Every
 model's state is in one ``StatusBook`` (``modelstate``): the slots move managed models' states,
@@ -20,7 +21,6 @@ lifecycle itself (``gate=``): the arbiter needs the lifecycle as its residency.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -42,12 +42,10 @@ from imageworks.chat_proxy.engines.modelstate import (
     Restarts,
     State,
     StatusBook,
+    start_refusal,
 )
 from imageworks.chat_proxy.engines.slot import Slot, Ticket
 from imageworks.chat_proxy.errors import (
-    BackendUnavailable,
-    ModelBackoff,
-    ModelStartFailed,
     ProxyError,
 )
 from imageworks.chat_proxy.observe.metrics import Metrics
@@ -115,7 +113,7 @@ class Lifecycle:
             slot = self.slots[key] = Slot(key, self.backend(entry), self, self.book)
         return slot
 
-    def _gpu(self, entry: ModelEntry) -> GpuGate:
+    def gpu_for(self, entry: ModelEntry) -> GpuGate:
         """The gate for ``entry``: the arbiter's, unless serving it takes no GPU."""
         return self.gate if self.backend(entry).uses_gpu(entry) else NO_GPU
 
@@ -135,7 +133,7 @@ class Lifecycle:
         self, entry: ModelEntry, *, autostart: bool, lease_token: str | None = None
     ) -> Ticket:
         backend = self.backend(entry)
-        self._gpu(entry).admit(entry, lease_token)
+        self.gpu_for(entry).admit(entry, lease_token)
         slot = self.slot(entry)
         if slot is None:
             await backend.prepare(entry, self.gate.make_room)
@@ -171,29 +169,9 @@ class Lifecycle:
 
     def may_start(self, entry: ModelEntry) -> None:
         """Raise if ``entry`` must not be started automatically now."""
-        name = entry.name
-        restarts = self.restarts_of(name)
-        now = time.monotonic()
-        status = self.book.get(name)
-        last = status.last_error if status else None
-        if restarts.halted:
-            raise ModelStartFailed(
-                f"model {name!r} is failed ({restarts.halted}; last crash: {last}); start it "
-                f"with 'imageworks-models activate-model {name}' or POST /admin/activate"
-            )
-        if status is not None and status.state == CRASHED and entry.restart == "never":
-            raise BackendUnavailable(
-                f"model {name!r} crashed ({last}) and its restart policy is 'never'; start it "
-                f"with 'imageworks-models activate-model {name}' or POST /admin/activate"
-            )
-        wait = restarts.wait_s(now)
-        if wait > 0:
-            raise ModelBackoff(
-                f"model {name!r} is not restarted for another {wait:.1f} s after "
-                f"{'a crash' if status and status.state == CRASHED else 'a failed start'}"
-                f" (last error: {last})",
-                headers={"Retry-After": restarts.retry_after(now)},
-            )
+        refusal = start_refusal(entry, self.restarts_of(entry.name), self.book.get(entry.name))
+        if refusal is not None:
+            raise refusal
 
     # --- operator actions ----------------------------------------------------------------------
 
@@ -255,51 +233,6 @@ class Lifecycle:
         for backend in self.backends.values():
             await backend.close()
 
-    # --- the truth loop ------------------------------------------------------------------------
-
-    async def reconcile(self) -> None:
-        """Check every ready engine, stop the ones whose entry left the registry (once idle:
-        nothing may hide a running engine), and refresh what unmanaged engines report."""
-        names = set(self.registry().names)
-        for slot in list(self.slots.values()):
-            if slot.active is not None and slot.active not in names:
-                if await self.unload(slot, "removed from the registry"):
-                    log.info("stopped %s: it is no longer in the registry", slot.key)
-                continue
-            await slot.check()
-        entries = [e for e in self.registry() if e.servable and not self.managed(e)]
-        for backend in self.backends.values():
-            mine = [e for e in entries if e.backend == backend.kind]
-            if not mine:
-                continue
-            with contextlib.suppress(Exception):
-                for name, state in (await backend.observed(mine)).items():
-                    self.book.move(name, State(state))
-
-    async def reconcile_loop(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await self.reconcile()
-            except Exception as exc:  # the loop must outlive any one bad round
-                log.warning("reconcile failed: %s", exc)
-
-    async def unload(self, slot: Slot, reason: str) -> bool:
-        """Stop the slot's model now if it is idle ("idle": its TTL ran out; else why it goes),
-        and wait (bounded) until the GPU shows its memory back. The one way a model is unloaded
-        without being asked (the idle loop, a model removed from the registry)."""
-        entry = slot.entry
-        if entry is None:
-            return False
-        pid = slot.backend.pid_of(entry.name)
-        if not await slot.evict(entry.name, reason):
-            return False
-        self.metrics.idle_unloads.labels(
-            entry.name, "idle" if reason == "idle" else "removed"
-        ).inc()
-        await self._gpu(entry).released(pid)
-        return True
-
     def idle_left(self, entry: ModelEntry) -> float | None:
         """Seconds until ``entry`` is unloaded for idleness, if it is ready and idle now."""
         slot, ttl = self.slot(entry), ttl_of(entry, self.idle_ttl_s)
@@ -307,7 +240,7 @@ class Lifecycle:
             return None
         return max(0.0, ttl - (time.monotonic() - self.last_used(entry.name)))
 
-    # --- preload (the idle loop lives in idle.py) ----------------------------------------------
+    # --- preload (the idle and reconcile loops live in upkeep.py) -----------------------------
 
     async def preload(self, names: Iterable[str]) -> None:
         """Start the named models and those marked ``preload`` (at proxy start)."""
@@ -365,12 +298,12 @@ class Lifecycle:
 
     def gpu_devices(self, entry: ModelEntry) -> tuple[int, ...] | None:
         """The devices ``entry`` was placed on (its engine's CUDA_VISIBLE_DEVICES)."""
-        return self._gpu(entry).placement_of(entry)
+        return self.gpu_for(entry).placement_of(entry)
 
     # --- what the slots ask (``slot.SlotOwner``) and report --------------------------------------
 
     async def room_for(self, entry: ModelEntry) -> StartRequest:
-        gpu = self._gpu(entry)
+        gpu = self.gpu_for(entry)
         await gpu.make_room(entry)
         return StartRequest(
             entry,
@@ -381,7 +314,7 @@ class Lifecycle:
         )
 
     async def learn(self, entry: ModelEntry, pid: int | None) -> None:
-        await self._gpu(entry).learn(entry, pid)
+        await self.gpu_for(entry).learn(entry, pid)
 
     def started(self, entry: ModelEntry, load_ms: float) -> None:
         self.restarts_of(entry.name).started()

@@ -31,6 +31,14 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from imageworks.chat_proxy.errors import (
+    BackendUnavailable,
+    ModelBackoff,
+    ModelStartFailed,
+    ProxyError,
+)
+from imageworks.model_loader.schema import ModelEntry
+
 
 class State(StrEnum):
     STOPPED = "stopped"
@@ -187,3 +195,31 @@ class Restarts:
             "retry_in_s": round(self.wait_s(now), 2),
             "halted": self.halted,
         }
+
+
+def start_refusal(
+    entry: ModelEntry, restarts: Restarts, status: ModelStatus | None
+) -> ProxyError | None:
+    """Why ``entry`` must not be started automatically now (None: it may): a crash loop, a
+    crash under ``restart: never``, or a backoff that has not run out."""
+    name, now = entry.name, time.monotonic()
+    last = status.last_error if status else None
+    if restarts.halted:
+        return ModelStartFailed(
+            f"model {name!r} is failed ({restarts.halted}; last crash: {last}); start it "
+            f"with 'imageworks-models activate-model {name}' or POST /admin/activate"
+        )
+    crashed = status is not None and status.state == CRASHED
+    if crashed and entry.restart == "never":
+        return BackendUnavailable(
+            f"model {name!r} crashed ({last}) and its restart policy is 'never'; start it "
+            f"with 'imageworks-models activate-model {name}' or POST /admin/activate"
+        )
+    wait = restarts.wait_s(now)
+    if wait > 0:
+        return ModelBackoff(
+            f"model {name!r} is not restarted for another {wait:.1f} s after "
+            f"{'a crash' if crashed else 'a failed start'} (last error: {last})",
+            headers={"Retry-After": restarts.retry_after(now)},
+        )
+    return None

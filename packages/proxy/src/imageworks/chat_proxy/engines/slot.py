@@ -17,7 +17,7 @@ the slot reaps it and the next request restarts it, until a crash loop halts it.
 
 The state of the slot's models lives in the ``StatusBook`` the slot is given (``state`` is its
 active model's entry there): the slot moves it, the lifecycle reads it, nobody copies it. What
-the slot may ask of its owner is ``SlotOwner``: may this model start, make room and say how to
+the slot may ask of its owner is ``owner.SlotOwner``: may this model start, make room and say how to
 start it, learn what it holds, and hear of a start, a failed start or a crash.
 """
 
@@ -29,9 +29,9 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from imageworks.chat_proxy.engines.backends import Backend, StartRequest
+from imageworks.chat_proxy.engines.backends import Backend
 from imageworks.chat_proxy.engines.modelstate import (
     CRASHED,
     FAILED,
@@ -42,6 +42,7 @@ from imageworks.chat_proxy.engines.modelstate import (
     State,
     StatusBook,
 )
+from imageworks.chat_proxy.engines.owner import SlotOwner
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
     ModelStartFailed,
@@ -52,40 +53,6 @@ from imageworks.chat_proxy.errors import (
 from imageworks.model_loader.schema import ModelEntry
 
 log = logging.getLogger(__name__)
-
-
-class SlotOwner(Protocol):
-    """What a slot may ask of the lifecycle that owns it."""
-
-    start_timeout: float
-
-    def may_start(self, entry: ModelEntry) -> None:
-        """Raise if ``entry`` must not be started automatically now (backoff, crash loop)."""
-        ...
-
-    async def room_for(self, entry: ModelEntry) -> StartRequest:
-        """Make room on the GPU for ``entry`` (raise if there is none) and say how to start it."""
-        ...
-
-    async def learn(self, entry: ModelEntry, pid: int | None) -> None:
-        """``entry`` is ready: learn what its process holds on the GPU."""
-        ...
-
-    def started(self, entry: ModelEntry, load_ms: float) -> None: ...
-
-    def start_failed(self, entry: ModelEntry, error: ProxyError, *, backoff: bool) -> None: ...
-
-    def crashed(self, name: str, why: str) -> bool:
-        """Count a crash of ``name``'s engine; True when it makes a crash loop."""
-        ...
-
-    def touch(self, name: str) -> None:
-        """``name`` served a request: its idle time starts again."""
-        ...
-
-    def event(self, event: str, **fields: Any) -> None:
-        """A lifecycle event for the request log."""
-        ...
 
 
 @dataclass

@@ -29,7 +29,7 @@ from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe, NoGpuProbe, NvmlProbe
 from imageworks.chat_proxy.arbiter.simgpu import SimProbe
 from imageworks.chat_proxy.config import ProxyConfig
-from imageworks.chat_proxy.engines import idle
+from imageworks.chat_proxy.engines import upkeep
 from imageworks.chat_proxy.engines.backends import build_backends
 from imageworks.chat_proxy.engines.lifecycle import Lifecycle
 from imageworks.chat_proxy.engines.modelstate import Restarts
@@ -168,8 +168,8 @@ async def start_background(state: ProxyState) -> list[asyncio.Task[Any]]:
     loop = asyncio.get_running_loop()
     return [
         loop.create_task(state.arbiter.leases.expiry_loop()),
-        loop.create_task(state.lifecycle.reconcile_loop(state.config.reconcile_s)),
-        loop.create_task(idle.idle_loop(state.lifecycle)),
+        loop.create_task(upkeep.reconcile_loop(state.lifecycle, state.config.reconcile_s)),
+        loop.create_task(upkeep.idle_loop(state.lifecycle)),
         # In the background: the proxy serves (and lists models) while they load.
         loop.create_task(state.lifecycle.preload(state.config.preload)),
         *([loop.create_task(state.peers.poll_loop())] if state.peers else []),
