@@ -294,7 +294,7 @@ def test_declared_devices_take_one_model_each_and_a_lease_by_size_finds_room(
     rows = {m["name"]: m for m in http.get("/admin/state").json()["models"]}
     assert {rows["big"]["state"], rows["other"]["state"]} == {"ready"}
     assert sorted([rows["big"]["devices"], rows["other"]["devices"]]) == [[0], [1]]
-    backend = proxy.state.backends["llamacpp"]
+    backend = proxy.state.lifecycle.backends["llamacpp"]
     for name in ("big", "other"):
         pid = backend.pid_of(name)
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")

@@ -61,7 +61,7 @@ def _refused(request: Request, error: ProxyError) -> Response:
     endpoints record theirs themselves)."""
     state = getattr(request.app.state, "proxy", None)
     if state is not None:
-        state.record_refusal(
+        state.records.refusal(
             request.scope.get("state", {}).get("request_id"),
             request.url.path,
             request.client.host if request.client else None,
@@ -163,7 +163,7 @@ class ProxyApp:
         if scope["method"] != "POST":
             error = MethodNotAllowed(f"{scope['method']} is not allowed on {path}; use POST")
             client = scope.get("client")
-            self.state.proxy.record_refusal(
+            self.state.proxy.records.refusal(
                 scope["state"]["request_id"], path, client[0] if client else None, error
             )
             await send_error(error, send)

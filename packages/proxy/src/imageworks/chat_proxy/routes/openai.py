@@ -24,6 +24,7 @@ from imageworks.chat_proxy.errors import (
     ProxyError,
     ShuttingDown,
 )
+from imageworks.chat_proxy.observe.records import Outcome, RequestInfo
 from imageworks.chat_proxy.request.admission import Gate
 from imageworks.chat_proxy.request.bodies import read_limited
 from imageworks.chat_proxy.request.payloads import (
@@ -39,10 +40,9 @@ from imageworks.chat_proxy.request.payloads import (
     validate,
 )
 from imageworks.chat_proxy.request.toolcalls import StreamConverter, convert_answer, declares_tools
-from imageworks.chat_proxy.server.state import ProxyState, RequestInfo
+from imageworks.chat_proxy.server.state import ProxyState
 from imageworks.chat_proxy.upstream.forwarding import (
     ClientGone,
-    Outcome,
     SSEResponse,
     open_upstream,
     read_body,
@@ -212,7 +212,7 @@ class Exchange:
         if self.gate is not None:
             self.gate.release()
         self.state.metrics.in_flight.dec()
-        self.state.record(self.info, outcome)
+        self.state.records.request(self.info, outcome)
 
 
 async def admit(state: ProxyState, info: RequestInfo, gate: Gate, receive: Receive | None) -> None:
@@ -271,7 +271,7 @@ async def forward(
             )
             info.images = ImageStats()
             changed = await state.images.prepare(
-                entry, body, policy, state.session, info.images, lifted
+                entry, body, policy, state.egress.session, info.images, lifted
             )
         if images or lifted is not None:
             dump = lifted.dump if lifted is not None else None
@@ -291,12 +291,12 @@ async def forward(
             await admit(state, info, gate, receive)
     except ProxyError as exc:
         outcome.error = exc
-        state.record(info, outcome)
+        state.records.request(info, outcome)
         await send_error(exc, send)
         return
     except ClientGone:
         outcome.client_gone = True
-        state.record(info, outcome)
+        state.records.request(info, outcome)
         return
     exchange = Exchange(state, info, gate if gate is not None and not loading else None)
 

@@ -34,6 +34,7 @@ from imageworks.chat_proxy.engines.backends import build_backends
 from imageworks.chat_proxy.engines.lifecycle import Lifecycle
 from imageworks.chat_proxy.engines.modelstate import Restarts
 from imageworks.chat_proxy.observe.metrics import Metrics
+from imageworks.chat_proxy.observe.records import Records
 from imageworks.chat_proxy.observe.requestlog import RequestLog
 from imageworks.chat_proxy.request.admission import Admission
 from imageworks.chat_proxy.server.staging import StagingLock
@@ -130,8 +131,8 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         egress=egress,
         log=request_log,
         metrics=metrics,
+        records=Records(request_log, metrics),
         lifecycle=lifecycle,
-        backends=backends,
         arbiter=arbiter,
         autostart=config.autostart_enabled,
         admission=Admission(config.max_concurrency, config.max_queue, metrics),
@@ -188,7 +189,7 @@ async def close_state(state: ProxyState, background: list[asyncio.Task[Any]] | N
         ("release_lease", state.arbiter.leases.close(release=True)),
         ("stop_models", state.lifecycle.shutdown()),
     ]
-    for backend in state.backends.values():
+    for backend in state.lifecycle.backends.values():
         if backend.shutdown_step is not None:
             steps.append((backend.shutdown_step, backend.shutdown(entries)))
     for name, step in steps:

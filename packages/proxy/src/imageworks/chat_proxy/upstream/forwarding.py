@@ -20,8 +20,7 @@ import json
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import aiohttp
 from starlette.types import Receive, Scope, Send
@@ -33,11 +32,12 @@ from imageworks.chat_proxy.errors import (
     ShuttingDown,
     upstream_error,
 )
+from imageworks.chat_proxy.observe.records import Outcome
 from imageworks.chat_proxy.request.bodies import ClientGone
 from imageworks.chat_proxy.request.toolcalls import StreamConverter, convert_answer
 from imageworks.chat_proxy.upstream.egress import Egress, Target
 
-__all__ = ["ClientGone", "Outcome", "SSEResponse", "open_upstream", "read_body", "send_error"]
+__all__ = ["ClientGone", "SSEResponse", "open_upstream", "read_body", "send_error"]
 
 T = TypeVar("T")
 
@@ -49,31 +49,6 @@ SSE_HEADERS = [
 DONE = b"data: [DONE]\n\n"
 _CHUNKED_ABOVE = 1024 * 1024
 _TAIL_CHUNKS = 8  # the usage chunk and [DONE] are in the last few network reads
-
-
-@dataclass
-class Outcome:
-    """What happened to one forwarded request; becomes the JSONL record and the metrics."""
-
-    started: float = field(default_factory=time.perf_counter)
-    status: int = 0
-    error: ProxyError | None = None
-    client_gone: bool = False
-    first_byte_at: float | None = None
-    finished_at: float | None = None
-    events: int = 0
-    usage: dict[str, Any] | None = None
-
-    @property
-    def ttft_ms(self) -> float | None:
-        if self.first_byte_at is None:
-            return None
-        return round((self.first_byte_at - self.started) * 1000, 2)
-
-    @property
-    def total_ms(self) -> float:
-        end = self.finished_at or time.perf_counter()
-        return round((end - self.started) * 1000, 2)
 
 
 class StreamBroken(Exception):
