@@ -246,12 +246,10 @@ async def forward(
         )
         lifted = None
         if len(raw) > BIG_BODY:
-            state.images.has_room()
-            lifted = await state.images.run(LiftedBody.lift, raw)
+            state.pool.has_room()
+            lifted = await state.pool.run(LiftedBody.lift, raw)
         body = (
-            parse_body(raw)
-            if lifted is None
-            else await state.images.run(parse_body, lifted.skeleton)
+            parse_body(raw) if lifted is None else await state.pool.run(parse_body, lifted.skeleton)
         )
         info.model = validate(endpoint, body)
         info.stream = body.get("stream") is True
@@ -275,7 +273,7 @@ async def forward(
             )
         if images or lifted is not None:
             dump = lifted.dump if lifted is not None else None
-            payload = await state.images.run(prepare, endpoint, entry, body, raw, changed, dump)
+            payload = await state.pool.run(prepare, endpoint, entry, body, raw, changed, dump)
         else:  # the fast path: the body as it came, unless the served id or defaults differ
             payload = prepare(endpoint, entry, body, raw)
         info.prompt_bytes = len(payload)  # what the model reads (photographs resized)

@@ -22,8 +22,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+import aiohttp
 
 from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe, NoGpuProbe, NvmlProbe
@@ -41,6 +43,7 @@ from imageworks.chat_proxy.server.staging import StagingLock
 from imageworks.chat_proxy.server.state import ProxyState
 from imageworks.chat_proxy.upstream.egress import Egress
 from imageworks.chat_proxy.upstream.peers import Peers
+from imageworks.chat_proxy.vision.pool import WorkerPool
 from imageworks.chat_proxy.vision.prepare import ImagePrep
 from imageworks.model_loader.profiles import PROFILES_FILE, ProfileManager
 from imageworks.model_loader.registry import Registry
@@ -66,22 +69,15 @@ def make_probe(config: ProxyConfig, lifecycle: Lifecycle) -> GpuProbe:
     return NoGpuProbe(config.gpu_total_mb, lifecycle.declared_mb)
 
 
-def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxyState:
-    # A bad peer list fails the start before anything is opened.
-    peers = Peers(config, lambda: egress.session)
-    staging_lock = StagingLock(config.staging_dir).acquire()  # first: before any engine moves
-    watcher = RegistryWatcher(config.registry_dir).start()
-    profiles = ProfileManager(config.registry_dir / PROFILES_FILE, config.staging_dir)
-    request_log = RequestLog(
-        config.log_path,
-        max_bytes=config.max_log_bytes,
-        backups=config.log_backups,
-        recent=config.recent_requests,
-    ).start()
-    metrics = Metrics()
-    metrics.log_dropped.set_function(lambda: request_log.dropped)
-    egress = Egress(config)
-    session = egress.session
+def open_engines(
+    config: ProxyConfig,
+    registry: Callable[[], Registry],
+    request_log: RequestLog,
+    metrics: Metrics,
+    session: aiohttp.ClientSession,
+    probe: GpuProbe | None,
+) -> Lifecycle:
+    """The backends, the lifecycle over them and the GPU arbiter it asks (its ``gate``)."""
     backends = build_backends(config)
     for backend in backends.values():
         backend.attach(session)
@@ -110,7 +106,7 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
     lifecycle = Lifecycle(
         backends,
         staging_dir=config.staging_dir,
-        registry=lambda: watcher.current,
+        registry=registry,
         start_timeout=config.start_timeout_s,
         queue_timeout=config.queue_timeout_s,
         request_log=request_log,
@@ -124,6 +120,30 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
     budgeted = not (isinstance(arbiter.probe, NoGpuProbe) and not arbiter.probe.totals_mb)
     for backend in backends.values():
         backend.configure(budgeted=budgeted)
+    return lifecycle
+
+
+def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxyState:
+    # A bad peer list fails the start before anything is opened.
+    peers = Peers(config, lambda: egress.session)
+    staging_lock = StagingLock(config.staging_dir).acquire()  # first: before any engine moves
+    watcher = RegistryWatcher(config.registry_dir).start()
+    profiles = ProfileManager(config.registry_dir / PROFILES_FILE, config.staging_dir)
+    request_log = RequestLog(
+        config.log_path,
+        max_bytes=config.max_log_bytes,
+        backups=config.log_backups,
+        recent=config.recent_requests,
+    ).start()
+    metrics = Metrics()
+    metrics.log_dropped.set_function(lambda: request_log.dropped)
+    egress = Egress(config)
+    lifecycle = open_engines(
+        config, lambda: watcher.current, request_log, metrics, egress.session, probe
+    )
+    arbiter = lifecycle.gate
+    assert isinstance(arbiter, VramArbiter)
+    pool = WorkerPool(config.vision_workers)
     state = ProxyState(
         config=config,
         watcher=watcher,
@@ -138,27 +158,34 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         admission=Admission(config.max_concurrency, config.max_queue, metrics),
         staging_lock=staging_lock,
         peers=peers,
-        images=ImagePrep(config.vision_workers),
+        pool=pool,
+        images=ImagePrep(pool),
     )
+    _announce(state)
+    return state
+
+
+def _announce(state: ProxyState) -> None:
+    """Registry reloads in the log and the metrics from now on, and the start-up record."""
+    config, request_log = state.config, state.log
 
     def on_reload(registry: Registry) -> None:
-        metrics.registry_reloads.labels("ok").inc()
+        state.metrics.registry_reloads.labels("ok").inc()
         request_log.event(
             "registry_reload", "registry", version=registry.version, entries=len(registry)
         )
 
-    watcher.subscribe(on_reload)
+    state.watcher.subscribe(on_reload)
     request_log.event(
         "startup",
         "proxy",
         host=config.host,
         port=config.port,
-        registry_version=watcher.current.version,
-        profile=profiles.active.name,
-        gpu_probe=arbiter.probe.kind,
-        lease_held=arbiter.leases.lease is not None,
+        registry_version=state.registry.version,
+        profile=state.profile.name,
+        gpu_probe=state.arbiter.probe.kind,
+        lease_held=state.arbiter.leases.lease is not None,
     )
-    return state
 
 
 async def start_background(state: ProxyState) -> list[asyncio.Task[Any]]:
@@ -202,7 +229,7 @@ async def close_state(state: ProxyState, background: list[asyncio.Task[Any]] | N
             results[name] = f"failed: {why}"
     with contextlib.suppress(Exception):
         await state.egress.close()
-    state.images.close()
+    state.pool.close()
     state.log.event(
         "shutdown", "proxy", steps=results, seconds=round(time.monotonic() - started, 3)
     )
