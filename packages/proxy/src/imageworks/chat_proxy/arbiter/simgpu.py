@@ -27,7 +27,7 @@ from typing import Any
 
 from imageworks.chat_proxy.arbiter.gpu import GpuSnapshot
 from imageworks.chat_proxy.errors import BackendUnavailable
-from imageworks.chat_proxy.supervision.process import pid_alive
+from imageworks.chat_proxy.supervision.procfs import pid_alive
 
 SIM_VARIABLE = "CHAT_PROXY_GPU_SIM"
 

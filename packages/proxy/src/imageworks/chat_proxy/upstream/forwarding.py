@@ -26,7 +26,6 @@ import aiohttp
 from starlette.types import Receive, Scope, Send
 
 from imageworks.chat_proxy.errors import (
-    BackendTimeout,
     BackendUnavailable,
     ProxyError,
     ShuttingDown,
@@ -36,6 +35,7 @@ from imageworks.chat_proxy.observe.records import Outcome
 from imageworks.chat_proxy.request.bodies import ClientGone
 from imageworks.chat_proxy.request.toolcalls import StreamConverter, convert_answer
 from imageworks.chat_proxy.upstream.egress import Egress, Target
+from imageworks.chat_proxy.upstream.failures import FAILURES, STALE, StreamBroken, classify
 
 __all__ = ["ClientGone", "SSEResponse", "open_upstream", "read_body", "send_error"]
 
@@ -49,35 +49,6 @@ SSE_HEADERS = [
 DONE = b"data: [DONE]\n\n"
 _CHUNKED_ABOVE = 1024 * 1024
 _TAIL_CHUNKS = 8  # the usage chunk and [DONE] are in the last few network reads
-
-
-class StreamBroken(Exception):
-    """The backend ended an event stream without ``[DONE]``."""
-
-
-_FAILURES = (aiohttp.ClientError, TimeoutError, StreamBroken)
-
-
-# A reused connection found dead as the request was written or before any answer came.
-_STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
-
-
-def _classify(exc: BaseException, url: object, during: str) -> ProxyError:
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return BackendUnavailable(f"timed out connecting to {url}")
-    if isinstance(exc, TimeoutError):
-        return BackendTimeout(f"backend sent nothing for too long {during} ({url})")
-    if isinstance(exc, aiohttp.ClientSSLError):
-        return BackendUnavailable(f"TLS with the backend at {url} failed: {exc}")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        reason = exc.os_error.strerror or str(exc.os_error) or type(exc.os_error).__name__
-        error = BackendUnavailable(f"cannot connect to backend at {url}: {reason}")
-        error.unreached = True  # nothing answered there: worth a look at the engine
-        return error
-    if isinstance(exc, aiohttp.ClientResponseError):  # a head aiohttp could not parse
-        return BackendUnavailable(f"backend sent a malformed response {during} ({url}): {exc}")
-    detail = str(exc) or type(exc).__name__
-    return BackendUnavailable(f"backend connection failed {during} ({url}): {detail}")
 
 
 async def open_upstream(
@@ -95,18 +66,18 @@ async def open_upstream(
             data = io.BytesIO(body) if len(body) > _CHUNKED_ABOVE else body
             response = await egress.session.post(url, data=data, headers=headers, ssl=target.ssl)
             break
-        except _STALE as exc:
+        except STALE as exc:
             # A kept-alive connection the backend had already closed (llama.cpp's server drops
             # them after a few requests without saying so): nothing was answered, so the
             # request is sent once more, on a new connection. aiohttp never resends a POST.
             if attempt == 2 or isinstance(exc, aiohttp.ClientConnectorError):
-                raise _classify(exc, url, "before answering") from exc
-        except _FAILURES as exc:
-            raise _classify(exc, url, "before answering") from exc
+                raise classify(exc, url, "before answering") from exc
+        except FAILURES as exc:
+            raise classify(exc, url, "before answering") from exc
     if response.status >= 400:
         try:
             raw = await response.read()
-        except _FAILURES:
+        except FAILURES:
             raw = b""
         finally:
             response.close()
@@ -137,9 +108,9 @@ async def read_body(response: aiohttp.ClientResponse, outcome: Outcome) -> bytes
     body was not read to its end)."""
     try:
         raw = await response.read()
-    except _FAILURES as exc:
+    except FAILURES as exc:
         response.close()
-        raise _classify(exc, response.url, "while answering") from exc
+        raise classify(exc, response.url, "while answering") from exc
     except BaseException:
         response.close()
         raise
@@ -266,7 +237,7 @@ class SSEResponse:
             # Backends end the body right after [DONE]; read that last chunk terminator.
             async with asyncio.timeout(1.0):
                 await upstream.content.read()
-        except _FAILURES:
+        except FAILURES:
             upstream.close()
             return
         except asyncio.CancelledError:
@@ -389,8 +360,8 @@ class SSEResponse:
             if not self._saw_done():
                 raise StreamBroken("stream ended without [DONE]")
             self.complete = True
-        except _FAILURES as exc:
-            await self._fail(_classify(exc, upstream.url, "mid-stream"), send)
+        except FAILURES as exc:
+            await self._fail(classify(exc, upstream.url, "mid-stream"), send)
             return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

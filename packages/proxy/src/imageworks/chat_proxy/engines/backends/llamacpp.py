@@ -30,9 +30,9 @@ from imageworks.chat_proxy.supervision.process import (
     RecordStore,
     StartFailed,
     StartTimedOut,
-    find_launched,
     free_port,
 )
+from imageworks.chat_proxy.supervision.procfs import find_launched
 from imageworks.model_loader.schema import ModelEntry
 
 log = logging.getLogger("imageworks.chat_proxy.llamacpp")
