@@ -155,7 +155,7 @@ async def test_memory_that_never_comes_back_is_a_clear_503(tmp_path, session, ca
     world = World(tmp_path, session)
     await world.use("big-a")
     world.backend.leaky = True
-    caplog.set_level(logging.INFO, "imageworks.chat_proxy.arbiter")
+    caplog.set_level(logging.INFO, "imageworks.chat_proxy.arbiter.arbiter")
     with pytest.raises(InsufficientVram, match="VRAM did not come back") as caught:
         await world.use("big-b")
     assert caught.value.status == 503

@@ -30,7 +30,7 @@ from imageworks.chat_proxy.routes import admin, gpu, openai, ops, views
 from imageworks.chat_proxy.server.lifespan import close_state, open_state, start_background
 from imageworks.chat_proxy.upstream.forwarding import send_error
 
-log = logging.getLogger("imageworks.chat_proxy")
+log = logging.getLogger(__name__)
 
 _CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable, no spaces, bounded
 

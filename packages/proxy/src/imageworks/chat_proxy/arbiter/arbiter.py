@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from imageworks.chat_proxy.observe.metrics import Metrics
     from imageworks.chat_proxy.observe.requestlog import RequestLog
 
-log = logging.getLogger("imageworks.chat_proxy.arbiter")
+log = logging.getLogger(__name__)
 
 
 class VramArbiter:

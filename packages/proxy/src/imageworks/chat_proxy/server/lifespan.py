@@ -49,7 +49,7 @@ from imageworks.model_loader.profiles import PROFILES_FILE, ProfileManager
 from imageworks.model_loader.registry import Registry
 from imageworks.model_loader.watch import RegistryWatcher
 
-log = logging.getLogger("imageworks.chat_proxy")
+log = logging.getLogger(__name__)
 
 
 def make_probe(config: ProxyConfig, lifecycle: Lifecycle) -> GpuProbe:

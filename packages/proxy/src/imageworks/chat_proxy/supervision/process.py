@@ -43,7 +43,7 @@ from imageworks.chat_proxy.supervision.procfs import (
 )
 from imageworks.model_loader.layers import write_atomic
 
-log = logging.getLogger("imageworks.process")
+log = logging.getLogger(__name__)
 
 POLL_S = 0.25  # exit polling where pidfd is missing
 

@@ -35,7 +35,7 @@ from imageworks.chat_proxy.supervision.process import (
 from imageworks.chat_proxy.supervision.procfs import find_launched
 from imageworks.model_loader.schema import ModelEntry
 
-log = logging.getLogger("imageworks.chat_proxy.llamacpp")
+log = logging.getLogger(__name__)
 
 # The bundled server (xllamacpp): llama-server's flags, so registry extra_args mean the same.
 DEFAULT_TEMPLATE: tuple[str, ...] = (

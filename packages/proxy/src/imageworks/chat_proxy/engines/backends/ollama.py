@@ -27,7 +27,7 @@ from imageworks.chat_proxy.errors import BackendUnavailable
 from imageworks.chat_proxy.supervision.procfs import listening_pid, pid_alive
 from imageworks.model_loader.schema import ModelEntry
 
-log = logging.getLogger("imageworks.chat_proxy.ollama")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
