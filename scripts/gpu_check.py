@@ -130,11 +130,11 @@ async def check(mb: int) -> dict[str, Any]:
         {"llamacpp": backend},
         staging_dir=staging,
         registry=lambda: OneEntryRegistry(),  # type: ignore[arg-type,return-value]
-        gate=lambda residency: VramArbiter(
+        gpu_gate=lambda residency: VramArbiter(
             probe, residency, staging_dir=staging, headroom_mb=0, vram_timeout_s=30
         ),
     )
-    arbiter = lifecycle.gate
+    arbiter = lifecycle.gpu_gate
     assert isinstance(arbiter, VramArbiter)
     started = time.monotonic()
     await lifecycle.activate(entry)

@@ -435,7 +435,7 @@ async def test_a_model_removed_from_the_registry_is_unloaded_and_its_memory_wait
         {backend.kind: backend},
         staging_dir=tmp_path,
         registry=empty_registry(tmp_path),  # "a" is not (or no longer) in it
-        gate=lambda residency: RecordingGate(),
+        gpu_gate=lambda residency: RecordingGate(),
     )
     gpu_entry = ModelEntry.model_validate({"name": "a", "backend": "vllm", "vram_estimate_mb": 900})
     await lifecycle.activate(gpu_entry)

@@ -102,10 +102,10 @@ class World:
             registry=lambda: self.registry,
             queue_timeout=wait_s,
             restarts=lambda: Restarts(base_s=0.05),
-            gate=open_arbiter,
+            gpu_gate=open_arbiter,
         )
-        assert isinstance(self.lifecycle.gate, VramArbiter)
-        self.arbiter = self.lifecycle.gate
+        assert isinstance(self.lifecycle.gpu_gate, VramArbiter)
+        self.arbiter = self.lifecycle.gpu_gate
 
     def entry(self, name: str) -> ModelEntry:
         return self.registry.get(name)

@@ -15,7 +15,7 @@ this module the passive ones.
 The GPU arbiter is reached only through ``arbiter.seams.GpuGate`` (``NO_GPU`` when there is
 none, or for a model that takes no GPU), and it reaches back only through
 ``holdings``/``restore`` (``seams.Residency``). The gate is made at construction, from the
-lifecycle itself (``gate=``): the arbiter needs the lifecycle as its residency.
+lifecycle itself (``gpu_gate=``): the arbiter needs the lifecycle as its residency.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class Lifecycle:
         restarts: Callable[[], Restarts] = Restarts,
         idle_ttl_s: float = 0.0,
         metrics: Metrics | None = None,
-        gate: Callable[[Lifecycle], GpuGate] | None = None,
+        gpu_gate: Callable[[Lifecycle], GpuGate] | None = None,
     ) -> None:
         self.backends = backends
         self.staging_dir = staging_dir
@@ -94,7 +94,7 @@ class Lifecycle:
         self.restarts: dict[str, Restarts] = {}
         self.in_flight: Counter[str] = Counter()
         self._checks: set[asyncio.Task[None]] = set()
-        self.gate: GpuGate = gate(self) if gate is not None else NO_GPU
+        self.gpu_gate: GpuGate = gpu_gate(self) if gpu_gate is not None else NO_GPU
 
     @property
     def version(self) -> int:
@@ -115,7 +115,7 @@ class Lifecycle:
 
     def gpu_for(self, entry: ModelEntry) -> GpuGate:
         """The gate for ``entry``: the arbiter's, unless serving it takes no GPU."""
-        return self.gate if self.backend(entry).uses_gpu(entry) else NO_GPU
+        return self.gpu_gate if self.backend(entry).uses_gpu(entry) else NO_GPU
 
     def start_log(self, name: str) -> Path:
         return self.staging_dir / "autostart" / f"{safe_name(name)}.log"
@@ -136,7 +136,7 @@ class Lifecycle:
         self.gpu_for(entry).admit(entry, lease_token)
         slot = self.slot(entry)
         if slot is None:
-            await backend.prepare(entry, self.gate.make_room)
+            await backend.prepare(entry, self.gpu_gate.make_room)
             return self._hold(entry, Ticket(entry.name, backend.base_url(entry), 0.0, False), None)
         ticket = await slot.acquire(entry, autostart=autostart, queue_timeout=self.queue_timeout)
         return self._hold(entry, ticket, slot)
@@ -383,7 +383,7 @@ class Lifecycle:
         """Where ``entry`` runs now; [] when it is not loaded or nobody knows."""
         if self.state(entry) not in LOADED:
             return []
-        return list(self.gate.placement_of(entry) or ())
+        return list(self.gpu_gate.placement_of(entry) or ())
 
     def managed(self, entry: ModelEntry) -> bool:
         return self.backend(entry).slot_key(entry) is not None

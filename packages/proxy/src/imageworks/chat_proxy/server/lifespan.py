@@ -113,9 +113,9 @@ def open_engines(
         restarts=restarts,
         idle_ttl_s=config.idle_ttl_s,
         metrics=metrics,
-        gate=open_arbiter,
+        gpu_gate=open_arbiter,
     )
-    arbiter = lifecycle.gate
+    arbiter = lifecycle.gpu_gate
     assert isinstance(arbiter, VramArbiter)  # what open_arbiter made
     budgeted = not (isinstance(arbiter.probe, NoGpuProbe) and not arbiter.probe.totals_mb)
     for backend in backends.values():
@@ -141,7 +141,7 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
     lifecycle = open_engines(
         config, lambda: watcher.current, request_log, metrics, egress.session, probe
     )
-    arbiter = lifecycle.gate
+    arbiter = lifecycle.gpu_gate
     assert isinstance(arbiter, VramArbiter)
     pool = WorkerPool(config.vision_workers)
     state = ProxyState(
