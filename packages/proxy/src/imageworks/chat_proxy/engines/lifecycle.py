@@ -45,11 +45,9 @@ from imageworks.chat_proxy.engines.modelstate import (
     start_refusal,
 )
 from imageworks.chat_proxy.engines.slot import Slot, Ticket
-from imageworks.chat_proxy.errors import (
-    ProxyError,
-)
+from imageworks.chat_proxy.errors import ProxyError
 from imageworks.chat_proxy.observe.metrics import Metrics
-from imageworks.chat_proxy.observe.requestlog import RequestLog
+from imageworks.chat_proxy.observe.requestlog import RequestLog, utc_now_iso
 from imageworks.chat_proxy.supervision.process import safe_name
 from imageworks.model_loader.registry import Registry
 from imageworks.model_loader.schema import ModelEntry
@@ -90,7 +88,7 @@ class Lifecycle:
         self.metrics = metrics if metrics is not None else Metrics()
         self.slots: dict[str, Slot] = {}
         self._last_used: dict[str, float] = {}
-        self.book = StatusBook()
+        self.book = StatusBook(on_change=self._publish)
         self.restarts: dict[str, Restarts] = {}
         self.in_flight: Counter[str] = Counter()
         self._checks: set[asyncio.Task[None]] = set()
@@ -387,6 +385,12 @@ class Lifecycle:
 
     def managed(self, entry: ModelEntry) -> bool:
         return self.backend(entry).slot_key(entry) is not None
+
+    def _publish(self, name: str, state: State) -> None:
+        """The event stream (``/admin/events``) shows each change of a model's state."""
+        bus = self.request_log.bus if self.request_log is not None else None
+        if bus is not None:
+            bus.publish({"ts": utc_now_iso(), "event": "state", "model": name, "state": state})
 
     def event(self, event: str, **fields: Any) -> None:
         if self.request_log is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -107,9 +108,10 @@ class StatusBook:
     """The state of every model, changed only through ``move``; ``version`` counts the changes
     (cached views such as the model list refresh when it moves on)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_change: Callable[[str, State], None] | None = None) -> None:
         self.statuses: dict[str, ModelStatus] = {}
         self.version = 0
+        self.on_change = on_change  # told of every change of state (not of error or load_ms)
 
     def get(self, name: str) -> ModelStatus | None:
         return self.statuses.get(name)
@@ -140,6 +142,8 @@ class StatusBook:
         status.load_ms = load_ms if load_ms is not None else (current.load_ms if current else None)
         self.statuses[name] = status
         self.version += 1
+        if self.on_change is not None and (current is None or current.state != to):
+            self.on_change(name, to)
 
 
 @dataclass

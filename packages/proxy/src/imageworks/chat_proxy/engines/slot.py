@@ -45,6 +45,7 @@ from imageworks.chat_proxy.engines.modelstate import (
 from imageworks.chat_proxy.engines.owner import SlotOwner
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
+    InsufficientVram,
     ModelStartFailed,
     ModelStartTimeout,
     ProxyError,
@@ -141,6 +142,13 @@ class Slot:
                             "POST /admin/activate, or enable autostart (PUT /admin/autostart)"
                         )
                     self.owner.may_start(entry)  # backoff, crash loop, restart policy
+                    if self.active not in (None, name) and self.entry and self.entry.pinned:
+                        raise InsufficientVram(  # a swap would evict it: never a pinned model
+                            f"model {name!r} would replace pinned model {self.active!r} in "
+                            f"its {self.backend.kind} slot, and a pinned model is never "
+                            "evicted (unpin it or stop it by hand)",
+                            status=409,
+                        )
                     self.target = name
                 if (
                     self.target == name

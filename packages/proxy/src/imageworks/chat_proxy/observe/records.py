@@ -26,6 +26,9 @@ from imageworks.model_loader.schema import ModelEntry
 if TYPE_CHECKING:
     from imageworks.chat_proxy.vision.prepare import ImageStats
 
+# Surfaces whose answers are generations: without usage from the backend, it is estimated.
+GENERATIONS = frozenset({"chat", "completions", "responses", "messages"})
+
 
 @dataclass
 class RequestInfo:
@@ -59,6 +62,7 @@ class Outcome:
     finished_at: float | None = None
     events: int = 0
     usage: dict[str, Any] | None = None
+    answer: dict[str, Any] | None = None  # the final object of a Responses answer
 
     @property
     def ttft_ms(self) -> float | None:
@@ -102,11 +106,12 @@ class Facts:
         else:
             facts.code = error.log_code if error else None
         usage = outcome.usage or {}
-        facts.prompt_tokens = usage.get("prompt_tokens")
-        facts.completion_tokens = usage.get("completion_tokens")
+        # Normalised: Responses and Anthropic Messages say input/output tokens.
+        facts.prompt_tokens = usage.get("prompt_tokens", usage.get("input_tokens"))
+        facts.completion_tokens = usage.get("completion_tokens", usage.get("output_tokens"))
         if (
             (error is None or outcome.client_gone)
-            and info.endpoint != "embeddings"
+            and info.endpoint in GENERATIONS
             and facts.completion_tokens is None
             and info.entry is not None
         ):

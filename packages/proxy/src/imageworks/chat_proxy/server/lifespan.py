@@ -35,6 +35,7 @@ from imageworks.chat_proxy.engines import upkeep
 from imageworks.chat_proxy.engines.backends import build_backends
 from imageworks.chat_proxy.engines.lifecycle import Lifecycle
 from imageworks.chat_proxy.engines.modelstate import Restarts
+from imageworks.chat_proxy.observe.events import EventBus
 from imageworks.chat_proxy.observe.metrics import Metrics
 from imageworks.chat_proxy.observe.records import Records
 from imageworks.chat_proxy.observe.requestlog import RequestLog
@@ -43,6 +44,7 @@ from imageworks.chat_proxy.server.staging import StagingLock
 from imageworks.chat_proxy.server.state import ProxyState
 from imageworks.chat_proxy.upstream.egress import Egress
 from imageworks.chat_proxy.upstream.peers import Peers
+from imageworks.chat_proxy.upstream.responses import ResponseBook
 from imageworks.chat_proxy.vision.pool import WorkerPool
 from imageworks.chat_proxy.vision.prepare import ImagePrep
 from imageworks.model_loader.profiles import PROFILES_FILE, ProfileManager
@@ -134,6 +136,7 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         max_bytes=config.max_log_bytes,
         backups=config.log_backups,
         recent=config.recent_requests,
+        bus=EventBus(),
     ).start()
     metrics = Metrics()
     metrics.log_dropped.set_function(lambda: request_log.dropped)
@@ -160,6 +163,7 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         peers=peers,
         pool=pool,
         images=ImagePrep(pool),
+        responses=ResponseBook(config.log_path.with_name("response_ids.tsv")).load(),
     )
     _announce(state)
     return state
@@ -190,6 +194,8 @@ def _announce(state: ProxyState) -> None:
 
 async def start_background(state: ProxyState) -> list[asyncio.Task[Any]]:
     """Adopt what an earlier proxy left running, then start the loops that keep state true."""
+    if state.log.bus is not None:
+        state.log.bus.bind()
     adopted = await state.lifecycle.recover()
     if adopted:
         log.info("adopted running engines: %s", ", ".join(adopted))
@@ -234,4 +240,5 @@ async def close_state(state: ProxyState, background: list[asyncio.Task[Any]] | N
         "shutdown", "proxy", steps=results, seconds=round(time.monotonic() - started, 3)
     )
     state.log.close()
+    state.responses.close()
     state.staging_lock.release()

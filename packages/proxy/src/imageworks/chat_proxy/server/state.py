@@ -17,6 +17,7 @@ from imageworks.chat_proxy.request.admission import Admission
 from imageworks.chat_proxy.server.staging import StagingLock
 from imageworks.chat_proxy.upstream.egress import Egress
 from imageworks.chat_proxy.upstream.peers import Peers
+from imageworks.chat_proxy.upstream.responses import ResponseBook
 from imageworks.chat_proxy.vision.pool import WorkerPool
 from imageworks.chat_proxy.vision.prepare import ImagePrep
 from imageworks.model_loader.profiles import DeploymentProfile, ProfileManager
@@ -42,6 +43,7 @@ class ProxyState:
     peers: Peers
     pool: WorkerPool  # the CPU worker pool: big bodies and images
     images: ImagePrep  # fits images to their model, in the pool
+    responses: ResponseBook  # where each Responses id lives
     started_at: float = field(default_factory=time.time)
     _models_cache: tuple[tuple[str, str, int, int], bytes] | None = None
 

@@ -225,6 +225,8 @@ class OllamaBackend(Backend):
                         in_flight,
                         evict=functools.partial(manager.unload, tag),
                         pid=pid,
+                        pinned=entry is not None and entry.pinned,
+                        priority=entry.priority if entry is not None else 0,
                     )
                 )
         return found
