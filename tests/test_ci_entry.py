@@ -5,7 +5,11 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.subprocess  # bash -n
 
 
 def test_ci_requires_the_browser_test_it_installed_the_browser_for() -> None:

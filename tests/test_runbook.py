@@ -30,7 +30,7 @@ from testkit.servers import AiohttpServer, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]
 RUNBOOK = REPO / "docs" / "runbook.md"
-pytestmark = pytest.mark.subprocess
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
 BLOCK = re.compile(r"(?:<!-- check: (?P<name>[\w-]+) -->\n)?```bash\n(?P<body>.*?)```", re.S)
 
 
