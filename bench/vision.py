@@ -30,7 +30,7 @@ from typing import Any
 
 import aiohttp
 
-from imageworks.chat_proxy.images import Fit, prepare_inline
+from imageworks.chat_proxy.vision.images import Fit, prepare_inline
 from testkit.fake_engine import FakeEngine, entry_for
 from testkit.images import data_url, jpeg_bytes, photo
 from testkit.processes import start_proxy

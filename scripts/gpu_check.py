@@ -71,9 +71,9 @@ def hold_gpu_memory(mb: int, port: int) -> None:  # the template passes --port a
 async def check(mb: int) -> dict[str, Any]:
     from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
     from imageworks.chat_proxy.arbiter.gpu import NvmlProbe
-    from imageworks.chat_proxy.backends.llamacpp import LlamaCppBackend
     from imageworks.chat_proxy.config import ProxyConfig
-    from imageworks.chat_proxy.lifecycle import Lifecycle
+    from imageworks.chat_proxy.engines.backends.llamacpp import LlamaCppBackend
+    from imageworks.chat_proxy.engines.lifecycle import Lifecycle
     from imageworks.model_loader.schema import ModelEntry
 
     report: dict[str, Any] = {"ok": False, "steps": {}}

@@ -38,17 +38,20 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     ),
     "policy": (f"{PROXY}/arbiter/policy.py", [f"{PT}/test_eviction_policy.py"]),
     "errors": (f"{PROXY}/errors.py", [f"{PT}/test_errors.py"]),
-    "payloads": (f"{PROXY}/payloads.py", [f"{PT}/test_payloads.py"]),
-    "requestlog": (f"{PROXY}/requestlog.py", [f"{PT}/test_requestlog.py"]),
-    "process": (f"{PROXY}/process.py", [f"{PT}/test_process.py"]),
+    "payloads": (f"{PROXY}/request/payloads.py", [f"{PT}/test_payloads.py"]),
+    "requestlog": (f"{PROXY}/observe/requestlog.py", [f"{PT}/test_requestlog.py"]),
+    "process": (f"{PROXY}/supervision/process.py", [f"{PT}/test_process.py"]),
     "placement": (f"{PROXY}/arbiter/placement.py", [f"{PT}/test_placement.py"]),
     "ledger": (f"{PROXY}/arbiter/ledger.py", [f"{PT}/test_ledger.py"]),
     "simgpu": (f"{PROXY}/arbiter/simgpu.py", [f"{PT}/test_simgpu.py"]),
-    "images": (f"{PROXY}/images.py", [f"{PT}/test_images.py", f"{PT}/test_vision.py"]),
-    "toolcalls": (f"{PROXY}/toolcalls.py", [f"{PT}/test_tool_calls.py", f"{PT}/test_images.py"]),
-    "lifting": (f"{PROXY}/lifting.py", [f"{PT}/test_images.py"]),
-    "history": (f"{PROXY}/history.py", [f"{PT}/test_images.py"]),
-    "ray_apps": (f"{PROXY}/backends/ray_apps.py", [f"{PT}/test_ray_apps.py"]),
+    "images": (f"{PROXY}/vision/images.py", [f"{PT}/test_images.py", f"{PT}/test_vision.py"]),
+    "toolcalls": (
+        f"{PROXY}/request/toolcalls.py",
+        [f"{PT}/test_tool_calls.py", f"{PT}/test_images.py"],
+    ),
+    "lifting": (f"{PROXY}/vision/lifting.py", [f"{PT}/test_images.py"]),
+    "history": (f"{PROXY}/vision/history.py", [f"{PT}/test_images.py"]),
+    "ray_apps": (f"{PROXY}/engines/backends/ray_apps.py", [f"{PT}/test_ray_apps.py"]),
 }
 
 PYPROJECT = """\

@@ -23,6 +23,8 @@ class FakeProbe:
         self.holders = list(holders)
         self.stuck_mb = 0
         self.reads = 0
+        # (utilisation %, temperature C, power W) the card reports; None: it reports none.
+        self.telemetry: tuple[float, float, float] | None = None
 
     async def devices(self) -> list[GpuSnapshot]:
         return [await self.snapshot()]
@@ -33,7 +35,8 @@ class FakeProbe:
         for holder in self.holders:
             held.update(holder())
         used = sum(held.values()) + self.stuck_mb
-        return GpuSnapshot(self.total_mb, min(used, self.total_mb), held, "fake GPU")
+        readings = self.telemetry or (None, None, None)
+        return GpuSnapshot(self.total_mb, min(used, self.total_mb), held, "fake GPU", 0, *readings)
 
 
 def simulated_gpu(

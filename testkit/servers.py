@@ -79,7 +79,7 @@ class UvicornServer:
         ``asyncio``) every callback that holds the loop longer than this."""
         import uvicorn
 
-        from imageworks.chat_proxy.serving import uvicorn_config
+        from imageworks.chat_proxy.server.serving import uvicorn_config
 
         self.app = app
         self.port = port or free_port()

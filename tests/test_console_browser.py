@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from imageworks.chat_proxy.backends.llamacpp import DEFAULT_TEMPLATE
+from imageworks.chat_proxy.engines.backends.llamacpp import DEFAULT_TEMPLATE
 from imageworks.gui.supervisor import ProxySupervisor
 from testkit.gpu import simulated_gpu
 from testkit.servers import free_port, wait_for_port

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from conftest import Engine, Proxy, ProxyFactory
 
 from imageworks.chat_proxy.config import ConfigError, ProxyConfig
-from imageworks.chat_proxy.peers import FORWARDED_HEADER, load_peers
+from imageworks.chat_proxy.upstream.peers import FORWARDED_HEADER, load_peers
 from imageworks.model_loader.cli import main as cli_main
 from testkit.entries import eventually
 from testkit.servers import AiohttpServer, free_port

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import Engine, ProxyFactory
 
-from imageworks.chat_proxy.backends import ray_apps
+from imageworks.chat_proxy.engines.backends import ray_apps
 from imageworks.model_loader.schema import ModelEntry
 from testkit.docs_examples import example, examples
 from testkit.entries import eventually

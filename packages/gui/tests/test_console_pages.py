@@ -57,6 +57,34 @@ def test_gpu_card_shows_our_model_and_keeps_a_history(gpu_proxy) -> None:
     assert [mb for _, mb in app.session_state["gpu_history"][0]] == [9000, 9000]
 
 
+def test_gpu_page_draws_utilisation_temperature_and_power(
+    proxy_factory, fake_ollama, point_console
+) -> None:
+    probe = FakeProbe(24000, fake_ollama.engine.holdings)
+    probe.telemetry = (42.0, 61.0, 250.0)
+    proxy = proxy_factory([vision(fake_ollama.url)], probe=probe)
+    point_console(proxy.url)
+    assert proxy.client.get("/v1/gpu/status").status_code == 200  # a probe read
+    gauges = proxy.client.get("/metrics").text
+    assert 'chat_proxy_gpu_telemetry{device="0",kind="utilization_pct"} 42.0' in gauges
+    assert 'chat_proxy_gpu_telemetry{device="0",kind="power_w"} 250.0' in gauges
+    app = page("gpu").run()
+    assert not app.exception
+    shown = everything(app)
+    assert "Utilisation 42 %" in shown and "Temperature 61 °C" in shown and "Power 250 W" in shown
+    assert len(app.get("plotly_chart")) == 5  # the bar, memory, and one per reading
+    probe.telemetry = (90.0, 70.0, 400.0)
+    app.run()
+    history = app.session_state["gpu_telemetry"][0]
+    assert [v for _, v in history["utilization_pct"]] == [42.0, 90.0]
+    assert [v for _, v in history["power_w"]] == [250.0, 400.0]
+
+
+def test_gpu_page_without_readings_says_so(gpu_proxy) -> None:
+    app = page("gpu").run()
+    assert "No utilisation, temperature or power readings" in everything(app)
+
+
 @pytest.mark.parametrize("declared", [None, 16000])
 def test_gpu_page_without_nvml_says_which_budget_is_in_force(
     proxy_factory, fake_vllm, point_console, declared

@@ -13,22 +13,22 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from imageworks.chat_proxy import vision
-from imageworks.chat_proxy.backends.llamacpp import server_argv
 from imageworks.chat_proxy.config import ProxyConfig
+from imageworks.chat_proxy.engines.backends.llamacpp import server_argv
 from imageworks.chat_proxy.errors import InvalidRequest
-from imageworks.chat_proxy.history import trim_turns
-from imageworks.chat_proxy.images import (
+from imageworks.chat_proxy.request.toolcalls import MAX_PENDING, StreamConverter, convert_answer
+from imageworks.chat_proxy.supervision.launch import LaunchError
+from imageworks.chat_proxy.vision import prepare as vision
+from imageworks.chat_proxy.vision.history import trim_turns
+from imageworks.chat_proxy.vision.images import (
     DataUrl,
     Fit,
     ImageError,
     prepare_fetched,
     prepare_inline,
 )
-from imageworks.chat_proxy.launch import LaunchError
-from imageworks.chat_proxy.lifting import LIFT_MIN, LiftedBody
-from imageworks.chat_proxy.toolcalls import MAX_PENDING, StreamConverter, convert_answer
-from imageworks.chat_proxy.vision import IMAGE_PARTS, VisionPolicy, host_allowed
+from imageworks.chat_proxy.vision.lifting import LIFT_MIN, LiftedBody
+from imageworks.chat_proxy.vision.prepare import IMAGE_PARTS, VisionPolicy, host_allowed
 from imageworks.model_loader.schema import ModelEntry, RemoteImages
 from imageworks.vllm_executor.launcher import DEFAULT_TEMPLATE, build_command
 from testkit.images import (
@@ -469,7 +469,7 @@ def test_vision_threads_run_below_the_event_loop() -> None:
     import os
     import threading
 
-    from imageworks.chat_proxy.vision import WORKER_NICENESS, ImagePrep
+    from imageworks.chat_proxy.vision.prepare import WORKER_NICENESS, ImagePrep
 
     def niceness() -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())

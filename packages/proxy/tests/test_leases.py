@@ -20,8 +20,8 @@ from imageworks.chat_proxy.arbiter.leases import (
     new_token,
 )
 from imageworks.chat_proxy.errors import GpuLeaseActive, InvalidRequest
-from imageworks.chat_proxy.metrics import Metrics
-from imageworks.chat_proxy.requestlog import RequestLog
+from imageworks.chat_proxy.observe.metrics import Metrics
+from imageworks.chat_proxy.observe.requestlog import RequestLog
 from testkit.entries import eventually
 
 

@@ -13,8 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from imageworks.chat_proxy.backends.base import Backend
 from imageworks.chat_proxy.config import ProxyConfig
+from imageworks.chat_proxy.engines.backends.base import Backend
+from imageworks.chat_proxy.engines.lifecycle import (
+    CRASHED,
+    FAILED,
+    READY,
+    STOPPED,
+    Lifecycle,
+    Ticket,
+)
+from imageworks.chat_proxy.engines.modelstate import Restarts
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
     ModelBackoff,
@@ -22,8 +31,6 @@ from imageworks.chat_proxy.errors import (
     ProxyError,
     QueueFull,
 )
-from imageworks.chat_proxy.lifecycle import CRASHED, FAILED, READY, STOPPED, Lifecycle, Ticket
-from imageworks.chat_proxy.modelstate import Restarts
 from imageworks.model_loader.registry import Registry, build_registry
 from imageworks.model_loader.schema import ModelEntry
 
@@ -330,7 +337,7 @@ async def test_shutdown_stops_everything(setup) -> None:
 
 
 async def test_unmanaged_models_only_count_requests(tmp_path: Path) -> None:
-    from imageworks.chat_proxy.backends import build_backends
+    from imageworks.chat_proxy.engines.backends import build_backends
 
     lifecycle = Lifecycle(
         build_backends(ProxyConfig.load(environ={})),

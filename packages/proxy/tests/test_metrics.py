@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from imageworks.chat_proxy.metrics import _FOLD_AT, Finished, Metrics
+from imageworks.chat_proxy.observe.metrics import _FOLD_AT, Finished, Metrics
 
 
 def finished(status: int = 200, code: str | None = None) -> Finished:

@@ -3,6 +3,7 @@ fake executor (``testkit.fake_executor``) that the test holds, hangs or lets go.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import httpx
@@ -49,7 +50,7 @@ def test_a_streaming_client_gets_a_loading_comment_every_keepalive_interval(
     proxy = proxy_factory(
         [vllm_entry("v")], vllm_remote_url=executor.url, keepalive_s=0.05, start_timeout_s=60
     )
-    comments = 0
+    comments: list[str] = []
     with (
         httpx.Client(base_url=proxy.url, timeout=10) as client,
         client.stream(
@@ -59,13 +60,15 @@ def test_a_streaming_client_gets_a_loading_comment_every_keepalive_interval(
         assert response.status_code == 200
         lines = response.iter_lines()
         for line in lines:  # the start is held until three comments have arrived
-            if line == ": loading v":
-                comments += 1
-                if comments == 3:
+            if line.startswith(": loading v"):
+                comments.append(line)
+                if len(comments) == 3:
                     executor.release.set()
                     break
         rest = [line for line in lines if line]
-    assert comments == 3
+    # Never loaded before: no estimate, only the time so far, which grows.
+    elapsed = [float(re.fullmatch(r": loading v \((\d+\.\d) s\)", c)[1]) for c in comments]
+    assert elapsed == sorted(elapsed) and elapsed[-1] > elapsed[0]
     assert rest[-1] == "data: [DONE]"
     assert metric(proxy, 'chat_proxy_model_loads_total{model="v",result="ready"}') == "1.0"
     assert metric(proxy, 'chat_proxy_model_load_seconds_count{model="v"}') == "1.0"
@@ -121,3 +124,51 @@ def test_shutdown_runs_its_steps_in_order_and_bounds_one_that_hangs(
     assert steps["deactivate_vllm"].startswith("failed")
     assert steps["release_lease"] == "ok" and steps["unload_ollama"] == "ok"
     assert executor.calls == ["activate v", "deactivate", "deactivate"]
+
+
+def test_after_the_first_load_the_comments_carry_its_estimate(proxy_factory, executor) -> None:
+    proxy = proxy_factory(
+        [vllm_entry("v")], vllm_remote_url=executor.url, keepalive_s=0.05, start_timeout_s=60
+    )
+    assert proxy.client.post("/admin/activate", json={"model": "v"}).status_code == 200
+    first = proxy.client.get("/admin/state").json()["models"][0]
+    assert first["state"] == "ready" and first["load_ms"] > 0 and first["loading"] is None
+    assert proxy.client.post("/admin/deactivate", json={"model": "v"}).status_code == 200
+    executor.hold_activate = True
+    executor.release.clear()
+    comments: list[str] = []
+    with (
+        httpx.Client(base_url=proxy.url, timeout=10) as client,
+        client.stream(
+            "POST", "/v1/chat/completions", json={**CHAT, "model": "v", "stream": True}
+        ) as response,
+    ):
+        lines = response.iter_lines()
+        for line in lines:
+            if line.startswith(": loading v"):
+                comments.append(line)
+                if len(comments) == 2:
+                    loading = client.get("/admin/state").json()["models"][0]["loading"]
+                if len(comments) == 30:  # held well past twice the first load
+                    executor.release.set()
+                    break
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    about = re.compile(r": loading v \(\d+\.\d s of about \d+(\.\d)? s\)")
+    slower = re.compile(r": loading v \(\d+\.\d s, slower than its usual \d+(\.\d)? s\)")
+    assert about.fullmatch(comments[0]), comments[0]
+    assert slower.fullmatch(comments[-1]), comments[-1]
+    assert loading["kind"] == "load" and loading["expected_s"] == round(first["load_ms"] / 1000, 1)
+    assert loading["elapsed_s"] >= 0 and loading["left_s"] is not None
+
+
+def test_a_pinned_model_is_never_swapped_out_of_its_slot(proxy_factory, executor) -> None:
+    pinned = {**vllm_entry("a"), "pinned": True}
+    proxy = proxy_factory([pinned, vllm_entry("b")], vllm_remote_url=executor.url)
+    assert proxy.client.post("/admin/activate", json={"model": "a"}).status_code == 200
+    refused = proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "b"})
+    assert refused.status_code == 409, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "insufficient_vram" and "pinned model 'a'" in error["message"]
+    states = {m["name"]: m["state"] for m in proxy.client.get("/admin/state").json()["models"]}
+    assert states == {"a": "ready", "b": "stopped"}

@@ -7,7 +7,7 @@ import logging
 
 import aiohttp
 
-from imageworks.chat_proxy.backends.ollama import OllamaManager
+from imageworks.chat_proxy.engines.backends.ollama import OllamaManager
 from testkit.servers import free_port
 
 
@@ -99,7 +99,7 @@ async def test_garbage_from_api_ps_is_skipped_never_an_error() -> None:
 
 
 def test_record_file_names_keep_distinct_models_apart() -> None:
-    from imageworks.chat_proxy.process import safe_name
+    from imageworks.chat_proxy.supervision.process import safe_name
 
     assert len({safe_name(n) for n in ("org/m", "org_m", "org%2Fm", "../m")}) == 4
     assert "/" not in safe_name("../../etc/passwd")

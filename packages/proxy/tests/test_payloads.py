@@ -5,7 +5,7 @@ import json
 import pytest
 
 from imageworks.chat_proxy.errors import CapabilityMismatch, InvalidRequest, TemplateRequired
-from imageworks.chat_proxy.payloads import (
+from imageworks.chat_proxy.request.payloads import (
     CHAT,
     COMPLETIONS,
     EMBEDDINGS,
@@ -423,7 +423,7 @@ def test_the_template_refusal_says_how_to_fix_it() -> None:
 
 
 def test_a_body_nested_too_deeply_is_a_clear_400_when_parsed_or_re_encoded() -> None:
-    from imageworks.chat_proxy.payloads import parse_body, prepare
+    from imageworks.chat_proxy.request.payloads import parse_body, prepare
 
     deep = b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     with pytest.raises(InvalidRequest) as parsed:

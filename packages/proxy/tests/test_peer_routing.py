@@ -17,7 +17,7 @@ from aiohttp import web
 
 from imageworks.chat_proxy.config import ProxyConfig
 from imageworks.chat_proxy.errors import BackendUnavailable
-from imageworks.chat_proxy.peers import FORWARDED_HEADER, PeerModel, Peers
+from imageworks.chat_proxy.upstream.peers import FORWARDED_HEADER, PeerModel, Peers
 from imageworks.model_loader.schema import ModelEntry
 from testkit.servers import AiohttpServer
 

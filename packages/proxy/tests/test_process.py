@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from imageworks.chat_proxy import process as process_module
-from imageworks.chat_proxy.process import (
+from imageworks.chat_proxy.supervision import process as process_module
+from imageworks.chat_proxy.supervision.process import (
     ManagedProcess,
     ProcessRecord,
     RecordStore,

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from imageworks.chat_proxy.backends import ray_apps
+from imageworks.chat_proxy.engines.backends import ray_apps
 from imageworks.chat_proxy.errors import ModelStartFailed
 from imageworks.model_loader.schema import ModelEntry
 

@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from imageworks.chat_proxy.backends.ray import RayBackend
 from imageworks.chat_proxy.config import ProxyConfig
+from imageworks.chat_proxy.engines.backends.ray import RayBackend
 from imageworks.chat_proxy.errors import BackendUnavailable, ModelStartFailed
 from imageworks.model_loader.schema import ModelEntry
 from testkit.servers import AiohttpServer

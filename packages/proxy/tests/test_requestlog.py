@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from imageworks.chat_proxy.requestlog import RequestLog
+from imageworks.chat_proxy.observe.requestlog import RequestLog
 from testkit.entries import eventually
 
 

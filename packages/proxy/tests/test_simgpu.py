@@ -3,6 +3,7 @@ back a while after a process exits, and the probe reading it like NVML."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -137,3 +138,17 @@ def test_a_release_delay_set_later_holds_memory_back(tmp_path: Path) -> None:
     child.kill()
     child.communicate()
     assert sim.read()[0].used_mb == 6000
+
+
+def test_the_simulated_card_reports_telemetry_that_follows_its_load(tmp_path) -> None:
+    from imageworks.chat_proxy.arbiter.simgpu import SimGpu
+
+    sim = SimGpu.create(tmp_path / "sim.json", [10000, 10000])
+    assert sim.allocate(0, 5000, pid=os.getpid(), label="m")  # a live pid: it stays
+    busy, idle = sim.read()
+    assert (busy.utilization_pct, busy.temperature_c, busy.power_w) == (50.0, 50.0, 210.0)
+    assert (idle.utilization_pct, idle.temperature_c, idle.power_w) == (0.0, 30.0, 60.0)
+    data = json.loads(sim.path.read_text())
+    data["devices"][1].update(utilization_pct=97, temperature_c=83, power_w=690)
+    sim.path.write_text(json.dumps(data))  # what a test (or a fake engine) sets wins
+    assert sim.read()[1].power_w == 690.0 and sim.read()[1].temperature_c == 83.0

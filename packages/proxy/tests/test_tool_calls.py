@@ -8,8 +8,8 @@ import json
 import httpx
 import pytest
 
-from imageworks.chat_proxy import toolcalls
-from imageworks.chat_proxy.toolcalls import StreamConverter, convert_answer
+from imageworks.chat_proxy.request import toolcalls
+from imageworks.chat_proxy.request.toolcalls import StreamConverter, convert_answer
 from testkit.fake_engine import entry_for, sse_events
 
 TOOLS = [

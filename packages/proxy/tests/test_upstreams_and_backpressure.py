@@ -270,8 +270,8 @@ async def test_a_waiter_cancelled_as_its_turn_is_handed_over_is_no_error() -> No
     leave quietly (it used to raise ValueError from deque.remove, a 500)."""
     import asyncio
 
-    from imageworks.chat_proxy.admission import Admission
-    from imageworks.chat_proxy.metrics import Metrics
+    from imageworks.chat_proxy.observe.metrics import Metrics
+    from imageworks.chat_proxy.request.admission import Admission
     from imageworks.model_loader.schema import ModelEntry
 
     gate = Admission(1, 8, Metrics()).gate(ModelEntry(name="m", backend="openai"))

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from imageworks.chat_proxy import images, vision
+from imageworks.chat_proxy.vision import images
+from imageworks.chat_proxy.vision import prepare as vision
 from testkit.entries import eventually
 from testkit.fake_engine import entry_for
 from testkit.images import (

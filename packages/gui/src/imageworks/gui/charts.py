@@ -61,21 +61,27 @@ def device_bar(device: GpuDevice) -> go.Figure:
     return _compact(figure, 150)
 
 
-def sparkline(points: list[tuple[datetime, int]], total_mb: int) -> go.Figure:
-    """Used memory over the last minutes, on the card's full scale."""
+def sparkline(
+    points: list[tuple[datetime, int]] | list[tuple[datetime, float]],
+    top: float,
+    *,
+    suffix: str = " MB",
+    color: str | None = None,
+) -> go.Figure:
+    """A reading over the last minutes (used memory by default), on a fixed scale to ``top``."""
     figure = go.Figure(
         go.Scatter(
             x=[t for t, _ in points],
-            y=[mb for _, mb in points],
+            y=[value for _, value in points],
             mode="lines",
-            line={"width": 2, "color": OURS[0]},
+            line={"width": 2, "color": color or OURS[0]},
             fill="tozeroy",
-            hovertemplate="%{x|%H:%M:%S}: %{y:,} MB<extra></extra>",
+            hovertemplate="%{x|%H:%M:%S}: %{y:,}" + suffix + "<extra></extra>",
         )
     )
     figure.update_layout(
         xaxis={"showgrid": False, "tickformat": "%H:%M:%S", "nticks": 6},
-        yaxis={"range": [0, max(total_mb, 1)], "ticksuffix": " MB", "showgrid": False, "nticks": 3},
+        yaxis={"range": [0, max(top, 1)], "ticksuffix": suffix, "showgrid": False, "nticks": 3},
         showlegend=False,
     )
     return _compact(figure, 110)

@@ -122,6 +122,10 @@ class GpuDevice:
     models: list[DeviceModel]
     foreign: list[DeviceModel]
     lease: Lease | None
+    # Telemetry, where the proxy's probe reads it (NVML, the simulated GPU): None otherwise.
+    utilization_pct: float | None = None
+    temperature_c: float | None = None
+    power_w: float | None = None
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,10 @@ def _held(items: list[dict[str, Any]] | None) -> list[DeviceModel]:
     ]
 
 
+def _telemetry(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def gpu_view(status: dict[str, Any]) -> GpuView:
     """Read ``/v1/gpu/status``: one card per device from ``devices``; a proxy that predates
     it has one GPU summary (``gpu``) with the models and foreign holders at the top level."""
@@ -189,6 +197,9 @@ def _gpu_view(status: dict[str, Any]) -> GpuView:
                 _held(d.get("models")),
                 _held(d.get("foreign")),
                 _lease(d.get("lease"), int(d["index"])),
+                _telemetry(d.get("utilization_pct")),
+                _telemetry(d.get("temperature_c")),
+                _telemetry(d.get("power_w")),
             )
         )
     card = status.get("gpu")

@@ -26,9 +26,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe
 from imageworks.chat_proxy.config import ConfigError, ProxyConfig
 from imageworks.chat_proxy.errors import MethodNotAllowed, NotFound, ProxyError
-from imageworks.chat_proxy.forwarding import send_error
-from imageworks.chat_proxy.lifespan import close_state, open_state, start_background
 from imageworks.chat_proxy.routes import admin, gpu, openai, ops, views
+from imageworks.chat_proxy.server.lifespan import close_state, open_state, start_background
+from imageworks.chat_proxy.upstream.forwarding import send_error
 
 log = logging.getLogger("imageworks.chat_proxy")
 

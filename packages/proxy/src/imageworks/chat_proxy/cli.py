@@ -15,7 +15,7 @@ from imageworks.chat_proxy.app import create_app
 from imageworks.chat_proxy.arbiter.gpu import nvml_available
 from imageworks.chat_proxy.arbiter.simgpu import SimGpu, SimGpuError
 from imageworks.chat_proxy.config import ConfigError, ProxyConfig
-from imageworks.chat_proxy.serving import serve_hypercorn, serve_uvicorn
+from imageworks.chat_proxy.server.serving import serve_hypercorn, serve_uvicorn
 from imageworks.model_loader.errors import RegistryError
 from imageworks.model_loader.profiles import PROFILES_FILE, ProfileManager
 from imageworks.model_loader.registry import build_registry

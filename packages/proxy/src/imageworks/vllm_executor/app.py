@@ -35,7 +35,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from imageworks.chat_proxy.auth import require_admin
-from imageworks.chat_proxy.bodies import json_object
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
     InvalidRequest,
@@ -44,7 +43,8 @@ from imageworks.chat_proxy.errors import (
     ModelStartTimeout,
     ProxyError,
 )
-from imageworks.chat_proxy.process import (
+from imageworks.chat_proxy.request.bodies import json_object
+from imageworks.chat_proxy.supervision.process import (
     ManagedProcess,
     ProcessRecord,
     StartFailed,

@@ -14,7 +14,7 @@ from imageworks.vllm_executor.config import ExecutorConfig, ExecutorConfigError
 @click.option("--port", type=int, help="Port (IMAGEWORKS_VLLM_PORT, default 8600).")
 def main(host: str | None, port: int | None) -> None:
     """Run the vLLM executor: one vLLM server at a time, launched from the registry."""
-    from imageworks.chat_proxy.serving import serve_hypercorn
+    from imageworks.chat_proxy.server.serving import serve_hypercorn
     from imageworks.vllm_executor.app import create_app
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from imageworks.chat_proxy import launch
-from imageworks.chat_proxy.launch import LaunchError, dedupe_extra_args
+from imageworks.chat_proxy.supervision import launch
+from imageworks.chat_proxy.supervision.launch import LaunchError, dedupe_extra_args
 from imageworks.model_loader.schema import ModelEntry
 
 DEFAULT_TEMPLATE: tuple[str, ...] = (

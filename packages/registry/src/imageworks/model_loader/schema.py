@@ -147,6 +147,10 @@ class ModelEntry(_Open):
     ttl_s: float | None = Field(default=None, ge=0)
     pinned: bool = False
     preload: bool = False
+    # Eviction: when memory must be freed, lower priorities go first; among equal ones, the
+    # model cheapest to bring back (measured wake or load time), then the least recently used.
+    # ``pinned`` (above) is never evicted at all.
+    priority: int = Field(default=0, ge=-100, le=100)
     # Placement on a box with several GPUs: pin to these device indexes (``gpus: [1]``), or span
     # ``tensor_parallel`` devices (vLLM's --tensor-parallel-size); neither: the arbiter picks
     # the device where the model fits with the least eviction.

@@ -1,5 +1,6 @@
-"""GPU: one card per device (our models, other processes, free), its lease, and a sparkline of
-used memory over the last minutes (kept in this browser session)."""
+"""GPU: one card per device (our models, other processes, free), its lease, and sparklines of
+used memory and, where the probe reads them, utilisation, temperature and power over the last
+minutes (kept in this browser session)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,50 @@ def remember(device: GpuDevice) -> list[tuple[datetime, int]]:
     return points
 
 
+TELEMETRY = (  # (field, label, suffix, scale top)
+    ("utilization_pct", "Utilisation", " %", 100.0),
+    ("temperature_c", "Temperature", " °C", 100.0),
+    ("power_w", "Power", " W", 0.0),  # 0: scaled to the highest reading seen
+)
+
+
+def remember_telemetry(device: GpuDevice) -> dict[str, list[tuple[datetime, float]]]:
+    history: dict[int, dict[str, list[tuple[datetime, float]]]] = st.session_state.setdefault(
+        "gpu_telemetry", {}
+    )
+    now = datetime.now(UTC)
+    mine = history.setdefault(device.index, {})
+    for field, _, _, _ in TELEMETRY:
+        value = getattr(device, field)
+        points = [p for p in mine.get(field, []) if now - p[0] <= HISTORY]
+        if value is not None:
+            points.append((now, value))
+        mine[field] = points
+    return mine
+
+
+def telemetry(device: GpuDevice) -> None:
+    """Utilisation, temperature and power now, each with its sparkline (nothing when the probe
+    reads none of them: no NVML, a declared budget)."""
+    readings = [
+        (f, label, suffix, top)
+        for f, label, suffix, top in TELEMETRY
+        if getattr(device, f) is not None
+    ]
+    if not readings:
+        st.caption("No utilisation, temperature or power readings from this probe.")
+        return
+    history = remember_telemetry(device)
+    for column, (field, label, suffix, top) in zip(
+        st.columns(len(readings)), readings, strict=True
+    ):
+        with column:
+            column.metric(label, f"{getattr(device, field):,.0f}{suffix}")
+            points = history[field]
+            scale = top or max(value for _, value in points) * 1.2
+            chart(sparkline(points, scale, suffix=suffix), key=f"{field}-{device.index}")
+
+
 def card(device: GpuDevice) -> None:
     st.subheader(f"GPU {device.index} · {device.name}")
     # Two by two: four figures side by side do not fit half a page.
@@ -87,6 +132,7 @@ def card(device: GpuDevice) -> None:
         sparkline(remember(device), device.total_mb),
         key=f"spark-{device.index}",
     )
+    telemetry(device)
 
 
 @st.fragment(run_every=2)

@@ -4,6 +4,7 @@ Before a model starts, ``make_room`` places it (``placement.place``: its pinned 
 the device where it fits with the least eviction), evicts the idle models the pure policy
 chose there, and waits until the probe shows the memory back on those devices. What a model
 needs is its own ``gpu_memory_utilization`` of its device, else its learned footprint, else
+the estimate read from its files before its first start (``estimate``), else
 ``vram_estimate_mb``; vLLM is then told that need over its device's total.
 Busy models are never evicted: the arbiter waits for them (bounded) instead. Models someone
 else loaded (a foreign Ollama model) are never evicted either; they are foreign memory.
@@ -23,18 +24,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imageworks.chat_proxy.arbiter import ledger
+from imageworks.chat_proxy.arbiter.estimate import Estimate, estimate
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe, GpuSnapshot
 from imageworks.chat_proxy.arbiter.leases import LeaseDesk
 from imageworks.chat_proxy.arbiter.placement import Device, Placement, place, share_mb
-from imageworks.chat_proxy.arbiter.policy import Plan, plan_exclusive
+from imageworks.chat_proxy.arbiter.policy import Plan, only_pinned_block, plan_exclusive
 from imageworks.chat_proxy.arbiter.seams import Holding, Residency
 from imageworks.chat_proxy.errors import InsufficientVram, InvalidRequest
-from imageworks.chat_proxy.process import pid_alive
+from imageworks.chat_proxy.observe.progress import SLOW_FACTOR
+from imageworks.chat_proxy.supervision.process import pid_alive
 from imageworks.model_loader.schema import ModelEntry
 
 if TYPE_CHECKING:
-    from imageworks.chat_proxy.metrics import Metrics
-    from imageworks.chat_proxy.requestlog import RequestLog
+    from imageworks.chat_proxy.observe.metrics import Metrics
+    from imageworks.chat_proxy.observe.requestlog import RequestLog
 
 log = logging.getLogger("imageworks.chat_proxy.arbiter")
 
@@ -61,6 +64,11 @@ class VramArbiter:
         self.request_log = request_log
         self.metrics = metrics
         self.learned_mb: dict[str, int] = {}
+        # Read from the model's files before its first start (``estimate``), by what was read.
+        self.estimates: dict[tuple[str, str | None, tuple[str, ...]], Estimate | None] = {}
+        # Measured seconds from room made to ready (a cold start): the cost of evicting it.
+        self.load_s: dict[str, float] = {}
+        self._room_made: dict[str, float] = {}
         self.placements: dict[str, tuple[int, ...]] = {}
         self.last_devices: list[GpuSnapshot] = []
         self.last_holdings: list[Holding] = []
@@ -112,7 +120,53 @@ class VramArbiter:
         total = self._total_of(devices[0])
         if own and total:
             return math.ceil(own * total) * max(len(devices), entry.gpu_span)
-        return self.learned_mb.get(entry.name) or entry.vram_estimate_mb or 0
+        found = self.estimate_of(entry)
+        return (
+            self.learned_mb.get(entry.name)
+            or (found.total_mb if found else None)
+            or entry.vram_estimate_mb
+            or 0
+        )
+
+    @staticmethod
+    def _estimate_key(entry: ModelEntry) -> tuple[str, str | None, tuple[str, ...]]:
+        config = entry.backend_config
+        return (entry.name, config.model_path, tuple(config.extra_args))
+
+    def estimate_of(self, entry: ModelEntry) -> Estimate | None:
+        """The estimate read from ``entry``'s files, once ``estimate_now`` has read them."""
+        return self.estimates.get(self._estimate_key(entry))
+
+    async def estimate_now(self, entry: ModelEntry) -> Estimate | None:
+        """Read ``entry``'s files (once per model path and arguments), off the event loop."""
+        key = self._estimate_key(entry)
+        if key not in self.estimates:
+            self.estimates[key] = await asyncio.to_thread(estimate, entry)
+        return self.estimates[key]
+
+    def sizing(self, entry: ModelEntry) -> dict[str, Any]:
+        """What ``/admin/state`` shows of a model's size: declared, estimated, learned, and
+        which one placement uses now."""
+        found = self.estimate_of(entry)
+        learned = self.learned_mb.get(entry.name)
+        if entry.backend_config.gpu_memory_utilization:
+            used = "share"
+        elif learned:
+            used = "learned"
+        elif found is not None:
+            used = "estimate"
+        elif entry.vram_estimate_mb:
+            used = "declared"
+        else:
+            used = None
+        return {
+            "need_mb": self.need_mb(entry) or None,
+            "from": used,
+            "declared_mb": entry.vram_estimate_mb,
+            "estimate": found.public() if found else None,
+            "learned_mb": learned,
+            "load_s": self.load_s.get(entry.name),
+        }
 
     def held_mb(self, holding: Holding) -> int:
         return self.need_mb(holding.entry) if holding.entry is not None else holding.vram_mb
@@ -135,6 +189,8 @@ class VramArbiter:
         """Before ``entry`` starts: place it, evict idle models there until it fits, and wait
         for the memory."""
         pin = tuple(entry.gpus) if entry.gpus else None
+        if need_mb is None and entry.name not in self.learned_mb:
+            await self.estimate_now(entry)  # a model never run here: its files say its size
         async with self._room_lock:  # two starts must not both count the same free memory
             await self.snapshot()
             need = need_mb if need_mb is not None else self.need_mb(entry)
@@ -148,10 +204,18 @@ class VramArbiter:
             if devices:
                 self.placements[entry.name] = devices
                 self._event("place", model=entry.name, devices=list(devices), need_mb=need)
+        self._room_made[entry.name] = time.monotonic()
 
     async def learn(self, entry: ModelEntry, pid: int | None) -> None:
         """After a model is ready: remember what it really holds (per-process use on its
-        devices)."""
+        devices) and how long it took to start (what evicting it will cost)."""
+        made = self._room_made.pop(entry.name, None)
+        if made is not None:
+            took = round(time.monotonic() - made, 3)
+            before = self.load_s.get(entry.name)
+            if before and took > SLOW_FACTOR * before:  # said so, in the JSONL and the stream
+                self._event("slow_start", model=entry.name, load_s=took, expected_s=before)
+            self.load_s[entry.name] = took
         if pid is None or not self.probe.measures:
             return
         snaps = await self.snapshot()
@@ -221,7 +285,7 @@ class VramArbiter:
                 return None  # Ollama places its own models: learned from its process's use
             return self.placements.get(holding.name) or tuple(holding.entry.gpus or ()) or None
 
-        held = ledger.locate(holdings, snaps, placed, self.held_mb)
+        held = ledger.locate(holdings, snaps, placed, self.held_mb, self.cost_of)
         for item in held:
             pid = item.holding.pid
             if not item.devices:
@@ -314,6 +378,10 @@ class VramArbiter:
             # idle model there goes anyway; for a need, only a plan that fits is worth it.
             if plan.sufficient or need is None:
                 evicted += await self._evict(plan.evict, evictors, reason)
+            if need is not None and found.devices and only_pinned_block(plan):
+                raise self._pinned_refusal(need, reason, plan)
+            if need is None and plan.pinned:
+                raise self._pinned_refusal(need, reason, plan)
             if plan.sufficient:
                 await self._await_memory(
                     self._targets(snaps, held, found, need), reason, need is None
@@ -379,6 +447,20 @@ class VramArbiter:
                 freed = sum(h.on(snap.index) for h in held if h.name in found.plan.evict)
                 targets[snap.index] = snap.free_mb + int(freed * 0.9)
         return targets
+
+    def cost_of(self, name: str) -> float | None:
+        """What evicting ``name`` costs: the measured time to start it again."""
+        return self.load_s.get(name)
+
+    def _pinned_refusal(self, need: int | None, reason: str, plan: Plan) -> InsufficientVram:
+        pinned = ", ".join(plan.pinned)
+        what = "the whole GPU" if need is None else f"{need} MB"
+        return InsufficientVram(
+            f"[gpu-arbiter] {reason} refused: {what} could only be freed by evicting pinned "
+            f"model(s) {pinned}, and a pinned model is never evicted (unpin it or stop it by "
+            "hand)",
+            status=409,
+        )
 
     def _refusal(
         self,

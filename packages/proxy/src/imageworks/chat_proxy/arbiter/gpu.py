@@ -27,6 +27,10 @@ class GpuSnapshot:
     processes: dict[int | str, int] = field(default_factory=dict)
     name: str = ""
     index: int = 0
+    # Telemetry, where the probe has it (NVML; the simulated GPU): None when unknown.
+    utilization_pct: float | None = None
+    temperature_c: float | None = None
+    power_w: float | None = None
 
     @property
     def free_mb(self) -> int:
@@ -72,13 +76,33 @@ class NvmlProbe:
             used = getattr(proc, "usedGpuMemory", None)
             if isinstance(used, int):
                 processes[int(proc.pid)] = used // (1024 * 1024)
+        utilization, temperature, power = self._telemetry(handle)
         return GpuSnapshot(
             memory.total // (1024 * 1024),
             memory.used // (1024 * 1024),
             processes,
             self.names[index],
             index,
+            utilization,
+            temperature,
+            power,
         )
+
+    def _telemetry(self, handle: Any) -> tuple[float | None, float | None, float | None]:
+        """Utilisation (%), temperature (C) and power (W); a reading the card or driver does
+        not support is None, never an error."""
+        nvml = self._nvml
+        readings: list[float | None] = []
+        for read in (
+            lambda: float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+            lambda: float(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)),
+            lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,  # milliwatts
+        ):
+            try:
+                readings.append(read())
+            except Exception:  # NVMLError_NotSupported and friends
+                readings.append(None)
+        return readings[0], readings[1], readings[2]
 
     def _read(self) -> list[GpuSnapshot]:
         return [self._read_one(i) for i in range(len(self._handles))]

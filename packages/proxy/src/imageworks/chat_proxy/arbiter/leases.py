@@ -28,8 +28,8 @@ from imageworks.chat_proxy.errors import GpuLeaseActive, InvalidRequest
 from imageworks.model_loader.layers import write_atomic
 
 if TYPE_CHECKING:
-    from imageworks.chat_proxy.metrics import Metrics
-    from imageworks.chat_proxy.requestlog import RequestLog
+    from imageworks.chat_proxy.observe.metrics import Metrics
+    from imageworks.chat_proxy.observe.requestlog import RequestLog
 
 log = logging.getLogger("imageworks.chat_proxy.leases")
 

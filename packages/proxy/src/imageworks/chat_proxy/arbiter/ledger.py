@@ -26,6 +26,7 @@ class Held:
     holding: Holding
     mb: int  # over all its devices
     devices: tuple[int, ...]
+    cost_s: float | None = None  # measured time to bring it back (wake or load)
 
     @property
     def name(self) -> str:
@@ -39,7 +40,18 @@ class Held:
         """As the eviction policy sees it on ``device`` (None: wherever it is, all of it)."""
         h = self.holding
         mb = self.mb if device is None else self.on(device)
-        return Resident(h.name, mb, h.last_used, h.in_flight, h.protected or not h.evict)
+        pinned = h.pinned or (h.entry is not None and h.entry.pinned)
+        priority = h.entry.priority if h.entry is not None else h.priority
+        return Resident(
+            h.name,
+            mb,
+            h.last_used,
+            h.in_flight,
+            h.protected or not h.evict,
+            pinned=pinned,
+            priority=priority,
+            cost_s=self.cost_s,
+        )
 
 
 def locate(
@@ -47,6 +59,7 @@ def locate(
     snapshots: Sequence[GpuSnapshot],
     placed: Callable[[Holding], tuple[int, ...] | None],
     size: Callable[[Holding], int],
+    cost: Callable[[str], float | None] | None = None,
 ) -> list[Held]:
     """Each holding with its size and devices: where the arbiter placed it, else where its
     process holds memory, else device 0 (a budget with devices) or nowhere."""
@@ -66,7 +79,10 @@ def locate(
                 left[device] -= size(holding)
                 found[holding.name] = (device,)
     default = (0,) if snapshots else ()
-    return [Held(h, size(h), found.get(h.name, default)) for h in holdings]
+    return [
+        Held(h, size(h), found.get(h.name, default), cost(h.name) if cost else None)
+        for h in holdings
+    ]
 
 
 def effective_free(
@@ -149,6 +165,9 @@ def report(
                 "models": models,
                 "foreign": foreign,
                 "lease": next((le for le in leases if le.get("device") == snap.index), None),
+                "utilization_pct": snap.utilization_pct,
+                "temperature_c": snap.temperature_c,
+                "power_w": snap.power_w,
             }
         )
     return rows

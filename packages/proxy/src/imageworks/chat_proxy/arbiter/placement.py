@@ -58,6 +58,7 @@ def _plan_on(
 ) -> Plan:
     evict: list[str] = []
     blocked: set[str] = set()
+    pinned: set[str] = set()
     freed = 0
     sufficient = True
     for device in devices:
@@ -67,8 +68,9 @@ def _plan_on(
                 evict.append(name)
                 freed += whole[name]
         blocked.update(plan.blocked_by)
+        pinned.update(plan.pinned)
         sufficient = sufficient and plan.sufficient
-    return Plan(tuple(evict), freed, sufficient, tuple(sorted(blocked)))
+    return Plan(tuple(evict), freed, sufficient, tuple(sorted(blocked)), tuple(sorted(pinned)))
 
 
 def place(

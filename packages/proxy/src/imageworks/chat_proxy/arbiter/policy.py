@@ -1,13 +1,18 @@
 """Which models to evict so that a model (or a lease) fits: a pure function over plain data.
 
 Rules, in order: never a model serving a request; never a protected one (starting or
-stopping: its slot owns it; or one the arbiter cannot evict); least recently used first; stop
-as soon as enough is free. The plan says whether the need can
-be met at all, so the caller can refuse early instead of evicting for nothing.
+stopping: its slot owns it; or one the arbiter cannot evict); never a pinned one (``pinned:
+true``: nothing evicts it, and a need that only evicting it could meet is refused, not waited
+for); then the cheapest to lose first: the lowest ``priority``, then the cheapest to bring
+back (its measured wake or load time, in coarse bands so that noise does not reorder models
+that cost about the same), then the least recently used; stop as soon as enough is free. The
+plan says whether the need can be met at all, so the caller can refuse early instead of
+evicting for nothing, and which pinned models stand in the way.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -18,10 +23,13 @@ class Resident:
     last_used: float  # monotonic seconds; lower is older
     in_flight: int = 0
     protected: bool = False  # starting, stopping, or with no way to evict it
+    pinned: bool = False  # never evicted by anything
+    priority: int = 0  # higher: kept longer
+    cost_s: float | None = None  # measured time to bring it back (wake or load); None: unknown
 
     @property
     def evictable(self) -> bool:
-        return self.in_flight == 0 and not self.protected
+        return self.in_flight == 0 and not self.protected and not self.pinned
 
 
 @dataclass(frozen=True)
@@ -29,31 +37,61 @@ class Plan:
     evict: tuple[str, ...]
     freed_mb: int
     sufficient: bool
-    blocked_by: tuple[str, ...] = ()  # busy or protected models that hold memory
+    blocked_by: tuple[str, ...] = ()  # busy or protected models that hold memory (they may go)
+    pinned: tuple[str, ...] = ()  # pinned models that hold memory (they never go)
+
+
+def cost_band(cost_s: float | None) -> int:
+    """Coarse bands of the cost to bring a model back: 0 for under 3 s (or unknown), 1 under
+    15 s, 2 under 63 s, ... (powers of four), so a 0.3 s wake and a 40 s cold start differ but
+    two loads of 11 s and 12 s do not."""
+    if not cost_s or cost_s <= 0:
+        return 0
+    return math.floor(math.log(1 + cost_s, 4))
+
+
+def eviction_order(resident: Resident) -> tuple[int, int, float, str]:
+    return (resident.priority, cost_band(resident.cost_s), resident.last_used, resident.name)
+
+
+def _holders(residents: list[Resident]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    blocked = sorted(r.name for r in residents if not r.evictable and not r.pinned and r.vram_mb)
+    pinned = sorted(r.name for r in residents if r.pinned and r.vram_mb > 0)
+    return tuple(blocked), tuple(pinned)
 
 
 def plan_evictions(
     residents: list[Resident], need_mb: int, free_mb: int, headroom_mb: int = 0
 ) -> Plan:
-    """Evict least-recently-used idle models until ``free - headroom >= need``."""
+    """Evict the cheapest idle models (``eviction_order``) until ``free - headroom >= need``."""
     shortfall = need_mb + headroom_mb - free_mb
     if shortfall <= 0:
         return Plan((), 0, True)
     chosen: list[str] = []
     freed = 0
-    for resident in sorted(
-        (r for r in residents if r.evictable), key=lambda r: (r.last_used, r.name)
-    ):
+    for resident in sorted((r for r in residents if r.evictable), key=eviction_order):
         if freed >= shortfall:
             break
         chosen.append(resident.name)
         freed += resident.vram_mb
-    blocked = tuple(sorted(r.name for r in residents if not r.evictable and r.vram_mb > 0))
-    return Plan(tuple(chosen), freed, freed >= shortfall, blocked)
+    blocked, pinned = _holders(residents)
+    return Plan(tuple(chosen), freed, freed >= shortfall, blocked, pinned)
 
 
 def plan_exclusive(residents: list[Resident]) -> Plan:
-    """Everything that can go, goes (an exclusive GPU lease)."""
-    idle = sorted((r for r in residents if r.evictable), key=lambda r: (r.last_used, r.name))
-    blocked = tuple(sorted(r.name for r in residents if not r.evictable))
-    return Plan(tuple(r.name for r in idle), sum(r.vram_mb for r in idle), not blocked, blocked)
+    """Everything that can go, goes (an exclusive GPU lease); a pinned model there refuses it."""
+    idle = sorted((r for r in residents if r.evictable), key=eviction_order)
+    blocked, pinned = _holders(residents)
+    return Plan(
+        tuple(r.name for r in idle),
+        sum(r.vram_mb for r in idle),
+        not blocked and not pinned,
+        blocked,
+        pinned,
+    )
+
+
+def only_pinned_block(plan: Plan) -> bool:
+    """The need cannot be met, nothing busy could free it by finishing, and a pinned model
+    holds memory there: waiting is pointless, the answer is a refusal that names it."""
+    return not plan.sufficient and not plan.blocked_by and bool(plan.pinned)

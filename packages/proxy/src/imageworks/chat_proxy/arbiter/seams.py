@@ -31,6 +31,10 @@ class Holding:
     # The proxy's own engines: the arbiter sizes them from the entry (its share of the card,
     # learned footprint or estimate) rather than from ``vram_mb``.
     entry: ModelEntry | None = None
+    # Never evicted (an entry's ``pinned``), and how much it is worth keeping (``priority``):
+    # read from ``entry`` when there is one, else from these (an Ollama model's entry).
+    pinned: bool = False
+    priority: int = 0
 
 
 class Residency(Protocol):

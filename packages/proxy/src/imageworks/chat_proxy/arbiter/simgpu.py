@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from imageworks.chat_proxy.arbiter.gpu import GpuSnapshot
-from imageworks.chat_proxy.process import pid_alive
+from imageworks.chat_proxy.supervision.process import pid_alive
 
 SIM_VARIABLE = "CHAT_PROXY_GPU_SIM"
 
@@ -72,6 +72,17 @@ def _shape_error(data: Any) -> str | None:
     if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not 0 <= delay < 3600:
         return "'release_delay_s' must be a number of seconds"
     return None
+
+
+def telemetry(device: dict[str, Any], used_mb: int) -> tuple[float, float, float]:
+    """The simulated card's utilisation, temperature and power: what the file sets for the
+    device (``utilization_pct``, ``temperature_c``, ``power_w``, written by a test or a fake
+    engine), else figures that follow its memory in use (a loaded card runs warmer)."""
+    share = used_mb / device["total_mb"] if device["total_mb"] else 0.0
+    utilization = float(device.get("utilization_pct", round(100 * share, 1)))
+    temperature = float(device.get("temperature_c", round(30 + 0.4 * utilization, 1)))
+    power = float(device.get("power_w", round(60 + 3 * utilization, 1)))
+    return utilization, temperature, power
 
 
 class SimGpu:
@@ -149,13 +160,15 @@ class SimGpu:
             for item in data["allocations"]:
                 if item["device"] == index:
                     processes[item["pid"]] = processes.get(item["pid"], 0) + item["mb"]
+            used = min(device["total_mb"], self._used(data, index))
             snapshots.append(
                 GpuSnapshot(
                     device["total_mb"],
-                    min(device["total_mb"], self._used(data, index)),
+                    used,
                     processes,
                     device["name"],
                     index,
+                    *telemetry(device, used),
                 )
             )
         return snapshots

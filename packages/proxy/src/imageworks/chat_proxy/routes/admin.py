@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from imageworks.chat_proxy.auth import require_admin
-from imageworks.chat_proxy.bodies import json_object, query
+from imageworks.chat_proxy.engines.modelstate import STARTING
 from imageworks.chat_proxy.errors import InvalidRequest, RegistryInvalid
-from imageworks.chat_proxy.peers import Listed
-from imageworks.chat_proxy.routes.openai import JSON, proxy_state, resolve
-from imageworks.chat_proxy.state import ProxyState
+from imageworks.chat_proxy.observe.events import sse
+from imageworks.chat_proxy.request.bodies import json_object, query
+from imageworks.chat_proxy.routes.openai import JSON, loading_progress, proxy_state, resolve
+from imageworks.chat_proxy.server.state import ProxyState
+from imageworks.chat_proxy.upstream.peers import Listed
 from imageworks.model_loader.errors import RegistryError, UnknownProfileError
 from imageworks.model_loader.schema import ModelEntry
 
@@ -55,6 +58,10 @@ async def _body(request: Request, *, optional: bool = False) -> dict[str, Any]:
 
 async def admin_state(request: Request) -> Response:
     state = await _admin(request)
+    for entry in state.registry:  # a model never run here shows what its files say
+        lifecycle = state.lifecycle
+        if entry.servable and lifecycle.managed(entry) and lifecycle.backend(entry).uses_gpu(entry):
+            await state.arbiter.estimate_now(entry)
     models = [model_state(state, entry) for entry in state.registry]
     models += [peer_state(listed) for listed in state.peers.listed(set(state.registry.names))]
     return _json(
@@ -71,6 +78,7 @@ async def admin_state(request: Request) -> Response:
             "config": state.config.public(),
             "peers": state.peers.public(),
             "request_log": {"path": str(state.log.path), "dropped": state.log.dropped},
+            "events": state.log.bus.public() if state.log.bus is not None else None,
         }
     )
 
@@ -86,6 +94,14 @@ def model_state(state: ProxyState, entry: ModelEntry) -> dict[str, Any]:
             "location": lifecycle.backend(entry).location(entry),
             **lifecycle.describe(entry),
             "in_flight": lifecycle.in_flight.get(entry.name, 0),
+            # While it loads: seconds so far, of about how many (its learned load time).
+            "loading": loading_progress(state, entry).public()
+            if lifecycle.state(entry) == STARTING
+            else None,
+            # Its size: declared, estimated from its files, learned; and which one is used.
+            "vram": state.arbiter.sizing(entry)
+            if lifecycle.backend(entry).uses_gpu(entry)
+            else None,
         }
         if entry.servable
         else {
@@ -192,7 +208,44 @@ async def registry_reload(request: Request) -> Response:
     return _json({"version": registry.version, "entries": len(registry)})
 
 
+EVENTS_KEEPALIVE_S = 15.0
+
+
+async def admin_events(request: Request) -> Response:
+    """``GET /admin/events``: the event bus as server-sent events, from now on (with
+    ``Last-Event-ID``: also what the bus still holds after that id). A comment every 15 s keeps
+    idle connections open; a slow reader misses events (a ``dropped`` event says how many)
+    rather than slowing anyone down."""
+    state = await _admin(request)
+    bus = state.log.bus
+    if bus is None:
+        raise InvalidRequest("this proxy has no event stream")
+    last = request.headers.get("last-event-id", "")
+    after = int(last) if last.isascii() and last.isdigit() else None
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield b": events\n\n"  # the headers and a first byte now, before any event
+        subscriber = bus.open(after)
+        try:
+            while True:
+                try:  # Queue.get is safe to time out: no event is lost
+                    event = await asyncio.wait_for(subscriber.queue.get(), EVENTS_KEEPALIVE_S)
+                except TimeoutError:
+                    yield b": keepalive\n\n"
+                    continue
+                yield sse(event)
+        finally:
+            bus.close(subscriber)
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+
+
 ROUTES = [
+    Route("/admin/events", admin_events, methods=["GET"]),
     Route("/admin/state", admin_state, methods=["GET"]),
     Route("/admin/requests", admin_requests, methods=["GET"]),
     Route("/admin/profile", admin_profile, methods=["GET", "PUT"]),

@@ -12,10 +12,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from imageworks.chat_proxy.auth import require_admin, require_api_key
-from imageworks.chat_proxy.bodies import json_object
 from imageworks.chat_proxy.errors import InvalidRequest
+from imageworks.chat_proxy.request.bodies import json_object
 from imageworks.chat_proxy.routes.openai import JSON, proxy_state
-from imageworks.chat_proxy.state import ProxyState
+from imageworks.chat_proxy.server.state import ProxyState
 
 
 def _json(data: Any) -> Response:

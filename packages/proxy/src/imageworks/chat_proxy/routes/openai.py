@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -15,28 +17,19 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from imageworks.chat_proxy.admission import Gate
 from imageworks.chat_proxy.auth import require_api_key
-from imageworks.chat_proxy.bodies import read_limited
+from imageworks.chat_proxy.engines.lifecycle import Ticket
+from imageworks.chat_proxy.engines.modelstate import READY, STARTING
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
     ModelNotFound,
     ProxyError,
     ShuttingDown,
 )
-from imageworks.chat_proxy.forwarding import (
-    ClientGone,
-    Outcome,
-    SSEResponse,
-    open_upstream,
-    read_body,
-    send_error,
-    until_disconnect,
-)
-from imageworks.chat_proxy.lifecycle import Ticket
-from imageworks.chat_proxy.lifting import LiftedBody
-from imageworks.chat_proxy.modelstate import READY, STARTING
-from imageworks.chat_proxy.payloads import (
+from imageworks.chat_proxy.observe.progress import Progress, comment, progress
+from imageworks.chat_proxy.request.admission import Gate
+from imageworks.chat_proxy.request.bodies import read_limited
+from imageworks.chat_proxy.request.payloads import (
     CHAT,
     COMPLETIONS,
     EMBEDDINGS,
@@ -48,10 +41,20 @@ from imageworks.chat_proxy.payloads import (
     prepare,
     validate,
 )
-from imageworks.chat_proxy.peers import FORWARDED_HEADER, Listed
-from imageworks.chat_proxy.state import ProxyState, RequestInfo
-from imageworks.chat_proxy.toolcalls import StreamConverter, convert_answer, declares_tools
-from imageworks.chat_proxy.vision import ImageStats, VisionPolicy
+from imageworks.chat_proxy.request.toolcalls import StreamConverter, convert_answer, declares_tools
+from imageworks.chat_proxy.server.state import ProxyState, RequestInfo
+from imageworks.chat_proxy.upstream.forwarding import (
+    ClientGone,
+    Outcome,
+    SSEResponse,
+    open_upstream,
+    read_body,
+    send_error,
+    until_disconnect,
+)
+from imageworks.chat_proxy.upstream.peers import FORWARDED_HEADER, Listed
+from imageworks.chat_proxy.vision.lifting import LiftedBody
+from imageworks.chat_proxy.vision.prepare import ImageStats, VisionPolicy
 from imageworks.model_loader.errors import UnknownModelError
 from imageworks.model_loader.schema import ModelEntry
 
@@ -312,7 +315,9 @@ async def forward(
         # The loading comment commits the response to 200: only when the model will load. With
         # autostart off a stopped model is refused before the first byte, as a real 502.
         comments = loading and (state.autostart or state.lifecycle.state(entry) == STARTING)
-        waiting = f": loading {entry.name}\n\n".encode() if comments else None
+        waiting: Callable[[], bytes] | None = (
+            functools.partial(loading_comment, state, entry, time.time()) if comments else None
+        )
         relay = SSEResponse(
             outcome,
             exchange.finish,
@@ -365,6 +370,19 @@ async def forward(
         await send({"type": "http.response.body", "body": raw, "more_body": False})
     finally:  # the answer is on its way: the log and the metrics can wait for it
         exchange.finish(outcome)
+
+
+def loading_comment(state: ProxyState, entry: ModelEntry, asked: float) -> bytes:
+    """``: loading <model> (4.2 s of about 11 s)``: time since its start began (since the
+    request began waiting, while it waits for its turn), of its learned load time."""
+    return comment(entry.name, loading_progress(state, entry, asked))
+
+
+def loading_progress(state: ProxyState, entry: ModelEntry, asked: float | None = None) -> Progress:
+    status = state.lifecycle.status(entry)
+    starting = status.state == STARTING
+    since = status.since if starting or asked is None else asked
+    return progress(since, status.load_ms)
 
 
 ROUTES = [

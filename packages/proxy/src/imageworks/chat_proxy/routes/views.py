@@ -25,11 +25,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from imageworks.chat_proxy.bodies import query
 from imageworks.chat_proxy.errors import ModelNotFound
-from imageworks.chat_proxy.process import safe_name
+from imageworks.chat_proxy.request.bodies import query
 from imageworks.chat_proxy.routes.admin import _admin, _json
-from imageworks.chat_proxy.state import ProxyState
+from imageworks.chat_proxy.server.state import ProxyState
+from imageworks.chat_proxy.supervision.process import safe_name
 from imageworks.model_loader.errors import UnknownModelError
 
 MAX_LOG_BYTES = 256 * 1024

@@ -16,11 +16,11 @@ import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from imageworks.chat_proxy import launch
-from imageworks.chat_proxy.backends.base import Backend, cuda_env, has_explicit_address
 from imageworks.chat_proxy.config import ProxyConfig
+from imageworks.chat_proxy.engines.backends.base import Backend, cuda_env, has_explicit_address
 from imageworks.chat_proxy.errors import ModelStartFailed, ModelStartTimeout
-from imageworks.chat_proxy.process import (
+from imageworks.chat_proxy.supervision import launch
+from imageworks.chat_proxy.supervision.process import (
     ManagedProcess,
     ProcessRecord,
     RecordStore,

@@ -9,8 +9,8 @@ from typing import Any
 
 import aiohttp
 
-from imageworks.chat_proxy.backends.base import Backend, has_explicit_address
 from imageworks.chat_proxy.config import ProxyConfig
+from imageworks.chat_proxy.engines.backends.base import Backend, has_explicit_address
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
     ModelStartFailed,

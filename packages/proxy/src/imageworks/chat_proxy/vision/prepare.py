@@ -34,7 +34,6 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from imageworks.chat_proxy import history
 from imageworks.chat_proxy.config import ProxyConfig
 from imageworks.chat_proxy.errors import (
     CapabilityMismatch,
@@ -42,7 +41,8 @@ from imageworks.chat_proxy.errors import (
     PayloadTooLarge,
     RateLimited,
 )
-from imageworks.chat_proxy.images import (
+from imageworks.chat_proxy.vision import history
+from imageworks.chat_proxy.vision.images import (
     DataUrl,
     Fit,
     ImageError,
@@ -50,7 +50,7 @@ from imageworks.chat_proxy.images import (
     prepare_fetched,
     prepare_inline,
 )
-from imageworks.chat_proxy.lifting import LiftedBody
+from imageworks.chat_proxy.vision.lifting import LiftedBody
 from imageworks.model_loader.schema import ModelEntry, RemoteImages
 
 T = TypeVar("T")

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 if TYPE_CHECKING:
     from imageworks.chat_proxy.arbiter.gpu import GpuSnapshot
-    from imageworks.chat_proxy.vision import ImageStats
+    from imageworks.chat_proxy.vision.prepare import ImageStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -120,6 +120,13 @@ class Metrics:
             ["device", "kind"],
             registry=r,
         )
+        self.gpu_telemetry = Gauge(
+            "chat_proxy_gpu_telemetry",
+            "Per device, as last probed: utilization (percent), temperature (celsius), "
+            "power (watts); absent where the probe cannot read it",
+            ["device", "kind"],
+            registry=r,
+        )
         self.lease_active = Gauge(
             "chat_proxy_gpu_lease_active",
             "GPU leases held now (one per device at most)",
@@ -217,6 +224,13 @@ class Metrics:
         for snap in devices:
             self.device_mb.labels(str(snap.index), "total").set(snap.total_mb)
             self.device_mb.labels(str(snap.index), "used").set(snap.used_mb)
+            for kind, value in (
+                ("utilization_pct", snap.utilization_pct),
+                ("temperature_c", snap.temperature_c),
+                ("power_w", snap.power_w),
+            ):
+                if value is not None:
+                    self.gpu_telemetry.labels(str(snap.index), kind).set(value)
 
     def gpu_ledger(self, devices: Sequence[dict[str, Any]]) -> None:
         """The ledger's split of each device (``/v1/gpu/status`` ``devices``)."""

@@ -8,19 +8,19 @@ from typing import Any
 
 import aiohttp
 
-from imageworks.chat_proxy.admission import Admission
 from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
-from imageworks.chat_proxy.backends import Backend
 from imageworks.chat_proxy.config import ProxyConfig
-from imageworks.chat_proxy.egress import Egress
+from imageworks.chat_proxy.engines.backends import Backend
+from imageworks.chat_proxy.engines.lifecycle import Lifecycle
 from imageworks.chat_proxy.errors import ProxyError
-from imageworks.chat_proxy.forwarding import Outcome
-from imageworks.chat_proxy.lifecycle import Lifecycle
-from imageworks.chat_proxy.metrics import Finished, Metrics
-from imageworks.chat_proxy.peers import Peers
-from imageworks.chat_proxy.requestlog import RequestLog
-from imageworks.chat_proxy.staging import StagingLock
-from imageworks.chat_proxy.vision import ImagePrep, ImageStats
+from imageworks.chat_proxy.observe.metrics import Finished, Metrics
+from imageworks.chat_proxy.observe.requestlog import RequestLog
+from imageworks.chat_proxy.request.admission import Admission
+from imageworks.chat_proxy.server.staging import StagingLock
+from imageworks.chat_proxy.upstream.egress import Egress
+from imageworks.chat_proxy.upstream.forwarding import Outcome
+from imageworks.chat_proxy.upstream.peers import Peers
+from imageworks.chat_proxy.vision.prepare import ImagePrep, ImageStats
 from imageworks.model_loader.profiles import DeploymentProfile, ProfileManager
 from imageworks.model_loader.registry import Registry
 from imageworks.model_loader.schema import ModelEntry

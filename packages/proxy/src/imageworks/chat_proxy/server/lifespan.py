@@ -25,22 +25,23 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
-from imageworks.chat_proxy import idle
-from imageworks.chat_proxy.admission import Admission
 from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe, NoGpuProbe, NvmlProbe, SimProbe
-from imageworks.chat_proxy.backends import build_backends
-from imageworks.chat_proxy.backends.vllm import VllmBackend
 from imageworks.chat_proxy.config import ProxyConfig
-from imageworks.chat_proxy.egress import Egress
-from imageworks.chat_proxy.lifecycle import Lifecycle
-from imageworks.chat_proxy.metrics import Metrics
-from imageworks.chat_proxy.modelstate import Restarts
-from imageworks.chat_proxy.peers import Peers
-from imageworks.chat_proxy.requestlog import RequestLog
-from imageworks.chat_proxy.staging import StagingLock
-from imageworks.chat_proxy.state import ProxyState
-from imageworks.chat_proxy.vision import ImagePrep
+from imageworks.chat_proxy.engines import idle
+from imageworks.chat_proxy.engines.backends import build_backends
+from imageworks.chat_proxy.engines.backends.vllm import VllmBackend
+from imageworks.chat_proxy.engines.lifecycle import Lifecycle
+from imageworks.chat_proxy.engines.modelstate import Restarts
+from imageworks.chat_proxy.observe.events import EventBus
+from imageworks.chat_proxy.observe.metrics import Metrics
+from imageworks.chat_proxy.observe.requestlog import RequestLog
+from imageworks.chat_proxy.request.admission import Admission
+from imageworks.chat_proxy.server.staging import StagingLock
+from imageworks.chat_proxy.server.state import ProxyState
+from imageworks.chat_proxy.upstream.egress import Egress
+from imageworks.chat_proxy.upstream.peers import Peers
+from imageworks.chat_proxy.vision.prepare import ImagePrep
 from imageworks.model_loader.profiles import PROFILES_FILE, ProfileManager
 from imageworks.model_loader.registry import Registry
 from imageworks.model_loader.watch import RegistryWatcher
@@ -75,6 +76,7 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         max_bytes=config.max_log_bytes,
         backups=config.log_backups,
         recent=config.recent_requests,
+        bus=EventBus(),
     ).start()
     metrics = Metrics()
     metrics.log_dropped.set_function(lambda: request_log.dropped)
@@ -158,6 +160,8 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
 
 async def start_background(state: ProxyState) -> list[asyncio.Task[Any]]:
     """Adopt what an earlier proxy left running, then start the loops that keep state true."""
+    if state.log.bus is not None:
+        state.log.bus.bind()
     adopted = await state.lifecycle.recover()
     if adopted:
         log.info("adopted running engines: %s", ", ".join(adopted))

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 from imageworks.chat_proxy.errors import CapabilityMismatch, InvalidRequest, TemplateRequired
-from imageworks.chat_proxy.toolcalls import declares_functions, declares_tools
-from imageworks.chat_proxy.vision import IMAGE_PARTS
+from imageworks.chat_proxy.request.toolcalls import declares_functions, declares_tools
+from imageworks.chat_proxy.vision.prepare import IMAGE_PARTS
 from imageworks.model_loader.schema import ModelEntry
 
 CHAT, COMPLETIONS, EMBEDDINGS = "chat", "completions", "embeddings"

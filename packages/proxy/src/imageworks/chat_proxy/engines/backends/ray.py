@@ -28,9 +28,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from imageworks.chat_proxy.backends import ray_apps
-from imageworks.chat_proxy.backends.base import Backend
 from imageworks.chat_proxy.config import ProxyConfig
+from imageworks.chat_proxy.engines.backends import ray_apps
+from imageworks.chat_proxy.engines.backends.base import Backend
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
     ModelStartFailed,

@@ -15,7 +15,7 @@ import asyncio
 from collections import deque
 
 from imageworks.chat_proxy.errors import RateLimited
-from imageworks.chat_proxy.metrics import Metrics
+from imageworks.chat_proxy.observe.metrics import Metrics
 from imageworks.model_loader.schema import ModelEntry
 
 RETRY_AFTER_S = 1

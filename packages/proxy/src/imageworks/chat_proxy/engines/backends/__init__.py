@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from imageworks.chat_proxy.backends.base import Backend
-from imageworks.chat_proxy.backends.llamacpp import LlamaCppBackend
-from imageworks.chat_proxy.backends.ollama import OllamaBackend
-from imageworks.chat_proxy.backends.openai import OpenAIBackend
-from imageworks.chat_proxy.backends.ray import RayBackend
-from imageworks.chat_proxy.backends.vllm import VllmBackend
 from imageworks.chat_proxy.config import ProxyConfig
+from imageworks.chat_proxy.engines.backends.base import Backend
+from imageworks.chat_proxy.engines.backends.llamacpp import LlamaCppBackend
+from imageworks.chat_proxy.engines.backends.ollama import OllamaBackend
+from imageworks.chat_proxy.engines.backends.openai import OpenAIBackend
+from imageworks.chat_proxy.engines.backends.ray import RayBackend
+from imageworks.chat_proxy.engines.backends.vllm import VllmBackend
 
 BACKEND_KINDS: dict[str, type[Backend]] = {
     cls.kind: cls

@@ -26,21 +26,29 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from imageworks.chat_proxy.backends import Backend
+from imageworks.chat_proxy.engines.backends import Backend
+from imageworks.chat_proxy.engines.modelstate import (
+    CRASHED,
+    FAILED,
+    READY,
+    STARTING,
+    STOPPED,
+    STOPPING,
+)
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
+    InsufficientVram,
     ModelStartFailed,
     ModelStartTimeout,
     ProxyError,
     QueueFull,
 )
-from imageworks.chat_proxy.modelstate import CRASHED, FAILED, READY, STARTING, STOPPED, STOPPING
 from imageworks.model_loader.schema import ModelEntry
 
 if TYPE_CHECKING:
-    from imageworks.chat_proxy.lifecycle import Lifecycle
+    from imageworks.chat_proxy.engines.lifecycle import Lifecycle
 
-log = logging.getLogger("imageworks.chat_proxy.lifecycle")
+log = logging.getLogger("imageworks.chat_proxy.engines.lifecycle")
 
 
 @dataclass
@@ -125,6 +133,13 @@ class Slot:
                             "POST /admin/activate, or enable autostart (PUT /admin/autostart)"
                         )
                     self.owner.may_start(entry)  # backoff, crash loop, restart policy
+                    if self.active not in (None, name) and self.entry and self.entry.pinned:
+                        raise InsufficientVram(  # a swap would evict it: never a pinned model
+                            f"model {name!r} would replace pinned model {self.active!r} in "
+                            f"its {self.backend.kind} slot, and a pinned model is never "
+                            "evicted (unpin it or stop it by hand)",
+                            status=409,
+                        )
                     self.target = name
                 if (
                     self.target == name

@@ -26,8 +26,6 @@ from typing import Any, TypeVar
 import aiohttp
 from starlette.types import Receive, Scope, Send
 
-from imageworks.chat_proxy.bodies import ClientGone
-from imageworks.chat_proxy.egress import Egress, Target
 from imageworks.chat_proxy.errors import (
     BackendTimeout,
     BackendUnavailable,
@@ -35,7 +33,9 @@ from imageworks.chat_proxy.errors import (
     ShuttingDown,
     upstream_error,
 )
-from imageworks.chat_proxy.toolcalls import StreamConverter, convert_answer
+from imageworks.chat_proxy.request.bodies import ClientGone
+from imageworks.chat_proxy.request.toolcalls import StreamConverter, convert_answer
+from imageworks.chat_proxy.upstream.egress import Egress, Target
 
 __all__ = ["ClientGone", "Outcome", "SSEResponse", "open_upstream", "read_body", "send_error"]
 
@@ -225,8 +225,9 @@ class SSEResponse:
     after the first byte.
 
     ``connect`` acquires the model and opens the upstream. When the model has to load first
-    (``waiting_comment`` given), the client gets that SSE comment (``: loading <model>``) at
-    once and every ``keepalive_s`` until the backend answers, which keeps proxies and clients
+    (``waiting_comment`` given), the client gets that SSE comment (``: loading <model> (4.2 s
+    of about 11 s)``; a callable is asked afresh each time) at once and every ``keepalive_s``
+    until the backend answers, which keeps proxies and clients
     from timing out; otherwise nothing is sent until the backend has answered, so that its
     refusal still reaches the client as a real HTTP status. ``on_finish(outcome)`` runs exactly
     once, whether the stream completed, failed or the client left; the upstream connection then
@@ -239,7 +240,7 @@ class SSEResponse:
         on_finish: Callable[[Outcome], None],
         *,
         connect: Callable[[], Awaitable[aiohttp.ClientResponse]],
-        waiting_comment: bytes | None = None,
+        waiting_comment: bytes | Callable[[], bytes] | None = None,
         keepalive_s: float = 5.0,
         converter: StreamConverter | None = None,
     ) -> None:
@@ -372,13 +373,13 @@ class SSEResponse:
         await send({"type": "http.response.body", "body": event, "more_body": False})
 
     async def _keep_alive(self, work: Awaitable[T], send: Send) -> T:
-        assert self.waiting_comment is not None
+        waiting = self.waiting_comment
+        assert waiting is not None
         task = asyncio.ensure_future(work)
         try:
             while True:
-                await send(
-                    {"type": "http.response.body", "body": self.waiting_comment, "more_body": True}
-                )
+                body = waiting() if callable(waiting) else waiting
+                await send({"type": "http.response.body", "body": body, "more_body": True})
                 done, _ = await asyncio.wait({task}, timeout=self.keepalive_s)
                 if done:
                     return task.result()

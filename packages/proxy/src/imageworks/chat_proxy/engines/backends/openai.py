@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from imageworks.chat_proxy.backends.base import Backend
+from imageworks.chat_proxy.engines.backends.base import Backend
 
 
 class OpenAIBackend(Backend):

@@ -25,11 +25,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imageworks.chat_proxy import idle
 from imageworks.chat_proxy.arbiter.seams import GpuGate, Holding
-from imageworks.chat_proxy.backends import Backend
-from imageworks.chat_proxy.errors import BackendUnavailable, ModelBackoff, ModelStartFailed
-from imageworks.chat_proxy.modelstate import (
+from imageworks.chat_proxy.engines import idle
+from imageworks.chat_proxy.engines.backends import Backend
+from imageworks.chat_proxy.engines.modelstate import (
     CRASHED,
     FAILED,
     READY,
@@ -41,14 +40,15 @@ from imageworks.chat_proxy.modelstate import (
     ModelStatus,
     Restarts,
 )
-from imageworks.chat_proxy.process import safe_name
-from imageworks.chat_proxy.requestlog import RequestLog
-from imageworks.chat_proxy.slot import Slot, Ticket
+from imageworks.chat_proxy.engines.slot import Slot, Ticket
+from imageworks.chat_proxy.errors import BackendUnavailable, ModelBackoff, ModelStartFailed
+from imageworks.chat_proxy.observe.requestlog import RequestLog, utc_now_iso
+from imageworks.chat_proxy.supervision.process import safe_name
 from imageworks.model_loader.registry import Registry
 from imageworks.model_loader.schema import ModelEntry
 
 if TYPE_CHECKING:
-    from imageworks.chat_proxy.metrics import Metrics
+    from imageworks.chat_proxy.observe.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -439,6 +439,10 @@ class Lifecycle:
         status.load_ms = load_ms if load_ms is not None else (current.load_ms if current else None)
         self.statuses[name] = status
         self.version += 1
+        if current is None or current.state != state:  # the event stream shows each change
+            bus = self.request_log.bus if self.request_log is not None else None
+            if bus is not None:
+                bus.publish({"ts": utc_now_iso(), "event": "state", "model": name, "state": state})
 
     def event(self, event: str, **fields: Any) -> None:
         if self.request_log is not None:

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 from imageworks.model_loader.schema import ModelEntry
 
 if TYPE_CHECKING:
-    from imageworks.chat_proxy.lifecycle import Lifecycle
+    from imageworks.chat_proxy.engines.lifecycle import Lifecycle
 
-log = logging.getLogger("imageworks.chat_proxy.idle")
+log = logging.getLogger("imageworks.chat_proxy.engines.idle")
 
 
 def ttl_of(entry: ModelEntry, default_s: float) -> float:

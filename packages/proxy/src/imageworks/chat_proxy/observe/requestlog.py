@@ -21,7 +21,10 @@ import threading
 from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+if TYPE_CHECKING:
+    from imageworks.chat_proxy.observe.events import EventBus
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,10 @@ class RequestLog:
         backups: int,
         recent: int = 500,
         batch_s: float = 0.01,
+        bus: EventBus | None = None,
     ) -> None:
         self.path = path
+        self.bus = bus  # events (not request records) are also published there
         self.max_bytes = max_bytes
         self.backups = backups
         self.batch_s = batch_s
@@ -70,7 +75,10 @@ class RequestLog:
             self._ready.set()
 
     def event(self, event: str, component: str, **fields: Any) -> None:
-        self.write({"ts": utc_now_iso(), "event": event, "component": component, **fields})
+        record = {"ts": utc_now_iso(), "event": event, "component": component, **fields}
+        self.write(record)
+        if self.bus is not None:
+            self.bus.publish(record)
 
     def close(self, timeout: float = 10.0) -> None:
         """Flush everything queued so far, then stop the writer."""

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import aiohttp
 
 from imageworks.chat_proxy.arbiter.seams import Holding
-from imageworks.chat_proxy.backends.base import Backend, MakeRoom, Usage
 from imageworks.chat_proxy.config import ProxyConfig
+from imageworks.chat_proxy.engines.backends.base import Backend, MakeRoom, Usage
+from imageworks.chat_proxy.engines.modelstate import READY, STOPPED, UNREACHABLE
 from imageworks.chat_proxy.errors import BackendUnavailable
-from imageworks.chat_proxy.modelstate import READY, STOPPED, UNREACHABLE
-from imageworks.chat_proxy.process import listening_pid, pid_alive
+from imageworks.chat_proxy.supervision.process import listening_pid, pid_alive
 from imageworks.model_loader.schema import ModelEntry
 
 log = logging.getLogger("imageworks.chat_proxy.ollama")
@@ -225,6 +225,8 @@ class OllamaBackend(Backend):
                         in_flight,
                         evict=functools.partial(manager.unload, tag),
                         pid=pid,
+                        pinned=entry is not None and entry.pinned,
+                        priority=entry.priority if entry is not None else 0,
                     )
                 )
         return found

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.types import Receive
 
 from imageworks.chat_proxy.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
-from imageworks.chat_proxy.payloads import parse_body
+from imageworks.chat_proxy.request.payloads import parse_body
 
 ADMIN_BODY_LIMIT = 64 * 1024  # admin and lease bodies are a few small fields
 Q = TypeVar("Q", bound=BaseModel)

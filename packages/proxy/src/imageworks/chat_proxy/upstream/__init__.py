@@ -1,0 +1,1 @@
+"""Where a request goes: the one egress client, the relay to a backend, and other boxes (peers)."""

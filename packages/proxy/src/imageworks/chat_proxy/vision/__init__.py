@@ -1,0 +1,3 @@
+"""Images and big bodies: lifting big strings before parsing, preparing images in the CPU pool,
+history trimming.
+"""
