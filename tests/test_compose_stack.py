@@ -157,6 +157,12 @@ def test_the_cpu_stack_as_the_runbook_runs_it(engine: Dockerd, project: Path) ->
     gpu = shell.run(" ".join([*COMPOSE, "--profile", "gpu", "config", "--services"]))
     assert set(gpu.split()) == {"chat-proxy", "vllm-executor", "ollama", "console"}
     assert all(" --profile gpu " in line for line in book["compose-gpu"].strip().splitlines())
+    # Loopback by default; the documented variable opens the proxy to the LAN.
+    cpu = [*COMPOSE, "--profile", "cpu", "config", "--format", "json"]
+    for opened, host_ip in (("", "127.0.0.1"), ("IMAGEWORKS_PUBLISH_HOST=0.0.0.0 ", "0.0.0.0")):
+        config = json.loads(shell.run(opened + " ".join(cpu)))
+        (port,) = config["services"]["chat-proxy-cpu"]["ports"]
+        assert (port["host_ip"], port["published"], port["target"]) == (host_ip, "8100", 8100)
 
     started = time.monotonic()
     shell.run(book["compose-build"])
