@@ -110,6 +110,18 @@ class Dockerd:
         deadline = time.monotonic() + 20
         while self.leftovers() and time.monotonic() < deadline:
             time.sleep(0.2)
+        # dockerd leaves its bind mount of the host's network namespace (netns/default) in the
+        # exec root when it exits: unmount what is ours, then the folder goes.
+        for mount in reversed(self.mounts()):
+            subprocess.run(["umount", mount], capture_output=True, check=False)
+        if not self.mounts():
+            shutil.rmtree(self.exec_root, ignore_errors=True)
+
+    def mounts(self) -> list[str]:
+        """Mount points under this engine's exec root (none once it is stopped and cleaned)."""
+        prefix = f"{self.exec_root}/"
+        points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+        return [point for point in points if point.startswith(prefix)]
 
 
 def start_dockerd() -> Dockerd:

@@ -242,4 +242,5 @@ def test_the_cpu_stack_as_the_runbook_runs_it(engine: Dockerd, project: Path) ->
     engine.stop()
     assert engine.process.returncode is not None
     assert engine.leftovers() == []
+    assert engine.mounts() == [] and not engine.exec_root.exists()
     assert host_network_state() == engine.before  # forwarding, FORWARD chain, interfaces
