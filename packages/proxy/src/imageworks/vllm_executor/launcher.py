@@ -33,7 +33,13 @@ DEFAULT_TEMPLATE: tuple[str, ...] = (
 )
 FIELDS = launch.COMMON_FIELDS | {"gpu_memory_utilization"}
 
-__all__ = ["DEFAULT_TEMPLATE", "LaunchError", "build_command", "dedupe_extra_args"]
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "LaunchError",
+    "build_command",
+    "command_for",
+    "dedupe_extra_args",
+]
 
 
 def parse_template(raw: str | None) -> tuple[str, ...]:
@@ -50,7 +56,9 @@ def build_command(
     host: str,
     port: int,
     gpu_memory_utilization: float,
+    python: str | None = None,
 ) -> list[str]:
+    more = {"python": python} if python else {}
     return launch.build_command(
         entry,
         template,
@@ -59,7 +67,33 @@ def build_command(
         # Only a template that asks for them (a custom one may launch another engine).
         tool_args=tool_args(entry) if "{tool_args}" in template else [],
         gpu_memory_utilization=gpu_memory_utilization,
+        **more,
     )
+
+
+def command_for(
+    entry: ModelEntry,
+    template: Sequence[str],
+    *,
+    host: str,
+    port: int,
+    gpu_memory_utilization: float,
+    python: str | None = None,
+    span: int = 1,
+) -> list[str]:
+    """The whole argv the executor runs for ``entry``: the template filled, and the
+    ``--tensor-parallel-size`` of a model that spans ``span`` devices (unless set already)."""
+    argv = build_command(
+        entry,
+        template,
+        host=host,
+        port=port,
+        gpu_memory_utilization=gpu_memory_utilization,
+        python=python,
+    )
+    if span > 1 and not any(a.startswith("--tensor-parallel-size") for a in argv):
+        argv += ["--tensor-parallel-size", str(span)]
+    return argv
 
 
 def tool_args(entry: ModelEntry) -> list[str]:
