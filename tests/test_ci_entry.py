@@ -21,6 +21,15 @@ def test_ci_requires_the_browser_test_it_installed_the_browser_for() -> None:
     assert "chromium:chromium chromedriver:chromium-driver" in script
 
 
+def test_ci_requires_the_compose_test_it_installed_the_engine_for() -> None:
+    script = (REPO / ".ci" / "run").read_text()
+    lines = [line.strip() for line in script.splitlines()]
+    check = lines.index("bash scripts/check.sh")
+    assert lines.index("export IMAGEWORKS_REQUIRE_DOCKER=1") < check
+    assert lines.index("bash scripts/install-compose-v2.sh") < check
+    assert "dockerd:docker.io debootstrap:debootstrap" in script
+
+
 def test_ci_sets_up_and_requires_the_real_engines_tier() -> None:
     lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
     setup = lines.index("bash scripts/real-engines.sh")
