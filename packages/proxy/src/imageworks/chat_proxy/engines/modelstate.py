@@ -38,7 +38,7 @@ from imageworks.chat_proxy.errors import (
     ModelStartFailed,
     ProxyError,
 )
-from imageworks.chat_proxy.observe.redact import redact_text
+from imageworks.chat_proxy.redact import redact_text
 from imageworks.model_loader.schema import ModelEntry
 
 

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from imageworks.chat_proxy.config import ConfigError, ProxyConfig
 from imageworks.chat_proxy.engines.modelstate import READY
 from imageworks.chat_proxy.errors import BackendUnavailable
-from imageworks.chat_proxy.observe.redact import redact_text, redact_url
+from imageworks.chat_proxy.redact import redact_text, redact_url
 from imageworks.chat_proxy.upstream.egress import tls_context
 from imageworks.chat_proxy.upstream.reading import TooLarge, read_capped
 from imageworks.model_loader.schema import ModelEntry
