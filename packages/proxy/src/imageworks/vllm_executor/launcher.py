@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from imageworks.chat_proxy.auth import is_loopback
 from imageworks.chat_proxy.supervision import launch
 from imageworks.chat_proxy.supervision.launch import LaunchError, dedupe_extra_args
 from imageworks.model_loader.schema import ModelEntry
@@ -29,11 +30,17 @@ DEFAULT_TEMPLATE: tuple[str, ...] = (
     "{gpu_memory_utilization}",
     "{chat_template_args}",
     "{tool_args}",
+    "{sleep_args}",
     "{extra_args}",
 )
 FIELDS = launch.COMMON_FIELDS | {"gpu_memory_utilization"}
+SLEEP_FLAG = "--enable-sleep-mode"
+# vLLM serves /sleep, /wake_up and /is_sleeping only in its dev mode, which also opens other
+# unauthenticated control routes: set for sleep-mode children only, bound to loopback only.
+DEV_MODE_ENV = {"VLLM_SERVER_DEV_MODE": "1"}
 
 __all__ = ["DEFAULT_TEMPLATE", "LaunchError", "build_command", "dedupe_extra_args"]
+__all__ += ["DEV_MODE_ENV", "SLEEP_FLAG", "sleep_mode_allowed"]
 
 
 def parse_template(raw: str | None) -> tuple[str, ...]:
@@ -50,7 +57,9 @@ def build_command(
     host: str,
     port: int,
     gpu_memory_utilization: float,
+    sleep_mode: bool = False,
 ) -> list[str]:
+    """``sleep_mode``: the executor lets this model sleep (``sleep_mode_allowed``)."""
     return launch.build_command(
         entry,
         template,
@@ -58,8 +67,28 @@ def build_command(
         port=port,
         # Only a template that asks for them (a custom one may launch another engine).
         tool_args=tool_args(entry) if "{tool_args}" in template else [],
+        sleep_args=[SLEEP_FLAG] if sleep_mode else [],
         gpu_memory_utilization=gpu_memory_utilization,
     )
+
+
+def sleep_mode_allowed(
+    entry: ModelEntry, template: Sequence[str], served_host: str
+) -> tuple[bool, str | None]:
+    """May ``entry`` run with sleep mode here? (allowed, why not). It must ask for it
+    (``backend_config.sleep_mode``), the template must carry ``{sleep_args}`` (a custom one
+    may launch another engine), and vLLM must bind loopback: its dev-mode routes must never be
+    reachable from another host."""
+    if not entry.backend_config.sleep_mode:
+        return False, None
+    if "{sleep_args}" not in template:
+        return False, "the launch template has no {sleep_args}"
+    if not is_loopback(served_host):
+        return False, (
+            f"vLLM binds {served_host} (IMAGEWORKS_VLLM_SERVED_HOST), not loopback, and sleep "
+            "mode's dev routes must never be reachable from another host"
+        )
+    return True, None
 
 
 def tool_args(entry: ModelEntry) -> list[str]:
