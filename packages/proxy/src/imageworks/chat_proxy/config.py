@@ -68,6 +68,9 @@ class ProxyConfig(BaseModel):
     gpu_total_mb: tuple[int, ...] | None = None
     gpu_sim: Path | None = None
     gpu_headroom_mb: int = Field(default=1024, ge=0)
+    # Host RAM that sleeping vLLM models (sleep mode: weights parked in RAM) may hold in all;
+    # unset: half of the machine's RAM; 0: never sleep, always stop.
+    sleep_ram_mb: int | None = Field(default=None, ge=0)
     # Supervision: a failed start is retried no sooner than the backoff (doubling from the
     # first value to the cap, reset on success); so many crashes within the window is a crash
     # loop, and the model stays failed until activated by hand.

@@ -35,6 +35,11 @@ class Holding:
     # read from ``entry`` when there is one, else from these (an Ollama model's entry).
     pinned: bool = False
     priority: int = 0
+    # vLLM sleep mode: ``sleep`` puts it to sleep instead of stopping it (None: it cannot);
+    # a sleeping model holds ``host_mb`` of host RAM and only ``vram_mb`` (its residue) of VRAM.
+    sleep: Callable[[], Awaitable[bool]] | None = None
+    sleeping: bool = False
+    host_mb: int = 0
 
 
 class Residency(Protocol):
