@@ -28,3 +28,17 @@ def eventually(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return bool(predicate())
+
+
+def shipped_chat_model(registry: list[dict[str, Any]]) -> str:
+    """The name of the embedded chat model in the shipped registry (whichever it is: the
+    tests that use it must not depend on one model)."""
+    for entry in registry:
+        caps = entry.get("capabilities") or {}
+        if (
+            entry.get("backend") == "llamacpp"
+            and caps.get("text", True)
+            and not entry.get("deprecated")
+        ):
+            return str(entry["name"])
+    raise LookupError("the shipped registry has no embedded llama.cpp chat model")

@@ -70,6 +70,7 @@ class FakeEngine:
     loaded: dict[str, float] = field(default_factory=dict)
     vram_mb: dict[str, int] = field(default_factory=dict)  # per tag; 4096 when not listed
     unload_requests: list[str] = field(default_factory=list)
+    stored: dict[str, dict[str, Any]] = field(default_factory=dict)  # Responses by id
     # The simulated GPU this engine's models take memory from (a process on its own only).
     sim: SimGpu | None = None
     sim_devices: tuple[int, ...] = (0,)
@@ -93,6 +94,20 @@ class FakeEngine:
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
+        # The other surfaces: Responses (kept, like an engine with a store), Anthropic
+        # Messages, rerank, audio, and raw engine routes (the allowed and the dangerous ones:
+        # a request that reaches /sleep is recorded like any other, so a test can see it).
+        app.router.add_post("/v1/responses", self.responses)
+        app.router.add_route("*", "/v1/responses/{rid}", self.response_by_id)
+        app.router.add_route("*", "/v1/responses/{rid}/{action}", self.response_by_id)
+        app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
+        app.router.add_post("/v1/rerank", self.rerank)
+        app.router.add_post("/v1/audio/transcriptions", self.transcribe)
+        app.router.add_post("/v1/audio/translations", self.transcribe)
+        app.router.add_post("/v1/audio/speech", self.speech)
+        for path in ("/tokenize", "/sleep", "/collective_rpc", "/props", "/slots/0"):
+            app.router.add_route("*", path, self.raw_route)
         if self.flavour == "ollama":
             app.router.add_get("/api/tags", self.api_tags)
             app.router.add_get("/api/ps", self.api_ps)
@@ -253,13 +268,28 @@ class FakeEngine:
                 words = ["Here is the record: ", '{"name": "Alice", "age": 30}', " as asked."]
             if model == "function-call":
                 return await self.function_call(request, body, model)
-            tools = body.get("tools") and model != "json-prose"  # it answers in prose
+            # As the real engines: a request with tools gets a call, unless the last turn is the
+            # tool's result or tool_choice is "none" (then it answers in words, and a client's
+            # tool loop ends); prose models answer in prose.
+            tools = body.get("tools") and model != "json-prose" and _wants_a_call(body)
+            if (problem := self.sampling_problem(body)) is not None:
+                return self.error(400, problem)
+            if not tools and (schema := _response_schema(body)) is not None:
+                words = [json.dumps(_instance_of(schema))]
             if body.get("stream") and model != "json-for-stream":
                 return await self.stream_chat(request, body, model, words, bool(tools))
             return web.json_response(self.full_chat(body, model, words, bool(tools)))
         except asyncio.CancelledError:
             self.cancelled.append(rid)
             raise
+
+    def sampling_problem(self, body: dict[str, Any]) -> str | None:
+        """vLLM refuses several choices under greedy sampling (temperature 0), in its words;
+        llama.cpp serves them (identical)."""
+        n = _choices(body)
+        if self.flavour == "vllm" and n > 1 and body.get("temperature") == 0:
+            return f"n must be 1 when using greedy sampling, got {n}."
+        return None
 
     def full_chat(
         self, body: dict[str, Any], model: str, words: list[str], tools: bool
@@ -284,7 +314,10 @@ class FakeEngine:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            "choices": [
+                {"index": i, "message": message, "finish_reason": finish}
+                for i in range(_choices(body))
+            ],
         }
         if model != "no-usage":
             data["usage"] = self.usage(body, len(words))
@@ -445,6 +478,160 @@ class FakeEngine:
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
+    # --- Responses, Anthropic Messages, rerank, audio, raw routes -----------------------------
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        body = await self.record(request)
+        model = str(body.get("model"))
+        if model.startswith("fail-"):
+            return self.error(int(model[5:]), f"scripted failure {model}")
+        rid = f"resp_{self.flavour}_{len(self.stored)}"
+        text = "".join(w.format(flavour=self.flavour) for w in ANSWER_WORDS)
+        usage = {"input_tokens": 7, "output_tokens": 4, "total_tokens": 11}
+        response: dict[str, Any] = {
+            "id": rid,
+            "object": "response",
+            "created_at": int(time.time()),
+            "model": model,
+            "status": "completed",
+            "output": [
+                {
+                    "type": "message",
+                    "id": "msg_1",
+                    "role": "assistant",
+                    "status": "completed",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}],
+                }
+            ],
+            "usage": usage,
+        }
+        self.stored[rid] = {"response": response, "input": body.get("input")}
+        if not body.get("stream"):
+            return web.json_response(response)
+        events: list[tuple[str, dict[str, Any]]] = [
+            ("response.created", {"response": {**response, "status": "in_progress"}}),
+            *[("response.output_text.delta", {"item_id": "msg_1", "delta": d}) for d in text],
+            ("response.completed", {"response": response}),
+        ]
+        if model == "die":
+            events = events[:3]
+        return await self.typed_stream(request, events, die=model == "die")
+
+    async def typed_stream(
+        self, request: web.Request, events: list[tuple[str, dict[str, Any]]], die: bool = False
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for number, (kind, data) in enumerate(events):
+            payload = json.dumps({"type": kind, "sequence_number": number, **data})
+            await response.write(f"event: {kind}\ndata: {payload}\n\n".encode())
+        if die:
+            assert request.transport is not None
+            await asyncio.sleep(0.05)
+            request.transport.abort()
+            return response
+        await response.write_eof()
+        return response
+
+    async def response_by_id(self, request: web.Request) -> web.Response:
+        self.requests.append(Recorded(request.path, dict(request.headers), None, None, b""))
+        rid, action = request.match_info["rid"], request.match_info.get("action", "")
+        stored = self.stored.get(rid)
+        if stored is None:
+            return self.error(404, f"no response {rid}")
+        if action == "input_items":
+            return web.json_response({"object": "list", "data": [stored["input"]]})
+        if request.method == "DELETE":
+            del self.stored[rid]
+            return web.json_response({"id": rid, "object": "response", "deleted": True})
+        if action == "cancel":
+            return web.json_response({**stored["response"], "status": "cancelled"})
+        return web.json_response(stored["response"])
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        body = await self.record(request)
+        model = str(body.get("model"))
+        if model.startswith("fail-"):
+            return self.error(int(model[5:]), f"scripted failure {model}")
+        if model == "hang":
+            await asyncio.sleep(3600)
+        text = "".join(w.format(flavour=self.flavour) for w in ANSWER_WORDS)
+        message: dict[str, Any] = {
+            "id": "msg_fake",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 9, "output_tokens": 4},
+        }
+        if not body.get("stream"):
+            return web.json_response(message)
+        start = {**message, "content": [], "stop_reason": None}
+        start["usage"] = {"input_tokens": 9, "output_tokens": 1}
+        events: list[tuple[str, dict[str, Any]]] = [
+            ("message_start", {"message": start}),
+            ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+            *[
+                ("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": w}})
+                for w in (text[:5], text[5:])
+            ],
+            ("content_block_stop", {"index": 0}),
+            (
+                "message_delta",
+                {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 4}},
+            ),
+            ("message_stop", {}),
+        ]
+        if model == "die":
+            return await self.typed_stream(request, events[:3], die=True)
+        return await self.typed_stream(request, events)
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        body = await self.record(request)
+        return web.json_response({"input_tokens": len(json.dumps(body.get("messages"))) // 4})
+
+    async def rerank(self, request: web.Request) -> web.Response:
+        body = await self.record(request)
+        documents = body.get("documents") or []
+        results = [{"index": i, "relevance_score": 1.0 / (i + 1)} for i in range(len(documents))]
+        return web.json_response(
+            {
+                "id": "rerank-1",
+                "model": body.get("model"),
+                "results": results,
+                "usage": {"total_tokens": 5 * len(documents)},
+            }
+        )
+
+    async def transcribe(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.requests.append(Recorded(request.path, headers, None, None, raw))
+        form = _form(request.headers["content-type"], raw)
+        heard = f"heard {len(form.get('file', b''))} bytes"
+        return web.json_response(
+            {
+                "text": f"{heard} with {form.get('model', b'').decode()}",
+                "usage": {"type": "tokens", "input_tokens": 3, "output_tokens": 2},
+            }
+        )
+
+    async def speech(self, request: web.Request) -> web.Response:
+        body = await self.record(request)
+        audio = b"RIFF" + bytes(range(256)) * 4 + str(body.get("input")).encode()
+        return web.Response(body=audio, content_type="audio/wav")
+
+    async def raw_route(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.requests.append(Recorded(request.path, headers, None, None, raw))
+        if request.path == "/tokenize":
+            content = json.loads(raw or b"{}").get("content", "")
+            return web.json_response({"tokens": [ord(c) for c in content]})
+        return web.json_response({"path": request.path, "method": request.method})
+
     # --- Ollama's native API -----------------------------------------------------------------
 
     async def api_tags(self, request: web.Request) -> web.Response:
@@ -484,6 +671,68 @@ class FakeEngine:
                 "response": "",
             }
         )
+
+
+def _form(content_type: str, raw: bytes) -> dict[str, bytes]:
+    """The fields of a multipart body (the standard library's MIME parser)."""
+    import email
+    import email.policy
+
+    message = email.message_from_bytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + raw, policy=email.policy.HTTP
+    )
+    fields: dict[str, bytes] = {}
+    for part in message.walk():
+        payload = part.get_payload(decode=True)
+        name = part.get_param("name", header="content-disposition")
+        if isinstance(name, str) and isinstance(payload, bytes):
+            fields[name] = payload
+    return fields
+
+
+def _choices(body: dict[str, Any]) -> int:
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+
+
+def _wants_a_call(body: dict[str, Any]) -> bool:
+    if body.get("tool_choice") == "none":
+        return False
+    messages = body.get("messages") or []
+    last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+    return bool(body.get("tool_choice") == "required" or last.get("role") != "tool")
+
+
+def _response_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The schema ``response_format`` asks for (``json_object``: any object)."""
+    wanted = body.get("response_format")
+    if not isinstance(wanted, dict):
+        return None
+    if wanted.get("type") == "json_object":
+        return {"type": "object", "properties": {"answer": {"type": "string"}}}
+    if wanted.get("type") == "json_schema":
+        schema = (wanted.get("json_schema") or {}).get("schema")
+        return schema if isinstance(schema, dict) else {"type": "object"}
+    return None
+
+
+def _instance_of(schema: dict[str, Any]) -> Any:
+    """A value that satisfies a simple JSON schema, as a constrained engine's answer would."""
+    kind = schema.get("type")
+    if "enum" in schema:
+        return schema["enum"][0]
+    if kind == "object" or "properties" in schema:
+        properties = schema.get("properties") or {}
+        return {k: _instance_of(v if isinstance(v, dict) else {}) for k, v in properties.items()}
+    if kind == "array":
+        return []
+    if kind in ("integer", "number"):
+        return 1
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    return "Paris"
 
 
 def _scripted(model: str) -> bool:

@@ -15,3 +15,10 @@ def test_ci_requires_the_browser_test_it_installed_the_browser_for() -> None:
     assert "export IMAGEWORKS_REQUIRE_BROWSER=1" in lines
     assert lines.index("export IMAGEWORKS_REQUIRE_BROWSER=1") < lines.index("bash scripts/check.sh")
     assert "chromium:chromium chromedriver:chromium-driver" in script
+
+
+def test_ci_sets_up_and_requires_the_real_engines_tier() -> None:
+    lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    setup = lines.index("bash scripts/real-engines.sh")
+    required = lines.index("export IMAGEWORKS_REQUIRE_REAL_ENGINES=1")
+    assert setup < required < lines.index("bash scripts/check.sh")

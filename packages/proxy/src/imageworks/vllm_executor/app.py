@@ -33,7 +33,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from imageworks.chat_proxy.auth import require_admin
+from imageworks.chat_proxy.auth import is_loopback, require_admin
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
     InvalidRequest,
@@ -68,7 +68,7 @@ from imageworks.vllm_executor.config import ExecutorConfig
 from imageworks.vllm_executor.launcher import (
     DEV_MODE_ENV,
     LaunchError,
-    build_command,
+    command_for,
     sleep_mode_allowed,
 )
 
@@ -250,7 +250,7 @@ class Executor:
             if no_sleep:
                 log.warning("%s runs without sleep mode: %s", entry.name, no_sleep)
             try:
-                argv = build_command(
+                argv = command_for(
                     entry,
                     self.config.launch_template,
                     host=self.config.served_host,
@@ -258,18 +258,17 @@ class Executor:
                     gpu_memory_utilization=entry.backend_config.gpu_memory_utilization
                     or share
                     or self.config.gpu_memory_utilization,
+                    python=self.config.python,
+                    span=len(devices) if devices else entry.gpu_span,
                     sleep_mode=sleep_mode,
                 )
             except LaunchError as exc:
                 raise InvalidRequest(str(exc), param="model") from None
-            span = len(devices) if devices else entry.gpu_span
-            if span > 1 and not any(a.startswith("--tensor-parallel-size") for a in argv):
-                argv += ["--tensor-parallel-size", str(span)]
-            env = None
+            env = child_env(os.environ, self.config.served_host)
             if devices:
-                env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))}
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
             if sleep_mode:
-                env = {**(env or os.environ), **DEV_MODE_ENV}
+                env.update(DEV_MODE_ENV)
             log_file = self.config.staging_dir / "vllm" / f"{safe_name(entry.name)}.log"
             process = ManagedProcess(argv, log_file, env=env)
             run = Run(entry.name, port, status="starting", sleep_mode=sleep_mode)
@@ -393,6 +392,16 @@ class Executor:
         if self.latest == run.name:
             self.latest = None
         await self._persist()
+
+
+def child_env(environ: Mapping[str, str], served_host: str) -> dict[str, str]:
+    """A vLLM child's environment: the executor's own, with vLLM's usage reporting off, and, for
+    a server bound to loopback, its internal queues on loopback too (vLLM otherwise picks the
+    machine's interface address for them). A value set in the executor's environment wins."""
+    env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", **environ}
+    if is_loopback(served_host):
+        env.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    return env
 
 
 def _executor(request: Request) -> Executor:

@@ -18,6 +18,7 @@ ENV = {
     "served_port": "IMAGEWORKS_VLLM_SERVED_PORT",
     "public_host": "IMAGEWORKS_VLLM_PUBLIC_HOST",
     "launch_template": "IMAGEWORKS_VLLM_LAUNCH_TEMPLATE",
+    "python": "IMAGEWORKS_VLLM_PYTHON",
     "start_timeout_s": "IMAGEWORKS_VLLM_START_TIMEOUT_S",
     "gpu_memory_utilization": "CHAT_PROXY_VLLM_GPU_MEMORY_UTILIZATION",
     "registry_dir": "IMAGEWORKS_REGISTRY_DIR",
@@ -39,6 +40,9 @@ class ExecutorConfig(BaseModel):
     served_port: int = Field(default=24001, ge=1, le=65535)
     public_host: str = "127.0.0.1"  # how the proxy reaches vLLM (imageworks-vllm in compose)
     launch_template: tuple[str, ...]
+    # The interpreter the template's {python} names: vLLM in an environment of its own (never
+    # a dependency of the proxy), e.g. the one scripts/real-engines.sh builds. Default: ours.
+    python: str | None = None
     start_timeout_s: float = Field(default=600.0, gt=0)
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     registry_dir: Path = Path("configs")

@@ -39,8 +39,16 @@ SLEEP_FLAG = "--enable-sleep-mode"
 # unauthenticated control routes: set for sleep-mode children only, bound to loopback only.
 DEV_MODE_ENV = {"VLLM_SERVER_DEV_MODE": "1"}
 
-__all__ = ["DEFAULT_TEMPLATE", "LaunchError", "build_command", "dedupe_extra_args"]
-__all__ += ["DEV_MODE_ENV", "SLEEP_FLAG", "sleep_mode_allowed"]
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "DEV_MODE_ENV",
+    "SLEEP_FLAG",
+    "LaunchError",
+    "build_command",
+    "command_for",
+    "dedupe_extra_args",
+    "sleep_mode_allowed",
+]
 
 
 def parse_template(raw: str | None) -> tuple[str, ...]:
@@ -57,9 +65,11 @@ def build_command(
     host: str,
     port: int,
     gpu_memory_utilization: float,
+    python: str | None = None,
     sleep_mode: bool = False,
 ) -> list[str]:
     """``sleep_mode``: the executor lets this model sleep (``sleep_mode_allowed``)."""
+    more = {"python": python} if python else {}
     return launch.build_command(
         entry,
         template,
@@ -69,6 +79,7 @@ def build_command(
         tool_args=tool_args(entry) if "{tool_args}" in template else [],
         sleep_args=[SLEEP_FLAG] if sleep_mode else [],
         gpu_memory_utilization=gpu_memory_utilization,
+        **more,
     )
 
 
@@ -89,6 +100,33 @@ def sleep_mode_allowed(
             "mode's dev routes must never be reachable from another host"
         )
     return True, None
+
+
+def command_for(
+    entry: ModelEntry,
+    template: Sequence[str],
+    *,
+    host: str,
+    port: int,
+    gpu_memory_utilization: float,
+    python: str | None = None,
+    span: int = 1,
+    sleep_mode: bool = False,
+) -> list[str]:
+    """The whole argv the executor runs for ``entry``: the template filled, and the
+    ``--tensor-parallel-size`` of a model that spans ``span`` devices (unless set already)."""
+    argv = build_command(
+        entry,
+        template,
+        host=host,
+        port=port,
+        gpu_memory_utilization=gpu_memory_utilization,
+        python=python,
+        sleep_mode=sleep_mode,
+    )
+    if span > 1 and not any(a.startswith("--tensor-parallel-size") for a in argv):
+        argv += ["--tensor-parallel-size", str(span)]
+    return argv
 
 
 def tool_args(entry: ModelEntry) -> list[str]:

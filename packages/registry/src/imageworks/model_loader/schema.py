@@ -18,6 +18,9 @@ SERVABLE_BACKENDS = ("vllm", "ollama", "llamacpp", "openai", "ray")
 LEGACY_BACKENDS = ("lmdeploy", "triton", "gguf", "unassigned")
 
 
+PROTOCOL = Literal[
+    "chat", "completions", "embeddings", "responses", "messages", "rerank", "audio", "speech"
+]
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _RESERVED_HEADERS = frozenset(
     {"host", "content-length", "transfer-encoding", "connection", "content-type", "x-request-id"}
@@ -73,6 +76,9 @@ class Capabilities(_Open):
     tools: bool = False
     reasoning: bool = False
     embedding: bool = False
+    rerank: bool = False  # /v1/rerank (vLLM, llama.cpp --reranking)
+    audio: bool = False  # /v1/audio/transcriptions and /translations (speech to text)
+    speech: bool = False  # /v1/audio/speech (text to speech)
 
 
 class ChatTemplate(_Open):
@@ -172,6 +178,14 @@ class ModelEntry(_Open):
     # forwards for this model; by default it refuses them. "tools" here forwards tool
     # definitions to a model without capabilities.tools (otherwise 409).
     allow_request_fields: list[str] = Field(default_factory=list)
+    # The surfaces the engine speaks, for an external server that speaks other ones than its
+    # backend kind does (chat, completions, embeddings, responses, messages, rerank, audio,
+    # speech); None: the kind's own list (docs/api.md).
+    protocols: list[PROTOCOL] | None = None
+    # The engine keeps Responses itself (OpenAI; vLLM with VLLM_ENABLE_RESPONSES_API_STORE=1):
+    # requests by id, previous_response_id and background go to it. False: the proxy chains
+    # previous_response_id and answers requests by id from its own bounded store.
+    responses_stored: bool = False
 
     @field_validator("name")
     @classmethod

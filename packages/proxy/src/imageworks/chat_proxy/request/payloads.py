@@ -27,6 +27,15 @@ _NUMBERS = (
     "min_p",
 )
 _INTEGERS = ("max_tokens", "max_completion_tokens", "n", "top_k", "seed", "min_tokens")
+# Where the generation defaults go: all of them (the OpenAI surfaces they were written for), or
+# those the surface has, under its own names (Responses, Anthropic Messages); other surfaces
+# (embeddings, rerank, audio) take none.
+_ALL_DEFAULTS = frozenset({CHAT, COMPLETIONS})
+_SAMPLING = {"temperature": "temperature", "top_p": "top_p"}
+_MAPPED_DEFAULTS = {
+    "responses": {**_SAMPLING, "max_tokens": "max_output_tokens"},
+    "messages": {**_SAMPLING, "top_k": "top_k", "stop": "stop_sequences"},
+}
 # generation_defaults keys that describe the model rather than a request.
 _NOT_REQUEST_FIELDS = frozenset({"context_window", "stop_sequences"})
 
@@ -58,8 +67,8 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def validate(endpoint: str, body: dict[str, Any]) -> str:
-    """Check the fields the proxy depends on; return the requested model name."""
+def validate_common(body: dict[str, Any]) -> str:
+    """The model name and ``stream``, which every surface's body has; return the model."""
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise InvalidRequest(
@@ -71,6 +80,18 @@ def validate(endpoint: str, body: dict[str, Any]) -> str:
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("'stream' must be a boolean", param="stream")
+    return model
+
+
+def validate(endpoint: str, body: dict[str, Any]) -> str:
+    """Check the fields the proxy depends on; return the requested model name."""
+    model = validate_common(body)
+    validate_sampling(body)
+    _validate_endpoint(endpoint, body)
+    return model
+
+
+def validate_sampling(body: dict[str, Any]) -> None:
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise InvalidRequest("'stream_options' must be an object", param="stream_options")
@@ -89,6 +110,9 @@ def validate(endpoint: str, body: dict[str, Any]) -> str:
         isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
     ):
         raise InvalidRequest("'stop' must be a string or a list of strings", param="stop")
+
+
+def _validate_endpoint(endpoint: str, body: dict[str, Any]) -> None:
     if endpoint == CHAT:
         _validate_messages(body.get("messages"))
         for name in ("tools", "functions"):
@@ -104,7 +128,6 @@ def validate(endpoint: str, body: dict[str, Any]) -> str:
             raise InvalidRequest("'prompt' is required (a string or a list)", param="prompt")
     elif endpoint == EMBEDDINGS and not isinstance(body.get("input"), str | list):
         raise InvalidRequest("'input' is required (a string or a list)", param="input")
-    return model
 
 
 def _validate_messages(messages: Any) -> None:
@@ -231,7 +254,7 @@ def prepare(
     if body["model"] != entry.upstream_id:
         body["model"] = entry.upstream_id
         changed = True
-    if endpoint != EMBEDDINGS:
+    if endpoint in _ALL_DEFAULTS:
         defaults = dict(entry.request_defaults)  # a copy: stop_sequences may be mapped
         if "stop_sequences" in defaults and "stop" not in defaults:
             defaults["stop"] = defaults["stop_sequences"]
@@ -242,6 +265,14 @@ def prepare(
                 continue
             body[key] = value
             changed = True
+    elif endpoint in _MAPPED_DEFAULTS:
+        for key, name in _MAPPED_DEFAULTS[endpoint].items():
+            value = entry.request_defaults.get(key)
+            if value is not None and name not in body:
+                body[name] = (
+                    [value] if name == "stop_sequences" and isinstance(value, str) else value
+                )
+                changed = True
     if not changed:
         return raw
     try:

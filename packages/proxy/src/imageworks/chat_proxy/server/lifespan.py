@@ -41,6 +41,7 @@ from imageworks.chat_proxy.server.staging import StagingLock
 from imageworks.chat_proxy.server.state import ProxyState
 from imageworks.chat_proxy.upstream.egress import Egress
 from imageworks.chat_proxy.upstream.peers import Peers
+from imageworks.chat_proxy.upstream.responses import ResponseBook
 from imageworks.chat_proxy.vision.prepare import ImagePrep
 from imageworks.model_loader.profiles import PROFILES_FILE, ProfileManager
 from imageworks.model_loader.registry import Registry
@@ -136,6 +137,7 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         staging_lock=staging_lock,
         peers=peers,
         images=ImagePrep(config.vision_workers),
+        responses=ResponseBook(config.log_path.with_name("response_ids.tsv")).load(),
     )
 
     def on_reload(registry: Registry) -> None:
@@ -206,4 +208,5 @@ async def close_state(state: ProxyState, background: list[asyncio.Task[Any]] | N
         "shutdown", "proxy", steps=results, seconds=round(time.monotonic() - started, 3)
     )
     state.log.close()
+    state.responses.close()
     state.staging_lock.release()

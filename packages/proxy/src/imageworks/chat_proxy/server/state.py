@@ -20,11 +20,15 @@ from imageworks.chat_proxy.server.staging import StagingLock
 from imageworks.chat_proxy.upstream.egress import Egress
 from imageworks.chat_proxy.upstream.forwarding import Outcome
 from imageworks.chat_proxy.upstream.peers import Peers
+from imageworks.chat_proxy.upstream.responses import ResponseBook
 from imageworks.chat_proxy.vision.prepare import ImagePrep, ImageStats
 from imageworks.model_loader.profiles import DeploymentProfile, ProfileManager
 from imageworks.model_loader.registry import Registry
 from imageworks.model_loader.schema import ModelEntry
 from imageworks.model_loader.watch import RegistryWatcher
+
+# Surfaces whose answers are generations: without usage from the backend, it is estimated.
+GENERATIONS = frozenset({"chat", "completions", "responses", "messages"})
 
 
 @dataclass
@@ -63,6 +67,7 @@ class ProxyState:
     staging_lock: StagingLock
     peers: Peers
     images: ImagePrep
+    responses: ResponseBook  # where each Responses id lives
     started_at: float = field(default_factory=time.time)
     _models_cache: tuple[tuple[str, str, int, int], bytes] | None = None
 
@@ -119,12 +124,13 @@ class ProxyState:
         else:
             code = error.log_code if error else None
         usage = outcome.usage or {}
-        prompt_tokens = usage.get("prompt_tokens")
-        completion_tokens = usage.get("completion_tokens")
+        # Normalised: Responses and Anthropic Messages say input/output tokens.
+        prompt_tokens = usage.get("prompt_tokens", usage.get("input_tokens"))
+        completion_tokens = usage.get("completion_tokens", usage.get("output_tokens"))
         estimated = False
         if (
             (error is None or outcome.client_gone)
-            and info.endpoint != "embeddings"
+            and info.endpoint in GENERATIONS
             and completion_tokens is None
             and info.entry is not None
         ):

@@ -44,6 +44,10 @@ class Target:
     def url(self, path: str) -> URL:
         return self.egress.parsed(self.base_url + path)
 
+    def root_url(self, path: str) -> URL:
+        """``path`` under the engine's root (its raw routes: /tokenize, /props, ...)."""
+        return self.egress.parsed(self.base_url.removesuffix("/v1") + path)
+
     def headers(self, request_id: str) -> dict[str, str]:
         headers = {"content-type": JSON, "x-request-id": request_id}
         headers.update(self.extra_headers)

@@ -35,7 +35,8 @@ from imageworks.chat_proxy.errors import (
 )
 from imageworks.chat_proxy.request.bodies import ClientGone
 from imageworks.chat_proxy.request.toolcalls import StreamConverter, convert_answer
-from imageworks.chat_proxy.upstream.egress import Egress, Target
+from imageworks.chat_proxy.upstream.egress import JSON, Egress, Target
+from imageworks.chat_proxy.upstream.streams import DONE, OPENAI, StreamFormat
 
 __all__ = ["ClientGone", "Outcome", "SSEResponse", "open_upstream", "read_body", "send_error"]
 
@@ -46,7 +47,6 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-DONE = b"data: [DONE]\n\n"
 _CHUNKED_ABOVE = 1024 * 1024
 _TAIL_CHUNKS = 8  # the usage chunk and [DONE] are in the last few network reads
 
@@ -63,6 +63,7 @@ class Outcome:
     finished_at: float | None = None
     events: int = 0
     usage: dict[str, Any] | None = None
+    answer: dict[str, Any] | None = None  # the final object of a Responses answer
 
     @property
     def ttft_ms(self) -> float | None:
@@ -106,19 +107,32 @@ def _classify(exc: BaseException, url: object, during: str) -> ProxyError:
 
 
 async def open_upstream(
-    egress: Egress, target: Target, path: str, body: bytes, request_id: str
+    egress: Egress,
+    target: Target,
+    path: str,
+    body: bytes,
+    request_id: str,
+    *,
+    method: str = "POST",
+    content_type: str = JSON,
+    at_root: bool = False,
 ) -> aiohttp.ClientResponse:
-    """POST and wait for the response head (interim 1xx heads are skipped by aiohttp). A
-    backend 4xx/5xx becomes our error here."""
-    url = target.url(path)
+    """Send (POST unless told) and wait for the response head (interim 1xx heads are skipped
+    by aiohttp). A backend 4xx/5xx becomes our error here. ``path`` may carry a query;
+    ``at_root``: it is under the engine's root rather than its OpenAI base."""
+    url = target.root_url(path) if at_root else target.url(path)
     headers = target.headers(request_id)
+    if content_type != JSON:
+        headers["content-type"] = content_type
     for attempt in (1, 2):
         try:
             # A big body (photographs) goes out in chunks with a yield to the loop between
             # them; a new BytesIO per attempt (aiohttp closes it after sending). Small ones
             # go as they are: the hot path.
             data = io.BytesIO(body) if len(body) > _CHUNKED_ABOVE else body
-            response = await egress.session.post(url, data=data, headers=headers, ssl=target.ssl)
+            response = await egress.session.request(
+                method, url, data=data if method != "GET" else None, headers=headers, ssl=target.ssl
+            )
             break
         except _STALE as exc:
             # A kept-alive connection the backend had already closed (llama.cpp's server drops
@@ -211,12 +225,16 @@ async def _wait_for_disconnect(receive: Receive) -> None:
             return
 
 
-async def send_error(error: ProxyError, send: Send) -> None:
-    """The error as an OpenAI-shaped JSON response, before anything else was sent."""
-    body = error.to_bytes()
+async def send_error(error: ProxyError, send: Send, envelope: str = "openai") -> None:
+    """The error as a JSON response in the route's envelope (``openai``, ``anthropic``),
+    before anything else was sent."""
+    if envelope == "anthropic":
+        body, status = error.anthropic_bytes(), error.anthropic_status()
+    else:
+        body, status = error.to_bytes(), error.status
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
@@ -243,8 +261,13 @@ class SSEResponse:
         waiting_comment: bytes | Callable[[], bytes] | None = None,
         keepalive_s: float = 5.0,
         converter: StreamConverter | None = None,
+        stream_format: StreamFormat = OPENAI,
+        envelope: str = "openai",
     ) -> None:
         self.converter = converter  # legacy function_call deltas -> tool_calls
+        self.format = stream_format
+        self.envelope = envelope
+        self.head = b""  # the first chunk, for formats with usage in it
         self.upstream: aiohttp.ClientResponse | None = None
         self.connect = connect
         self.outcome = outcome
@@ -268,7 +291,7 @@ class SSEResponse:
                         if self.outcome.status:
                             await self._fail(self.outcome.error, send)
                         else:
-                            await send_error(self.outcome.error, send)
+                            await send_error(self.outcome.error, send, self.envelope)
             raise
         finally:
             self.outcome.finished_at = time.perf_counter()
@@ -306,7 +329,7 @@ class SSEResponse:
                 self.upstream = await self.connect()
             except ProxyError as error:
                 self.outcome.error = error
-                await send_error(error, send)
+                await send_error(error, send, self.envelope)
                 return
             if self.upstream.content_type.lower() != "text/event-stream":
                 await self._relay_whole(self.upstream, send)
@@ -332,7 +355,7 @@ class SSEResponse:
             body = await read_body(upstream, self.outcome)
         except ProxyError as error:
             self.outcome.error = error
-            await send_error(error, send)
+            await send_error(error, send, self.envelope)
             return
         if self.converter is not None:
             body = convert_answer(body)
@@ -359,7 +382,7 @@ class SSEResponse:
             return
         if self.converter is not None:
             body = convert_answer(body)
-        chunk = as_one_chunk(body)
+        chunk = as_one_chunk(body) if self.format is OPENAI else None
         if chunk is None:
             not_json = BackendUnavailable(
                 f"the backend ({upstream.url}) answered a stream request with "
@@ -390,17 +413,20 @@ class SSEResponse:
 
     async def _pump(self, upstream: aiohttp.ClientResponse, send: Send) -> None:
         outcome = self.outcome
+        done, stream_format = self.format.done, self.format
         try:
             async for chunk in upstream.content.iter_any():
                 if outcome.first_byte_at is None:
                     outcome.first_byte_at = time.perf_counter()
+                    if stream_format.needs_head:
+                        self.head = chunk
                 outcome.events += chunk.count(b"data:")
                 if self.converter is not None:
                     chunk = self.converter.feed(chunk)
                     if not chunk:  # an event cut in two: its end is still to come
                         continue
                 self.tail.append(chunk)
-                if chunk.endswith(DONE):
+                if chunk.endswith(done) if done is not None else stream_format.ends(chunk):
                     # Complete: end the response with this chunk (one write, not two). Clients
                     # hang up on [DONE]; do not wait for the backend to close its side first
                     # (and then mistake their hang-up for a disconnect).
@@ -413,7 +439,7 @@ class SSEResponse:
                 self.tail.append(rest)
                 await send({"type": "http.response.body", "body": rest, "more_body": True})
             if not self._saw_done():
-                raise StreamBroken("stream ended without [DONE]")
+                raise StreamBroken("stream ended without its last event")
             self.complete = True
         except _FAILURES as exc:
             await self._fail(_classify(exc, upstream.url, "mid-stream"), send)
@@ -422,29 +448,21 @@ class SSEResponse:
 
     async def _fail(self, error: ProxyError, send: Send) -> None:
         self.outcome.error = error
-        event = b"data: " + error.to_bytes() + b"\n\n" + DONE
+        event = self.format.error_event(error)
         await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _saw_done(self) -> bool:
-        return b"[DONE]" in b"".join(list(self.tail)[-2:])
+        return self.format.saw_end(b"".join(list(self.tail)[-2:]))
 
     def _account(self) -> None:
-        """Find the usage object and any in-band upstream error in the last events."""
+        """Find the usage object, any in-band upstream error and (Responses) the final object
+        in the first and last events."""
         tail = b"".join(self.tail)
-        for line in reversed(tail.split(b"\n")):
-            if not line.startswith(b"data: {"):
-                continue
-            if b'"usage"' in line and self.outcome.usage is None:
-                try:
-                    usage = json.loads(line[6:]).get("usage")
-                except ValueError:
-                    continue
-                if isinstance(usage, dict):
-                    self.outcome.usage = usage
-            if line.startswith(b'data: {"error"') and self.outcome.error is None:
-                try:
-                    error = json.loads(line[6:])["error"]
-                    self.outcome.error = upstream_error(500, json.dumps({"error": error}).encode())
-                except (ValueError, KeyError, TypeError):
-                    pass
+        usage, error = self.format.account(self.head, tail)
+        if self.outcome.usage is None:
+            self.outcome.usage = usage
+        if self.outcome.error is None:
+            self.outcome.error = error
+        if self.outcome.status == 200 and self.format.done is None:
+            self.outcome.answer = self.format.final(tail)
