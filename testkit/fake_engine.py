@@ -106,18 +106,19 @@ class FakeEngine:
         app.router.add_post("/v1/audio/transcriptions", self.transcribe)
         app.router.add_post("/v1/audio/translations", self.transcribe)
         app.router.add_post("/v1/audio/speech", self.speech)
+        if self.flavour == "vllm" and self.dev_mode:  # vLLM's sleep routes (dev mode only)
+            app.router.add_post("/sleep", self.sleep)
+            app.router.add_post("/wake_up", self.wake_up)
+            app.router.add_get("/is_sleeping", self.is_sleeping)
         for path in ("/tokenize", "/sleep", "/collective_rpc", "/props", "/slots/0"):
-            app.router.add_route("*", path, self.raw_route)
+            if not (path == "/sleep" and self.dev_mode):
+                app.router.add_route("*", path, self.raw_route)
         if self.flavour == "ollama":
             app.router.add_get("/api/tags", self.api_tags)
             app.router.add_get("/api/ps", self.api_ps)
             app.router.add_get("/api/version", self.api_version)
             app.router.add_post("/api/generate", self.api_generate)
             app.router.add_post("/api/chat", self.api_generate)
-        if self.flavour == "vllm" and self.dev_mode:
-            app.router.add_post("/sleep", self.sleep)
-            app.router.add_post("/wake_up", self.wake_up)
-            app.router.add_get("/is_sleeping", self.is_sleeping)
         return app
 
     # --- vLLM's sleep mode (dev-mode routes) ---------------------------------------------------
@@ -630,6 +631,8 @@ class FakeEngine:
         if request.path == "/tokenize":
             content = json.loads(raw or b"{}").get("content", "")
             return web.json_response({"tokens": [ord(c) for c in content]})
+        if request.path == "/sleep":  # recorded, and 404 as vLLM answers without dev mode
+            return web.json_response({"detail": "Not Found"}, status=404)
         return web.json_response({"path": request.path, "method": request.method})
 
     # --- Ollama's native API -----------------------------------------------------------------
