@@ -61,6 +61,11 @@ class ProxyConfig(BaseModel):
     # while another model drains, and how often waiting streams get an SSE comment.
     start_timeout_s: float = Field(default=600.0, gt=0)
     queue_timeout_s: float = Field(default=120.0, gt=0)
+    # Collation (ABAB -> AABB): when another model has claimed a shared slot, up to this many
+    # more requests for the running model go first (0: off), as long as no request for the
+    # claiming model has waited collate_wait_s.
+    collate_max: int = Field(default=8, ge=0)
+    collate_wait_s: float = Field(default=5.0, ge=0)
     keepalive_s: float = Field(default=5.0, gt=0)
     # GPU arbitration.
     gpu_probe: Literal["auto", "nvml", "none", "sim"] = "auto"

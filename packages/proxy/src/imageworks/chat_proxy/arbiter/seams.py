@@ -73,6 +73,14 @@ class GpuGate(Protocol):
         """The devices ``entry`` was placed on by ``make_room`` (None: no placement known)."""
         ...
 
+    def slept(self, entry: ModelEntry, host_mb: int | None) -> None:
+        """``entry`` went to sleep holding ``host_mb`` of host RAM (measured)."""
+        ...
+
+    def woke(self, entry: ModelEntry, wake_s: float) -> None:
+        """``entry`` woke in ``wake_s`` seconds (measured)."""
+        ...
+
     async def released(self, pid: int | None) -> bool:
         """After an engine stopped: wait (bounded) until the GPU no longer shows ``pid``."""
         ...

@@ -32,6 +32,7 @@ from imageworks.chat_proxy.engines.modelstate import (
     CRASHED,
     FAILED,
     READY,
+    SLEEPING,
     STARTING,
     STOPPED,
     STOPPING,
@@ -86,6 +87,9 @@ class Lifecycle:
         self.restarts: dict[str, Restarts] = {}
         self.in_flight: Counter[str] = Counter()
         self._checks: set[asyncio.Task[None]] = set()
+        # Collation: (most requests for the running model admitted past another's claim, the
+        # longest the claiming model's requests wait for them); (0, 0): off.
+        self.collate: tuple[int, float] = (0, 0.0)
         # Bumped on every state change so cached views (the model list) know to refresh.
         self.version = 0
 
@@ -296,16 +300,22 @@ class Lifecycle:
             entry = slot.entry
             if slot.active is None or entry is None or not slot.backend.uses_gpu(entry):
                 continue
+            asleep = slot.state == SLEEPING
+            can_sleep = slot.state == READY and slot.backend.sleepable(entry)
             found.append(
                 Holding(
                     entry.name,
-                    entry.vram_estimate_mb or 0,  # the arbiter knows better once it has measured
+                    0 if asleep else entry.vram_estimate_mb or 0,  # the arbiter measures better
                     self.last_used(entry.name),
                     slot.in_flight,
-                    protected=slot.state != READY,  # starting or stopping: its slot's business
+                    # starting, stopping or waking: its slot's business
+                    protected=slot.state not in (READY, SLEEPING),
                     evict=functools.partial(slot.evict, entry.name, "vram"),
                     pid=slot.backend.pid_of(entry.name),
                     entry=entry,
+                    sleep=functools.partial(slot.sleep, entry.name) if can_sleep else None,
+                    sleeping=asleep,
+                    host_mb=(slot.host_mb or 0) if asleep else 0,
                 )
             )
         entries = [e for e in registry if e.servable and not self.managed(e)]
@@ -355,6 +365,23 @@ class Lifecycle:
         self.statuses[entry.name].last_error = None  # running again: the old error is history
         self.event("autostart", model=entry.name, result="ready", load_ms=load_ms)
         self.count_load(entry.name, "ready", load_ms)
+
+    def slept(self, entry: ModelEntry, found: dict[str, Any]) -> None:
+        """``entry`` sleeps (weights in host RAM): its status, the event, the arbiter's book."""
+        self.set_status(entry.name, SLEEPING)
+        status = self.statuses[entry.name]
+        status.sleep_ms, status.host_mb = found.get("sleep_ms"), found.get("host_mb")
+        self.event("sleep", model=entry.name, **found)
+        if self.gate is not None:
+            self.gate.slept(entry, found.get("host_mb"))
+
+    def woke(self, entry: ModelEntry, wake_ms: float) -> None:
+        self.touch(entry.name)
+        self.set_status(entry.name, READY)
+        self.statuses[entry.name].wake_ms = wake_ms
+        self.event("wake", model=entry.name, wake_ms=wake_ms)
+        if self.gate is not None:
+            self.gate.woke(entry, wake_ms / 1000)
 
     def start_failed(self, entry: ModelEntry, error: Any, *, backoff: bool = True) -> None:
         restarts = self.restarts_of(entry.name)
@@ -419,7 +446,7 @@ class Lifecycle:
 
     def devices_of(self, entry: ModelEntry) -> list[int]:
         """Where ``entry`` runs now; [] when it is not loaded or nobody knows."""
-        if self.gate is None or self.state(entry) not in (READY, STARTING, STOPPING):
+        if self.gate is None or self.state(entry) not in (READY, STARTING, STOPPING, SLEEPING):
             return []
         return list(self.gate.placement_of(entry) or ())
 
@@ -437,6 +464,12 @@ class Lifecycle:
             last_error=error if error is not None else (current.last_error if current else None),
         )
         status.load_ms = load_ms if load_ms is not None else (current.load_ms if current else None)
+        if current is not None:
+            status.wake_ms, status.sleep_ms, status.host_mb = (
+                current.wake_ms,
+                current.sleep_ms,
+                current.host_mb,
+            )
         self.statuses[name] = status
         self.version += 1
         if current is None or current.state != state:  # the event stream shows each change

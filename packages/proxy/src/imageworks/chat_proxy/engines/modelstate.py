@@ -4,6 +4,7 @@
     starting -> failed (any exception during a start; retried after a backoff)
     ready -> crashed (the engine died; the next request restarts it)
     crashed, crashed, ... -> failed (a crash loop: only a manual activation restarts it)
+    ready -> sleeping (vLLM sleep mode: evicted by sleep) -> waking (a request) -> ready
 
 ``Restarts`` is plain data and pure arithmetic over the clock it is given, so the backoff and the
 crash-loop rule have table-driven tests of their own.
@@ -18,6 +19,7 @@ from typing import Any
 
 STOPPED, STARTING, READY, STOPPING = "stopped", "starting", "ready", "stopping"
 FAILED, CRASHED = "failed", "crashed"
+SLEEPING, WAKING = "sleeping", "waking"
 # States of unmanaged models: what the last request (or the reconcile loop) saw.
 UNKNOWN, UNREACHABLE = "unknown", "unreachable"
 
@@ -28,6 +30,10 @@ class ModelStatus:
     since: float = field(default_factory=time.time)
     last_error: str | None = None
     load_ms: float | None = None
+    # vLLM sleep mode: the last wake and sleep (measured by the executor), host RAM held asleep.
+    wake_ms: float | None = None
+    sleep_ms: float | None = None
+    host_mb: int | None = None
 
     def public(self) -> dict[str, Any]:
         return {
@@ -35,6 +41,9 @@ class ModelStatus:
             "since": self.since,
             "last_error": self.last_error,
             "load_ms": self.load_ms,
+            "wake_ms": self.wake_ms,
+            "sleep_ms": self.sleep_ms,
+            "host_mb": self.host_mb if self.state == SLEEPING else None,
         }
 
 

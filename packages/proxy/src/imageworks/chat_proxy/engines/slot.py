@@ -31,9 +31,11 @@ from imageworks.chat_proxy.engines.modelstate import (
     CRASHED,
     FAILED,
     READY,
+    SLEEPING,
     STARTING,
     STOPPED,
     STOPPING,
+    WAKING,
 )
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
@@ -71,6 +73,7 @@ class Ticket:
 @dataclass(eq=False)
 class _Waiter:
     name: str
+    since: float = 0.0  # monotonic: when it began waiting
 
 
 def describe(exc: BaseException) -> str:
@@ -96,6 +99,8 @@ class Slot:
         self.stopping = False  # a stop in progress holds the slot: nobody starts meanwhile
         self.failures: dict[str, int] = {}
         self.errors: dict[str, ProxyError] = {}
+        self.collated = 0  # requests for the active model admitted past another's claim
+        self.host_mb: int | None = None  # host RAM the active model holds asleep
         self._changed = asyncio.Event()
 
     def _notify(self) -> None:
@@ -105,7 +110,20 @@ class Slot:
     def _admissible(self, name: str, waiter: _Waiter) -> bool:
         if self.active != name or self.state != READY:
             return False
-        return self.target in (None, name) or waiter in self.reserved
+        return self.target in (None, name) or waiter in self.reserved or self._collate()
+
+    def _collate(self) -> bool:
+        """Collation (ABAB -> AABB): another model claimed the next turn, but a request for the
+        model that runs now may still go first, up to ``collate_max`` of them per claim, and
+        only while no request for the claiming model has waited ``collate_wait_s``."""
+        limit, wait_s = self.owner.collate
+        if self.collated >= limit or self.switch_task is not None or self.stopping:
+            return False
+        claimants = [w.since for w in self.waiters if w.name == self.target]
+        if claimants and time.monotonic() - min(claimants) >= wait_s:
+            return False
+        self.collated += 1
+        return True
 
     async def acquire(self, entry: ModelEntry, *, autostart: bool, queue_timeout: float) -> Ticket:
         name = entry.name
@@ -113,7 +131,7 @@ class Slot:
         deadline = started + queue_timeout
         failures_seen = self.failures.get(name, 0)
         loaded = False
-        waiter = _Waiter(name)
+        waiter = _Waiter(name, started)
         self.waiters.append(waiter)
         try:
             while True:
@@ -125,8 +143,9 @@ class Slot:
                     return Ticket(name, self.base_url, wait_ms, loaded, self._release_one)
                 if self.failures.get(name, 0) != failures_seen:
                     raise self.errors[name]
+                waking = self.active == name and self.state == SLEEPING  # resident: it wakes
                 if self.target is None and not (self.active == name and self.state == STARTING):
-                    if not autostart:
+                    if not autostart and not waking:
                         raise BackendUnavailable(
                             f"model {name!r} is not running and autostart is disabled; start it "
                             f"with 'imageworks-models activate-model {name}' or "
@@ -149,7 +168,7 @@ class Slot:
                 ):
                     loaded = True
                     self.switch_task = asyncio.create_task(self._switch(entry))
-                if self.active == name and self.state == STARTING:
+                if self.active == name and self.state in (STARTING, WAKING):
                     loaded = True
                     # Once our model is loading, its own start timeout is what bounds the wait.
                     deadline = max(deadline, self.switch_started + self.owner.start_timeout + 5)
@@ -207,7 +226,11 @@ class Slot:
 
     async def _switch(self, entry: ModelEntry) -> None:
         name = entry.name
+        self.collated = 0
         try:
+            if self.active == name and self.state == SLEEPING:
+                await self._wake(entry)
+                return
             if self.active is not None:
                 await self._stop_active("swap")
             self.active, self.entry, self.state, self.base_url = name, entry, STARTING, None
@@ -253,6 +276,52 @@ class Slot:
             self.switch_task = None
             self._notify()
 
+    async def _wake(self, entry: ModelEntry) -> None:
+        """A request for the sleeping model: room on the GPU again, then the executor's wake."""
+        name = entry.name
+        self.state, self.switch_started = WAKING, time.monotonic()
+        self.owner.set_status(name, WAKING)
+        self._notify()
+        self.making_room = True
+        try:
+            await self.owner.make_room(entry)
+        except Exception as exc:
+            await self._start_failed(entry, exc, backoff=False)
+            return
+        finally:
+            self.making_room = False
+        try:
+            wake_ms = await self.backend.wake(name)
+        except Exception as exc:
+            await self._start_failed(entry, exc)
+            return
+        self.state, self.host_mb = READY, None
+        self.owner.woke(entry, wake_ms)
+        self.reserved = {w for w in self.waiters if w.name == name}
+        if not self.reserved:
+            self.target = None
+
+    async def sleep(self, name: str) -> bool:
+        """Put ``name`` to sleep now if it is idle here (the arbiter's eviction by sleep); a
+        sleep that fails stops it instead, so the memory is freed either way."""
+        if not self.idle(name) or self.entry is None:
+            return False
+        entry = self.entry
+        self.stopping = True  # nobody is admitted or switched in meanwhile
+        self._notify()
+        try:
+            found = await self.backend.sleep(name)
+        except Exception as exc:
+            log.warning("putting %s to sleep failed, stopping it: %s", name, describe(exc))
+            self.stopping = False
+            await self._stop_active("evict (the sleep failed)")
+            return True
+        self.stopping = False
+        self.state, self.host_mb = SLEEPING, found.get("host_mb")
+        self.owner.slept(entry, found)
+        self._notify()
+        return True
+
     async def _start_failed(
         self, entry: ModelEntry, exc: Exception, *, backoff: bool = True
     ) -> None:
@@ -289,7 +358,7 @@ class Slot:
 
     def crashed(self, name: str, why: str) -> None:
         """The engine serving ``name`` died while ready: reap it; the next request restarts it."""
-        if self.active != name or self.state != READY or self.switch_task is not None:
+        if self.active != name or self.state not in (READY, SLEEPING) or self.switch_task:
             return  # already stopping, swapping or restarting: not a crash of a ready engine
         self.state, self.base_url = CRASHED, None
         self.owner.engine_crashed(name, why)
@@ -333,6 +402,7 @@ class Slot:
         finally:
             self.stopping = False
         self.active, self.entry, self.state, self.base_url = None, None, STOPPED, None
+        self.host_mb = None
         self.owner.set_status(name, STOPPED)
         self.owner.event("unload", model=name, reason=reason)
         self._notify()
@@ -349,9 +419,10 @@ class Slot:
         )
 
     async def evict(self, name: str, reason: str) -> bool:
-        """Stop ``name`` now if it is idle here (the arbiter's eviction, or an idle TTL:
-        ``reason`` "idle")."""
-        if not self.idle(name):
+        """Stop ``name`` now if it is idle here, or asleep (the arbiter's eviction, or an idle
+        TTL: ``reason`` "idle")."""
+        asleep = self.active == name and self.state == SLEEPING and not self.stopping
+        if not self.idle(name) and not (asleep and self.switch_task is None):
             return False
         await self._stop_active("idle" if reason == "idle" else f"evict ({reason})")
         self._notify()
@@ -383,4 +454,5 @@ class Slot:
             await self._stop_active("shutdown")
 
 
-__all__ = ["CRASHED", "FAILED", "READY", "STARTING", "STOPPED", "STOPPING", "Slot", "Ticket"]
+__all__ = ["CRASHED", "FAILED", "READY", "SLEEPING", "STARTING", "STOPPED", "STOPPING", "Slot"]
+__all__ += ["WAKING", "Ticket"]

@@ -116,8 +116,10 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         default_ttl_s=config.lease_ttl_s,
         request_log=request_log,
         metrics=metrics,
+        sleep_ram_mb=config.sleep_ram_mb,
     )
     lifecycle.gate = arbiter
+    lifecycle.collate = (config.collate_max, config.collate_wait_s)
     budgeted = not (isinstance(arbiter.probe, NoGpuProbe) and not arbiter.probe.totals_mb)
     for backend in backends.values():
         if isinstance(backend, VllmBackend):
