@@ -58,7 +58,8 @@ FAKE_ENGINE_TEMPLATE = json.dumps(
     ]
 )
 
-# A fake vLLM that honours --gpu-memory-utilization on a simulated GPU, exactly as vLLM does.
+# A fake vLLM that honours --gpu-memory-utilization on a simulated GPU, exactly as vLLM does,
+# and its sleep mode (--enable-sleep-mode with VLLM_SERVER_DEV_MODE=1).
 FAKE_VLLM_TEMPLATE = json.dumps(
     [
         "{python}",
@@ -70,6 +71,7 @@ FAKE_VLLM_TEMPLATE = json.dumps(
         "{host}",
         "--gpu-memory-utilization",
         "{gpu_memory_utilization}",
+        "{sleep_args}",
         "{extra_args}",
     ]
 )

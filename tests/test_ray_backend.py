@@ -63,7 +63,9 @@ def put_config(head: RayHead, config: dict[str, Any]) -> None:
         method="PUT",
         headers={"content-type": "application/json"},
     )
-    with urllib.request.urlopen(request, timeout=30):
+    # The dashboard answers a PUT once Serve's controller has taken the config, which on a
+    # loaded 2-core machine was seen to take over 30 s (the first PUT also starts Serve).
+    with urllib.request.urlopen(request, timeout=120):
         pass
 
 

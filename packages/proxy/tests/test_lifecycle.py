@@ -31,7 +31,7 @@ from imageworks.chat_proxy.engines.modelstate import (
     State,
     StatusBook,
 )
-from imageworks.chat_proxy.engines.slot import Ticket
+from imageworks.chat_proxy.engines.turns import Ticket
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
     ModelBackoff,

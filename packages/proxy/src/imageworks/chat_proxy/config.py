@@ -69,6 +69,11 @@ class ProxyConfig(BaseModel):
     # while another model drains, and how often waiting streams get an SSE comment.
     start_timeout_s: float = Field(default=600.0, gt=0)
     queue_timeout_s: float = Field(default=120.0, gt=0)
+    # Collation (ABAB -> AABB): when another model has claimed a shared slot, up to this many
+    # more requests for the running model go first (0: off), as long as no request for the
+    # claiming model has waited collate_wait_s.
+    collate_max: int = Field(default=8, ge=0)
+    collate_wait_s: float = Field(default=5.0, ge=0)
     keepalive_s: float = Field(default=5.0, gt=0)
     # GPU arbitration.
     gpu_probe: Literal["auto", "nvml", "none", "sim"] = "auto"
@@ -76,6 +81,9 @@ class ProxyConfig(BaseModel):
     gpu_total_mb: tuple[int, ...] | None = None
     gpu_sim: Path | None = None
     gpu_headroom_mb: int = Field(default=1024, ge=0)
+    # Host RAM that sleeping vLLM models (sleep mode: weights parked in RAM) may hold in all;
+    # unset: half of the machine's RAM; 0: never sleep, always stop.
+    sleep_ram_mb: int | None = Field(default=None, ge=0)
     # Supervision: a failed start is retried no sooner than the backoff (doubling from the
     # first value to the cap, reset on success); so many crashes within the window is a crash
     # loop, and the model stays failed until activated by hand.

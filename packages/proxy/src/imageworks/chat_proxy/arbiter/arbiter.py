@@ -19,7 +19,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ from imageworks.chat_proxy.arbiter.leases import LeaseDesk
 from imageworks.chat_proxy.arbiter.placement import Device, Placement, place, share_mb
 from imageworks.chat_proxy.arbiter.policy import Plan, only_pinned_block, plan_exclusive
 from imageworks.chat_proxy.arbiter.seams import Holding, Residency
+from imageworks.chat_proxy.arbiter.tiers import SLEEP, SleepBook
 from imageworks.chat_proxy.errors import InsufficientVram, InvalidRequest
 from imageworks.chat_proxy.observe.progress import SLOW_FACTOR
 from imageworks.chat_proxy.supervision.procfs import pid_alive
@@ -55,8 +56,10 @@ class VramArbiter:
         default_ttl_s: float = 900.0,
         request_log: RequestLog | None = None,
         metrics: Metrics | None = None,
+        sleep_ram_mb: int | None = None,
     ) -> None:
         self.probe = probe
+        self.sleeps = SleepBook(sleep_ram_mb)  # eviction by sleep: its budget and measures
         self.residency = residency
         self.headroom_mb = headroom_mb
         self.vram_timeout_s = vram_timeout_s
@@ -166,10 +169,20 @@ class VramArbiter:
             "estimate": found.public() if found else None,
             "learned_mb": learned,
             "load_s": self.load_s.get(entry.name),
+            "wake_s": self.sleeps.wake_s.get(entry.name),
+            "sleep_host_mb": self.sleeps.host_mb.get(entry.name),
         }
 
     def held_mb(self, holding: Holding) -> int:
-        return self.need_mb(holding.entry) if holding.entry is not None else holding.vram_mb
+        if holding.entry is None or holding.sleeping:  # asleep: only its residue
+            return holding.vram_mb
+        return self.need_mb(holding.entry)
+
+    def slept(self, entry: ModelEntry, host_mb: int | None) -> None:
+        self.sleeps.slept(entry.name, host_mb)
+
+    def woke(self, entry: ModelEntry, wake_s: float) -> None:
+        self.sleeps.woke(entry.name, wake_s)
 
     def share_of(self, entry: ModelEntry) -> float | None:
         """The fraction of its device ``entry`` needs (vLLM's ``--gpu-memory-utilization``), so
@@ -373,11 +386,14 @@ class VramArbiter:
             held = self._locate(holdings, snaps)
             found = self._plan(snaps, held, need, pin, span, lease)
             plan: Plan = found.plan
-            evictors = {h.name: h.evict for h in holdings if h.evict is not None}
+            evictors = {h.name: h for h in holdings if h.evict is not None}
             # Evict only when that achieves something: for a lease of a whole device every
             # idle model there goes anyway; for a need, only a plan that fits is worth it.
+            # A lease takes the whole device: nothing sleeps there, everything stops.
             if plan.sufficient or need is None:
-                evicted += await self._evict(plan.evict, evictors, reason)
+                evicted += await self._evict(
+                    plan.evict, evictors, reason, None if need is None else held
+                )
             if need is not None and found.devices and only_pinned_block(plan):
                 raise ledger.pinned_refusal(need, reason, plan)
             if need is None and plan.pinned:
@@ -397,20 +413,40 @@ class VramArbiter:
             await asyncio.sleep(0.5)
 
     def cost_of(self, name: str) -> float | None:
-        """What evicting ``name`` costs: the measured time to start it again."""
-        return self.load_s.get(name)
+        """What evicting ``name`` costs: the measured time to wake it (when it would sleep),
+        else to start it again."""
+        sleepable = any(h.name == name and h.sleep is not None for h in self.last_holdings)
+        return self.sleeps.cost_s(name, sleepable, self.load_s.get(name))
 
     async def _evict(
         self,
         names: tuple[str, ...],
-        evictors: dict[str, Callable[[], Awaitable[bool]]],
+        evictors: dict[str, Holding],
         reason: str,
+        held: list[ledger.Held] | None,
     ) -> list[str]:
+        """Evict each: by sleep where ``tiers`` chooses it (``held``: the ledger, for the host
+        RAM budget; None: stop them all), else by stop."""
         evicted = []
+        spent = 0
         for name in names:
-            if await evictors[name]():
+            holding = evictors[name]
+            how, why = "stop", "a lease takes the whole device"
+            if held is not None:
+                host = self._sleep_host_mb(holding)
+                tier = self.sleeps.tier(
+                    holding, held, load_s=self.load_s.get(name), host_mb=host, spent_mb=spent
+                )
+                how, why = tier.how, tier.why
+            if how == SLEEP and holding.sleep is not None:
+                done = await holding.sleep()
+                spent += self._sleep_host_mb(holding) if done else 0
+            else:
+                assert holding.evict is not None
+                done = await holding.evict()
+            if done:
                 evicted.append(name)
-                self._event("evict", model=name, reason=reason)
+                self._event("evict", model=name, reason=reason, tier=how, why=why)
                 self.last_holdings = [h for h in self.last_holdings if h.name != name]
                 if self.metrics is not None:
                     self.metrics.evictions.labels(reason.split()[0]).inc()
@@ -463,7 +499,16 @@ class VramArbiter:
             "budget": budget if self.last_devices else "none",
             **ledger.status(self.last_snapshot, held),
             "devices": devices,
+            "host_ram": self.sleeps.public(held),
         }
+
+    def _sleep_host_mb(self, holding: Holding) -> int:
+        """The host RAM ``holding`` will hold asleep: measured last time, else its weights."""
+        entry = holding.entry
+        found = self.estimate_of(entry) if entry is not None else None
+        need = self.need_mb(entry) if entry is not None else holding.vram_mb
+        weights = found.weights_mb if found is not None else None
+        return self.sleeps.host_guess(holding.name, weights, need)
 
     def _event(self, event: str, **fields: Any) -> None:
         if self.request_log is not None:

@@ -6,7 +6,8 @@ places its own models) are located from that process's use on each device: all o
 device it uses, or, when it spreads over several, each model on the device with the most of
 the process's memory still unaccounted for, largest model first. Memory held by processes
 that are not ours is foreign. Effective free memory also subtracts what models still loading
-are booked for but do not hold yet, so two starts never count the same memory.
+are booked for but do not hold yet, so two starts never count the same memory. Sleeping models
+(vLLM sleep mode) hold host RAM, counted against the sleep budget (``host_used``).
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ def locate(
     ]
 
 
+def host_used(held: Sequence[Held]) -> int:
+    """Host RAM our sleeping models hold, MiB (what the sleep budget has spent)."""
+    return sum(h.holding.host_mb for h in held if h.holding.sleeping)
+
+
 def effective_free(
     snapshot: GpuSnapshot,
     held: Sequence[Held],
@@ -147,7 +153,12 @@ def report(
     for snap in snapshots:
         here = [h for h in held if h.on(snap.index)]
         models = [
-            {"name": h.name, "vram_mb": h.on(snap.index), "in_flight": h.holding.in_flight}
+            {
+                "name": h.name,
+                "vram_mb": h.on(snap.index),
+                "in_flight": h.holding.in_flight,
+                **({"sleeping": True, "host_mb": h.holding.host_mb} if h.holding.sleeping else {}),
+            }
             for h in here
             if not h.holding.foreign
         ]

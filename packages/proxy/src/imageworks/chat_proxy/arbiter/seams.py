@@ -37,6 +37,11 @@ class Holding:
     # read from ``entry`` when there is one, else from these (an Ollama model's entry).
     pinned: bool = False
     priority: int = 0
+    # vLLM sleep mode: ``sleep`` puts it to sleep instead of stopping it (None: it cannot);
+    # a sleeping model holds ``host_mb`` of host RAM and only ``vram_mb`` (its residue) of VRAM.
+    sleep: Callable[[], Awaitable[bool]] | None = None
+    sleeping: bool = False
+    host_mb: int = 0
 
 
 class Residency(Protocol):
@@ -70,6 +75,14 @@ class GpuGate(Protocol):
         """The devices ``entry`` was placed on by ``make_room`` (None: no placement known)."""
         ...
 
+    def slept(self, entry: ModelEntry, host_mb: int | None) -> None:
+        """``entry`` went to sleep holding ``host_mb`` of host RAM (measured)."""
+        ...
+
+    def woke(self, entry: ModelEntry, wake_s: float) -> None:
+        """``entry`` woke in ``wake_s`` seconds (measured)."""
+        ...
+
     async def released(self, pid: int | None) -> bool:
         """After an engine stopped: wait (bounded) until the GPU no longer shows ``pid``."""
         ...
@@ -91,6 +104,12 @@ class NoGpuGate:
         return None
 
     def placement_of(self, entry: ModelEntry) -> tuple[int, ...] | None:
+        return None
+
+    def slept(self, entry: ModelEntry, host_mb: int | None) -> None:
+        return None
+
+    def woke(self, entry: ModelEntry, wake_s: float) -> None:
         return None
 
     async def released(self, pid: int | None) -> bool:

@@ -25,7 +25,7 @@ import functools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from imageworks.chat_proxy.engines.modelstate import (
     CRASHED,
     LOADED,
     READY,
+    SLEEPING,
     STOPPED,
     UNKNOWN,
     UNREACHABLE,
@@ -44,7 +45,8 @@ from imageworks.chat_proxy.engines.modelstate import (
     StatusBook,
     start_refusal,
 )
-from imageworks.chat_proxy.engines.slot import Slot, Ticket
+from imageworks.chat_proxy.engines.slot import Slot
+from imageworks.chat_proxy.engines.turns import STRICT_TURNS, Collation, Ticket
 from imageworks.chat_proxy.errors import ProxyError
 from imageworks.chat_proxy.observe.metrics import Metrics
 from imageworks.chat_proxy.observe.requestlog import RequestLog, utc_now_iso
@@ -76,6 +78,7 @@ class Lifecycle:
         idle_ttl_s: float = 0.0,
         metrics: Metrics | None = None,
         gpu_gate: Callable[[Lifecycle], GpuGate] | None = None,
+        collation: Collation = STRICT_TURNS,
     ) -> None:
         self.backends = backends
         self.staging_dir = staging_dir
@@ -85,6 +88,7 @@ class Lifecycle:
         self.request_log = request_log
         self.new_restarts = restarts
         self.idle_ttl_s = idle_ttl_s
+        self.collation = collation  # in shared slots: see turns.Collation
         self.metrics = metrics if metrics is not None else Metrics()
         self.slots: dict[str, Slot] = {}
         self._last_used: dict[str, float] = {}
@@ -238,22 +242,6 @@ class Lifecycle:
             return None
         return max(0.0, ttl - (time.monotonic() - self.last_used(entry.name)))
 
-    # --- preload (the idle and reconcile loops live in upkeep.py) -----------------------------
-
-    async def preload(self, names: Iterable[str]) -> None:
-        """Start the named models and those marked ``preload`` (at proxy start)."""
-        registry = self.registry()
-        wanted = set(names)
-        for entry in registry:
-            if not entry.servable or not self.managed(entry):
-                continue
-            if entry.preload or entry.name in wanted:
-                try:
-                    await self.activate(entry)
-                    self.event("preload", model=entry.name, result="ready")
-                except Exception as exc:
-                    self.event("preload", model=entry.name, result="failed", error=str(exc))
-
     # --- the Residency the arbiter sees --------------------------------------------------------
 
     async def holdings(self) -> list[Holding]:
@@ -263,16 +251,22 @@ class Lifecycle:
             entry = slot.entry
             if slot.active is None or entry is None or not slot.backend.uses_gpu(entry):
                 continue
+            asleep, status = slot.state == SLEEPING, self.status(entry)
+            can_sleep = slot.state == READY and slot.backend.sleepable(entry)
             found.append(
                 Holding(
                     entry.name,
-                    entry.vram_estimate_mb or 0,  # the arbiter knows better once it has measured
+                    0 if asleep else entry.vram_estimate_mb or 0,  # the arbiter measures better
                     self.last_used(entry.name),
                     slot.in_flight,
-                    protected=slot.state != READY,  # starting or stopping: its slot's business
+                    # starting, stopping, waking or a sleep under way: its slot's business
+                    protected=slot.state not in (READY, SLEEPING) or slot.switch_task is not None,
                     evict=functools.partial(slot.evict, entry.name, "vram"),
                     pid=slot.backend.pid_of(entry.name),
                     entry=entry,
+                    sleep=functools.partial(slot.sleep, entry.name) if can_sleep else None,
+                    sleeping=asleep,
+                    host_mb=(status.host_mb or 0) if asleep else 0,
                 )
             )
         entries = [e for e in registry if e.servable and not self.managed(e)]
@@ -332,6 +326,15 @@ class Lifecycle:
             retry_in_s=round(restarts.wait_s(time.monotonic()), 2),
         )
         self.count_load(entry.name, "failed", None)
+
+    def slept(self, entry: ModelEntry, found: dict[str, Any]) -> None:
+        self.event("sleep", model=entry.name, **found)
+        self.gpu_for(entry).slept(entry, found.get("host_mb"))
+
+    def woke(self, entry: ModelEntry, wake_ms: float) -> None:
+        self.touch(entry.name)
+        self.event("wake", model=entry.name, wake_ms=wake_ms)
+        self.gpu_for(entry).woke(entry, wake_ms / 1000)
 
     def crashed(self, name: str, why: str) -> bool:
         looping = self.restarts_of(name).crashed(time.monotonic())

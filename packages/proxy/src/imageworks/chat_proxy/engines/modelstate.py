@@ -13,6 +13,10 @@ not a copy of it); an unmanaged model's state is what the last request or reconc
     ready -> failed (a crash that makes a crash loop: only a manual activation restarts it)
     crashed, failed -> starting (the next start); crashed -> stopped (an operator's activate)
     starting, crashed, failed -> stopping (shutdown, after a cancelled start or reap)
+    ready -> sleeping (vLLM sleep mode: evicted by sleep, weights to host RAM) -> waking (a
+    request for it) -> ready; sleeping -> stopping (evicted for good, a failed sleep, shutdown);
+    sleeping -> crashed or failed (its engine died asleep); waking -> failed (no room, or the
+    wake failed), waking -> stopping (shutdown during a wake)
     unmanaged: unknown, ready, stopped, unreachable, in any order (and -> starting once the
     registry makes the model a managed one)
 
@@ -49,6 +53,9 @@ class State(StrEnum):
     STOPPING = "stopping"
     FAILED = "failed"
     CRASHED = "crashed"
+    # vLLM sleep mode: resident (its weights in host RAM, its engine alive), not on the GPU.
+    SLEEPING = "sleeping"
+    WAKING = "waking"
     # States of unmanaged models: what the last request (or the reconcile loop) saw.
     UNKNOWN = "unknown"
     UNREACHABLE = "unreachable"
@@ -61,6 +68,7 @@ FAILED, CRASHED, UNKNOWN, UNREACHABLE = (
     State.UNKNOWN,
     State.UNREACHABLE,
 )
+SLEEPING, WAKING = State.SLEEPING, State.WAKING
 
 _PASSIVE = frozenset({UNKNOWN, READY, STOPPED, UNREACHABLE})
 
@@ -70,16 +78,18 @@ _PASSIVE = frozenset({UNKNOWN, READY, STOPPED, UNREACHABLE})
 MOVES: dict[State, frozenset[State]] = {
     STOPPED: frozenset({STARTING}) | _PASSIVE,  # READY: an engine adopted at start-up
     STARTING: frozenset({READY, FAILED, STOPPED, STOPPING}),
-    READY: frozenset({STARTING, STOPPING, CRASHED, FAILED}) | _PASSIVE,
+    READY: frozenset({STARTING, STOPPING, CRASHED, FAILED, SLEEPING}) | _PASSIVE,
     STOPPING: frozenset({STOPPED}),
     FAILED: frozenset({STARTING, STOPPED, STOPPING}),
     CRASHED: frozenset({STARTING, STOPPED, STOPPING}),
+    SLEEPING: frozenset({WAKING, STOPPING, CRASHED, FAILED}),
+    WAKING: frozenset({READY, FAILED, STOPPING}),
     UNKNOWN: frozenset({STARTING}) | _PASSIVE,
     UNREACHABLE: frozenset({STARTING}) | _PASSIVE,
 }
 
 # The states in which a model has (or is getting) an engine: where it runs is worth showing.
-LOADED = frozenset({READY, STARTING, STOPPING})
+LOADED = frozenset({READY, STARTING, STOPPING, SLEEPING, WAKING})
 
 
 class IllegalMove(RuntimeError):
@@ -92,6 +102,10 @@ class ModelStatus:
     since: float = field(default_factory=time.time)
     last_error: str | None = None
     load_ms: float | None = None
+    # vLLM sleep mode: the last wake and sleep (measured by the executor), host RAM held asleep.
+    wake_ms: float | None = None
+    sleep_ms: float | None = None
+    host_mb: int | None = None
 
     def public(self) -> dict[str, Any]:
         return {
@@ -99,10 +113,14 @@ class ModelStatus:
             "since": self.since,
             "last_error": None if self.last_error is None else redact_text(self.last_error),
             "load_ms": self.load_ms,
+            "wake_ms": self.wake_ms,
+            "sleep_ms": self.sleep_ms,
+            "host_mb": self.host_mb if self.state == SLEEPING else None,
         }
 
 
 _KEEP: Any = object()
+_FIGURES = ("load_ms", "wake_ms", "sleep_ms", "host_mb")
 
 
 class StatusBook:
@@ -112,7 +130,7 @@ class StatusBook:
     def __init__(self, on_change: Callable[[str, State], None] | None = None) -> None:
         self.statuses: dict[str, ModelStatus] = {}
         self.version = 0
-        self.on_change = on_change  # told of every change of state (not of error or load_ms)
+        self.on_change = on_change  # told of every change of state (not of the figures)
 
     def get(self, name: str) -> ModelStatus | None:
         return self.statuses.get(name)
@@ -128,11 +146,16 @@ class StatusBook:
         *,
         error: str | None = _KEEP,
         load_ms: float | None = None,
+        **measured: float | int | None,
     ) -> None:
         """Move ``name`` to ``to``. ``error``: the new last error (None clears it; left out, the
-        old one stays); ``load_ms``: how long the start took (left out: the old figure)."""
+        old one stays); ``load_ms`` (how long the start took) and ``measured`` (``wake_ms``,
+        ``sleep_ms``, ``host_mb``): new figures (left out or None: the old ones stay)."""
+        if not set(measured) <= set(_FIGURES):
+            raise TypeError(f"unknown figures: {sorted(set(measured) - set(_FIGURES))}")
         current = self.statuses.get(name)
-        if current is not None and current.state == to and error is _KEEP and load_ms is None:
+        figures = {k: v for k, v in {"load_ms": load_ms, **measured}.items() if v is not None}
+        if current is not None and current.state == to and error is _KEEP and not figures:
             return
         if current is not None and to != current.state and to not in MOVES[current.state]:
             raise IllegalMove(f"{name}: {current.state} -> {to}")
@@ -140,7 +163,9 @@ class StatusBook:
             state=to,
             last_error=(current.last_error if current else None) if error is _KEEP else error,
         )
-        status.load_ms = load_ms if load_ms is not None else (current.load_ms if current else None)
+        for key in _FIGURES:
+            value = figures.get(key, getattr(current, key) if current else None)
+            setattr(status, key, value)
         self.statuses[name] = status
         self.version += 1
         if self.on_change is not None and (current is None or current.state != to):

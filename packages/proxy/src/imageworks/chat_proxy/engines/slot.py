@@ -15,10 +15,17 @@ requests get the error at once, and the next start waits for the model's backoff
 that dies while ready (its supervisor says so, or a reconcile finds it gone) is ``crashed``:
 the slot reaps it and the next request restarts it, until a crash loop halts it.
 
+vLLM sleep mode: the arbiter may evict a sleep-able model by ``sleep`` instead of a stop (its
+weights go to host RAM, its engine stays): the model stays the slot's active one, ``sleeping``,
+and the next request for it wakes it (``waking``, after room is made on the GPU again) rather
+than starting it. Collation (``turns.Collation``): a bounded run of requests for the running
+model may still go first once another model has claimed the slot, so alternating clients do
+not swap on every request.
+
 The state of the slot's models lives in the ``StatusBook`` the slot is given (``state`` is its
 active model's entry there): the slot moves it, the lifecycle reads it, nobody copies it. What
 the slot may ask of its owner is ``owner.SlotOwner``: may this model start, make room and say how to
-start it, learn what it holds, and hear of a start, a failed start or a crash.
+start it, learn what it holds, and hear of a start, a failed start, a crash, a sleep or a wake.
 """
 
 from __future__ import annotations
@@ -28,26 +35,27 @@ import contextlib
 import functools
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
 
 from imageworks.chat_proxy.engines.backends import Backend
 from imageworks.chat_proxy.engines.modelstate import (
     CRASHED,
     FAILED,
     READY,
+    SLEEPING,
     STARTING,
     STOPPED,
     STOPPING,
+    WAKING,
     State,
     StatusBook,
 )
 from imageworks.chat_proxy.engines.owner import SlotOwner
+from imageworks.chat_proxy.engines.sleepmode import SleepMode
+from imageworks.chat_proxy.engines.turns import Ticket, Waiter, exception_text, wait_error
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
     InsufficientVram,
     ModelStartFailed,
-    ModelStartTimeout,
     ProxyError,
     QueueFull,
 )
@@ -56,33 +64,7 @@ from imageworks.model_loader.schema import ModelEntry
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Ticket:
-    """One request's hold on a model; ``release`` exactly once when its response is done."""
-
-    name: str
-    base_url: str
-    wait_ms: float
-    loaded: bool
-    _on_release: Any = None
-    released: bool = False
-
-    def release(self, *, reached: bool | None = None) -> None:
-        if not self.released:
-            self.released = True
-            self._on_release(reached)
-
-
-@dataclass(eq=False)
-class _Waiter:
-    name: str
-
-
-def exception_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-class Slot:
+class Slot(SleepMode):
     def __init__(self, key: str, backend: Backend, owner: SlotOwner, book: StatusBook) -> None:
         self.key = key
         self.backend = backend
@@ -93,13 +75,14 @@ class Slot:
         self.base_url: str | None = None
         self.in_flight = 0
         self.target: str | None = None  # the model that has claimed the next turn
-        self.waiters: list[_Waiter] = []
-        self.reserved: set[_Waiter] = set()  # admitted before anyone may claim the slot
+        self.waiters: list[Waiter] = []
+        self.reserved: set[Waiter] = set()  # admitted before anyone may claim the slot
         self.switch_task: asyncio.Task[None] | None = None
         self.switch_started = 0.0
         self.making_room = False  # starting, but not on the GPU yet
         self.failures: dict[str, int] = {}
         self.errors: dict[str, ProxyError] = {}
+        self.collated = 0  # requests for the active model admitted past another's claim
         self._changed = asyncio.Event()
 
     @property
@@ -111,10 +94,20 @@ class Slot:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def _admissible(self, name: str, waiter: _Waiter) -> bool:
+    def _admissible(self, name: str, waiter: Waiter) -> bool:
         if self.active != name or self.state != READY:
             return False
-        return self.target in (None, name) or waiter in self.reserved
+        return self.target in (None, name) or waiter in self.reserved or self._collate()
+
+    def _collate(self) -> bool:
+        """May a request for the running model go before the claimed swap (collation)?"""
+        if self.switch_task is not None:
+            return False
+        claimants = (w.since for w in self.waiters if w.name == self.target)
+        if not self.owner.collation.allows(self.collated, claimants, time.monotonic()):
+            return False
+        self.collated += 1
+        return True
 
     async def acquire(self, entry: ModelEntry, *, autostart: bool, queue_timeout: float) -> Ticket:
         name = entry.name
@@ -122,7 +115,7 @@ class Slot:
         deadline = started + queue_timeout
         failures_seen = self.failures.get(name, 0)
         loaded = False
-        waiter = _Waiter(name)
+        waiter = Waiter(name, started)
         self.waiters.append(waiter)
         try:
             while True:
@@ -134,8 +127,9 @@ class Slot:
                     return Ticket(name, self.base_url, wait_ms, loaded, self._release_one)
                 if self.failures.get(name, 0) != failures_seen:
                     raise self.errors[name]
+                waking = self.active == name and self.state == SLEEPING  # resident: it wakes
                 if self.target is None and not (self.active == name and self.state == STARTING):
-                    if not autostart:
+                    if not autostart and not waking:
                         raise BackendUnavailable(
                             f"model {name!r} is not running and autostart is disabled; start it "
                             f"with 'imageworks-models activate-model {name}' or "
@@ -158,7 +152,7 @@ class Slot:
                 ):
                     loaded = True
                     self.switch_task = asyncio.create_task(self._switch(entry))
-                if self.active == name and self.state == STARTING:
+                if self.active == name and self.state in (STARTING, WAKING):
                     loaded = True
                     # Once our model is loading, its own start timeout is what bounds the wait.
                     deadline = max(deadline, self.switch_started + self.owner.start_timeout + 5)
@@ -184,21 +178,12 @@ class Slot:
         return True
 
     def _timeout_error(self, name: str, queue_timeout: float) -> ProxyError:
-        if self.active == name and self.state == STARTING:
-            return ModelStartTimeout(
-                f"model {name!r} is still loading; try again shortly", headers={"Retry-After": "10"}
-            )
-        busy = (
-            f"{self.active!r} is still serving {self.in_flight} request(s)"
-            if self.active and self.in_flight
-            else "the backend is busy switching models"
-        )
-        return QueueFull(
-            f"model {name!r} waited {queue_timeout:.0f} s for its turn: {busy}",
-            headers={"Retry-After": "10"},
+        loading = self.active == name and self.state in (STARTING, WAKING)
+        return wait_error(
+            name, queue_timeout, loading=loading, active=self.active, in_flight=self.in_flight
         )
 
-    def _leave_reserved(self, waiter: _Waiter) -> None:
+    def _leave_reserved(self, waiter: Waiter) -> None:
         if waiter in self.reserved:
             self.reserved.discard(waiter)
             if not self.reserved and self.target == waiter.name:
@@ -216,7 +201,11 @@ class Slot:
 
     async def _switch(self, entry: ModelEntry) -> None:
         name = entry.name
+        self.collated = 0
         try:
+            if self.active == name and self.state == SLEEPING:
+                await self._wake(entry)
+                return
             if self.active is not None:
                 await self._stop_active("swap")
             self.active, self.entry, self.base_url = name, entry, None
@@ -248,15 +237,19 @@ class Slot:
             self.base_url = base_url
             self.book.move(name, READY, load_ms=load_ms, error=None)  # the old error is history
             self.owner.started(entry, load_ms)
-            self.reserved = {w for w in self.waiters if w.name == name}
-            if not self.reserved:
-                self.target = None
+            self._reserve(name)
             # Last, with no await after it: an exit from here on is seen once this switch is
             # over (the watch reports an engine that is already gone at once).
             self.backend.supervise(name, functools.partial(self.crashed, name))
         finally:
             self.switch_task = None
             self._notify()
+
+    def _reserve(self, name: str) -> None:
+        """``name`` just became ready: those waiting for it go before anyone may claim."""
+        self.reserved = {w for w in self.waiters if w.name == name}
+        if not self.reserved:
+            self.target = None
 
     async def _start_failed(
         self, entry: ModelEntry, exc: Exception, *, backoff: bool = True
@@ -295,7 +288,7 @@ class Slot:
 
     def crashed(self, name: str, why: str) -> None:
         """The engine serving ``name`` died while ready: reap it; the next request restarts it."""
-        if self.active != name or self.state != READY or self.switch_task is not None:
+        if self.active != name or self.state not in (READY, SLEEPING) or self.switch_task:
             return  # already stopping, swapping or restarting: not a crash of a ready engine
         self.base_url = None
         looping = self.owner.crashed(name, why)
@@ -356,9 +349,10 @@ class Slot:
         )
 
     async def evict(self, name: str, reason: str) -> bool:
-        """Stop ``name`` now if it is idle here (the arbiter's eviction, or an idle TTL:
-        ``reason`` "idle")."""
-        if not self.idle(name):
+        """Stop ``name`` now if it is idle here, or asleep (the arbiter's eviction, or an idle
+        TTL: ``reason`` "idle")."""
+        asleep = self.active == name and self.state == SLEEPING and self.switch_task is None
+        if not self.idle(name) and not asleep:
             return False
         await self._stop_active("idle" if reason == "idle" else f"evict ({reason})")
         self._notify()

@@ -1,4 +1,5 @@
-"""The two loops that keep the engines true, and the one way a model is unloaded unasked.
+"""The two loops that keep the engines true, the one way a model is unloaded unasked, and the
+preload at start-up.
 
 - **Idle unload**: a managed model that served no request for its TTL is stopped, and its GPU
   memory verified back. The TTL is the entry's ``ttl_s``, else ``CHAT_PROXY_IDLE_TTL_S``; 0
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from imageworks.chat_proxy.engines.modelstate import State
@@ -73,6 +75,20 @@ async def reconcile(lifecycle: Lifecycle) -> None:
         with contextlib.suppress(Exception):
             for name, state in (await backend.observed(mine)).items():
                 lifecycle.book.move(name, State(state))
+
+
+async def preload(lifecycle: Lifecycle, names: Iterable[str]) -> None:
+    """Start the named models and those marked ``preload`` (at proxy start)."""
+    wanted = set(names)
+    for entry in lifecycle.registry():
+        if not entry.servable or not lifecycle.managed(entry):
+            continue
+        if entry.preload or entry.name in wanted:
+            try:
+                await lifecycle.activate(entry)
+                lifecycle.event("preload", model=entry.name, result="ready")
+            except Exception as exc:
+                lifecycle.event("preload", model=entry.name, result="failed", error=str(exc))
 
 
 async def idle_loop(lifecycle: Lifecycle, interval_s: float = 0.25) -> None:

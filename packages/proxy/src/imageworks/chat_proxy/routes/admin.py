@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from imageworks.chat_proxy.engines.modelstate import STARTING
+from imageworks.chat_proxy.engines.modelstate import STARTING, WAKING
 from imageworks.chat_proxy.errors import InvalidRequest, RegistryInvalid
 from imageworks.chat_proxy.observe.events import sse
 from imageworks.chat_proxy.request.bodies import query
@@ -81,7 +81,7 @@ def model_state(state: ProxyState, entry: ModelEntry) -> dict[str, Any]:
             "in_flight": lifecycle.in_flight.get(entry.name, 0),
             # While it loads: seconds so far, of about how many (its learned load time).
             "loading": loading_progress(state, entry).public()
-            if lifecycle.state(entry) == STARTING
+            if lifecycle.state(entry) in (STARTING, WAKING)
             else None,
             # Its size: declared, estimated from its files, learned; and which one is used.
             "vram": state.arbiter.sizing(entry)

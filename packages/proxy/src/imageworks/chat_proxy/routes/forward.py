@@ -26,8 +26,8 @@ from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
 from imageworks.chat_proxy.auth import require_admin, require_api_key
-from imageworks.chat_proxy.engines.modelstate import READY, STARTING
-from imageworks.chat_proxy.engines.slot import Ticket
+from imageworks.chat_proxy.engines.modelstate import READY, SLEEPING, STARTING, WAKING
+from imageworks.chat_proxy.engines.turns import Ticket
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
     CapabilityMismatch,
@@ -125,6 +125,8 @@ def loading_comment(state: ProxyState, entry: ModelEntry, asked: float) -> bytes
 
 def loading_progress(state: ProxyState, entry: ModelEntry, asked: float | None = None) -> Progress:
     status = state.lifecycle.status(entry)
+    if status.state == WAKING:  # a wake, of about its learned wake time
+        return progress(status.since, status.wake_ms, kind="wake")
     starting = status.state == STARTING
     since = status.since if starting or asked is None else asked
     return progress(since, status.load_ms)
@@ -330,7 +332,7 @@ class Call:
         concurrency limit applies once it runs)."""
         state, entry = self.state, self.entry
         self.loading = loading = state.lifecycle.needs_start(entry)
-        if loading and state.autostart and state.lifecycle.state(entry) != STARTING:
+        if loading and state.autostart and state.lifecycle.state(entry) not in (STARTING, WAKING):
             # A start that will be refused (backoff, crash loop, restart: never) is refused
             # now, with its real status, before a stream commits to 200.
             state.lifecycle.may_start(entry)
@@ -444,7 +446,9 @@ async def relay_stream(
     state, entry, surface = call.state, call.entry, call.surface
     # The loading comment commits the response to 200: only when the model will load. With
     # autostart off a stopped model is refused before the first byte, as a real 502.
-    comments = call.loading and (state.autostart or state.lifecycle.state(entry) == STARTING)
+    comments = call.loading and (
+        state.autostart or state.lifecycle.state(entry) in (STARTING, WAKING, SLEEPING)
+    )
     assert surface.stream is not None
     waiting: Callable[[], bytes] | None = (
         functools.partial(loading_comment, state, entry, time.time()) if comments else None

@@ -35,6 +35,7 @@ from imageworks.chat_proxy.engines import upkeep
 from imageworks.chat_proxy.engines.backends import build_backends
 from imageworks.chat_proxy.engines.lifecycle import Lifecycle
 from imageworks.chat_proxy.engines.modelstate import Restarts
+from imageworks.chat_proxy.engines.turns import Collation
 from imageworks.chat_proxy.observe.events import EventBus
 from imageworks.chat_proxy.observe.metrics import Metrics
 from imageworks.chat_proxy.observe.records import Records
@@ -103,6 +104,7 @@ def open_engines(
             default_ttl_s=config.lease_ttl_s,
             request_log=request_log,
             metrics=metrics,
+            sleep_ram_mb=config.sleep_ram_mb,
         )
 
     lifecycle = Lifecycle(
@@ -116,6 +118,7 @@ def open_engines(
         idle_ttl_s=config.idle_ttl_s,
         metrics=metrics,
         gpu_gate=open_arbiter,
+        collation=Collation(config.collate_max, config.collate_wait_s),
     )
     arbiter = lifecycle.gpu_gate
     assert isinstance(arbiter, VramArbiter)  # what open_arbiter made
@@ -205,7 +208,7 @@ async def start_background(state: ProxyState) -> list[asyncio.Task[Any]]:
         loop.create_task(upkeep.reconcile_loop(state.lifecycle, state.config.reconcile_s)),
         loop.create_task(upkeep.idle_loop(state.lifecycle)),
         # In the background: the proxy serves (and lists models) while they load.
-        loop.create_task(state.lifecycle.preload(state.config.preload)),
+        loop.create_task(upkeep.preload(state.lifecycle, state.config.preload)),
         *([loop.create_task(state.peers.poll_loop())] if state.peers else []),
     ]
 

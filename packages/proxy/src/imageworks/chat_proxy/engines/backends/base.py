@@ -127,6 +127,18 @@ class Backend:
     async def stop(self, name: str) -> None:
         """Stop ``name`` and wait until it is gone (a no-op for one that is not running)."""
 
+    def sleepable(self, entry: ModelEntry) -> bool:
+        """Can ``entry`` leave the GPU by sleeping rather than stopping (vLLM sleep mode)?"""
+        return False
+
+    async def sleep(self, name: str) -> dict[str, Any]:
+        """Put ``name`` to sleep: ``{"sleep_ms", "host_mb"}`` as measured."""
+        raise NotImplementedError(f"{self.kind} models do not sleep")
+
+    async def wake(self, name: str) -> float:
+        """Wake ``name``; returns the measured wake time, ms."""
+        raise NotImplementedError(f"{self.kind} models do not sleep")
+
     def supervise(self, name: str, on_exit: Callable[[str], None]) -> None:
         """Arrange for ``on_exit(why)`` to be called as soon as ``name``'s engine dies. Kinds
         whose process the proxy does not parent rely on ``reconcile`` instead."""

@@ -93,6 +93,25 @@ class VllmBackend(Backend):
             return
         await self._call("/admin/deactivate", {}, 30.0)
 
+    def sleepable(self, entry: ModelEntry) -> bool:
+        """Sleep mode needs the entry's word and a ledger (a slot per model) to account for it."""
+        return (
+            self.concurrent and entry.backend_config.sleep_mode and self.slot_key(entry) is not None
+        )
+
+    async def sleep(self, name: str) -> dict[str, Any]:
+        run = await self._call("/admin/sleep", {"model": name, "level": 1}, 60.0)
+        if run.get("sleeping") is not True:
+            raise ModelStartFailed(f"the vLLM executor did not put {name!r} to sleep: {run}")
+        return {"sleep_ms": run.get("sleep_ms"), "host_mb": run.get("host_mb")}
+
+    async def wake(self, name: str) -> float:
+        run = await self._call("/admin/wake", {"model": name}, self.config.start_timeout_s)
+        if run.get("sleeping") is not False or run.get("status") != "running":
+            raise ModelStartFailed(f"the vLLM executor did not wake {name!r}: {run}")
+        took = run.get("wake_ms")
+        return float(took) if isinstance(took, int | float) else 0.0
+
     async def reconcile(self, entry: ModelEntry) -> bool | None:
         """The executor's word: is it still running this model? Unreachable: cannot tell."""
         try:
@@ -114,6 +133,8 @@ class VllmBackend(Backend):
         for name, run in runs.items():
             base_url = run.get("base_url")
             if run.get("status") != "running" or name not in names or not isinstance(base_url, str):
+                continue
+            if run.get("sleeping"):  # not adopted: the next activation wakes it
                 continue
             pid = run.get("pid")
             self.pids[name] = pid if isinstance(pid, int) else None
