@@ -94,3 +94,31 @@ def test_messages_for_api_clients_name_no_address() -> None:
     assert (
         redact_text("at http://u:p@h:1/v1?k=v#f") == "at http://<hidden>@h:1/v1?k=<hidden>#<hidden>"
     )
+
+
+def test_the_anthropic_and_responses_envelopes_name_no_address_either(proxy_factory) -> None:
+    # The Messages routes render errors in Anthropic's envelope, streams end with an in-band
+    # error event: the same public message as OpenAI's envelope, never the raw one.
+    from imageworks.chat_proxy.errors import BackendUnavailable
+    from imageworks.chat_proxy.request.streams import ANTHROPIC, OPENAI, RESPONSES
+
+    dead = free_port()
+    entry = entry_for("m", "http://x", backend="openai", protocols=["messages", "responses"])
+    entry["backend_config"] = {"base_url": f"http://user:pw-one@127.0.0.1:{dead}/v1?k=SECRET-KEY"}
+    proxy = proxy_factory([entry])
+    asks = [
+        ("/v1/messages", {**CHAT, "model": "m", "max_tokens": 5}),
+        ("/v1/messages", {**CHAT, "model": "m", "max_tokens": 5, "stream": True}),
+        ("/v1/messages/count_tokens", {**CHAT, "model": "m"}),
+    ]
+    for path, body in asks:
+        answer = proxy.client.post(path, json=body)
+        assert answer.status_code == 502, answer.text
+        assert answer.json()["type"] == "error" and "'m'" in answer.text
+        for leaked in (*SECRETS, "127.0.0.1", str(dead), "user"):
+            assert leaked not in answer.text, (leaked, answer.text)
+    error = BackendUnavailable(f"model 'm' failed at http://u:pw-one@10.1.2.3:{dead}/v1?k=SECRET")
+    for form in (OPENAI, RESPONSES, ANTHROPIC):
+        event = form.error_event(error).decode()
+        for leaked in ("pw-one", "SECRET", "10.1.2.3", str(dead)):
+            assert leaked not in event, (form.name, leaked, event)

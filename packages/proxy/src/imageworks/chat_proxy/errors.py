@@ -67,7 +67,7 @@ class ProxyError(Exception):
         (``admin``) read them with their credentials hidden (``redact_text``)."""
         return {
             "error": {
-                "message": redact_text(self.message) if admin else public_text(self.message),
+                "message": redact_text(self.message) if admin else self.public_message,
                 "type": error_type(self.status),
                 "param": self.param,
                 "code": self.code,
@@ -76,6 +76,11 @@ class ProxyError(Exception):
 
     def to_bytes(self, admin: bool = False) -> bytes:
         return json.dumps(self.body(admin)).encode()
+
+    @property
+    def public_message(self) -> str:
+        """The message as API clients read it, in any envelope: no URL or address."""
+        return public_text(self.message)
 
     @property
     def log_message(self) -> str:
@@ -93,7 +98,7 @@ class ProxyError(Exception):
         kind = _ANTHROPIC_TYPES.get(status)
         if kind is None:
             kind = "invalid_request_error" if status < 500 else "api_error"
-        return {"type": "error", "error": {"type": kind, "message": self.message}}
+        return {"type": "error", "error": {"type": kind, "message": self.public_message}}
 
     def anthropic_bytes(self) -> bytes:
         return json.dumps(self.anthropic_body()).encode()

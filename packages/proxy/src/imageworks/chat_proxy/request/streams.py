@@ -105,7 +105,7 @@ class ResponsesFormat(StreamFormat):
         return any(event_type(last_event(tail)) == end for end in self._ENDS)
 
     def error_event(self, error: ProxyError) -> bytes:
-        data = {"type": "error", "code": error.code, "message": error.message, "param": None}
+        data = {"type": "error", "code": error.code, "message": error.public_message, "param": None}
         return b"event: error\ndata: " + json.dumps(data).encode() + b"\n\n"
 
     def account(self, head: bytes, tail: bytes) -> tuple[dict[str, Any] | None, ProxyError | None]:
