@@ -125,6 +125,23 @@ def test_the_id_map_survives_a_restart_and_stays_bounded(tmp_path: Path) -> None
     again.close()
 
 
+def test_an_engine_cannot_forge_placements_with_the_ids_it_makes(tmp_path: Path) -> None:
+    # The id map's file is one "id<TAB>entry" line per id: an id with a newline or a tab (a
+    # lying engine's) would write a line of its own, placing a victim's id at another engine
+    # after a restart; an id of megabytes would cost that times MAX_IDS. Neither is kept.
+    path = tmp_path / "response_ids.tsv"
+    book = ResponseBook(path).load()
+    book.place("resp_ok", "a")
+    book.place("x\nresp_ok\tevil", "evil")
+    book.place("y\tz", "evil")
+    book.place("r" * 100_000, "evil")
+    assert list(book.places) == ["resp_ok"]
+    book.close()
+    again = ResponseBook(path).load()
+    assert dict(again.places) == {"resp_ok": "a"}
+    again.close()
+
+
 # --- Anthropic Messages ----------------------------------------------------------------------
 
 

@@ -374,7 +374,8 @@ class Call:
         if response is None or not isinstance(response.get("id"), str):
             return
         book = self.state.responses
-        book.place(response["id"], self.entry.name)
+        if not book.place(response["id"], self.entry.name):
+            return
         if not self.entry.responses_stored and self.asked is not None:
             book.keep(response, self.asked)
 

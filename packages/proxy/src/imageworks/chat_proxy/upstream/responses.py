@@ -24,6 +24,13 @@ log = logging.getLogger(__name__)
 MAX_IDS = 10_000
 MAX_KEPT = 1_000
 MAX_KEPT_BYTES = 64 * 1024 * 1024
+# An id is the engine's: one longer than this, or with a control character (a newline or a tab
+# would write a line of the file of its own, placing another id), is not placed.
+MAX_ID_CHARS = 512
+
+
+def placeable(response_id: str) -> bool:
+    return 0 < len(response_id) <= MAX_ID_CHARS and response_id.isprintable()
 
 
 @dataclass
@@ -55,21 +62,26 @@ class ResponseBook:
         with contextlib.suppress(FileNotFoundError):
             for line in self.path.read_text(errors="replace").splitlines():
                 rid, _, name = line.partition("\t")
-                if rid and name:
+                if placeable(rid) and name:
                     self._place(rid, name)
         self._rewrite()
         return self
 
-    def place(self, response_id: str, entry: str) -> None:
+    def place(self, response_id: str, entry: str) -> bool:
+        """Remember that ``entry`` made ``response_id``; False: an id that cannot be placed."""
+        if not placeable(response_id):
+            log.warning("a response id from %r is not placed (too long or not printable)", entry)
+            return False
         if self.places.get(response_id) == entry:
-            return
+            return True
         self._place(response_id, entry)
         if self.path is None:
-            return
+            return True
         if self._lines >= 2 * self.max_ids:
             self._rewrite()
-            return
+            return True
         self._append(f"{response_id}\t{entry}\n".encode())
+        return True
 
     def where(self, response_id: str) -> str | None:
         return self.places.get(response_id)
