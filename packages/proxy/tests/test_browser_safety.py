@@ -115,6 +115,33 @@ def test_a_cors_refusal_is_the_error_envelope(proxy_factory) -> None:
     assert page.status_code == 403 and envelope(page)["code"] == "origin_not_allowed"
 
 
+def test_refusals_and_internal_errors_on_the_messages_routes_use_anthropics_envelope(
+    proxy_factory, monkeypatch
+) -> None:
+    # Every error on /v1/messages is Anthropic's shape, the guard's and an unexpected 500's too.
+    from imageworks.chat_proxy.routes import forward
+
+    proxy = proxy_factory([])
+    body = b'{"model": "m", "max_tokens": 5, "messages": []}'
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        page = proxy.client.post(path, content=body, headers=PAGE)
+        rebound = proxy.client.post(path, content=body, headers={"host": "rebind.evil.example"})
+        for answer in (page, rebound):
+            assert answer.status_code == 403, answer.text
+            assert answer.json()["type"] == "error", answer.text
+            assert answer.json()["error"]["type"] == "permission_error"
+
+    async def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(forward, "forward", broken)
+    crash = proxy.client.post("/v1/messages", content=body)
+    assert crash.status_code == 500 and crash.json()["type"] == "error", crash.text
+    assert crash.json()["error"]["type"] == "api_error"
+    chat = proxy.client.post("/v1/chat/completions", content=b'{"model": "m"}')
+    assert chat.status_code == 500 and envelope(chat)["code"] == "internal_error"
+
+
 async def test_the_executor_refuses_page_style_requests(tmp_path: Path) -> None:
     config = ExecutorConfig.load(
         environ={}, registry_dir=REPO / "configs", staging_dir=tmp_path / "staging"

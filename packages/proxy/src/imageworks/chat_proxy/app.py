@@ -27,7 +27,7 @@ from imageworks.chat_proxy.config import ConfigError, ProxyConfig
 from imageworks.chat_proxy.errors import MethodNotAllowed, NotFound, ProxyError
 from imageworks.chat_proxy.request.bodies import BodyBudget, BodyGuard
 from imageworks.chat_proxy.request.browser import AllowedHosts, BrowserGuard, is_admin_path
-from imageworks.chat_proxy.request.surfaces import BY_PATH, RAW, RESPONSE_BY_ID
+from imageworks.chat_proxy.request.surfaces import BY_PATH, RAW, RESPONSE_BY_ID, envelope_of
 from imageworks.chat_proxy.routes import admin, forward, gpu, openai, ops, views
 from imageworks.chat_proxy.server.lifespan import close_state, open_state, start_background
 from imageworks.chat_proxy.upstream.forwarding import send_error
@@ -127,6 +127,9 @@ class RequestIdMiddleware:
             if started:
                 raise
             error = ProxyError(f"internal error: {type(exc).__name__}; request id {rid}")
+            if envelope_of(scope["path"]) != "openai":
+                await send_error(error, send_with_id, envelope_of(scope["path"]))
+                return
             await _error_response(error)(scope, receive, send_with_id)
 
 

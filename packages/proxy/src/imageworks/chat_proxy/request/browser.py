@@ -14,7 +14,8 @@ before any route runs:
   whatever ``CHAT_PROXY_CORS_ORIGINS`` says;
 - elsewhere a state-changing request (anything but GET, HEAD, OPTIONS) carrying an ``Origin``
   must come from this server's origin or one of the CORS origins;
-- every refusal is the OpenAI error envelope, a CORS refusal included.
+- every refusal is the error envelope (Anthropic's on its Messages routes), a CORS refusal
+  included.
 
 Admin and lease bodies must also be ``application/json`` (``bodies.json_object``): a page can
 send ``text/plain`` without a preflight, but not JSON.
@@ -30,6 +31,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from imageworks.chat_proxy.errors import ProxyError
+from imageworks.chat_proxy.request.surfaces import envelope_of
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -142,6 +144,8 @@ class BrowserGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path: str = scope["path"]
+        envelope = envelope_of(path)
         host = _header(scope, b"host")
         if host is None or not self.hosts.allows(host):
             await _refuse(
@@ -152,9 +156,9 @@ class BrowserGuard:
                     else "the request has no Host header"
                 ),
                 send,
+                envelope,
             )
             return
-        path: str = scope["path"]
         method: str = scope["method"]
         origin = _header(scope, b"origin")
         # An engine's raw routes (/upstream/...) may change its state for an admin: no page may
@@ -184,6 +188,7 @@ class BrowserGuard:
                         f"the origin {origin!r} is not allowed (CHAT_PROXY_CORS_ORIGINS)"
                     ),
                     send,
+                    envelope,
                 )
                 return
             await self.app(scope, receive, send)
@@ -191,12 +196,13 @@ class BrowserGuard:
         await (self.cors or self.app)(scope, receive, send)
 
 
-async def _refuse(error: ProxyError, send: Send) -> None:
-    body = error.to_bytes()
+async def _refuse(error: ProxyError, send: Send, envelope: str = "openai") -> None:
+    anthropic = envelope == "anthropic"
+    body = error.anthropic_bytes() if anthropic else error.to_bytes()
     await send(
         {
             "type": "http.response.start",
-            "status": error.status,
+            "status": error.anthropic_status() if anthropic else error.status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", b"%d" % len(body)),

@@ -188,6 +188,14 @@ SURFACES = (
     ),
 )
 BY_PATH = {path: surface for surface in SURFACES for path in surface.paths}
+
+
+def envelope_of(path: str) -> str:
+    """The error envelope of the surface at ``path`` (``openai`` for any other path)."""
+    surface = BY_PATH.get(path)
+    return surface.envelope if surface is not None else "openai"
+
+
 # The raw engine routes (/upstream/{model}/{path}): the body as it came, the model in the path.
 RAW = Surface(UPSTREAM, (), "", _model, body="raw", model_at="path", stream=None)
 # GET/DELETE /v1/responses/{id}, .../cancel, .../input_items: the model is the one that made it.
