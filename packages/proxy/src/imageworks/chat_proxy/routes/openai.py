@@ -11,7 +11,7 @@ from starlette.routing import Route
 
 from imageworks.chat_proxy.auth import require_api_key
 from imageworks.chat_proxy.engines.modelstate import FAILED, READY, STARTING, UNREACHABLE
-from imageworks.chat_proxy.routes.forward import loading_progress, resolve, route
+from imageworks.chat_proxy.routes.routing import loading_progress, resolve, route
 from imageworks.chat_proxy.server.state import ProxyState
 from imageworks.chat_proxy.upstream.peers import FORWARDED_HEADER, Listed
 from imageworks.model_loader.schema import ModelEntry
