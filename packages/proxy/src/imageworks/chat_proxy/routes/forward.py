@@ -37,7 +37,7 @@ from imageworks.chat_proxy.errors import (
 )
 from imageworks.chat_proxy.observe.records import Outcome, RequestInfo
 from imageworks.chat_proxy.request import multipart
-from imageworks.chat_proxy.request.admission import Gate
+from imageworks.chat_proxy.request.admission import Turnstile
 from imageworks.chat_proxy.request.bodies import read_limited
 from imageworks.chat_proxy.request.payloads import (
     CHAT,
@@ -93,7 +93,9 @@ def check_surface(surface: Surface, entry: ModelEntry) -> None:
         )
 
 
-async def admit(state: ProxyState, info: RequestInfo, gate: Gate, receive: Receive | None) -> None:
+async def admit(
+    state: ProxyState, info: RequestInfo, gate: Turnstile, receive: Receive | None
+) -> None:
     """A turn under the model's ``max_concurrency``, waiting in its queue if need be.
     ``receive``: watch it for a disconnect (None: a caller up the stack already does)."""
     if gate.try_enter():
@@ -126,7 +128,7 @@ class Call:
         self.path = surface.upstream  # under the engine's OpenAI base
         self.method = "POST"
         self.content_type = JSON
-        self.gate: Gate | None = None
+        self.gate: Turnstile | None = None
         self.loading = False
         self.at_root = False  # the path is under the engine's root, not its /v1
         self.asked: list[Any] | None = None  # Responses kept by the proxy: the whole input
@@ -314,7 +316,7 @@ class Call:
 class Exchange:
     """One forwarded request: its hold on the model, and the bookkeeping when it ends."""
 
-    def __init__(self, state: ProxyState, info: RequestInfo, gate: Gate | None) -> None:
+    def __init__(self, state: ProxyState, info: RequestInfo, gate: Turnstile | None) -> None:
         self.state = state
         self.info = info
         self.gate = gate  # entered: a turn under the model's max_concurrency
