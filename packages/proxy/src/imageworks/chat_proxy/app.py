@@ -28,7 +28,7 @@ from imageworks.chat_proxy.errors import MethodNotAllowed, NotFound, ProxyError
 from imageworks.chat_proxy.request.bodies import BodyBudget, BodyGuard
 from imageworks.chat_proxy.request.browser import AllowedHosts, BrowserGuard, is_admin_path
 from imageworks.chat_proxy.request.surfaces import BY_PATH, RAW, RESPONSE_BY_ID
-from imageworks.chat_proxy.routes import admin, forward, gpu, openai, ops, views
+from imageworks.chat_proxy.routes import admin, byid, gpu, openai, ops, raw, relay, views
 from imageworks.chat_proxy.server.lifespan import close_state, open_state, start_background
 from imageworks.chat_proxy.upstream.forwarding import send_error
 
@@ -185,13 +185,13 @@ class ProxyApp:
             )
             await send_error(error, send, surface.envelope)
             return
-        await forward.forward(self.state.proxy, surface, scope, receive, send)
+        await relay.forward(self.state.proxy, surface, scope, receive, send)
 
     async def _response_by_id(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await forward.by_id(self.state.proxy, RESPONSE_BY_ID, scope, receive, send)
+        await byid.by_id(self.state.proxy, RESPONSE_BY_ID, scope, receive, send)
 
     async def _upstream(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await forward.run(forward.RawCall(self.state.proxy, RAW, scope), scope, receive, send)
+        await relay.run(raw.RawCall(self.state.proxy, RAW, scope), scope, receive, send)
 
 
 def create_app(config: ProxyConfig | None = None, *, probe: GpuProbe | None = None) -> ProxyApp:

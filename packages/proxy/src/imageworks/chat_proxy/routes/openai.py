@@ -18,7 +18,7 @@ from imageworks.chat_proxy.engines.modelstate import (
     UNREACHABLE,
     WAKING,
 )
-from imageworks.chat_proxy.routes.forward import loading_progress, resolve, route
+from imageworks.chat_proxy.routes.routing import loading_progress, resolve, route
 from imageworks.chat_proxy.server.state import ProxyState
 from imageworks.chat_proxy.upstream.peers import FORWARDED_HEADER, Listed
 from imageworks.model_loader.schema import ModelEntry
