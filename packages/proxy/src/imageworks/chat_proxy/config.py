@@ -112,6 +112,10 @@ class ProxyConfig(BaseModel):
     vision_max_images: int = Field(default=0, ge=0)
     vision_max_image_bytes: int = Field(default=20_000_000, ge=1)
     vision_workers: int = Field(default=2, ge=1, le=64)
+    # Decoded pixels the vision threads may hold at once, counted before decoding (an image
+    # that needs more: 413; one that does not fit now waits up to queue_timeout_s, then 503).
+    # 512 MB holds the largest image Pillow opens (89 MP at 4 bytes a pixel).
+    vision_decode_budget_mb: int = Field(default=512, ge=16, le=1024 * 1024)
     # Browser origins allowed to call the API (comma-separated; "*" for any, never with
     # credentials). Empty: no CORS headers at all.
     cors_origins: tuple[str, ...] = ()

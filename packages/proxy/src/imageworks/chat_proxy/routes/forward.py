@@ -217,7 +217,7 @@ class Call:
         )
         self.info.prompt_bytes = len(raw)
         if self.surface.body == "json":
-            await self.prepare_json(raw)
+            await self.prepare_json(raw, receive)
         else:
             self.prepare_other(raw)
         if self.plan_admission():
@@ -228,7 +228,7 @@ class Call:
         """A body that is not JSON: a multipart upload (audio)."""
         self.prepare_form(raw)
 
-    async def prepare_json(self, raw: bytes) -> None:
+    async def prepare_json(self, raw: bytes, receive: Receive | None = None) -> None:
         state, info, surface = self.state, self.info, self.surface
         lifted = await lift(state, raw) if len(raw) > BIG_BODY else None
         if lifted is None:
@@ -242,7 +242,10 @@ class Call:
         info.entry = entry = route(state, info.model, FORWARDED_HEADER in self.headers)
         images = self.check(body) if lifted is None else await state.images.run(self.check, body)
         if images:
-            changed = await self.prepare_images(body, lifted) or changed
+            # Photographs take seconds: a client that leaves stops the work within one image.
+            work = self.prepare_images(body, lifted)
+            fitted = await (until_disconnect(receive, work) if receive is not None else work)
+            changed = fitted or changed
         if images or lifted is not None:
             dump = lifted.dump if lifted is not None else None
             self.payload = await state.images.run(

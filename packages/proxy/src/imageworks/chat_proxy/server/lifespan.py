@@ -42,7 +42,7 @@ from imageworks.chat_proxy.server.state import ProxyState
 from imageworks.chat_proxy.upstream.egress import Egress
 from imageworks.chat_proxy.upstream.peers import Peers
 from imageworks.chat_proxy.upstream.responses import ResponseBook
-from imageworks.chat_proxy.vision.prepare import ImagePrep
+from imageworks.chat_proxy.vision.prepare import MB, ImagePrep
 from imageworks.model_loader.profiles import PROFILES_FILE, ProfileManager
 from imageworks.model_loader.registry import Registry
 from imageworks.model_loader.watch import RegistryWatcher
@@ -136,7 +136,9 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         admission=Admission(config.max_concurrency, config.max_queue, metrics),
         staging_lock=staging_lock,
         peers=peers,
-        images=ImagePrep(config.vision_workers),
+        images=ImagePrep(
+            config.vision_workers, config.vision_decode_budget_mb * MB, config.queue_timeout_s
+        ),
         responses=ResponseBook(config.log_path.with_name("response_ids.tsv")).load(),
     )
 

@@ -21,12 +21,14 @@ goes to a text request first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import os
 import threading
 import time
 import urllib.parse
+from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,15 +42,17 @@ from imageworks.chat_proxy.errors import (
     InvalidRequest,
     PayloadTooLarge,
     RateLimited,
+    ServerBusy,
 )
 from imageworks.chat_proxy.vision import history
 from imageworks.chat_proxy.vision.images import (
     DataUrl,
     Fit,
     ImageError,
+    Opened,
     Prepared,
-    prepare_fetched,
-    prepare_inline,
+    open_fetched,
+    open_inline,
 )
 from imageworks.chat_proxy.vision.lifting import LiftedBody
 from imageworks.model_loader.schema import ModelEntry, RemoteImages
@@ -188,13 +192,69 @@ def _yield_to_the_loop() -> None:
 BACKLOG_PER_WORKER = 32
 
 
+MB = 1024 * 1024
+
+
+class DecodeBudget:
+    """Bytes of decoded pixels the vision pool may hold at once, taken first come, first
+    served: a small image never overtakes a big one that waits (it would starve)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self.waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    async def take(self, cost: int, timeout_s: float) -> None:
+        """Wait until ``cost`` bytes are free (at most ``timeout_s``: then a 503), and take
+        them. ``cost`` must be within ``total``."""
+        if not self.waiting and self.used + cost <= self.total:
+            self.used += cost
+            return
+        turn = asyncio.get_running_loop().create_future()
+        self.waiting.append((cost, turn))
+        try:
+            async with asyncio.timeout(timeout_s):
+                await turn
+        except BaseException as exc:
+            if turn.done() and not turn.cancelled():
+                self.give(cost)  # granted as it was given up
+            else:
+                with contextlib.suppress(ValueError):
+                    self.waiting.remove((cost, turn))
+                self._wake()  # the head may have been the one in the way
+            if isinstance(exc, TimeoutError):
+                raise ServerBusy(
+                    f"image preparation is at its memory budget ({self.used // MB} of "
+                    f"{self.total // MB} MB of decoded pixels in use, "
+                    f"CHAT_PROXY_VISION_DECODE_BUDGET_MB) and this image waited "
+                    f"{timeout_s:g} s for room; retry shortly",
+                    headers={"Retry-After": "5"},
+                ) from None
+            raise
+
+    def give(self, cost: int) -> None:
+        self.used -= cost
+        self._wake()
+
+    def _wake(self) -> None:
+        while self.waiting and self.used + self.waiting[0][0] <= self.total:
+            cost, turn = self.waiting.popleft()
+            if not turn.done():
+                self.used += cost
+                turn.set_result(None)
+
+
 class ImagePrep:
     """The vision pool and the request walk; opened and closed by the lifespan."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(
+        self, workers: int, decode_budget_bytes: int = 512 * MB, wait_s: float = 120.0
+    ) -> None:
         self.workers = workers
         self.backlog = workers * BACKLOG_PER_WORKER  # waiting, beyond those being worked on
         self.pending = 0  # jobs handed to the pool and not finished
+        self.budget = DecodeBudget(decode_budget_bytes)
+        self.wait_s = wait_s
         self.pool = ThreadPoolExecutor(
             workers, thread_name_prefix="imageworks-vision", initializer=_yield_to_the_loop
         )
@@ -209,14 +269,46 @@ class ImagePrep:
                 headers={"Retry-After": "1"},
             )
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, fn: Callable[..., T], *args: Any, holding: int = 0) -> T:
+        """``fn(*args)`` in the pool. The job counts as pending, and ``holding`` bytes of the
+        decode budget stay taken, until its thread is done with it: a caller that stops
+        waiting (a client gone) frees nothing a thread still uses. A job not yet started when
+        its caller stops waiting never starts."""
         loop = asyncio.get_running_loop()
         call = functools.partial(contextvars.copy_context().run, fn, *args)
         self.pending += 1
-        try:
-            return await loop.run_in_executor(self.pool, call)
-        finally:
+
+        def done() -> None:
             self.pending -= 1
+            if holding:
+                self.budget.give(holding)
+
+        try:
+            job = self.pool.submit(call)
+        except BaseException:
+            done()
+            raise
+
+        def finished(_: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to count
+                loop.call_soon_threadsafe(done)
+
+        job.add_done_callback(finished)
+        return await asyncio.wrap_future(job)
+
+    async def decode(self, opened: Opened, at: str) -> Prepared:
+        """Take the decode budget ``opened`` needs, then decode and fit it in the pool."""
+        cost = opened.cost
+        if cost > self.budget.total:
+            raise PayloadTooLarge(
+                f"the image at {at} would take {-(-cost // MB)} MB decoded; images are "
+                f"decoded within {self.budget.total // MB} MB "
+                "(CHAT_PROXY_VISION_DECODE_BUDGET_MB)",
+                param=at,
+            )
+        if cost:
+            await self.budget.take(cost, self.wait_s)
+        return await self.run(opened.finish, holding=cost)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -352,7 +444,8 @@ class ImagePrep:
                 param=where(m, p),
             )
         try:
-            prepared = await self.run(prepare_inline, url, policy.fit)
+            opened = await self.run(open_inline, url, policy.fit)
+            prepared = await self.decode(opened, where(m, p))
         except ImageError as exc:
             raise InvalidRequest(
                 f"the image at {where(m, p)} cannot be read: {exc}", param=where(m, p)
@@ -373,7 +466,8 @@ class ImagePrep:
         raw = await fetch_image(session, url, remote, where(m, p))
         stats.fetched += 1
         try:
-            prepared = await self.run(prepare_fetched, raw, policy.fit)
+            opened = await self.run(open_fetched, raw, policy.fit)
+            prepared = await self.decode(opened, where(m, p))
         except ImageError as exc:
             raise InvalidRequest(
                 f"the image fetched for {where(m, p)} cannot be read: {exc}", param=where(m, p)
