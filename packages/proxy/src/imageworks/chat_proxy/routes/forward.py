@@ -25,7 +25,7 @@ import aiohttp
 from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
-from imageworks.chat_proxy.auth import require_admin, require_api_key
+from imageworks.chat_proxy.auth import NamedKey, identify, require_admin
 from imageworks.chat_proxy.engines.lifecycle import Ticket
 from imageworks.chat_proxy.engines.modelstate import READY, STARTING
 from imageworks.chat_proxy.errors import (
@@ -198,17 +198,30 @@ class Call:
         self.loading = False
         self.at_root = False  # the path is under the engine's root, not its /v1
         self.asked: list[Any] | None = None  # Responses kept by the proxy: the whole input
+        self.key: NamedKey | None = None  # the API key the request came with, when keys are set
 
     @property
     def entry(self) -> ModelEntry:
         assert self.info.entry is not None
         return self.info.entry
 
+    def identify(self) -> None:
+        """The API key (401 without a good one, when keys are set); its name is logged."""
+        self.key = identify(self.headers, self.state.config.named_keys)
+        self.info.key_name = self.key.name if self.key is not None else None
+
+    def to(self, entry: ModelEntry) -> ModelEntry:
+        """The request goes to ``entry``, if its API key may use it (403 naming the key)."""
+        if self.key is not None:
+            self.key.require(entry)
+        self.info.entry = entry
+        return entry
+
     async def prepare(self, receive: Receive) -> None:
         """Every step up to the upstream: read, lift, parse, validate, route, check, images,
         payload, admit."""
         state = self.state
-        require_api_key(self.headers, state.config.api_keys)
+        self.identify()
         raw = await read_limited(
             receive,
             self.headers.get("content-length"),
@@ -239,7 +252,7 @@ class Call:
             info.model = await state.images.run(surface.validate, body)
         info.stream = surface.stream is not None and body.get("stream") is True
         changed = self.chain(body) if surface.name == RESPONSES_NAME else False
-        info.entry = entry = route(state, info.model, FORWARDED_HEADER in self.headers)
+        entry = self.to(route(state, info.model, FORWARDED_HEADER in self.headers))
         images = self.check(body) if lifted is None else await state.images.run(self.check, body)
         if images:
             # Photographs take seconds: a client that leaves stops the work within one image.
@@ -260,7 +273,7 @@ class Call:
         content_type = self.headers.get("content-type")
         name, start, end = multipart.model_field(content_type, raw)
         self.info.model = name
-        self.info.entry = entry = route(self.state, name, FORWARDED_HEADER in self.headers)
+        entry = self.to(route(self.state, name, FORWARDED_HEADER in self.headers))
         check_surface(self.surface, entry)
         self.payload = (
             raw
@@ -543,7 +556,7 @@ class RawCall(Call):
         if not name or self.method not in ("GET", "POST"):
             raise NotFound(f"no route for {self.method} {scope['path']}")
         self.info.model = name
-        self.info.entry = entry = route(self.state, name, FORWARDED_HEADER in self.headers)
+        entry = self.to(route(self.state, name, FORWARDED_HEADER in self.headers))
         access = raw_access(entry, self.method, path)
         if access == "never":
             raise NotFound(
@@ -588,7 +601,7 @@ class ByIdCall(Call):
         if maker is None:
             raise NotFound(f"response {rid!r} is not known to this proxy")
         self.info.model = maker
-        self.info.entry = resolve(self.state, maker)
+        self.to(resolve(self.state, maker))
         query = scope.get("query_string", b"")
         self.path = f"/responses/{rid}" + (f"/{action}" if action else "")
         self.path += "?" + query.decode("latin-1") if query else ""
@@ -600,10 +613,12 @@ async def by_id(
 ) -> None:
     call = ByIdCall(state, surface, scope)
     try:
-        require_api_key(call.headers, state.config.api_keys)
+        call.identify()
         rid, action = response_path(scope["path"])
         maker = state.responses.where(rid)
         entry = resolve(state, maker) if maker is not None else None
+        if entry is not None and call.key is not None:
+            call.key.require(entry)
     except ProxyError as exc:
         call.outcome.error = exc
         state.record(call.info, call.outcome)

@@ -49,6 +49,7 @@ class RequestInfo:
     queue_depth: int = 0  # this request's place in that wait queue, 0 if it did not wait
     images: ImageStats | None = None  # what image preparation did (requests with images)
     tools: bool = False  # the request declared tools: legacy function_call answers converted
+    key_name: str | None = None  # the name of its API key (never the key), when keys are set
 
 
 @dataclass
@@ -153,6 +154,7 @@ class ProxyState:
             "request_id": info.request_id,
             "endpoint": info.endpoint,
             "client": info.client,
+            "key_name": info.key_name,
             "model": info.model,
             "logical_name": entry.name if entry else None,
             "backend": backend,
@@ -198,5 +200,6 @@ class ProxyState:
                 prompt_tokens if isinstance(prompt_tokens, int) else None,
                 completion_tokens if isinstance(completion_tokens, int) else None,
                 images,
+                info.key_name,
             )
         )
