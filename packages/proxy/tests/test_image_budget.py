@@ -28,14 +28,18 @@ from testkit.images import data_url, decode_data_url, image_part, jpeg_bytes, ph
 VISION = {"text": True, "vision": True}
 DEFAULT_BUDGET = ProxyConfig.model_fields["vision_decode_budget_mb"].default * MB
 
-# In a process of its own, so that its peak RSS is this image's alone.
+# In a process of its own, so that its peak RSS is this image's alone. VmHWM (this process's
+# own high-water mark), not ru_maxrss: Linux carries ru_maxrss over from the process that
+# forked it (the test runner, hundreds of MB after a few proxies).
 _MEASURE = """
-import json, resource, sys
+import json, re
+from pathlib import Path
 from imageworks.chat_proxy.vision.images import Fit, open_inline, prepare_inline
 from testkit.images import data_url, png_solid
 
 def peak():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) * 1024
 
 png = png_solid(9459, 9459)
 url = data_url(png, "image/png")

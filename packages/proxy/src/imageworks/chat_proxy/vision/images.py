@@ -268,10 +268,11 @@ def open_image(raw: bytes, fit: Fit) -> Plan:
 
 def decode_cost(image: Image.Image, fit: Fit, resize: bool) -> int:
     """The bytes of pixels fitting ``image`` holds at its peak: the decoded image (at its
-    draft size) and, beside it, the copy reduced by a whole factor (with one premultiplied
-    strip; or, for alpha without a reduction, the premultiplied full copy), and a few copies
-    of the small result (resampled, converted, turned upright). Without a resize (a format
-    change only): the decoded image and two converted or turned copies."""
+    draft size) and, beside it, the copy reduced by a whole factor (with the three copies of
+    one strip: cropped, premultiplied, reduced; or, for alpha without a reduction, the
+    premultiplied full copy), and a few copies of the small result (resampled, converted,
+    turned upright). Without a resize (a format change only): the decoded image and two
+    converted or turned copies."""
     width, height = image.size
     full = width * height * bytes_per_pixel(image.mode)
     if not resize:
@@ -282,7 +283,7 @@ def decode_cost(image: Image.Image, fit: Fit, resize: bool) -> int:
     alpha = image.mode in _PREMULTIPLIED
     if factor > 1:
         beside = math.ceil(width / factor) * math.ceil(height / factor) * 4
-        beside += STRIP_BYTES if alpha else 0
+        beside += 3 * STRIP_BYTES if alpha else 0  # a strip, premultiplied, reduced
     else:
         beside = width * height * 4 if alpha else 0
     return full + beside + 3 * small + CODEC_BYTES
