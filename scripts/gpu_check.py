@@ -130,9 +130,12 @@ async def check(mb: int) -> dict[str, Any]:
         {"llamacpp": backend},
         staging_dir=staging,
         registry=lambda: OneEntryRegistry(),  # type: ignore[arg-type,return-value]
+        gpu_gate=lambda residency: VramArbiter(
+            probe, residency, staging_dir=staging, headroom_mb=0, vram_timeout_s=30
+        ),
     )
-    arbiter = VramArbiter(probe, lifecycle, staging_dir=staging, headroom_mb=0, vram_timeout_s=30)
-    lifecycle.gate = arbiter
+    arbiter = lifecycle.gpu_gate
+    assert isinstance(arbiter, VramArbiter)
     started = time.monotonic()
     await lifecycle.activate(entry)
     everywhere = await probe.devices()

@@ -15,9 +15,13 @@ from imageworks.chat_proxy.arbiter.gpu import nvml_available
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(
-    not nvml_available(), reason="no NVIDIA GPU with NVML on this machine (the GPU check needs one)"
-)
+pytestmark = [
+    pytest.mark.subprocess,  # scripts/gpu_check.py, and the engine it starts
+    pytest.mark.skipif(
+        not nvml_available(),
+        reason="no NVIDIA GPU with NVML on this machine (the GPU check needs one)",
+    ),
+]
 
 
 def test_gpu_check_script(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from testkit.processes import proxy_env, start_proxy, write_registry
 from testkit.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.subprocess
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
 
 TOKEN = "lan-admin-" + secrets.token_hex(8)
 

@@ -22,7 +22,7 @@ from testkit.docs_examples import example
 from testkit.entries import eventually
 from testkit.ray_cluster import RayHead, RayUnavailable
 
-pytestmark = [pytest.mark.subprocess, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow, pytest.mark.timeout(600)]
 
 FOREIGN = "someone-else"
 ENGINE_IN_DOC = "http://127.0.0.1:8080"

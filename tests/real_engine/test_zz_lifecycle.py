@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from tests.real_engine.conftest import CHAT, EMBED, Stack
 
-from imageworks.chat_proxy.supervision.process import pid_alive
+from imageworks.chat_proxy.supervision.procfs import pid_alive
 from testkit.entries import eventually
 
 pytestmark = [pytest.mark.real_engine, pytest.mark.subprocess, pytest.mark.timeout(900)]

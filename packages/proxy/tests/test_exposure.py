@@ -204,6 +204,7 @@ def test_dropped_log_records_are_counted_in_metrics(proxy_factory) -> None:
     assert "chat_proxy_request_log_dropped_records 0.0" in metrics
 
 
+@pytest.mark.subprocess
 def test_a_config_error_stops_uvicorn_as_it_loads_the_app(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "CHAT_PROXY_PORT": "eighty", "HOME": str(tmp_path)}
     result = subprocess.run(

@@ -20,6 +20,7 @@ from imageworks.chat_proxy.errors import ServerBusy
 from imageworks.chat_proxy.vision import images
 from imageworks.chat_proxy.vision import prepare as vision
 from imageworks.chat_proxy.vision.images import Fit, open_inline
+from imageworks.chat_proxy.vision.pool import WorkerPool
 from imageworks.chat_proxy.vision.prepare import MB, DecodeBudget, ImagePrep
 from testkit.entries import eventually
 from testkit.fake_engine import entry_for
@@ -123,24 +124,24 @@ async def test_the_budget_is_first_come_first_served_and_a_wait_past_its_time_is
 async def test_budget_held_by_a_thread_is_given_back_when_the_thread_is_done() -> None:
     """A caller that stops waiting (a client gone) frees nothing: the thread still holds the
     pixels until it has finished the image."""
-    prep = ImagePrep(1, 100, 1.0)
+    prep = ImagePrep(WorkerPool(1), 100, 1.0)
     release = threading.Event()
     try:
         await prep.budget.take(80, 1)
         job = asyncio.ensure_future(prep.run(release.wait, 10, holding=80))
-        assert await asyncio.to_thread(eventually, lambda: prep.pending == 1)
+        assert await asyncio.to_thread(eventually, lambda: prep.pool.pending == 1)
         job.cancel()
         await asyncio.sleep(0.05)
-        assert prep.budget.used == 80 and prep.pending == 1  # still decoding
+        assert prep.budget.used == 80 and prep.pool.pending == 1  # still decoding
         release.set()
         for _ in range(200):
             if prep.budget.used == 0:
                 break
             await asyncio.sleep(0.01)
-        assert prep.budget.used == 0 and prep.pending == 0
+        assert prep.budget.used == 0 and prep.pool.pending == 0
     finally:
         release.set()
-        prep.close()
+        prep.pool.close()
 
 
 def chat(*parts: dict[str, Any]) -> dict[str, Any]:
@@ -197,7 +198,7 @@ def test_a_client_that_leaves_during_20_photos_stops_the_work_within_one_image(
         )
     left = time.monotonic()
     prep = proxy.state.images
-    assert eventually(lambda: prep.pending == 0, timeout=10)
+    assert eventually(lambda: proxy.state.pool.pending == 0, timeout=10)
     idle_after = time.monotonic() - left
     records = proxy.records()
     assert records and records[-1]["status"] == 499, records

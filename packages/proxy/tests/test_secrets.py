@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from imageworks.chat_proxy.observe.redact import public_text, redact, redact_text, secret_name
+from imageworks.chat_proxy.redact import public_text, redact, redact_text, secret_name
 from testkit.fake_engine import entry_for
 from testkit.servers import free_port
 

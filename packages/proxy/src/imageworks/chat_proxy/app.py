@@ -32,7 +32,7 @@ from imageworks.chat_proxy.routes import admin, forward, gpu, openai, ops, views
 from imageworks.chat_proxy.server.lifespan import close_state, open_state, start_background
 from imageworks.chat_proxy.upstream.forwarding import send_error
 
-log = logging.getLogger("imageworks.chat_proxy")
+log = logging.getLogger(__name__)
 
 _CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable, no spaces, bounded
 
@@ -66,7 +66,7 @@ def _refused(request: Request, error: ProxyError) -> Response:
     endpoints record theirs themselves)."""
     state = getattr(request.app.state, "proxy", None)
     if state is not None:
-        state.record_refusal(
+        state.records.refusal(
             request.scope.get("state", {}).get("request_id"),
             request.url.path,
             request.client.host if request.client else None,
@@ -174,7 +174,7 @@ class ProxyApp:
         state = getattr(self.state, "proxy", None)
         if state is not None:
             client = scope.get("client")
-            state.record_refusal(
+            state.records.refusal(
                 scope["state"]["request_id"], scope["path"], client[0] if client else None, error
             )
 
@@ -196,7 +196,7 @@ class ProxyApp:
         if scope["method"] != "POST":
             error = MethodNotAllowed(f"{scope['method']} is not allowed on {path}; use POST")
             client = scope.get("client")
-            self.state.proxy.record_refusal(
+            self.state.proxy.records.refusal(
                 scope["state"]["request_id"], path, client[0] if client else None, error
             )
             await send_error(error, send, surface.envelope)

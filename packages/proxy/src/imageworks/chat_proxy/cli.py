@@ -20,7 +20,7 @@ from imageworks.model_loader.errors import RegistryError
 from imageworks.model_loader.profiles import PROFILES_FILE, ProfileManager
 from imageworks.model_loader.registry import build_registry
 
-log = logging.getLogger("imageworks.chat_proxy")
+log = logging.getLogger(__name__)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

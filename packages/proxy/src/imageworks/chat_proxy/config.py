@@ -17,7 +17,7 @@ from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imageworks.chat_proxy.auth import NamedKey, is_loopback
-from imageworks.chat_proxy.observe.redact import redact_text
+from imageworks.chat_proxy.redact import redact_text
 
 PREFIX = "CHAT_PROXY_"
 ENV_FILES = (".env", ".env.local")  # lowest precedence first

@@ -13,7 +13,7 @@ import json
 import re
 from typing import Any, ClassVar
 
-from imageworks.chat_proxy.observe.redact import public_text, redact_text
+from imageworks.chat_proxy.redact import public_text, redact_text
 
 
 def error_type(status: int) -> str:

@@ -59,7 +59,7 @@ from imageworks.model_loader.registry import load_registry
 from imageworks.vllm_executor.config import ExecutorConfig
 from imageworks.vllm_executor.launcher import LaunchError, command_for
 
-log = logging.getLogger("imageworks.vllm_executor")
+log = logging.getLogger(__name__)
 
 STATE_FILE = "vllm_executor.json"
 

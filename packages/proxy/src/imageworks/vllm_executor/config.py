@@ -92,12 +92,3 @@ class ExecutorConfig(BaseModel):
             raise ExecutorConfigError(f"{name}: {error['msg']}") from None
         except ValueError as exc:
             raise ExecutorConfigError(str(exc)) from None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.public_host}:{self.served_port}/v1"
-
-    @property
-    def health_url(self) -> str:
-        host = "127.0.0.1" if self.served_host in ("0.0.0.0", "::") else self.served_host
-        return f"http://{host}:{self.served_port}/health"

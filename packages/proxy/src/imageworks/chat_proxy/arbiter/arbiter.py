@@ -32,14 +32,14 @@ from imageworks.chat_proxy.arbiter.policy import Plan, only_pinned_block, plan_e
 from imageworks.chat_proxy.arbiter.seams import Holding, Residency
 from imageworks.chat_proxy.errors import InsufficientVram, InvalidRequest
 from imageworks.chat_proxy.observe.progress import SLOW_FACTOR
-from imageworks.chat_proxy.supervision.process import pid_alive
+from imageworks.chat_proxy.supervision.procfs import pid_alive
 from imageworks.model_loader.schema import ModelEntry
 
 if TYPE_CHECKING:
     from imageworks.chat_proxy.observe.metrics import Metrics
     from imageworks.chat_proxy.observe.requestlog import RequestLog
 
-log = logging.getLogger("imageworks.chat_proxy.arbiter")
+log = logging.getLogger(__name__)
 
 
 class VramArbiter:
@@ -368,7 +368,7 @@ class VramArbiter:
                 # engine that is not placed sees every GPU, as it would without the proxy).
                 return tuple(pin or ()), evicted
             if need is not None:
-                self._check_the_box_can_hold(snaps, need, reason, pin, span)
+                ledger.never_fits(snaps, need, reason, pin, span, self.headroom_mb)
             holdings = [h for h in await self.holdings() if h.name != exclude]
             held = self._locate(holdings, snaps)
             found = self._plan(snaps, held, need, pin, span, lease)
@@ -379,107 +379,26 @@ class VramArbiter:
             if plan.sufficient or need is None:
                 evicted += await self._evict(plan.evict, evictors, reason)
             if need is not None and found.devices and only_pinned_block(plan):
-                raise self._pinned_refusal(need, reason, plan)
+                raise ledger.pinned_refusal(need, reason, plan)
             if need is None and plan.pinned:
-                raise self._pinned_refusal(need, reason, plan)
+                raise ledger.pinned_refusal(need, reason, plan)
             if plan.sufficient:
                 await self._await_memory(
-                    self._targets(snaps, held, found, need), reason, need is None
+                    ledger.wait_targets(snaps, held, found, need, self.headroom_mb),
+                    reason,
+                    need is None,
                 )
                 return found.devices, evicted
             if not found.devices or not plan.blocked_by or time.monotonic() >= deadline:
-                raise self._refusal(need, reason, snaps, held, found)
+                raise ledger.refusal(self._views(snaps, held, ()), need, reason, found)
             log.info(
                 "[gpu-arbiter] %s waits for busy models: %s", reason, ", ".join(plan.blocked_by)
             )
             await asyncio.sleep(0.5)
 
-    def _check_the_box_can_hold(
-        self,
-        snaps: list[GpuSnapshot],
-        need: int,
-        reason: str,
-        pin: tuple[int, ...] | None,
-        span: int,
-    ) -> None:
-        """Refuse at once, and not as a 503 to retry, what no eviction or wait could ever
-        place: a pin to a GPU the box lacks, more GPUs than it has, a share bigger than a whole
-        card. (These read "cannot free 1000 MB: GPU 0 free=8000 MB, busy: none", Retry-After.)"""
-        indexes = [s.index for s in snaps]
-        wanted = len(pin) if pin else span
-        problem = None
-        if pin and (missing := [i for i in pin if i not in indexes]):
-            problem = f"it is pinned to GPU {missing} (the entry's gpus), and this box has GPUs"
-        elif wanted > len(indexes):
-            problem = f"it spans {wanted} GPUs, and this box has GPUs"
-        else:
-            totals = sorted((s.total_mb for s in snaps if not pin or s.index in pin), reverse=True)
-            each = share_mb(need, wanted)
-            if totals[wanted - 1] < each + self.headroom_mb:
-                room = f" (+{self.headroom_mb} MB headroom)" if self.headroom_mb else ""
-                problem = (
-                    f"it needs {each} MB{room} on each of {wanted} GPU(s), more than a whole "
-                    f"card holds ({', '.join(f'{t} MB' for t in totals)}), on GPUs"
-                )
-        if problem is not None:
-            raise InsufficientVram(
-                f"[gpu-arbiter] {reason} can never be placed here: {problem} {indexes}",
-                status=409,
-            )
-
-    def _targets(
-        self,
-        snaps: list[GpuSnapshot],
-        held: list[ledger.Held],
-        found: Placement,
-        need: int | None,
-    ) -> dict[int, int]:
-        """Free memory to wait for on each device of the placement."""
-        targets = {}
-        for snap in snaps:
-            if snap.index not in found.devices:
-                continue
-            if need is not None:
-                targets[snap.index] = share_mb(need, len(found.devices)) + self.headroom_mb
-            else:
-                # A whole device: never all of it (the driver and strangers hold some), so
-                # wait for what the evicted models held there, less 10% for estimates.
-                freed = sum(h.on(snap.index) for h in held if h.name in found.plan.evict)
-                targets[snap.index] = snap.free_mb + int(freed * 0.9)
-        return targets
-
     def cost_of(self, name: str) -> float | None:
         """What evicting ``name`` costs: the measured time to start it again."""
         return self.load_s.get(name)
-
-    def _pinned_refusal(self, need: int | None, reason: str, plan: Plan) -> InsufficientVram:
-        pinned = ", ".join(plan.pinned)
-        what = "the whole GPU" if need is None else f"{need} MB"
-        return InsufficientVram(
-            f"[gpu-arbiter] {reason} refused: {what} could only be freed by evicting pinned "
-            f"model(s) {pinned}, and a pinned model is never evicted (unpin it or stop it by "
-            "hand)",
-            status=409,
-        )
-
-    def _refusal(
-        self,
-        need: int | None,
-        reason: str,
-        snaps: list[GpuSnapshot],
-        held: list[ledger.Held],
-        found: Placement,
-    ) -> InsufficientVram:
-        views = self._views(snaps, held, ())
-        free = ", ".join(f"GPU {v.index} free={v.free_mb} MB" for v in views)
-        if len(views) == 1:
-            free = f"free={views[0].free_mb} MB"
-        busy = ", ".join(found.plan.blocked_by) or "none"
-        return InsufficientVram(
-            f"[gpu-arbiter] cannot free {need if need is not None else 'the GPU'} MB for "
-            f"{reason}: {free}, busy: {busy}",
-            headers={"Retry-After": "30"},
-        )
 
     async def _evict(
         self,
@@ -532,32 +451,17 @@ class VramArbiter:
     # --- reporting -----------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        snap = self.last_snapshot
         held = self._locate(self.last_holdings, self.last_devices)
         leases = self.leases.public()
         devices = ledger.report(self.last_devices, held, leases["leases"])
         if self.metrics is not None:
             self.metrics.gpu_ledger(devices)
+        budget = "measured" if self.probe.measures else "declared"
         return {
             **leases,
             "probe": self.probe.kind,
-            "budget": "none"
-            if not self.last_devices
-            else ("measured" if self.probe.measures else "declared"),
-            "gpu": None
-            if snap is None
-            else {
-                "name": snap.name,
-                "total_mb": snap.total_mb,
-                "used_mb": snap.used_mb,
-                "free_mb": snap.free_mb,
-            },
-            "models": [
-                {"name": h.name, "vram_mb": h.mb, "in_flight": h.holding.in_flight}
-                for h in held
-                if not h.holding.foreign
-            ],
-            "foreign": [{"name": h.name, "vram_mb": h.mb} for h in held if h.holding.foreign],
+            "budget": budget if self.last_devices else "none",
+            **ledger.status(self.last_snapshot, held),
             "devices": devices,
         }
 

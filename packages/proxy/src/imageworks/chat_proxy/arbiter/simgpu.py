@@ -15,6 +15,7 @@ File shape::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -25,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from imageworks.chat_proxy.arbiter.gpu import GpuSnapshot
-from imageworks.chat_proxy.supervision.process import pid_alive
+from imageworks.chat_proxy.errors import BackendUnavailable
+from imageworks.chat_proxy.supervision.procfs import pid_alive
 
 SIM_VARIABLE = "CHAT_PROXY_GPU_SIM"
 
@@ -210,3 +212,20 @@ class SimGpu:
 
     def totals(self) -> list[int]:
         return [int(d["total_mb"]) for d in self._read_file()["devices"]]
+
+
+class SimProbe:
+    """The simulated GPU (this module), read like NVML: per device, per process."""
+
+    kind = "sim"
+    measures = True
+
+    def __init__(self, path: Path) -> None:
+        self.sim = SimGpu(path)
+        self.sim.totals()  # a missing or broken file fails at start-up, not on first use
+
+    async def devices(self) -> list[GpuSnapshot]:
+        try:
+            return await asyncio.to_thread(self.sim.read)
+        except SimGpuError as exc:  # broken since start-up: the request says so, not a 500
+            raise BackendUnavailable(str(exc)) from None

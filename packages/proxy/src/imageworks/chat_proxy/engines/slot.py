@@ -14,6 +14,11 @@ Any exception during a start is a failure, never a retry loop: the engine is rea
 requests get the error at once, and the next start waits for the model's backoff. An engine
 that dies while ready (its supervisor says so, or a reconcile finds it gone) is ``crashed``:
 the slot reaps it and the next request restarts it, until a crash loop halts it.
+
+The state of the slot's models lives in the ``StatusBook`` the slot is given (``state`` is its
+active model's entry there): the slot moves it, the lifecycle reads it, nobody copies it. What
+the slot may ask of its owner is ``owner.SlotOwner``: may this model start, make room and say how to
+start it, learn what it holds, and hear of a start, a failed start or a crash.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from imageworks.chat_proxy.engines.backends import Backend
 from imageworks.chat_proxy.engines.modelstate import (
@@ -34,7 +39,10 @@ from imageworks.chat_proxy.engines.modelstate import (
     STARTING,
     STOPPED,
     STOPPING,
+    State,
+    StatusBook,
 )
+from imageworks.chat_proxy.engines.owner import SlotOwner
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
     InsufficientVram,
@@ -45,10 +53,7 @@ from imageworks.chat_proxy.errors import (
 )
 from imageworks.model_loader.schema import ModelEntry
 
-if TYPE_CHECKING:
-    from imageworks.chat_proxy.engines.lifecycle import Lifecycle
-
-log = logging.getLogger("imageworks.chat_proxy.engines.lifecycle")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,18 +78,18 @@ class _Waiter:
     name: str
 
 
-def describe(exc: BaseException) -> str:
+def exception_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 class Slot:
-    def __init__(self, key: str, backend: Backend, owner: Lifecycle) -> None:
+    def __init__(self, key: str, backend: Backend, owner: SlotOwner, book: StatusBook) -> None:
         self.key = key
         self.backend = backend
         self.owner = owner
+        self.book = book
         self.active: str | None = None
         self.entry: ModelEntry | None = None
-        self.state = STOPPED
         self.base_url: str | None = None
         self.in_flight = 0
         self.target: str | None = None  # the model that has claimed the next turn
@@ -92,11 +97,15 @@ class Slot:
         self.reserved: set[_Waiter] = set()  # admitted before anyone may claim the slot
         self.switch_task: asyncio.Task[None] | None = None
         self.switch_started = 0.0
-        self.making_room = False
-        self.stopping = False  # a stop in progress holds the slot: nobody starts meanwhile
+        self.making_room = False  # starting, but not on the GPU yet
         self.failures: dict[str, int] = {}
         self.errors: dict[str, ProxyError] = {}
         self._changed = asyncio.Event()
+
+    @property
+    def state(self) -> State:
+        """The state of the active model (stopped when there is none)."""
+        return STOPPED if self.active is None else self.book.state(self.active)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -144,7 +153,7 @@ class Slot:
                 if (
                     self.target == name
                     and self.switch_task is None
-                    and not self.stopping
+                    and self.state != STOPPING
                     and self.in_flight == 0
                 ):
                     loaded = True
@@ -210,30 +219,25 @@ class Slot:
         try:
             if self.active is not None:
                 await self._stop_active("swap")
-            self.active, self.entry, self.state, self.base_url = name, entry, STARTING, None
+            self.active, self.entry, self.base_url = name, entry, None
+            self.book.move(name, STARTING)
             self.switch_started = time.monotonic()
-            self.owner.set_status(name, STARTING)
             self._notify()
             self.making_room = True  # not on the GPU yet: a declared budget must not count it
             try:
-                await self.owner.make_room(entry)
+                request = await self.owner.room_for(entry)
             except Exception as exc:  # no room: nothing was started, so no backoff either
                 await self._start_failed(entry, exc, backoff=False)
                 return
             finally:
                 self.making_room = False
             try:
-                base_url = await self.backend.start(
-                    entry,
-                    self.owner.start_log(name),
-                    self.owner.start_timeout,
-                    gpu_share=self.owner.gpu_share(entry),
-                    devices=self.owner.gpu_devices(entry),
-                )
+                base_url = await self.backend.start(request)
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
                     await self.backend.stop(name)  # an abandoned start leaves no child
-                self.active, self.entry, self.state = None, None, STOPPED
+                self.book.move(name, STOPPED)
+                self.active, self.entry = None, None
                 raise
             except Exception as exc:
                 await self._start_failed(entry, exc)
@@ -241,7 +245,8 @@ class Slot:
             load_ms = round((time.monotonic() - self.switch_started) * 1000, 1)
             with contextlib.suppress(Exception):  # learning a footprint is best effort
                 await self.owner.learn(entry, self.backend.pid_of(name))
-            self.state, self.base_url = READY, base_url
+            self.base_url = base_url
+            self.book.move(name, READY, load_ms=load_ms, error=None)  # the old error is history
             self.owner.started(entry, load_ms)
             self.reserved = {w for w in self.waiters if w.name == name}
             if not self.reserved:
@@ -260,27 +265,28 @@ class Slot:
         error = (
             exc
             if isinstance(exc, ProxyError)
-            else ModelStartFailed(f"model {name!r} failed to start: {describe(exc)}")
+            else ModelStartFailed(f"model {name!r} failed to start: {exception_text(exc)}")
         )
         if not isinstance(exc, ProxyError):
-            log.warning("starting %s failed: %s", name, describe(exc), exc_info=exc)
+            log.warning("starting %s failed: %s", name, exception_text(exc), exc_info=exc)
         # Report first: the waiting requests get the error now, not after the cleanup (which
         # may wait on a slow executor). The slot stays busy (switch_task) until it is done.
         self.failures[name] = self.failures.get(name, 0) + 1
         self.errors[name] = error
         self.target = None
+        self.book.move(name, FAILED, error=error.message)
         self.owner.start_failed(entry, error, backoff=backoff)
         self._notify()
         try:
             await self.backend.stop(name)  # reap whatever the start left behind
         except Exception as stop_exc:
-            log.warning("cleaning up after %s's failed start: %s", name, describe(stop_exc))
-        self.active, self.entry, self.state = None, None, STOPPED
+            log.warning("cleaning up after %s's failed start: %s", name, exception_text(stop_exc))
+        self.active, self.entry = None, None  # the model stays failed
 
     def adopt(self, entry: ModelEntry, base_url: str) -> None:
         """Take over an engine an earlier proxy started (it answered its health check)."""
-        self.active, self.entry, self.state, self.base_url = entry.name, entry, READY, base_url
-        self.owner.set_status(entry.name, READY)
+        self.active, self.entry, self.base_url = entry.name, entry, base_url
+        self.book.move(entry.name, READY)
         self.owner.event("adopt", model=entry.name, base_url=base_url)
         self.backend.supervise(entry.name, functools.partial(self.crashed, entry.name))
         self._notify()
@@ -291,8 +297,9 @@ class Slot:
         """The engine serving ``name`` died while ready: reap it; the next request restarts it."""
         if self.active != name or self.state != READY or self.switch_task is not None:
             return  # already stopping, swapping or restarting: not a crash of a ready engine
-        self.state, self.base_url = CRASHED, None
-        self.owner.engine_crashed(name, why)
+        self.base_url = None
+        looping = self.owner.crashed(name, why)
+        self.book.move(name, FAILED if looping else CRASHED, error=why)
         self.switch_task = asyncio.get_running_loop().create_task(self._reap(name))
         self._notify()
 
@@ -300,7 +307,7 @@ class Slot:
         try:
             with contextlib.suppress(Exception):
                 await self.backend.stop(name)
-            self.active, self.entry, self.state = None, None, STOPPED
+            self.active, self.entry = None, None  # the model stays crashed (or failed)
         finally:
             self.switch_task = None
             self._notify()
@@ -313,7 +320,7 @@ class Slot:
         try:
             alive = await self.backend.reconcile(entry)
         except Exception as exc:
-            log.warning("reconciling %s failed: %s", name, describe(exc))
+            log.warning("reconciling %s failed: %s", name, exception_text(exc))
             return
         if alive is False:
             self.crashed(name, f"the {self.backend.kind} engine of {name!r} is no longer running")
@@ -323,26 +330,26 @@ class Slot:
     async def _stop_active(self, reason: str) -> None:
         name = self.active
         assert name is not None
-        self.state, self.stopping = STOPPING, True
-        self.owner.set_status(name, STOPPING)
+        self.book.move(name, STOPPING)  # a stop in progress holds the slot: nobody starts
         self._notify()
         try:
             await self.backend.stop(name)
         except Exception as exc:  # a failed stop must not wedge the slot
             log.warning("stopping %s failed: %s", name, exc)
-        finally:
-            self.stopping = False
-        self.active, self.entry, self.state, self.base_url = None, None, STOPPED, None
-        self.owner.set_status(name, STOPPED)
+        self.book.move(name, STOPPED)
+        self.active, self.entry, self.base_url = None, None, None
         self.owner.event("unload", model=name, reason=reason)
         self._notify()
+
+    def _switching(self) -> bool:
+        """A start, a reap or a stop is under way."""
+        return self.switch_task is not None or self.state == STOPPING
 
     def idle(self, name: str) -> bool:
         """Is ``name`` the ready model here, serving no one, with nobody waiting for a turn?"""
         return (
             self.active == name
             and self.state == READY
-            and not self.stopping
             and not self.in_flight
             and self.switch_task is None
             and self.target in (None, name)
@@ -360,7 +367,7 @@ class Slot:
     async def deactivate(self, name: str | None, timeout: float) -> bool:
         """Stop the active model (if it is ``name``, or any when None) once it has drained."""
         deadline = time.monotonic() + timeout
-        while self.switch_task is not None or self.stopping or (self.active and self.in_flight):
+        while self._switching() or (self.active and self.in_flight):
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not await self._wait(remaining):
                 raise QueueFull(
@@ -381,6 +388,3 @@ class Slot:
                 await task  # its own cleanup stops a half-started engine
         if self.active is not None:
             await self._stop_active("shutdown")
-
-
-__all__ = ["CRASHED", "FAILED", "READY", "STARTING", "STOPPED", "STOPPING", "Slot", "Ticket"]

@@ -26,8 +26,8 @@ from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
 from imageworks.chat_proxy.auth import NamedKey, identify, require_admin
-from imageworks.chat_proxy.engines.lifecycle import Ticket
 from imageworks.chat_proxy.engines.modelstate import READY, STARTING
+from imageworks.chat_proxy.engines.slot import Ticket
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
     CapabilityMismatch,
@@ -39,6 +39,7 @@ from imageworks.chat_proxy.errors import (
     ShuttingDown,
 )
 from imageworks.chat_proxy.observe.progress import Progress, comment, progress
+from imageworks.chat_proxy.observe.records import Outcome, RequestInfo
 from imageworks.chat_proxy.request import multipart
 from imageworks.chat_proxy.request.admission import Gate
 from imageworks.chat_proxy.request.bodies import read_limited
@@ -52,10 +53,9 @@ from imageworks.chat_proxy.request.payloads import (
 )
 from imageworks.chat_proxy.request.surfaces import RESPONSES_NAME, Surface, raw_access, speaks
 from imageworks.chat_proxy.request.toolcalls import StreamConverter, convert_answer, declares_tools
-from imageworks.chat_proxy.server.state import ProxyState, RequestInfo
+from imageworks.chat_proxy.server.state import ProxyState
 from imageworks.chat_proxy.upstream.forwarding import (
     ClientGone,
-    Outcome,
     SSEResponse,
     open_upstream,
     read_body,
@@ -135,14 +135,12 @@ def loading_progress(state: ProxyState, entry: ModelEntry, asked: float | None =
 
 async def lift(state: ProxyState, raw: bytes) -> LiftedBody | None:
     """Lift big strings (data: URLs) out of a big body, in the vision pool."""
-    state.images.has_room()
-    return await state.images.run(LiftedBody.lift, raw)
+    state.pool.has_room()
+    return await state.pool.run(LiftedBody.lift, raw)
 
 
 async def parse(state: ProxyState, raw: bytes, lifted: LiftedBody | None) -> dict[str, Any]:
-    return (
-        parse_body(raw) if lifted is None else await state.images.run(parse_body, lifted.skeleton)
-    )
+    return parse_body(raw) if lifted is None else await state.pool.run(parse_body, lifted.skeleton)
 
 
 def check_surface(surface: Surface, entry: ModelEntry) -> None:
@@ -261,7 +259,7 @@ class Call:
             changed = fitted or changed
         if images or lifted is not None:
             dump = lifted.dump if lifted is not None else None
-            self.payload = await state.images.run(
+            self.payload = await state.pool.run(
                 prepare, surface.name, entry, body, raw, changed, dump
             )
         else:  # the fast path: the body as it came, unless the served id or defaults differ
@@ -310,7 +308,7 @@ class Call:
         )
         self.info.images = ImageStats()
         return await state.images.prepare(
-            entry, body, policy, state.session, self.info.images, lifted
+            entry, body, policy, state.egress.session, self.info.images, lifted
         )
 
     def chain(self, body: dict[str, Any]) -> bool:
@@ -420,7 +418,7 @@ class Exchange:
         if self.gate is not None:
             self.gate.release()
         self.state.metrics.in_flight.dec()
-        self.state.record(self.info, outcome)
+        self.state.records.request(self.info, outcome)
 
 
 # --- relay -----------------------------------------------------------------------------------
@@ -440,12 +438,12 @@ async def run(call: Call, scope: Scope, receive: Receive, send: Send) -> None:
         await call.prepare(receive)
     except ProxyError as exc:
         outcome.error = exc
-        state.record(info, outcome)
+        state.records.request(info, outcome)
         await send_error(exc, send, call.surface.envelope)
         return
     except ClientGone:
         outcome.client_gone = True
-        state.record(info, outcome)
+        state.records.request(info, outcome)
         return
     exchange = Exchange(
         state, info, call.gate if call.gate is not None and not call.loading else None
@@ -621,7 +619,7 @@ async def by_id(
             call.key.require(entry)
     except ProxyError as exc:
         call.outcome.error = exc
-        state.record(call.info, call.outcome)
+        state.records.request(call.info, call.outcome)
         await send_error(exc, send)
         return
     if entry is not None and not entry.responses_stored:
@@ -656,10 +654,10 @@ async def answer_kept(call: Call, entry: ModelEntry, rid: str, action: str, send
             raise MethodNotAllowed(f"{method} is not allowed on {call.scope['path']}")
     except ProxyError as exc:
         outcome.error = exc
-        state.record(call.info, outcome)
+        state.records.request(call.info, outcome)
         await send_error(exc, send)
         return
     outcome.status = 200
     outcome.finished_at = time.perf_counter()
     await send_whole(send, 200, JSON, json.dumps(body).encode())
-    state.record(call.info, outcome)
+    state.records.request(call.info, outcome)

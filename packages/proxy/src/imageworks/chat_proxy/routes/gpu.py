@@ -81,7 +81,8 @@ async def gpu_status(request: Request) -> Response:
     status["not_budgeted"] = [
         {"name": entry.name, "backend": entry.backend, "why": why}
         for entry in state.registry
-        if state.visible(entry) and (why := state.backends[entry.backend].budgeted_elsewhere)
+        if state.visible(entry)
+        and (why := state.lifecycle.backends[entry.backend].budgeted_elsewhere)
     ]
     return _json(status)
 

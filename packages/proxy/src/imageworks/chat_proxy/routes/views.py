@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from imageworks.chat_proxy.errors import ModelNotFound
-from imageworks.chat_proxy.observe.redact import redact
+from imageworks.chat_proxy.redact import redact
 from imageworks.chat_proxy.request.bodies import query
 from imageworks.chat_proxy.routes.admin import _json
 from imageworks.chat_proxy.routes.guard import admin

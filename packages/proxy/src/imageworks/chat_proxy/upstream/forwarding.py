@@ -17,30 +17,29 @@ import asyncio
 import contextlib
 import io
 import json
-import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
 from starlette.types import Receive, Scope, Send
 
 from imageworks.chat_proxy.errors import (
-    BackendTimeout,
     BackendUnavailable,
     ProxyError,
     ShuttingDown,
     upstream_error,
 )
+from imageworks.chat_proxy.observe.records import Outcome
 from imageworks.chat_proxy.request.bodies import ClientGone
+from imageworks.chat_proxy.request.streams import DONE, OPENAI, StreamFormat
 from imageworks.chat_proxy.request.toolcalls import StreamConverter, convert_answer
 from imageworks.chat_proxy.upstream.egress import JSON, Egress, Target
+from imageworks.chat_proxy.upstream.failures import FAILURES, STALE, StreamBroken, classify
 from imageworks.chat_proxy.upstream.reading import TooLarge, read_capped
-from imageworks.chat_proxy.upstream.streams import DONE, OPENAI, StreamFormat
 
-__all__ = ["ClientGone", "Outcome", "SSEResponse", "open_upstream", "read_body", "send_error"]
+__all__ = ["ClientGone", "SSEResponse", "open_upstream", "read_body", "send_error"]
 
 T = TypeVar("T")
 
@@ -53,32 +52,6 @@ _CHUNKED_ABOVE = 1024 * 1024
 _TAIL_CHUNKS = 8  # the usage chunk and [DONE] are in the last few network reads
 ERROR_BODY_LIMIT = 64 * 1024  # a backend's error answer: its message is in the first bytes
 ANSWER_LIMIT = 64 * 1024 * 1024  # a non-stream answer (CHAT_PROXY_MAX_ANSWER_BYTES)
-
-
-@dataclass
-class Outcome:
-    """What happened to one forwarded request; becomes the JSONL record and the metrics."""
-
-    started: float = field(default_factory=time.perf_counter)
-    status: int = 0
-    error: ProxyError | None = None
-    client_gone: bool = False
-    first_byte_at: float | None = None
-    finished_at: float | None = None
-    events: int = 0
-    usage: dict[str, Any] | None = None
-    answer: dict[str, Any] | None = None  # the final object of a Responses answer
-
-    @property
-    def ttft_ms(self) -> float | None:
-        if self.first_byte_at is None:
-            return None
-        return round((self.first_byte_at - self.started) * 1000, 2)
-
-    @property
-    def total_ms(self) -> float:
-        end = self.finished_at or time.perf_counter()
-        return round((end - self.started) * 1000, 2)
 
 
 MAX_TOKENS_COUNTED = 10**9  # more than any context: a count beyond it is not believed
@@ -96,40 +69,6 @@ def sane_usage(usage: Any) -> dict[str, Any] | None:
         return is_int and 0 <= value <= MAX_TOKENS_COUNTED
 
     return {k: v for k, v in usage.items() if not k.endswith("_tokens") or believable(v)}
-
-
-class StreamBroken(Exception):
-    """The backend ended an event stream without ``[DONE]``."""
-
-
-_FAILURES = (aiohttp.ClientError, TimeoutError, StreamBroken)
-
-
-# A reused connection found dead as the request was written or before any answer came.
-_STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
-
-
-def _classify(exc: BaseException, url: object, during: str, model: str | None = None) -> ProxyError:
-    """The failure as our error. The address goes in parentheses, which API clients never see
-    (``ProxyError.body``: ``public_text``); admins see it redacted."""
-    who = f"the backend of model {model!r}" if model else "the backend"
-    where = f" ({url})"
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return BackendUnavailable(f"timed out connecting to {who}{where}")
-    if isinstance(exc, TimeoutError):
-        return BackendTimeout(f"{who} sent nothing for too long {during}{where}")
-    if isinstance(exc, aiohttp.ClientSSLError):
-        return BackendUnavailable(f"TLS with {who} failed{where}: {type(exc).__name__}")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        code = exc.os_error.errno
-        reason = os.strerror(code) if code else type(exc.os_error).__name__
-        error = BackendUnavailable(f"cannot connect to {who}{where}: {reason}")
-        error.unreached = True  # nothing answered there: worth a look at the engine
-        return error
-    if isinstance(exc, aiohttp.ClientResponseError):  # a head aiohttp could not parse
-        return BackendUnavailable(f"{who} sent a malformed response {during}{where}")
-    detail = type(exc).__name__ if isinstance(exc, aiohttp.ClientError) else str(exc)
-    return BackendUnavailable(f"the connection to {who} failed {during}{where}: {detail}")
 
 
 async def open_upstream(
@@ -160,18 +99,18 @@ async def open_upstream(
                 method, url, data=data if method != "GET" else None, headers=headers, ssl=target.ssl
             )
             break
-        except _STALE as exc:
+        except STALE as exc:
             # A kept-alive connection the backend had already closed (llama.cpp's server drops
             # them after a few requests without saying so): nothing was answered, so the
             # request is sent once more, on a new connection. aiohttp never resends a POST.
             if attempt == 2 or isinstance(exc, aiohttp.ClientConnectorError):
-                raise _classify(exc, url, "before answering", target.model) from exc
-        except _FAILURES as exc:
-            raise _classify(exc, url, "before answering", target.model) from exc
+                raise classify(exc, url, "before answering", target.model) from exc
+        except FAILURES as exc:
+            raise classify(exc, url, "before answering", target.model) from exc
     if response.status >= 400:
         try:
             raw = await read_capped(response, ERROR_BODY_LIMIT)
-        except (*_FAILURES, TooLarge):  # a 300 MB "error page": its status is enough
+        except (*FAILURES, TooLarge):  # a 300 MB "error page": its status is enough
             raw = b""
         finally:
             response.close()
@@ -214,9 +153,9 @@ async def read_body(
         raise BackendUnavailable(
             f"{who} answered more than {limit} bytes (CHAT_PROXY_MAX_ANSWER_BYTES)"
         ) from None
-    except _FAILURES as exc:
+    except FAILURES as exc:
         response.close()
-        raise _classify(exc, response.url, "while answering", model) from exc
+        raise classify(exc, response.url, "while answering", model) from exc
     except BaseException:
         response.close()
         raise
@@ -357,7 +296,7 @@ class SSEResponse:
             # Backends end the body right after [DONE]; read that last chunk terminator.
             async with asyncio.timeout(1.0):
                 await upstream.content.read()
-        except _FAILURES:
+        except FAILURES:
             upstream.close()
             return
         except asyncio.CancelledError:
@@ -483,8 +422,8 @@ class SSEResponse:
             if not self._saw_done():
                 raise StreamBroken("stream ended without its last event")
             self.complete = True
-        except _FAILURES as exc:
-            await self._fail(_classify(exc, upstream.url, "mid-stream", self.model), send)
+        except FAILURES as exc:
+            await self._fail(classify(exc, upstream.url, "mid-stream", self.model), send)
             return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

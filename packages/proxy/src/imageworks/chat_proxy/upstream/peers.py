@@ -30,8 +30,10 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from imageworks.chat_proxy.config import ConfigError, ProxyConfig
+from imageworks.chat_proxy.engines.modelstate import READY
 from imageworks.chat_proxy.errors import BackendUnavailable
-from imageworks.chat_proxy.observe.redact import redact_text, redact_url
+from imageworks.chat_proxy.redact import redact_text, redact_url
+from imageworks.chat_proxy.upstream.egress import tls_context
 from imageworks.chat_proxy.upstream.reading import TooLarge, read_capped
 from imageworks.model_loader.schema import ModelEntry
 
@@ -39,7 +41,7 @@ log = logging.getLogger(__name__)
 
 FORWARDED_HEADER = "x-imageworks-forwarded"
 PEERS_FILE = "peers.json"
-READY = "ready"
+
 # What a peer's model list may weigh: a lying or broken peer must not fill this box's memory
 # (a 100-byte id a model: tens of thousands of models).
 MAX_MODELS_BYTES = 8 * 1024 * 1024
@@ -72,6 +74,12 @@ def load_peers(config: ProxyConfig) -> list[PeerConfig]:
     names = [p.name for p in peers]
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: peer names must be unique ({names})")
+    for peer in peers:  # a CA file that cannot be read fails the start, not every poll
+        if peer.ca_file:
+            try:
+                tls_context(peer.ca_file)
+            except BackendUnavailable as exc:
+                raise ConfigError(f"{source}: peer {peer.name!r}: {exc.message}") from None
     return peers
 
 
@@ -92,12 +100,12 @@ class Peer:
     models: list[PeerModel] = field(default_factory=list)
     last_ok: float | None = None  # monotonic time of the last answer
     last_error: str | None = None
-    ssl: ssl.SSLContext | bool = True  # True: the session's default context
     seen: Any = None  # what the model list last showed of it
 
-    def __post_init__(self) -> None:
-        if self.config.ca_file:
-            self.ssl = ssl.create_default_context(cafile=self.config.ca_file)
+    @property
+    def ssl(self) -> ssl.SSLContext | bool:
+        """The egress's context for its CA file; True: the session's default context."""
+        return tls_context(self.config.ca_file) if self.config.ca_file else True
 
     @property
     def name(self) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 
 from imageworks.chat_proxy.config import ProxyConfig
-from imageworks.chat_proxy.engines.backends.base import Backend, has_explicit_address
+from imageworks.chat_proxy.engines.backends.base import Backend, StartRequest, has_explicit_address
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
     ModelStartFailed,
@@ -41,7 +41,10 @@ class VllmBackend(Backend):
     def __init__(self, config: ProxyConfig) -> None:
         super().__init__(config)
         self.pids: dict[str, int | None] = {}
-        self.concurrent = False  # set by the lifespan when there is a GPU budget
+        self.concurrent = False  # several models at once: only where a GPU budget says they fit
+
+    def configure(self, *, budgeted: bool) -> None:
+        self.concurrent = budgeted
 
     def uses_gpu(self, entry: ModelEntry) -> bool:
         return True
@@ -51,15 +54,9 @@ class VllmBackend(Backend):
             return None
         return f"vllm:{entry.name}" if self.concurrent else EXECUTOR_SLOT
 
-    async def start(
-        self,
-        entry: ModelEntry,
-        log_path: Path,
-        timeout: float,
-        *,
-        gpu_share: float | None = None,
-        devices: tuple[int, ...] | None = None,
-    ) -> str:
+    async def start(self, request: StartRequest) -> str:
+        entry, log_path, timeout = request.entry, request.log_path, request.timeout
+        gpu_share, devices = request.gpu_share, request.devices
         share = f" with {gpu_share} of the GPU" if gpu_share else ""
         share += f" on GPU {','.join(map(str, devices))}" if devices else ""
         await asyncio.to_thread(
