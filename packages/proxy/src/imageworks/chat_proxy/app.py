@@ -102,22 +102,26 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = ""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                rid = value.decode("latin-1")
-                break
-        if not _CLIENT_ID.match(rid):
-            rid = _request_ids.next()
-        scope.setdefault("state", {})["request_id"] = rid
-        header = (b"x-request-id", rid.encode())
+        state = scope.setdefault("state", {})
+        rid = state.get("request_id", "")
+        header = None  # an outer one has given the id, and adds the header
+        if not rid:
+            for name, value in scope["headers"]:
+                if name == b"x-request-id":
+                    rid = value.decode("latin-1")
+                    break
+            if not _CLIENT_ID.match(rid):
+                rid = _request_ids.next()
+            state["request_id"] = rid
+            header = (b"x-request-id", rid.encode())
         started = False
 
         async def send_with_id(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message["headers"] = [*message.get("headers", ()), header]
+                if header is not None:
+                    message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
         try:
@@ -155,12 +159,24 @@ class ProxyApp:
         guarded = BodyGuard(
             self._dispatch, self.bodies, config.body_deadline_s if config else 300.0
         )
-        self._entry: ASGIApp = BrowserGuard(
-            guarded, hosts or AllowedHosts("127.0.0.1"), cors_origins
+        # The request id first: a request the Host or Origin rules refuse has one too, and
+        # its JSONL record.
+        self._entry: ASGIApp = RequestIdMiddleware(
+            BrowserGuard(
+                guarded, hosts or AllowedHosts("127.0.0.1"), cors_origins, self._record_refusal
+            )
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._entry(scope, receive, send)
+
+    def _record_refusal(self, scope: Scope, error: ProxyError) -> None:
+        state = getattr(self.state, "proxy", None)
+        if state is not None:
+            client = scope.get("client")
+            state.records.refusal(
+                scope["state"]["request_id"], scope["path"], client[0] if client else None, error
+            )
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -10,7 +10,6 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from imageworks.chat_proxy.auth import require_api_key
 from imageworks.chat_proxy.errors import InvalidRequest, MethodNotAllowed, NotFound, ProxyError
 from imageworks.chat_proxy.request.surfaces import Surface
 from imageworks.chat_proxy.routes.forward import JSON, Call
@@ -45,7 +44,7 @@ class ByIdCall(Call):
         if maker is None:
             raise NotFound(f"response {rid!r} is not known to this proxy")
         self.info.model = maker
-        self.info.entry = resolve(self.state, maker)
+        self.to(resolve(self.state, maker))
         query = scope.get("query_string", b"")
         self.path = f"/responses/{rid}" + (f"/{action}" if action else "")
         self.path += "?" + query.decode("latin-1") if query else ""
@@ -57,10 +56,12 @@ async def by_id(
 ) -> None:
     call = ByIdCall(state, surface, scope)
     try:
-        require_api_key(call.headers, state.config.api_keys)
+        call.identify()
         rid, action = response_path(scope["path"])
         maker = state.responses.where(rid)
         entry = resolve(state, maker) if maker is not None else None
+        if entry is not None and call.key is not None:
+            call.key.require(entry)
     except ProxyError as exc:
         call.outcome.error = exc
         state.records.request(call.info, call.outcome)

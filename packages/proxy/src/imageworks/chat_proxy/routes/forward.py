@@ -26,7 +26,7 @@ import aiohttp
 from starlette.datastructures import Headers
 from starlette.types import Receive, Scope
 
-from imageworks.chat_proxy.auth import require_api_key
+from imageworks.chat_proxy.auth import NamedKey, identify
 from imageworks.chat_proxy.engines.modelstate import STARTING, WAKING
 from imageworks.chat_proxy.engines.turns import Ticket
 from imageworks.chat_proxy.errors import (
@@ -132,17 +132,30 @@ class Call:
         self.loading = False
         self.at_root = False  # the path is under the engine's root, not its /v1
         self.asked: list[Any] | None = None  # Responses kept by the proxy: the whole input
+        self.key: NamedKey | None = None  # the API key the request came with, when keys are set
 
     @property
     def entry(self) -> ModelEntry:
         assert self.info.entry is not None
         return self.info.entry
 
+    def identify(self) -> None:
+        """The API key (401 without a good one, when keys are set); its name is logged."""
+        self.key = identify(self.headers, self.state.config.named_keys)
+        self.info.key_name = self.key.name if self.key is not None else None
+
+    def to(self, entry: ModelEntry) -> ModelEntry:
+        """The request goes to ``entry``, if its API key may use it (403 naming the key)."""
+        if self.key is not None:
+            self.key.require(entry)
+        self.info.entry = entry
+        return entry
+
     async def prepare(self, receive: Receive) -> None:
         """Every step up to the upstream: read, lift, parse, validate, route, check, images,
         payload, admit."""
         state = self.state
-        require_api_key(self.headers, state.config.api_keys)
+        self.identify()
         raw = await read_limited(
             receive,
             self.headers.get("content-length"),
@@ -151,7 +164,7 @@ class Call:
         )
         self.info.prompt_bytes = len(raw)
         if self.surface.body == "json":
-            await self.prepare_json(raw)
+            await self.prepare_json(raw, receive)
         else:
             self.prepare_other(raw)
         if self.plan_admission():
@@ -162,7 +175,7 @@ class Call:
         """A body that is not JSON: a multipart upload (audio)."""
         self.prepare_form(raw)
 
-    async def prepare_json(self, raw: bytes) -> None:
+    async def prepare_json(self, raw: bytes, receive: Receive | None = None) -> None:
         state, info, surface = self.state, self.info, self.surface
         lifted = await lift(state, raw) if len(raw) > BIG_BODY else None
         if lifted is None:
@@ -173,10 +186,13 @@ class Call:
             info.model = await state.images.run(surface.validate, body)
         info.stream = surface.stream is not None and body.get("stream") is True
         changed = self.chain(body) if surface.name == RESPONSES_NAME else False
-        info.entry = entry = route(state, info.model, FORWARDED_HEADER in self.headers)
+        entry = self.to(route(state, info.model, FORWARDED_HEADER in self.headers))
         images = self.check(body) if lifted is None else await state.images.run(self.check, body)
         if images:
-            changed = await self.prepare_images(body, lifted) or changed
+            # Photographs take seconds: a client that leaves stops the work within one image.
+            work = self.prepare_images(body, lifted)
+            fitted = await (until_disconnect(receive, work) if receive is not None else work)
+            changed = fitted or changed
         if images or lifted is not None:
             dump = lifted.dump if lifted is not None else None
             self.payload = await state.pool.run(
@@ -191,7 +207,7 @@ class Call:
         content_type = self.headers.get("content-type")
         name, start, end = multipart.model_field(content_type, raw)
         self.info.model = name
-        self.info.entry = entry = route(self.state, name, FORWARDED_HEADER in self.headers)
+        entry = self.to(route(self.state, name, FORWARDED_HEADER in self.headers))
         check_surface(self.surface, entry)
         self.payload = (
             raw

@@ -22,7 +22,7 @@ class RawCall(Call):
         if not name or self.method not in ("GET", "POST"):
             raise NotFound(f"no route for {self.method} {scope['path']}")
         self.info.model = name
-        self.info.entry = entry = route(self.state, name, FORWARDED_HEADER in self.headers)
+        entry = self.to(route(self.state, name, FORWARDED_HEADER in self.headers))
         access = raw_access(entry, self.method, path)
         if access == "never":
             raise NotFound(
