@@ -1,9 +1,9 @@
 """Fake LLM engines that speak the real protocols, for tests and the benchmark.
 
-One aiohttp app per flavour: ``vllm`` (errors nested as vLLM 0.32 has them, ``usage: null`` on
-chunks when usage is requested), ``llamacpp`` (``timings``, nested errors, ``/health``) and
-``ollama`` (its OpenAI layer at ``/v1`` plus ``/api/tags``, ``/api/ps``, ``/api/generate``,
-``/api/chat``).
+One aiohttp app per flavour: ``vllm`` (errors nested as vLLM 0.32 has them; asked for usage, a
+last chunk with it and no ``usage`` key before), ``llamacpp`` (``timings``, nested errors,
+``/health``) and ``ollama`` (its OpenAI layer at ``/v1`` plus ``/api/tags``, ``/api/ps``,
+``/api/generate``, ``/api/chat``).
 
 The served model id picks the behaviour, so a registry entry's ``served_model_id`` is the
 test's script:
@@ -165,7 +165,6 @@ class FakeEngine:
         cid: str,
         delta: dict[str, Any] | None,
         finish: str | None = None,
-        usage_null: bool = False,
     ) -> bytes:
         data: dict[str, Any] = {
             "id": cid,
@@ -176,8 +175,6 @@ class FakeEngine:
             if delta is None
             else [{"index": 0, "delta": delta, "finish_reason": finish}],
         }
-        if usage_null:
-            data["usage"] = None
         if self.flavour == "llamacpp":
             data["system_fingerprint"] = "b0-fake"
         return b"data: " + json.dumps(data).encode() + b"\n\n"
@@ -277,10 +274,9 @@ class FakeEngine:
         )
         await response.prepare(request)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        usage_null = include_usage and self.flavour == "vllm"
         cid = "chatcmpl-fakestream"
         await response.write(
-            self.chunk(model, cid, {"role": "assistant", "content": ""}, usage_null=usage_null)
+            self.chunk(model, cid, {"role": "assistant", "content": ""})
         )
         if model == "hang-stream":
             await asyncio.sleep(3600)
@@ -307,13 +303,13 @@ class FakeEngine:
         for index, delta in enumerate(pieces):
             if model == "slow":
                 await asyncio.sleep(0.05)
-            await response.write(self.chunk(model, cid, delta, usage_null=usage_null))
+            await response.write(self.chunk(model, cid, delta))
             if model == "die" and index == 2:
                 assert request.transport is not None
                 await asyncio.sleep(0.05)  # let the chunks already written reach the client
                 request.transport.abort()  # an engine crash: the socket just goes away
                 return response
-        await response.write(self.chunk(model, cid, {}, finish, usage_null=usage_null))
+        await response.write(self.chunk(model, cid, {}, finish))
         if include_usage and model != "no-usage":
             usage_chunk = json.loads(self.chunk(model, cid, None)[6:])
             usage_chunk["usage"] = self.usage(body, len(pieces))
