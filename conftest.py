@@ -130,6 +130,7 @@ def proxy_factory(tmp_path: Path) -> Iterator[ProxyFactory]:
             slow_callback_s=slow_callback_s,
             keep_alive_s=config.keep_alive_s,
             header_timeout_s=config.header_timeout_s,
+            max_header_bytes=config.max_header_bytes,
         )
         client = httpx.Client(base_url=server.url, timeout=30)
         proxy = Proxy(server.url, config, root, server, client)

@@ -2,6 +2,7 @@
 (issue 4).
 
     uv run python -m bench.swap [--swaps 6]
+    uv run python -m bench.swap --arm tiers|interleaved   (issue 26: bench/swap_tiers.py)
 
 The executor's launch template runs llama.cpp with the embedded model in place of vLLM (the
 only engine these machines can run), so the figure is the proxy + executor + process cost of a
@@ -43,7 +44,18 @@ def entry(name: str) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--swaps", type=int, default=6)
+    parser.add_argument("--arm", choices=("llamacpp", "tiers", "interleaved"), default="llamacpp")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved: requests per worker")
+    parser.add_argument("--wake-s", type=float, default=0.3, help="tiers: the fake's wake time")
     args = parser.parse_args()
+    if args.arm != "llamacpp":
+        from bench import swap_tiers
+
+        if args.arm == "tiers":
+            swap_tiers.tiers(args.swaps, args.wake_s)
+        else:
+            swap_tiers.interleaved(args.rounds)
+        return
 
     from imageworks.chat_proxy.app import create_app
     from imageworks.chat_proxy.config import ProxyConfig

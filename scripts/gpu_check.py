@@ -13,6 +13,11 @@
    group) and waits until NVML shows the memory back; the script reports how long that took.
 5. The model is started again and its process killed with SIGKILL: the exit watch must mark
    it crashed within a second, and NVML must show its memory back.
+6. Sleep and wake through the real vLLM executor: the holder, launched from the executor's
+   template as a sleep-mode entry (``--enable-sleep-mode``, ``VLLM_SERVER_DEV_MODE=1``),
+   answers vLLM's sleep routes as vLLM level 1 does: its memory copied to host RAM and freed
+   on the device, copied back on a wake. NVML must show the memory gone while it sleeps and
+   back after the wake; the executor's measured sleep and wake times are reported.
 The holder runs through the real llama.cpp backend (launch template, engine record, exit
 watch), so this is the path a llama.cpp model on the GPU takes.
 Exits 0 when every step holds, 1 otherwise; 2 when there is no usable GPU.
@@ -36,8 +41,11 @@ from typing import Any
 SCRIPT = str(Path(__file__).resolve())
 
 
-def hold_gpu_memory(mb: int, port: int) -> None:  # the template passes --port after --hold
-    """The child: allocate ``mb`` MiB on GPU 0, then answer /health until killed."""
+def hold_gpu_memory(mb: int, port: int, sleep_mode: bool = False) -> None:
+    """The child: allocate ``mb`` MiB on GPU 0, then answer /health until killed (the template
+    passes --port after --hold). With ``sleep_mode`` and vLLM's dev-mode variable it answers
+    ``POST /sleep`` (memory to host RAM, freed on the device), ``POST /wake_up`` and
+    ``GET /is_sleeping`` as vLLM's sleep level 1 does."""
     cuda = ctypes.CDLL("libcuda.so.1")
 
     def check(result: int, what: str) -> None:
@@ -53,14 +61,44 @@ def hold_gpu_memory(mb: int, port: int) -> None:  # the template passes --port a
     check(
         cuda.cuMemAlloc_v2(ctypes.byref(pointer), ctypes.c_size_t(mb * 1024 * 1024)), "cuMemAlloc"
     )
-    check(cuda.cuMemsetD8_v2(pointer, 1, ctypes.c_size_t(mb * 1024 * 1024)), "cuMemsetD8")
+    size = ctypes.c_size_t(mb * 1024 * 1024)
+    check(cuda.cuMemsetD8_v2(pointer, 1, size), "cuMemsetD8")
     print(f"holding {mb} MiB on the GPU", flush=True)
+    dev_routes = sleep_mode and os.environ.get("VLLM_SERVER_DEV_MODE") == "1"
+    parked: list[Any] = []  # the host copy while asleep
+
+    def sleep() -> None:
+        if not parked:
+            host = ctypes.create_string_buffer(size.value)
+            check(cuda.cuMemcpyDtoH_v2(host, pointer, size), "cuMemcpyDtoH")
+            check(cuda.cuMemFree_v2(pointer), "cuMemFree")
+            parked.append(host)
+
+    def wake() -> None:
+        if parked:
+            check(cuda.cuMemAlloc_v2(ctypes.byref(pointer), size), "cuMemAlloc")
+            check(cuda.cuMemcpyHtoD_v2(pointer, parked.pop(), size), "cuMemcpyHtoD")
 
     class Health(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
+        def answer(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(b'{"status": "ok"}')
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            if self.path == "/is_sleeping" and dev_routes:
+                self.answer(200, json.dumps({"is_sleeping": bool(parked)}).encode())
+            else:
+                self.answer(200, b'{"status": "ok"}')
+
+        def do_POST(self) -> None:
+            actions = {"/sleep?level=1": sleep, "/wake_up": wake}
+            if not dev_routes or self.path not in actions:
+                self.answer(404, b'{"detail": "Not Found"}')
+                return
+            actions[self.path]()
+            self.answer(200, b"")
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -130,9 +168,12 @@ async def check(mb: int) -> dict[str, Any]:
         {"llamacpp": backend},
         staging_dir=staging,
         registry=lambda: OneEntryRegistry(),  # type: ignore[arg-type,return-value]
+        gpu_gate=lambda residency: VramArbiter(
+            probe, residency, staging_dir=staging, headroom_mb=0, vram_timeout_s=30
+        ),
     )
-    arbiter = VramArbiter(probe, lifecycle, staging_dir=staging, headroom_mb=0, vram_timeout_s=30)
-    lifecycle.gate = arbiter
+    arbiter = lifecycle.gpu_gate
+    assert isinstance(arbiter, VramArbiter)
     started = time.monotonic()
     await lifecycle.activate(entry)
     everywhere = await probe.devices()
@@ -191,6 +232,7 @@ async def check(mb: int) -> dict[str, Any]:
     steps["crash_memory_back_s"] = round(time.monotonic() - killed, 3) if freed else None
     steps["crash_used_mb_after"] = freed.used_mb if freed else None
     await lifecycle.shutdown()
+    steps["sleep"] = await sleep_and_wake(mb, target, probe, staging)
     report["ok"] = bool(
         seen
         and seen >= mb * 0.9
@@ -204,8 +246,68 @@ async def check(mb: int) -> dict[str, Any]:
         and steps["crash_detected_s"] < 1
         and freed is not None
         and freed.used_mb <= before.used_mb + 256
+        and steps["sleep"]["ok"]
     )
     return report
+
+
+async def sleep_and_wake(mb: int, target: int, probe: Any, staging: Path) -> dict[str, Any]:
+    """Step 6: the holder as a sleep-mode vLLM entry of the real executor, put to sleep and
+    woken through the executor's own calls; NVML says where the memory is at each step."""
+    import shutil
+
+    from imageworks.vllm_executor.app import Executor
+    from imageworks.vllm_executor.config import ExecutorConfig
+
+    configs = staging / "executor-configs"
+    configs.mkdir(parents=True, exist_ok=True)
+    repo = Path(SCRIPT).parents[1]
+    shutil.copy(repo / "configs" / "deployment_profiles.json", configs)
+    holder = {
+        "name": "sleeper",
+        "backend": "vllm",
+        "backend_config": {"model_path": "none", "sleep_mode": True},
+        "chat_template": {"source": "builtin", "name": "chatml"},
+    }
+    (configs / "model_registry.curated.json").write_text(json.dumps([holder]))
+    template = ["{python}", SCRIPT, "--hold", str(mb), "--port", "{port}", "{sleep_args}"]
+    executor = Executor(
+        ExecutorConfig.load(
+            {},
+            launch_template=template,
+            registry_dir=configs,
+            staging_dir=staging / "executor",
+            start_timeout_s=120,
+        )
+    )
+    found: dict[str, Any] = {}
+
+    async def used_by(pid: int) -> int:
+        return int((await probe.devices())[target].processes.get(pid, 0))
+
+    try:
+        run = await executor.activate("sleeper", devices=[target])
+        pid = run["pid"]
+        found["awake_mb"] = await used_by(pid)
+        slept = await executor.sleep("sleeper")
+        found["sleep_ms"], found["host_mb"] = slept["sleep_ms"], slept["host_mb"]
+        found["asleep_mb"] = await used_by(pid)
+        woke = await executor.wake("sleeper")
+        found["wake_ms"] = woke["wake_ms"]
+        found["woken_mb"] = await used_by(pid)
+    except Exception as exc:  # reported, not raised: the other steps' figures still count
+        found["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        await executor.deactivate()
+    found["ok"] = bool(
+        "error" not in found
+        and found["awake_mb"] >= mb * 0.9
+        and found["asleep_mb"] <= found["awake_mb"] - mb * 0.9
+        and found["woken_mb"] >= mb * 0.9
+        and (found["host_mb"] or 0) >= mb * 0.9
+        and found["wake_ms"] is not None
+    )
+    return found
 
 
 def main() -> int:
@@ -214,9 +316,10 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the report here")
     parser.add_argument("--hold", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--enable-sleep-mode", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hold is not None:
-        hold_gpu_memory(args.hold, args.port)
+        hold_gpu_memory(args.hold, args.port, args.enable_sleep_mode)
         return 0
     try:
         from imageworks.chat_proxy.arbiter.gpu import NvmlProbe

@@ -59,7 +59,7 @@ PYPROJECT = """\
 asyncio_mode = "auto"
 asyncio_default_fixture_loop_scope = "function"
 addopts = "-p no:cacheprovider --import-mode=importlib"
-markers = ["subprocess: runs a real child process"]
+markers = ["subprocess: runs a real child process", "slow: minutes, not seconds"]
 filterwarnings = ["error"]
 
 [tool.mutmut]

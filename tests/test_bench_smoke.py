@@ -95,3 +95,27 @@ def test_quick_vision_benchmark_runs() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "| 12 MP |" in result.stdout and "| 24 MP |" in result.stdout
     assert "| during image preparation |" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("arm", "count", "lines"),
+    [
+        ("tiers", ("--swaps", "2"), ("swap by stop: 2 swaps", "swap by sleep: 2 swaps")),
+        ("interleaved", ("--rounds", "2"), ("interleaved without collation", "with collation")),
+    ],
+)
+def test_swap_arms_run(arm: str, count: tuple[str, str], lines: tuple[str, str]) -> None:
+    """bench.swap's issue-26 arms on the fakes: swap by stop vs by sleep, and two clients
+    alternating with and without collation (each reports its figures)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.swap", "--arm", arm, *count],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for line in lines:
+        assert line in result.stdout, result.stdout
+    if arm == "tiers":
+        assert "'sleep'" in result.stdout  # the sleep arm's evictions were by sleep

@@ -43,7 +43,7 @@ if not (CHROMIUM and CHROMEDRIVER) and not REQUIRED:
         allow_module_level=True,
     )
 
-pytestmark = pytest.mark.subprocess
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
 
 
 @pytest.fixture

@@ -86,3 +86,35 @@ def test_no_callback_holds_the_loop_for_long(proxy_factory, fake_vllm, caplog) -
     assert not all(rounds), "callbacks held the event loop in every round:\n" + "\n".join(
         rounds[-1]
     )
+
+
+def test_a_huge_body_is_validated_off_the_loop(proxy_factory, fake_vllm, monkeypatch) -> None:
+    """900,000 messages took 0.5 s of validation on the loop. Validation (and the capability
+    check, which walks every message too) of a body beyond ``BIG_BODY`` runs in the pool:
+    recorded here by the thread each ran on. (Parsing it there already did; the C parser holds
+    the GIL while it runs, about 0.6 µs a message: docs/performance.md.)"""
+    import threading
+
+    from imageworks.chat_proxy.request import payloads
+    from imageworks.chat_proxy.routes import forward
+
+    threads: dict[str, str] = {}
+
+    def recorded(name: str, fn):  # type: ignore[no-untyped-def]
+        def run(*args):  # type: ignore[no-untyped-def]
+            threads[name] = threading.current_thread().name
+            return fn(*args)
+
+        return run
+
+    monkeypatch.setattr(payloads, "validate", recorded("validate", payloads.validate))
+    monkeypatch.setattr(
+        forward, "check_capabilities", recorded("capabilities", forward.check_capabilities)
+    )
+    proxy = proxy_factory([entry_for("remote", fake_vllm.url, backend="openai")])
+    many = [{"role": "user", "content": "x"}] * 60_000  # ~2 MB: over BIG_BODY
+    answer = proxy.client.post("/v1/chat/completions", json={"model": "remote", "messages": many})
+    assert answer.status_code == 200, answer.text
+    loop_thread = "uvicorn-server"
+    assert threads.keys() == {"validate", "capabilities"}
+    assert loop_thread not in threads.values(), threads

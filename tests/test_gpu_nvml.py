@@ -15,9 +15,13 @@ from imageworks.chat_proxy.arbiter.gpu import nvml_available
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(
-    not nvml_available(), reason="no NVIDIA GPU with NVML on this machine (the GPU check needs one)"
-)
+pytestmark = [
+    pytest.mark.subprocess,  # scripts/gpu_check.py, and the engine it starts
+    pytest.mark.skipif(
+        not nvml_available(),
+        reason="no NVIDIA GPU with NVML on this machine (the GPU check needs one)",
+    ),
+]
 
 
 def test_gpu_check_script(tmp_path: Path) -> None:
@@ -43,4 +47,6 @@ def test_gpu_check_script(tmp_path: Path) -> None:
     assert report["steps"]["nvml_sees_child"]["used_mb"] >= 2048 * 0.9
     assert report["steps"]["crash_state"] == "crashed"  # kill -9 seen by the exit watch
     assert report["steps"]["crash_memory_back_s"] is not None  # and its memory came back
+    sleep = report["steps"]["sleep"]  # sleep frees the device memory, a timed wake takes it back
+    assert sleep["ok"] is True and sleep["wake_ms"] is not None, sleep
     assert report["ok"] is True

@@ -25,7 +25,7 @@ from testkit.processes import proxy_env, start_proxy, write_registry
 from testkit.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.subprocess
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
 
 TOKEN = "lan-admin-" + secrets.token_hex(8)
 
@@ -150,6 +150,8 @@ def test_a_lan_client_reads_but_administers_only_with_the_token(lan: Lan, tmp_pa
             "PUT",
             "-H",
             f"Authorization: Bearer {TOKEN}",
+            "-H",
+            "Content-Type: application/json",  # curl -d says form data otherwise: 415
             "-d",
             '{"enabled":false}',
         )

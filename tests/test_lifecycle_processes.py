@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -32,8 +33,17 @@ def test_a_process_that_exits_during_start_fails_fast_with_its_log_and_can_retry
     proxy_factory,
 ) -> None:
     # A backoff (1 s, doubling) is what keeps a broken model from being restarted in a loop;
-    # here it is shorter than one failed start, so each request makes its own attempt.
-    proxy = proxy_factory([BROKEN], start_timeout_s=300, restart_backoff_s=0.001)
+    # here 0.2 s, so each request makes its own attempt once it has passed.
+    # The backoff is counted from when the proxy records the failure, which may be just after
+    # the client got its 502: with a 1 ms backoff, a next request sent within it was refused
+    # (503 model_start_backoff, about one run in three on a loaded machine). So each next
+    # request waits until the proxy's backoff has passed, as a client honouring it would.
+    proxy = proxy_factory([BROKEN], start_timeout_s=300, restart_backoff_s=0.2)
+    restarts = proxy.state.lifecycle.restarts_of("broken")
+
+    def backoff_passed() -> bool:
+        return restarts.failures > 0 and restarts.wait_s(time.monotonic()) == 0
+
     for _ in range(2):  # a failed start does not wedge the model: the next request tries again
         answer = proxy.client.post("/v1/chat/completions", json={**CHAT, "model": "broken"})
         assert answer.status_code == 502
@@ -41,6 +51,7 @@ def test_a_process_that_exits_during_start_fails_fast_with_its_log_and_can_retry
         assert error["code"] == "model_start_failed"
         assert "exited with code 2" in error["message"]
         assert "model file not found: /nowhere/model.gguf" in error["message"]  # the log tail
+        assert eventually(backoff_passed, 5)
     streamed = proxy.client.post(
         "/v1/chat/completions", json={**CHAT, "model": "broken", "stream": True}
     )

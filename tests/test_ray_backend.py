@@ -22,7 +22,7 @@ from testkit.docs_examples import example
 from testkit.entries import eventually
 from testkit.ray_cluster import RayHead, RayUnavailable
 
-pytestmark = [pytest.mark.subprocess, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow, pytest.mark.timeout(600)]
 
 FOREIGN = "someone-else"
 ENGINE_IN_DOC = "http://127.0.0.1:8080"
@@ -63,7 +63,9 @@ def put_config(head: RayHead, config: dict[str, Any]) -> None:
         method="PUT",
         headers={"content-type": "application/json"},
     )
-    with urllib.request.urlopen(request, timeout=30):
+    # The dashboard answers a PUT once Serve's controller has taken the config, which on a
+    # loaded 2-core machine was seen to take over 30 s (the first PUT also starts Serve).
+    with urllib.request.urlopen(request, timeout=120):
         pass
 
 

@@ -1,6 +1,6 @@
-"""Every shell block of docs/runbook.md, run verbatim (all but the docker ones), with the
-outcome the runbook states checked. A new block without a check here fails the suite, so the
-runbook cannot drift from the system.
+"""Every shell block of docs/runbook.md, run verbatim, with the outcome the runbook states
+checked (the docker ones by test_compose_stack.py). A new block without a check here fails the
+suite, so the runbook cannot drift from the system.
 
 The setting: a scratch project directory with the shipped configs (the example vLLM entry
 pointed at the embedded model, since vLLM cannot run here), the real executor with its launch
@@ -30,19 +30,22 @@ from testkit.servers import AiohttpServer, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]
 RUNBOOK = REPO / "docs" / "runbook.md"
-pytestmark = pytest.mark.subprocess
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
 BLOCK = re.compile(r"(?:<!-- check: (?P<name>[\w-]+) -->\n)?```bash\n(?P<body>.*?)```", re.S)
 
 
-def blocks() -> dict[str, str]:
+def blocks(docker: bool = False) -> dict[str, str]:
+    """The runbook's blocks by check marker: the bare-metal ones, or (docker=True) the compose
+    ones, which tests/test_compose_stack.py runs against a real Docker engine."""
     found: dict[str, str] = {}
     for match in BLOCK.finditer(RUNBOOK.read_text()):
         body, name = match["body"], match["name"]
-        if body.lstrip().startswith("docker "):
-            assert all(line.startswith("docker ") for line in body.strip().splitlines())
-            continue
         assert name, f"a runbook block has no check marker:\n{body}"
-        found[name] = body
+        is_docker = body.lstrip().startswith("docker ")
+        if is_docker:
+            assert all(line.startswith("docker ") for line in body.strip().splitlines())
+        if is_docker == docker:
+            found[name] = body
     return found
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from imageworks.chat_proxy.supervision.process import pid_alive
+from imageworks.chat_proxy.supervision.procfs import pid_alive
 from testkit.processes import Executor
 
 REPO = Path(__file__).resolve().parents[1]

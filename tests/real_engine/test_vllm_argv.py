@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from imageworks.model_loader.schema import ModelEntry
-from imageworks.vllm_executor.launcher import DEFAULT_TEMPLATE, command_for
+from imageworks.vllm_executor.launcher import DEFAULT_TEMPLATE, command_for, sleep_mode_allowed
 from testkit.processes import REPO
 
 pytestmark = [pytest.mark.real_engine, pytest.mark.subprocess]
@@ -64,6 +64,12 @@ def cases() -> dict[str, tuple[ModelEntry, int]]:
             2,
         ),
     }
+    # Sleep mode: the builder's own --enable-sleep-mode (and a duplicate in extra_args dropped).
+    found["sleep-mode"] = (entry(backend_config={"sleep_mode": True}), 1)
+    found["sleep-mode-twice"] = (
+        entry(backend_config={"sleep_mode": True, "extra_args": ["--enable-sleep-mode"]}),
+        1,
+    )
     for parser in TOOL_PARSERS:
         found[f"tools-{parser}"] = (
             entry(capabilities={"tools": True}, backend_config={"tool_parser": parser}),
@@ -127,6 +133,7 @@ def test_every_executor_command_line_parses_in_the_real_vllm(manifest: dict[str,
             gpu_memory_utilization=0.9,
             python=manifest["python"],
             span=span,
+            sleep_mode=sleep_mode_allowed(model, DEFAULT_TEMPLATE, "127.0.0.1")[0],
         )
         for name, (model, span) in cases().items()
     }
@@ -138,6 +145,7 @@ def test_every_executor_command_line_parses_in_the_real_vllm(manifest: dict[str,
     assert any("--tensor-parallel-size" in argv for argv in built.values())
     assert any("--enable-sleep-mode" in argv for argv in built.values())
     assert built["everything"].count("--port") == 1
+    assert built["sleep-mode-twice"].count("--enable-sleep-mode") == 1
 
 
 def test_the_checker_refuses_what_vllm_refuses(manifest: dict[str, Any]) -> None:

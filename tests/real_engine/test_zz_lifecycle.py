@@ -13,7 +13,7 @@ import anthropic
 import pytest
 from tests.real_engine.conftest import CHAT, EMBED, Stack
 
-from imageworks.chat_proxy.supervision.process import pid_alive
+from imageworks.chat_proxy.supervision.procfs import pid_alive
 from testkit.entries import eventually
 
 pytestmark = [pytest.mark.real_engine, pytest.mark.subprocess, pytest.mark.timeout(900)]

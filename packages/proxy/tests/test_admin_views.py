@@ -153,7 +153,7 @@ def test_views_refuse_another_host_without_an_admin_token(proxy_factory) -> None
     async def ask(peer: str) -> list[int]:
         # The running proxy's own app, called as a request from ``peer`` would reach it.
         transport = httpx.ASGITransport(app=proxy.server.app, client=(peer, 40000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             answers = [
                 await client.get("/admin/logs", params={"model": "org/broken"}),
                 await client.get("/admin/registry"),

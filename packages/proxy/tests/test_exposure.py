@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[3]
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 LAN_PEER = ("192.168.1.20", 40000)
 DEEP = b"[" * 30_000 + b"]" * 30_000  # under the 64 KiB admin limit
+JSON_BODY = {"content-type": "application/json"}
 
 
 def envelope(response: httpx.Response) -> dict[str, Any]:
@@ -39,7 +40,7 @@ async def from_the_lan(app: ProxyApp) -> AsyncIterator[httpx.AsyncClient]:
     ``client`` is the seam (no traffic leaves loopback, none even enters a socket)."""
     async with app.app.router.lifespan_context(app.app):
         transport = httpx.ASGITransport(app=app, client=LAN_PEER)
-        async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             yield client
 
 
@@ -92,15 +93,16 @@ async def test_the_executor_refuses_lan_activation_without_a_token(tmp_path: Pat
         environ={}, registry_dir=REPO / "configs", staging_dir=tmp_path / "staging"
     )
     app = create_executor(config)
-    async with app.router.lifespan_context(app):
+    starlette = app.app.app  # inside the browser guard and the body guard
+    async with starlette.router.lifespan_context(starlette):
         transport = httpx.ASGITransport(app=app, client=LAN_PEER)
-        async with httpx.AsyncClient(transport=transport, base_url="http://executor") as lan:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as lan:
             for path in ("/admin/activate", "/admin/deactivate"):
                 answer = await lan.post(path, json={"model": "anything"})
                 assert answer.status_code == 401 and envelope(answer)["code"] == "unauthorized"
         local = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
-        async with httpx.AsyncClient(transport=local, base_url="http://executor") as client:
-            deep = await client.post("/admin/activate", content=DEEP)
+        async with httpx.AsyncClient(transport=local, base_url="http://127.0.0.1") as client:
+            deep = await client.post("/admin/activate", content=DEEP, headers=JSON_BODY)
             assert deep.status_code == 400 and envelope(deep)["code"] == "invalid_request"
 
 
@@ -124,7 +126,7 @@ def test_admin_and_lease_bodies_are_limited_while_they_stream(proxy_factory) -> 
 
     for path in ("/admin/profile", "/v1/gpu/lease"):
         method = "PUT" if path.startswith("/admin") else "POST"
-        answer = proxy.client.request(method, path, content=chunked())
+        answer = proxy.client.request(method, path, content=chunked(), headers=JSON_BODY)
         assert answer.status_code == 413, answer.text
         assert envelope(answer)["code"] == "payload_too_large"
 
@@ -145,7 +147,7 @@ def test_deeply_nested_json_is_400_and_logged(proxy_factory, method: str, path: 
     proxy = proxy_factory([])
     nested = b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     body = nested if path.startswith(("/v1/c", "/v1/e")) else DEEP
-    answer = proxy.client.request(method, path, content=body)
+    answer = proxy.client.request(method, path, content=body, headers=JSON_BODY)
     assert answer.status_code == 400, answer.text
     assert envelope(answer)["code"] == "invalid_request"
     assert "nested too deeply" in envelope(answer)["message"]
@@ -170,7 +172,8 @@ def test_slow_clients_are_cut_off(proxy_factory) -> None:
         assert sock.recv(1024) == b""  # closed by the proxy, not by the 10 s socket timeout
     with socket.create_connection(("127.0.0.1", proxy.server.port), timeout=10) as sock:
         sock.sendall(
-            b"PUT /admin/profile HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n" + b"{" * 10
+            b"PUT /admin/profile HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+            b"content-length: 100\r\n\r\n" + b"{" * 10
         )
         answer = b""
         while b"}}" not in answer and (more := sock.recv(4096)):
@@ -201,6 +204,7 @@ def test_dropped_log_records_are_counted_in_metrics(proxy_factory) -> None:
     assert "chat_proxy_request_log_dropped_records 0.0" in metrics
 
 
+@pytest.mark.subprocess
 def test_a_config_error_stops_uvicorn_as_it_loads_the_app(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "CHAT_PROXY_PORT": "eighty", "HOME": str(tmp_path)}
     result = subprocess.run(

@@ -138,6 +138,7 @@ def test_a_backend_that_answers_a_stream_with_json_is_relayed(proxy_factory, fak
     assert answer.status_code == 200 and answer.json()["object"] == "chat.completion"
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("tools", [False, True])
 def test_a_json_answer_to_a_stream_after_loading_comments_arrives_as_one_chunk(
     proxy_factory, tools: bool

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from testkit.entries import eventually
 from testkit.fake_engine import entry_for
 from testkit.gpu import FakeProbe
@@ -205,6 +207,7 @@ def test_release_restores_the_ollama_model_the_lease_evicted(proxy_factory, fake
     assert [r["result"] for r in proxy.records("restore")] == ["ready"]
 
 
+@pytest.mark.subprocess
 def test_declared_budget_admits_a_model_that_fits_an_empty_budget(proxy_factory, fake_vllm) -> None:
     """No NVML: the declared sizes are the ledger. A 14,000 MB model on an empty 20,000 MB
     budget must start; the model being started must not count against itself."""
@@ -250,6 +253,7 @@ FAKE_LLAMACPP = json.dumps(
 )
 
 
+@pytest.mark.subprocess
 def test_without_any_gpu_budget_a_lease_still_evicts_every_idle_model(proxy_factory) -> None:
     """No NVML and no declared total: nothing is measured, yet the whole GPU is still lent and
     every idle model is stopped for it (the runbook's lease step on a machine like that)."""
@@ -269,6 +273,7 @@ def test_without_any_gpu_budget_a_lease_still_evicts_every_idle_model(proxy_fact
     assert status["budget"] == "none" and status["devices"] == [] and status["leased"] is True
 
 
+@pytest.mark.subprocess
 def test_declared_devices_take_one_model_each_and_a_lease_by_size_finds_room(
     proxy_factory,
 ) -> None:
@@ -294,7 +299,7 @@ def test_declared_devices_take_one_model_each_and_a_lease_by_size_finds_room(
     rows = {m["name"]: m for m in http.get("/admin/state").json()["models"]}
     assert {rows["big"]["state"], rows["other"]["state"]} == {"ready"}
     assert sorted([rows["big"]["devices"], rows["other"]["devices"]]) == [[0], [1]]
-    backend = proxy.state.backends["llamacpp"]
+    backend = proxy.state.lifecycle.backends["llamacpp"]
     for name in ("big", "other"):
         pid = backend.pid_of(name)
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -317,6 +322,7 @@ def test_declared_devices_take_one_model_each_and_a_lease_by_size_finds_room(
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "device"
 
 
+@pytest.mark.subprocess
 def test_what_no_card_of_the_box_could_ever_hold_is_a_409_at_once_not_a_503_to_retry(
     proxy_factory,
 ) -> None:

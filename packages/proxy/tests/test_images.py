@@ -28,6 +28,7 @@ from imageworks.chat_proxy.vision.images import (
     prepare_inline,
 )
 from imageworks.chat_proxy.vision.lifting import LIFT_MIN, LiftedBody
+from imageworks.chat_proxy.vision.pool import WorkerPool
 from imageworks.chat_proxy.vision.prepare import IMAGE_PARTS, VisionPolicy, host_allowed
 from imageworks.model_loader.schema import ModelEntry, RemoteImages
 from imageworks.vllm_executor.launcher import DEFAULT_TEMPLATE, build_command
@@ -178,7 +179,7 @@ def test_one_requests_images_go_to_the_pool_a_few_at_a_time_and_stop_at_the_firs
         return prepare_inline(url, fit)
 
     monkeypatch.setattr(vision, "prepare_inline", counting)
-    prep = vision.ImagePrep(workers=1)
+    prep = vision.ImagePrep(WorkerPool(workers=1))
     real_run = prep.run
 
     async def run(fn: Any, *args: Any) -> Any:
@@ -208,7 +209,7 @@ def test_one_requests_images_go_to_the_pool_a_few_at_a_time_and_stop_at_the_firs
         with pytest.raises(InvalidRequest, match=r"messages\[0\]\.content\[0\]"):
             asyncio.run(send([bad] + [good] * 200))
     finally:
-        prep.pool.shutdown(wait=True)  # whatever was handed to the pool has run now
+        prep.pool.executor.shutdown(wait=True)  # whatever was handed to the pool has run now
     assert len(started) == 1
 
 
@@ -469,12 +470,12 @@ def test_vision_threads_run_below_the_event_loop() -> None:
     import os
     import threading
 
-    from imageworks.chat_proxy.vision.prepare import WORKER_NICENESS, ImagePrep
+    from imageworks.chat_proxy.vision.pool import WORKER_NICENESS, WorkerPool
 
     def niceness() -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
-    prep = ImagePrep(1)
+    prep = WorkerPool(1)
     try:
         worker = asyncio.run(prep.run(niceness))
     finally:

@@ -13,17 +13,25 @@ from pathlib import Path
 
 import pytest
 
+from imageworks.chat_proxy.arbiter.seams import NoGpuGate
 from imageworks.chat_proxy.config import ProxyConfig
-from imageworks.chat_proxy.engines.backends.base import Backend
-from imageworks.chat_proxy.engines.lifecycle import (
+from imageworks.chat_proxy.engines import upkeep
+from imageworks.chat_proxy.engines.backends.base import Backend, StartRequest
+from imageworks.chat_proxy.engines.lifecycle import Lifecycle
+from imageworks.chat_proxy.engines.modelstate import (
     CRASHED,
     FAILED,
+    MOVES,
     READY,
+    STARTING,
     STOPPED,
-    Lifecycle,
-    Ticket,
+    STOPPING,
+    IllegalMove,
+    Restarts,
+    State,
+    StatusBook,
 )
-from imageworks.chat_proxy.engines.modelstate import Restarts
+from imageworks.chat_proxy.engines.turns import Ticket
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
     ModelBackoff,
@@ -50,15 +58,8 @@ class ScriptedBackend(Backend):
     def slot_key(self, entry: ModelEntry) -> str | None:
         return "one-gpu"
 
-    async def start(
-        self,
-        entry: ModelEntry,
-        log_path: Path,
-        timeout: float,
-        *,
-        gpu_share: float | None = None,
-        devices: tuple[int, ...] | None = None,
-    ) -> str:
+    async def start(self, request: StartRequest) -> str:
+        entry = request.entry
         self.events.append(f"start {entry.name}")
         if self.gate is not None:
             await self.gate.wait()
@@ -375,7 +376,69 @@ async def test_a_request_during_a_stop_waits_for_it_instead_of_starting_a_second
     newcomer = asyncio.create_task(lifecycle.acquire(entry("a"), autostart=True))
     await asyncio.sleep(0.05)
     assert not newcomer.done() and backend.events == ["start a"]  # no start during the stop
+    assert lifecycle.state(entry("a")) == STOPPING  # the one state the slot reads, too
     release_stop.set()
     assert await stopping == ["a"]
     (await newcomer).release()
     assert backend.events == ["start a", "stop a", "start a"]  # one stop, then one start
+
+
+def test_the_book_refuses_a_move_the_table_does_not_list() -> None:
+    book = StatusBook()
+    book.move("a", STARTING)
+    with pytest.raises(IllegalMove, match="a: starting -> crashed"):
+        book.move("a", CRASHED)  # only a ready engine can crash
+    book.move("a", READY, load_ms=12.5)
+    book.move("a", STOPPING)
+    with pytest.raises(IllegalMove, match="a: stopping -> ready"):
+        book.move("a", READY)  # a stop ends stopped
+    assert book.state("a") == STOPPING and book.get("a").load_ms == 12.5  # type: ignore[union-attr]
+    version = book.version
+    book.move("a", STOPPING)  # nothing new: no change, cached views stay valid
+    assert book.version == version
+    book.move("a", STOPPED)
+    book.move("a", STARTING)
+    book.move("a", FAILED, error="boom")
+    book.move("a", STARTING)
+    assert book.get("a").last_error == "boom"  # type: ignore[union-attr]  # kept until ready
+    book.move("a", READY, error=None)
+    assert book.get("a").last_error is None  # type: ignore[union-attr]
+
+
+def test_every_state_has_its_row_in_the_table() -> None:
+    assert set(MOVES) == set(State)
+    assert all(to in State for targets in MOVES.values() for to in targets)
+
+
+async def test_the_slot_state_is_the_book_entry_not_a_copy(setup) -> None:
+    lifecycle, backend = setup
+    await lifecycle.activate(entry("a"))
+    slot = lifecycle.slot(entry("a"))
+    assert slot is not None and slot.state == READY == lifecycle.state(entry("a"))
+    backend.die("a")
+    assert slot.state == CRASHED == lifecycle.state(entry("a"))
+
+
+async def test_a_model_removed_from_the_registry_is_unloaded_and_its_memory_waited_for(
+    tmp_path: Path,
+) -> None:
+    released: list[int | None] = []
+
+    class RecordingGate(NoGpuGate):
+        async def released(self, pid: int | None) -> bool:
+            released.append(pid)
+            return True
+
+    backend = ScriptedBackend()
+    backend.pid_of = lambda name: 4242  # type: ignore[method-assign]
+    lifecycle = Lifecycle(
+        {backend.kind: backend},
+        staging_dir=tmp_path,
+        registry=empty_registry(tmp_path),  # "a" is not (or no longer) in it
+        gpu_gate=lambda residency: RecordingGate(),
+    )
+    gpu_entry = ModelEntry.model_validate({"name": "a", "backend": "vllm", "vram_estimate_mb": 900})
+    await lifecycle.activate(gpu_entry)
+    await upkeep.reconcile(lifecycle)
+    assert backend.events == ["start a", "stop a"] and released == [4242]
+    assert lifecycle.state(gpu_entry) == STOPPED

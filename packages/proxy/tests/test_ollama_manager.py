@@ -15,7 +15,7 @@ async def test_residency_and_keep_alive_unload(fake_ollama, caplog) -> None:
     engine = fake_ollama.engine
     engine.loaded = {"qwen2.5vl:7b": 1.0, "llama3.1:8b": 2.0}
     engine.vram_mb = {"qwen2.5vl:7b": 9000}
-    caplog.set_level(logging.INFO, "imageworks.chat_proxy.ollama")
+    caplog.set_level(logging.INFO, "imageworks.chat_proxy.engines.backends.ollama")
     async with aiohttp.ClientSession() as session:
         manager = OllamaManager(session, fake_ollama.url + "/v1")  # the /v1 base is accepted
         loaded = await manager.loaded()
@@ -49,7 +49,7 @@ async def test_a_model_that_stays_loaded_is_reported_as_failed(fake_ollama, capl
     engine = fake_ollama.engine
     engine.tags.append("sticky:1b")
     engine.loaded = {"sticky:1b": 1.0}
-    caplog.set_level(logging.INFO, "imageworks.chat_proxy.ollama")
+    caplog.set_level(logging.INFO, "imageworks.chat_proxy.engines.backends.ollama")
     async with aiohttp.ClientSession() as session:
         manager = OllamaManager(session, fake_ollama.url, unload_timeout_s=0.3, poll_s=0.05)
         assert await manager.unload("sticky:1b") is False

@@ -27,6 +27,7 @@ class ModelList:
 
     def __init__(self) -> None:
         self.status = 200
+        self.count = 1
         self.headers: list[dict[str, str]] = []
         app = web.Application()
         app.router.add_get("/v1/models", self.models)
@@ -34,7 +35,9 @@ class ModelList:
 
     async def models(self, request: web.Request) -> web.Response:
         self.headers.append({k.lower(): v for k, v in request.headers.items()})
-        body = {"data": [{"id": "m", "imageworks": {"state": "ready"}}]}
+        ids = ["m"] if self.count == 1 else [f"model-{i:05d}" for i in range(self.count)]
+        info = {"state": "ready", "backend": "vllm", "display_name": "a model with a long label"}
+        body = {"data": [{"id": i, "object": "model", "imageworks": info} for i in ids]}
         return web.json_response(body, status=self.status)
 
 
@@ -83,6 +86,19 @@ async def test_a_peer_whose_key_is_missing_or_that_refuses_is_not_alive(
     (row,) = table.public()
     assert row["last_error"] == "GET /v1/models answered 401"
     assert row["alive"] is False and row["models"] == []
+
+
+async def test_a_peer_listing_3000_models_is_listed_whole(
+    tmp_path: Path, model_list: ModelList
+) -> None:
+    # About 330 KB: many network reads. ``content.read(n)`` returned the first one only, and
+    # the cut JSON made the peer look dead with no models.
+    model_list.count = 3000
+    table = peers_of(tmp_path, {"name": "b", "url": model_list.server.url})
+    await poll(table)
+    (row,) = table.public()
+    assert row["alive"] is True, row["last_error"]
+    assert len(row["models"]) == 3000
 
 
 def live_table(tmp_path: Path, models: dict[str, list[PeerModel]]) -> Peers:

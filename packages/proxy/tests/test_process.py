@@ -25,17 +25,19 @@ from imageworks.chat_proxy.supervision.process import (
     RecordStore,
     StartFailed,
     StartTimedOut,
+    free_port,
+    safe_name,
+    tail,
+)
+from imageworks.chat_proxy.supervision.procfs import (
     argv_matches,
     cmdline,
     find_launched,
-    free_port,
     group_members,
     listening_pid,
     pid_alive,
-    safe_name,
     session_leader,
     start_ticks,
-    tail,
 )
 from testkit.entries import eventually
 

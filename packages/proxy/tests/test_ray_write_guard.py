@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from imageworks.chat_proxy.config import ProxyConfig
+from imageworks.chat_proxy.engines.backends.base import StartRequest
 from imageworks.chat_proxy.engines.backends.ray import RayBackend
 from imageworks.chat_proxy.errors import BackendUnavailable, ModelStartFailed
 from imageworks.model_loader.schema import ModelEntry
@@ -200,7 +201,7 @@ async def test_a_failed_deployment_fails_the_start_and_is_removed(
     message = "Traceback (most recent call last):\nModuleNotFoundError: No module named 'm'"
     fake.status_after_put = {"status": "DEPLOY_FAILED", "message": message}
     with pytest.raises(ModelStartFailed, match=r"DEPLOY_FAILED\): ModuleNotFoundError"):
-        await backend.start(ray_entry(), tmp_path / "m.log", 30)
+        await backend.start(StartRequest(ray_entry(), tmp_path / "m.log", 30))
     assert fake.puts[-1]["applications"] == [THEIRS] and set(fake.apps) == {"theirs"}
     assert "No module named" in (tmp_path / "m.log").read_text()
 

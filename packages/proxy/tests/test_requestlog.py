@@ -307,3 +307,29 @@ def test_a_cut_that_fails_too_starts_the_next_batch_on_a_line_of_its_own(tmp_pat
     assert lines[0].startswith(b'{"event": "request", "request_id": "torn')  # the torn one
     assert not lines[0].endswith(b"}")
     assert json.loads(lines[1])["request_id"] == "after" and lines[2] == b""
+
+
+def test_a_refusal_and_a_forwarded_request_share_one_field_list() -> None:
+    from imageworks.chat_proxy.errors import InvalidRequest
+    from imageworks.chat_proxy.observe.records import FIELDS, Facts, Outcome, RequestInfo, line
+
+    error = InvalidRequest("no")
+    forwarded = line(Facts.of(RequestInfo("r1", "chat", "127.0.0.1"), Outcome(error=error)))
+    refused = line(
+        Facts.of(RequestInfo("", "/admin/x", None), Outcome(error=error), forwarded=False)
+    )
+    assert list(forwarded) == [f.name for f in FIELDS if f.name not in _IMAGE_FIELDS]
+    assert list(refused) == [k for k in forwarded if k != "queue_depth"]
+    assert refused["status"] == forwarded["status"] == 400
+    assert refused["error_message"] == "no" and refused["request_id"] == ""
+
+
+_IMAGE_FIELDS = {
+    "images",
+    "images_resized",
+    "images_fetched",
+    "image_bytes_in",
+    "image_bytes_out",
+    "image_prep_ms",
+    "messages_trimmed",
+}

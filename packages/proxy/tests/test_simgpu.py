@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from imageworks.chat_proxy.arbiter.gpu import SimProbe
-from imageworks.chat_proxy.arbiter.simgpu import SimGpu, SimGpuError
+from imageworks.chat_proxy.arbiter.simgpu import SimGpu, SimGpuError, SimProbe
 from testkit.entries import eventually
 from testkit.processes import REPO, write_registry
 
 
+@pytest.mark.subprocess
 def test_allocations_are_per_device_and_refused_when_they_do_not_fit(tmp_path: Path) -> None:
     sim = SimGpu.create(tmp_path / "gpu.json", [24000, 16000])
     me = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -38,6 +38,7 @@ def test_allocations_are_per_device_and_refused_when_they_do_not_fit(tmp_path: P
         me.communicate()
 
 
+@pytest.mark.subprocess
 def test_memory_comes_back_a_delay_after_the_process_exits(tmp_path: Path) -> None:
     sim = SimGpu.create(tmp_path / "gpu.json", [8000], release_delay_s=600)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -84,6 +85,7 @@ def test_a_broken_file_is_a_clear_error_at_every_use(tmp_path: Path, content: st
             use()
 
 
+@pytest.mark.subprocess
 def test_the_proxy_refuses_to_start_on_a_broken_file_in_one_line(tmp_path: Path) -> None:
     write_registry(tmp_path, [])
     (tmp_path / "gpu.json").write_text('{"devices": "x"}')
@@ -116,6 +118,7 @@ def test_a_file_broken_while_the_proxy_runs_is_a_502_not_a_500(
     assert error["code"] == "backend_unavailable" and "'allocations' must be" in error["message"]
 
 
+@pytest.mark.subprocess
 def test_an_exact_fit_is_allocated_and_one_process_s_allocations_add_up(tmp_path: Path) -> None:
     sim = SimGpu.create(tmp_path / "gpu.json", [10000])
     me = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -130,6 +133,7 @@ def test_an_exact_fit_is_allocated_and_one_process_s_allocations_add_up(tmp_path
         me.communicate()
 
 
+@pytest.mark.subprocess
 def test_a_release_delay_set_later_holds_memory_back(tmp_path: Path) -> None:
     sim = SimGpu.create(tmp_path / "gpu.json", [8000])
     sim.set_release_delay(600)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from imageworks.chat_proxy.upstream.streams import OPENAI
+from imageworks.chat_proxy.request.streams import OPENAI
 
 USAGE = {"prompt_tokens": 31, "completion_tokens": 8, "total_tokens": 39}
 

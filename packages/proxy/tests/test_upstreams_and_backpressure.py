@@ -155,7 +155,8 @@ def test_cors_for_listed_origins_with_credentials(proxy_factory, fake_vllm) -> N
         "/v1/models",
         headers={"origin": "http://evil.example", "access-control-request-method": "GET"},
     )
-    assert stranger.status_code == 400
+    assert stranger.status_code == 403  # in the error envelope, not starlette's plain text
+    assert stranger.json()["error"]["code"] == "origin_not_allowed"
     assert "access-control-allow-origin" not in stranger.headers
 
 

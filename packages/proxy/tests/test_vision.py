@@ -436,7 +436,7 @@ def test_image_requests_beyond_the_pools_backlog_are_a_429_and_text_is_never_hel
 
     monkeypatch.setattr(vision, "prepare_inline", stuck)
     proxy = proxy_factory([entry_for("m", fake_vllm.url, capabilities=VISION)], vision_workers=1)
-    prep = proxy.state.images
+    prep = proxy.state.pool
     prep.backlog = 2
     body = chat(image_part(data_url(png_bytes(8, 8), "image/png")))
     with ThreadPoolExecutor(3) as clients:
@@ -449,7 +449,10 @@ def test_image_requests_beyond_the_pools_backlog_are_a_429_and_text_is_never_hel
             refused = proxy.client.post("/v1/chat/completions", json=body)
             assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
             error = refused.json()["error"]
-            assert error["code"] == "rate_limited" and "image preparation" in error["message"]
+            assert (
+                error["code"] == "rate_limited"
+                and "CPU worker pool is at capacity" in error["message"]
+            )
             text = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
             assert proxy.client.post("/v1/chat/completions", json=text).status_code == 200
         finally:

@@ -21,9 +21,9 @@ import pytest
 from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
 from imageworks.chat_proxy.arbiter.gpu import GpuSnapshot
 from imageworks.chat_proxy.config import ProxyConfig
-from imageworks.chat_proxy.engines.backends.base import Backend
-from imageworks.chat_proxy.engines.lifecycle import READY, STOPPED, Lifecycle
-from imageworks.chat_proxy.engines.modelstate import Restarts
+from imageworks.chat_proxy.engines.backends.base import Backend, StartRequest
+from imageworks.chat_proxy.engines.lifecycle import Lifecycle
+from imageworks.chat_proxy.engines.modelstate import READY, STOPPED, Restarts
 from imageworks.chat_proxy.errors import (
     GpuLeaseActive,
     InsufficientVram,
@@ -48,15 +48,8 @@ class GpuBackend(Backend):
     def slot_key(self, entry: ModelEntry) -> str | None:
         return f"own:{entry.name}"
 
-    async def start(
-        self,
-        entry: ModelEntry,
-        log_path: Path,
-        timeout: float,
-        *,
-        gpu_share: float | None = None,
-        devices: tuple[int, ...] | None = None,
-    ) -> str:
+    async def start(self, request: StartRequest) -> str:
+        entry = request.entry
         self.events.append(f"start {entry.name}")
         self.held[entry.name] = SIZES[entry.name]
         return f"http://gpu/{entry.name}/v1"
@@ -90,24 +83,29 @@ class World:
         (tmp / "configs" / "model_registry.curated.json").write_text(json.dumps(entries))
         self.registry = build_registry(tmp / "configs")
         self.backend = GpuBackend()
+        self.probe = FakeProbe(total_mb, lambda: dict(self.backend.held))
+
+        def open_arbiter(residency: Lifecycle) -> VramArbiter:
+            return VramArbiter(
+                self.probe,
+                residency,
+                staging_dir=tmp,
+                headroom_mb=1000,
+                vram_timeout_s=0.5,
+                wait_timeout_s=wait_s,
+                default_ttl_s=ttl_s,
+            )
+
         self.lifecycle = Lifecycle(
             {"llamacpp": self.backend},
             staging_dir=tmp,
             registry=lambda: self.registry,
             queue_timeout=wait_s,
             restarts=lambda: Restarts(base_s=0.05),
+            gpu_gate=open_arbiter,
         )
-        self.probe = FakeProbe(total_mb, lambda: dict(self.backend.held))
-        self.arbiter = VramArbiter(
-            self.probe,
-            self.lifecycle,
-            staging_dir=tmp,
-            headroom_mb=1000,
-            vram_timeout_s=0.5,
-            wait_timeout_s=wait_s,
-            default_ttl_s=ttl_s,
-        )
-        self.lifecycle.gate = self.arbiter
+        assert isinstance(self.lifecycle.gpu_gate, VramArbiter)
+        self.arbiter = self.lifecycle.gpu_gate
 
     def entry(self, name: str) -> ModelEntry:
         return self.registry.get(name)
@@ -157,7 +155,7 @@ async def test_memory_that_never_comes_back_is_a_clear_503(tmp_path, session, ca
     world = World(tmp_path, session)
     await world.use("big-a")
     world.backend.leaky = True
-    caplog.set_level(logging.INFO, "imageworks.chat_proxy.arbiter")
+    caplog.set_level(logging.INFO, "imageworks.chat_proxy.arbiter.arbiter")
     with pytest.raises(InsufficientVram, match="VRAM did not come back") as caught:
         await world.use("big-b")
     assert caught.value.status == 503

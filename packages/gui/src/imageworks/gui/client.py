@@ -90,6 +90,8 @@ class ModelRow:
     last_used_s_ago: float | None = None  # None: no request since the proxy started
     devices: list[int] = field(default_factory=list)  # GPU indices it runs on (when known)
     location: dict[str, Any] | None = None  # {"kind": "local" | "peer" | "ray", ...}
+    wake_ms: float | None = None  # vLLM sleep mode: the last wake, measured
+    host_mb: int | None = None  # host RAM it holds while sleeping
 
 
 @dataclass(frozen=True)
@@ -562,6 +564,8 @@ def _row(model: dict[str, Any], listed: dict[str, Any]) -> ModelRow:
         last_used_s_ago=_seconds(model.get("last_used_s_ago")),
         devices=[int(d) for d in model.get("devices") or []],
         location=dict(location) if location else None,
+        wake_ms=_seconds(model.get("wake_ms")),
+        host_mb=int(model["host_mb"]) if isinstance(model.get("host_mb"), int) else None,
     )
 
 

@@ -16,6 +16,8 @@ STATE_COLOURS = {
     "ready": "green",
     "starting": "orange",
     "stopping": "orange",
+    "sleeping": "blue",
+    "waking": "orange",
     "failed": "red",
     "crashed": "red",
     "unreachable": "red",
@@ -134,6 +136,12 @@ def timing(row: ModelRow) -> str:
     parts.append(
         "never used" if row.last_used_s_ago is None else f"used {duration(row.last_used_s_ago)} ago"
     )
+    if row.load_ms is not None:
+        parts.append(f"loads in {row.load_ms / 1000:.1f} s")
+    if row.wake_ms is not None:
+        parts.append(f"wakes in {row.wake_ms / 1000:.2f} s")
+    if row.state == "sleeping" and row.host_mb is not None:
+        parts.append(f"asleep in {row.host_mb} MB of host RAM")
     return " · ".join(parts)
 
 

@@ -18,7 +18,6 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,12 +25,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe
 from imageworks.chat_proxy.config import ConfigError, ProxyConfig
 from imageworks.chat_proxy.errors import MethodNotAllowed, NotFound, ProxyError
+from imageworks.chat_proxy.request.bodies import BodyBudget, BodyGuard
+from imageworks.chat_proxy.request.browser import AllowedHosts, BrowserGuard, is_admin_path
 from imageworks.chat_proxy.request.surfaces import BY_PATH, RAW, RESPONSE_BY_ID
 from imageworks.chat_proxy.routes import admin, forward, gpu, openai, ops, views
 from imageworks.chat_proxy.server.lifespan import close_state, open_state, start_background
 from imageworks.chat_proxy.upstream.forwarding import send_error
 
-log = logging.getLogger("imageworks.chat_proxy")
+log = logging.getLogger(__name__)
 
 _CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable, no spaces, bounded
 
@@ -51,9 +52,12 @@ class _RequestIds:
 _request_ids = _RequestIds()
 
 
-def _error_response(exc: ProxyError) -> Response:
+def _error_response(exc: ProxyError, admin: bool = False) -> Response:
     return Response(
-        exc.to_bytes(), status_code=exc.status, media_type="application/json", headers=exc.headers
+        exc.to_bytes(admin),
+        status_code=exc.status,
+        media_type="application/json",
+        headers=exc.headers,
     )
 
 
@@ -62,13 +66,13 @@ def _refused(request: Request, error: ProxyError) -> Response:
     endpoints record theirs themselves)."""
     state = getattr(request.app.state, "proxy", None)
     if state is not None:
-        state.record_refusal(
+        state.records.refusal(
             request.scope.get("state", {}).get("request_id"),
             request.url.path,
             request.client.host if request.client else None,
             error,
         )
-    return _error_response(error)
+    return _error_response(error, admin=is_admin_path(request.url.path))
 
 
 async def _proxy_error(request: Request, exc: Exception) -> Response:
@@ -133,25 +137,27 @@ class ProxyApp:
     table, exception middleware and Request object; everything else, and the lifespan, goes
     to the Starlette app."""
 
-    def __init__(self, app: Starlette, cors_origins: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        app: Starlette,
+        cors_origins: tuple[str, ...] = (),
+        hosts: AllowedHosts | None = None,
+    ) -> None:
         self.app = app
         self.state = app.state
         self._forwarded = RequestIdMiddleware(self._forward)
         self._by_id = RequestIdMiddleware(self._response_by_id)
         self._raw = RequestIdMiddleware(self._upstream)
-        self._entry: ASGIApp = self._dispatch
-        if cors_origins:
-            # Browsers (Open WebUI direct connections, web tools). A wildcard origin never comes
-            # with credentials: the middleware would echo each origin back instead of "*".
-            self._entry = CORSMiddleware(
-                self._dispatch,
-                allow_origins=list(cors_origins),
-                allow_methods=["GET", "POST", "PUT"],
-                allow_headers=["*"],
-                allow_credentials="*" not in cors_origins,
-                expose_headers=["x-request-id", "retry-after"],
-                max_age=600,
-            )
+        config: ProxyConfig | None = getattr(app.state, "config", None)
+        self.bodies = BodyBudget(config.body_budget_bytes if config else 256 * 1024 * 1024)
+        # Host, Origin and CORS rules before any route (request/browser.py); then every body
+        # counted against the budget of bodies in flight, within a total deadline.
+        guarded = BodyGuard(
+            self._dispatch, self.bodies, config.body_deadline_s if config else 300.0
+        )
+        self._entry: ASGIApp = BrowserGuard(
+            guarded, hosts or AllowedHosts("127.0.0.1"), cors_origins
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._entry(scope, receive, send)
@@ -174,7 +180,7 @@ class ProxyApp:
         if scope["method"] != "POST":
             error = MethodNotAllowed(f"{scope['method']} is not allowed on {path}; use POST")
             client = scope.get("client")
-            self.state.proxy.record_refusal(
+            self.state.proxy.records.refusal(
                 scope["state"]["request_id"], path, client[0] if client else None, error
             )
             await send_error(error, send, surface.envelope)
@@ -209,7 +215,7 @@ def create_app(config: ProxyConfig | None = None, *, probe: GpuProbe | None = No
     )
     app.add_middleware(RequestIdMiddleware)
     app.state.config = config
-    return ProxyApp(app, config.cors_origins)
+    return ProxyApp(app, config.cors_origins, AllowedHosts(config.host, config.allowed_hosts))
 
 
 _built: ProxyApp | None = None

@@ -20,7 +20,7 @@ from imageworks.model_loader.errors import RegistryError
 from imageworks.model_loader.profiles import PROFILES_FILE, ProfileManager
 from imageworks.model_loader.registry import build_registry
 
-log = logging.getLogger("imageworks.chat_proxy")
+log = logging.getLogger(__name__)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,6 +73,7 @@ def main(host: str | None, port: int | None, server: str | None, log_level: str)
         config.port,
         keep_alive_s=config.keep_alive_s,
         header_timeout_s=config.header_timeout_s,
+        max_header_bytes=config.max_header_bytes,
     )
 
 

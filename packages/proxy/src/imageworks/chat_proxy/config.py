@@ -16,6 +16,7 @@ from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imageworks.chat_proxy.auth import is_loopback
+from imageworks.chat_proxy.redact import redact_text
 
 PREFIX = "CHAT_PROXY_"
 ENV_FILES = (".env", ".env.local")  # lowest precedence first
@@ -48,6 +49,13 @@ class ProxyConfig(BaseModel):
     max_log_bytes: int = Field(default=25_000_000, ge=1024)
     log_backups: int = Field(default=5, ge=0, le=1000)
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    # Bodies of all requests in flight together (over it: 503 with Retry-After), the longest
+    # a whole body may take to arrive, the largest request head (431 past it), and the largest
+    # non-stream answer taken from a backend (a 502 past it).
+    body_budget_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    body_deadline_s: float = Field(default=300.0, gt=0)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    max_answer_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     # Slow clients: the longest a request's body may pause, a request head may take to arrive,
     # and an idle kept-alive connection may stay open (uvicorn's own default is 5 s).
     body_timeout_s: float = Field(default=30.0, gt=0)
@@ -61,6 +69,11 @@ class ProxyConfig(BaseModel):
     # while another model drains, and how often waiting streams get an SSE comment.
     start_timeout_s: float = Field(default=600.0, gt=0)
     queue_timeout_s: float = Field(default=120.0, gt=0)
+    # Collation (ABAB -> AABB): when another model has claimed a shared slot, up to this many
+    # more requests for the running model go first (0: off), as long as no request for the
+    # claiming model has waited collate_wait_s.
+    collate_max: int = Field(default=8, ge=0)
+    collate_wait_s: float = Field(default=5.0, ge=0)
     keepalive_s: float = Field(default=5.0, gt=0)
     # GPU arbitration.
     gpu_probe: Literal["auto", "nvml", "none", "sim"] = "auto"
@@ -68,6 +81,9 @@ class ProxyConfig(BaseModel):
     gpu_total_mb: tuple[int, ...] | None = None
     gpu_sim: Path | None = None
     gpu_headroom_mb: int = Field(default=1024, ge=0)
+    # Host RAM that sleeping vLLM models (sleep mode: weights parked in RAM) may hold in all;
+    # unset: half of the machine's RAM; 0: never sleep, always stop.
+    sleep_ram_mb: int | None = Field(default=None, ge=0)
     # Supervision: a failed start is retried no sooner than the backoff (doubling from the
     # first value to the cap, reset on success); so many crashes within the window is a crash
     # loop, and the model stays failed until activated by hand.
@@ -107,6 +123,9 @@ class ProxyConfig(BaseModel):
     # Browser origins allowed to call the API (comma-separated; "*" for any, never with
     # credentials). Empty: no CORS headers at all.
     cors_origins: tuple[str, ...] = ()
+    # Names the Host header may carry besides loopback names, IP addresses, CHAT_PROXY_HOST
+    # and this machine's name (comma-separated; "*": any). Refused otherwise: DNS rebinding.
+    allowed_hosts: tuple[str, ...] = ()
     # Ray Serve (``backend: "ray"`` entries): the dashboard that takes the Serve REST API, the
     # Serve HTTP proxy requests go to, and the *name* of a variable holding the dashboard's
     # token (sent as ``Authorization: Bearer``; the token itself stays out of the config).
@@ -120,7 +139,7 @@ class ProxyConfig(BaseModel):
     peer_poll_s: float = Field(default=5.0, gt=0)
     peer_grace_s: float = Field(default=30.0, gt=0)
 
-    @field_validator("api_keys", "preload", "cors_origins", mode="before")
+    @field_validator("api_keys", "preload", "cors_origins", "allowed_hosts", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -154,6 +173,14 @@ class ProxyConfig(BaseModel):
     @classmethod
     def _blank_token_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _budget_holds_a_body(self) -> ProxyConfig:
+        if self.body_budget_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"{env_name('body_budget_bytes')} must be at least {env_name('max_body_bytes')}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _exposed_needs_a_token(self) -> ProxyConfig:
@@ -193,6 +220,7 @@ class ProxyConfig(BaseModel):
     def public(self) -> dict[str, Any]:
         """The settings safe to show (GUI, /admin/state): secrets become a flag."""
         shown = self.model_dump(mode="json", exclude=set(SECRET_FIELDS))
+        shown = {k: redact_text(v) if isinstance(v, str) else v for k, v in shown.items()}
         shown["api_keys_set"] = bool(self.api_keys)
         shown["admin_token_set"] = bool(self.admin_token)
         return shown

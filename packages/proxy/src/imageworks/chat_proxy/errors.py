@@ -13,6 +13,8 @@ import json
 import re
 from typing import Any, ClassVar
 
+from imageworks.chat_proxy.redact import public_text, redact_text
+
 
 def error_type(status: int) -> str:
     """OpenAI's error ``type`` for a status (SDKs choose the exception class by status)."""
@@ -60,18 +62,25 @@ class ProxyError(Exception):
     def log_code(self) -> str:
         return f"err_{self.code}"
 
-    def body(self) -> dict[str, Any]:
+    def body(self, admin: bool = False) -> dict[str, Any]:
+        """The envelope. API clients read no URL or address in it (``public_text``); admins
+        (``admin``) read them with their credentials hidden (``redact_text``)."""
         return {
             "error": {
-                "message": self.message,
+                "message": redact_text(self.message) if admin else public_text(self.message),
                 "type": error_type(self.status),
                 "param": self.param,
                 "code": self.code,
             }
         }
 
-    def to_bytes(self) -> bytes:
-        return json.dumps(self.body()).encode()
+    def to_bytes(self, admin: bool = False) -> bytes:
+        return json.dumps(self.body(admin)).encode()
+
+    @property
+    def log_message(self) -> str:
+        """The message as the JSONL log and the admin views show it."""
+        return redact_text(self.message)[:500]
 
     # An overload on the Anthropic routes is its 529 (the SDK retries it as an overload).
     overload: ClassVar[bool] = False
@@ -142,9 +151,26 @@ class PayloadTooLarge(ProxyError):
     code = "payload_too_large"
 
 
+class UnsupportedMediaType(ProxyError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class Forbidden(ProxyError):
+    status = 403
+    code = "forbidden"
+
+
 class GpuLeaseActive(ProxyError):
     status = 423
     code = "gpu_lease_active"
+
+
+class ServerBusy(ProxyError):
+    """The proxy's own budget (request bodies in flight) is spent for the moment."""
+
+    status = 503
+    code = "server_busy"
 
 
 class QueueFull(ProxyError):
@@ -233,8 +259,8 @@ class UpstreamError(ProxyError):
         super().__init__(message, param=param, status=status)
         self.upstream_code = upstream_code
 
-    def body(self) -> dict[str, Any]:
-        body = super().body()
+    def body(self, admin: bool = False) -> dict[str, Any]:
+        body = super().body(admin)
         body["error"]["code"] = self.upstream_code or self.code
         return body
 

@@ -6,6 +6,14 @@
                              "devices": [1], "alongside": true}: launch, wait. Without
                              ``alongside`` every other model is stopped first (one at a time)
     POST /admin/deactivate  {} stops every model; {"model": name} only that one
+    POST /admin/sleep       {"model": name, "level": 1}: put a sleep-mode model to sleep
+                            (weights to host RAM, VRAM freed); ``sleep_ms``, ``host_mb``
+    POST /admin/wake        {"model": name}: wake it; ``wake_ms`` is how long that took
+
+A model whose entry has ``backend_config.sleep_mode`` runs with ``--enable-sleep-mode`` and
+``VLLM_SERVER_DEV_MODE=1``, bound to loopback only (``launcher.sleep_mode_allowed``; else it
+runs without, and ``sleep_unavailable`` says why). Only this executor calls vLLM's sleep routes
+(``sleep.py``); an activation of a sleeping model wakes it.
 
 Each child gets its own port (the first ``IMAGEWORKS_VLLM_SERVED_PORT``, others a free one)
 and its devices as ``CUDA_VISIBLE_DEVICES``. The executor builds every command itself from its
@@ -43,7 +51,8 @@ from imageworks.chat_proxy.errors import (
     ModelStartTimeout,
     ProxyError,
 )
-from imageworks.chat_proxy.request.bodies import json_object
+from imageworks.chat_proxy.request.bodies import BodyBudget, BodyGuard, json_object
+from imageworks.chat_proxy.request.browser import AllowedHosts, BrowserGuard
 from imageworks.chat_proxy.supervision.process import (
     ManagedProcess,
     ProcessRecord,
@@ -55,10 +64,16 @@ from imageworks.chat_proxy.supervision.process import (
 from imageworks.model_loader.errors import RegistryError, UnknownModelError
 from imageworks.model_loader.layers import write_atomic
 from imageworks.model_loader.registry import load_registry
+from imageworks.vllm_executor import sleep as sleeping
 from imageworks.vllm_executor.config import ExecutorConfig
-from imageworks.vllm_executor.launcher import LaunchError, command_for
+from imageworks.vllm_executor.launcher import (
+    DEV_MODE_ENV,
+    LaunchError,
+    command_for,
+    sleep_mode_allowed,
+)
 
-log = logging.getLogger("imageworks.vllm_executor")
+log = logging.getLogger(__name__)
 
 STATE_FILE = "vllm_executor.json"
 
@@ -73,6 +88,12 @@ class Run:
     record: dict[str, Any] | None = None
     status: str = "stopped"
     last_error: str | None = None
+    sleep_mode: bool = False  # launched with --enable-sleep-mode (and dev mode)
+    sleep_unavailable: str | None = None  # the entry asked for sleep mode; why it has none
+    sleeping: bool = False
+    sleep_ms: float | None = None  # the last sleep, and the last wake: measured here
+    wake_ms: float | None = None
+    host_mb: int | None = None  # host RAM it holds while asleep (measured)
 
 
 class Executor:
@@ -105,6 +126,12 @@ class Executor:
             "log_file": record.get("log_file"),
             "devices": record.get("devices"),
             "last_error": run.last_error,
+            "sleep_mode": run.sleep_mode,
+            "sleep_unavailable": run.sleep_unavailable,
+            "sleeping": run.sleeping,
+            "sleep_ms": run.sleep_ms,
+            "wake_ms": run.wake_ms,
+            "host_mb": run.host_mb if run.sleeping else None,
         }
 
     def _base_url(self, port: int) -> str:
@@ -169,6 +196,9 @@ class Executor:
             await process.stop()
             return
         run.status = "running"
+        run.sleep_mode = bool(record.get("sleep_mode"))
+        if run.sleep_mode and await sleeping.is_sleeping(self._engine_root(port)):
+            run.sleeping, run.host_mb = True, sleeping.host_mb(pid)
         self.runs[name] = run
         process.watch(self._exited(run, process))
         log.info("adopted running vLLM %s (pid %s)", name, pid)
@@ -207,6 +237,8 @@ class Executor:
                 and current.process is not None
                 and current.process.alive
             ):
+                if current.sleeping:
+                    await self._wake(current)
                 self.latest = entry.name
                 return self.state(entry.name)
             for other in list(self.runs):
@@ -214,6 +246,10 @@ class Executor:
                     await self._stop(other)
             used = {r.port for r in self.runs.values()}
             port = self.config.served_port if self.config.served_port not in used else free_port()
+            template, host = self.config.launch_template, self.config.served_host
+            sleep_mode, no_sleep = sleep_mode_allowed(entry, template, host)
+            if no_sleep:
+                log.warning("%s runs without sleep mode: %s", entry.name, no_sleep)
             try:
                 argv = command_for(
                     entry,
@@ -225,15 +261,19 @@ class Executor:
                     or self.config.gpu_memory_utilization,
                     python=self.config.python,
                     span=len(devices) if devices else entry.gpu_span,
+                    sleep_mode=sleep_mode,
                 )
             except LaunchError as exc:
                 raise InvalidRequest(str(exc), param="model") from None
             env = child_env(os.environ, self.config.served_host)
             if devices:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
+            if sleep_mode:
+                env.update(DEV_MODE_ENV)
             log_file = self.config.staging_dir / "vllm" / f"{safe_name(entry.name)}.log"
             process = ManagedProcess(argv, log_file, env=env)
-            run = Run(entry.name, port, status="starting")
+            run = Run(entry.name, port, status="starting", sleep_mode=sleep_mode)
+            run.sleep_unavailable = no_sleep
             self.runs[entry.name] = run
             self.latest = entry.name
             try:
@@ -249,6 +289,7 @@ class Executor:
                     "started_at": time.time(),
                     "port": port,
                     "devices": devices,
+                    "sleep_mode": sleep_mode,
                 }
                 await self._persist()  # before the wait: a crash now must not orphan the child
                 await process.wait_healthy(self._health_url(port), self.config.start_timeout_s)
@@ -262,6 +303,61 @@ class Executor:
             process.watch(self._exited(run, process))
             log.info("activated %s (pid %s) on port %s", entry.name, process.pid, port)
             return self.state(entry.name)
+
+    def _engine_root(self, port: int) -> str:
+        return self._health_url(port).removesuffix("/health")
+
+    def _sleepable(self, name: str) -> Run:
+        run = self.runs.get(name)
+        alive = run is not None and run.process is not None and run.process.alive
+        if run is None or run.status != "running" or not alive:
+            raise InvalidRequest(f"model {name!r} is not running here", param="model", status=409)
+        if not run.sleep_mode:
+            why = run.sleep_unavailable or "its entry has no backend_config.sleep_mode"
+            raise InvalidRequest(
+                f"model {name!r} runs without sleep mode ({why})", param="model", status=409
+            )
+        return run
+
+    async def sleep(self, name: str, level: int = 1) -> dict[str, Any]:
+        """Put ``name`` to sleep (level 1: weights to host RAM, VRAM freed)."""
+        async with self._lock:
+            run = self._sleepable(name)
+            if not run.sleeping:
+                try:
+                    took = await sleeping.sleep(
+                        self._engine_root(run.port), level, self.config.start_timeout_s
+                    )
+                except sleeping.SleepError as exc:
+                    raise ModelStartFailed(f"{name!r}: {exc}") from None
+                run.sleeping, run.sleep_ms = True, round(took * 1000, 1)
+                pid = run.process.pid if run.process else None
+                run.host_mb = await asyncio.to_thread(sleeping.host_mb, pid)
+                log.info(
+                    "%s sleeps (level %s, %.0f ms, %s MiB host RAM)",
+                    name,
+                    level,
+                    run.sleep_ms,
+                    run.host_mb,
+                )
+            return self.state(name)
+
+    async def wake(self, name: str) -> dict[str, Any]:
+        """Wake ``name``; ``wake_ms`` says how long it took."""
+        async with self._lock:
+            run = self._sleepable(name)
+            await self._wake(run)
+            return self.state(name)
+
+    async def _wake(self, run: Run) -> None:
+        if not run.sleeping:
+            return
+        try:
+            took = await sleeping.wake(self._engine_root(run.port), self.config.start_timeout_s)
+        except sleeping.SleepError as exc:
+            raise ModelStartFailed(f"{run.name!r}: {exc}") from None
+        run.sleeping, run.wake_ms, run.host_mb = False, round(took * 1000, 1), None
+        log.info("%s woke in %.0f ms", run.name, run.wake_ms)
 
     def _exited(self, run: Run, process: ManagedProcess) -> Any:
         def exited(code: int | None) -> None:
@@ -319,7 +415,9 @@ async def health(request: Request) -> Response:
 
 
 async def admin_state(request: Request) -> Response:
-    return JSONResponse(_executor(request).state())
+    executor = _executor(request)
+    _require_admin(request, executor)  # pids, ports and log paths: not for the LAN
+    return JSONResponse(executor.state())
 
 
 def _require_admin(request: Request, executor: Executor) -> None:
@@ -366,14 +464,36 @@ async def deactivate(request: Request) -> Response:
     return JSONResponse(await executor.deactivate(name))
 
 
+async def sleep_model(request: Request) -> Response:
+    executor = _executor(request)
+    _require_admin(request, executor)
+    body = await json_object(request, idle_timeout=30.0)
+    if not isinstance(body.get("model"), str):
+        raise InvalidRequest('body must be {"model": "<registry name>"}', param="model")
+    level = body.get("level", 1)
+    if level not in (1, 2) or isinstance(level, bool):
+        raise InvalidRequest("'level' must be 1 or 2", param="level")
+    return JSONResponse(await executor.sleep(body["model"], level))
+
+
+async def wake_model(request: Request) -> Response:
+    executor = _executor(request)
+    _require_admin(request, executor)
+    body = await json_object(request, idle_timeout=30.0)
+    if not isinstance(body.get("model"), str):
+        raise InvalidRequest('body must be {"model": "<registry name>"}', param="model")
+    return JSONResponse(await executor.wake(body["model"]))
+
+
 async def _error(request: Request, exc: Exception) -> Response:
     if not isinstance(exc, ProxyError):
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         exc = ProxyError(f"internal error: {type(exc).__name__}")
-    return Response(exc.to_bytes(), status_code=exc.status, media_type="application/json")
+    # Its one client is the proxy, an admin: addresses shown, credentials hidden.
+    return Response(exc.to_bytes(admin=True), status_code=exc.status, media_type="application/json")
 
 
-def create_app(config: ExecutorConfig | None = None) -> Starlette:
+def create_app(config: ExecutorConfig | None = None) -> BrowserGuard:
     config = config or ExecutorConfig.load()
 
     @contextlib.asynccontextmanager
@@ -387,13 +507,20 @@ def create_app(config: ExecutorConfig | None = None) -> Starlette:
             # A deliberate stop takes the child down too; only a crash leaves it for adoption.
             await executor.deactivate()
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/health", health),
             Route("/admin/state", admin_state),
             Route("/admin/activate", activate, methods=["POST"]),
             Route("/admin/deactivate", deactivate, methods=["POST"]),
+            Route("/admin/sleep", sleep_model, methods=["POST"]),
+            Route("/admin/wake", wake_model, methods=["POST"]),
         ],
         exception_handlers={ProxyError: _error, Exception: _error},
         lifespan=lifespan,
     )
+    # The proxy's Host and Origin rules (request/browser.py): a web page the operator opens
+    # must not reach /admin/* here either. The proxy calls it by IMAGEWORKS_VLLM_PUBLIC_HOST.
+    hosts = AllowedHosts(config.host, (config.public_host, *config.allowed_hosts))
+    # Its bodies are a few small fields: 64 KiB each, 4 MiB together, within 60 s each.
+    return BrowserGuard(BodyGuard(app, BodyBudget(4 * 1024 * 1024), 60.0), hosts)

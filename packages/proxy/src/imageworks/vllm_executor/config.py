@@ -6,7 +6,14 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from imageworks.chat_proxy.auth import is_loopback
 from imageworks.vllm_executor.launcher import parse_template
@@ -24,6 +31,7 @@ ENV = {
     "registry_dir": "IMAGEWORKS_REGISTRY_DIR",
     "staging_dir": "IMAGEWORKS_STAGING_DIR",
     "admin_token": "CHAT_PROXY_ADMIN_TOKEN",
+    "allowed_hosts": "IMAGEWORKS_VLLM_ALLOWED_HOSTS",
 }
 
 
@@ -48,6 +56,15 @@ class ExecutorConfig(BaseModel):
     registry_dir: Path = Path("configs")
     staging_dir: Path = Path("_staging")
     admin_token: str | None = None
+    # Host names clients may use besides loopback names, IPs, the bind and public hosts.
+    allowed_hosts: tuple[str, ...] = ()
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(h.strip() for h in value.split(",") if h.strip())
+        return value
 
     @model_validator(mode="after")
     def _exposed_needs_a_token(self) -> ExecutorConfig:
@@ -75,12 +92,3 @@ class ExecutorConfig(BaseModel):
             raise ExecutorConfigError(f"{name}: {error['msg']}") from None
         except ValueError as exc:
             raise ExecutorConfigError(str(exc)) from None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.public_host}:{self.served_port}/v1"
-
-    @property
-    def health_url(self) -> str:
-        host = "127.0.0.1" if self.served_host in ("0.0.0.0", "::") else self.served_host
-        return f"http://{host}:{self.served_port}/health"

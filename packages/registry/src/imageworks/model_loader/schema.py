@@ -52,6 +52,10 @@ class BackendConfig(_Open):
     # OpenAI tool_calls (--tool-call-parser: hermes, llama3_json, mistral, ...). One argv token
     # starting with a letter or digit: "--x" or "-x" would read as a flag of its own.
     tool_parser: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # vLLM: may the arbiter put this model to sleep (weights parked in host RAM, VRAM freed,
+    # woken in a fraction of a cold start) instead of stopping it? The executor then runs it
+    # with --enable-sleep-mode and vLLM's dev mode, bound to loopback only.
+    sleep_mode: bool = False
 
     @field_validator("headers")
     @classmethod

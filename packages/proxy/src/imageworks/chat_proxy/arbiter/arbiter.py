@@ -19,7 +19,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,16 +30,17 @@ from imageworks.chat_proxy.arbiter.leases import LeaseDesk
 from imageworks.chat_proxy.arbiter.placement import Device, Placement, place, share_mb
 from imageworks.chat_proxy.arbiter.policy import Plan, only_pinned_block, plan_exclusive
 from imageworks.chat_proxy.arbiter.seams import Holding, Residency
+from imageworks.chat_proxy.arbiter.tiers import SLEEP, SleepBook
 from imageworks.chat_proxy.errors import InsufficientVram, InvalidRequest
 from imageworks.chat_proxy.observe.progress import SLOW_FACTOR
-from imageworks.chat_proxy.supervision.process import pid_alive
+from imageworks.chat_proxy.supervision.procfs import pid_alive
 from imageworks.model_loader.schema import ModelEntry
 
 if TYPE_CHECKING:
     from imageworks.chat_proxy.observe.metrics import Metrics
     from imageworks.chat_proxy.observe.requestlog import RequestLog
 
-log = logging.getLogger("imageworks.chat_proxy.arbiter")
+log = logging.getLogger(__name__)
 
 
 class VramArbiter:
@@ -55,8 +56,10 @@ class VramArbiter:
         default_ttl_s: float = 900.0,
         request_log: RequestLog | None = None,
         metrics: Metrics | None = None,
+        sleep_ram_mb: int | None = None,
     ) -> None:
         self.probe = probe
+        self.sleeps = SleepBook(sleep_ram_mb)  # eviction by sleep: its budget and measures
         self.residency = residency
         self.headroom_mb = headroom_mb
         self.vram_timeout_s = vram_timeout_s
@@ -166,10 +169,20 @@ class VramArbiter:
             "estimate": found.public() if found else None,
             "learned_mb": learned,
             "load_s": self.load_s.get(entry.name),
+            "wake_s": self.sleeps.wake_s.get(entry.name),
+            "sleep_host_mb": self.sleeps.host_mb.get(entry.name),
         }
 
     def held_mb(self, holding: Holding) -> int:
-        return self.need_mb(holding.entry) if holding.entry is not None else holding.vram_mb
+        if holding.entry is None or holding.sleeping:  # asleep: only its residue
+            return holding.vram_mb
+        return self.need_mb(holding.entry)
+
+    def slept(self, entry: ModelEntry, host_mb: int | None) -> None:
+        self.sleeps.slept(entry.name, host_mb)
+
+    def woke(self, entry: ModelEntry, wake_s: float) -> None:
+        self.sleeps.woke(entry.name, wake_s)
 
     def share_of(self, entry: ModelEntry) -> float | None:
         """The fraction of its device ``entry`` needs (vLLM's ``--gpu-memory-utilization``), so
@@ -368,130 +381,72 @@ class VramArbiter:
                 # engine that is not placed sees every GPU, as it would without the proxy).
                 return tuple(pin or ()), evicted
             if need is not None:
-                self._check_the_box_can_hold(snaps, need, reason, pin, span)
+                ledger.never_fits(snaps, need, reason, pin, span, self.headroom_mb)
             holdings = [h for h in await self.holdings() if h.name != exclude]
             held = self._locate(holdings, snaps)
             found = self._plan(snaps, held, need, pin, span, lease)
             plan: Plan = found.plan
-            evictors = {h.name: h.evict for h in holdings if h.evict is not None}
+            evictors = {h.name: h for h in holdings if h.evict is not None}
             # Evict only when that achieves something: for a lease of a whole device every
             # idle model there goes anyway; for a need, only a plan that fits is worth it.
+            # A lease takes the whole device: nothing sleeps there, everything stops.
             if plan.sufficient or need is None:
-                evicted += await self._evict(plan.evict, evictors, reason)
+                evicted += await self._evict(
+                    plan.evict, evictors, reason, None if need is None else held
+                )
             if need is not None and found.devices and only_pinned_block(plan):
-                raise self._pinned_refusal(need, reason, plan)
+                raise ledger.pinned_refusal(need, reason, plan)
             if need is None and plan.pinned:
-                raise self._pinned_refusal(need, reason, plan)
+                raise ledger.pinned_refusal(need, reason, plan)
             if plan.sufficient:
                 await self._await_memory(
-                    self._targets(snaps, held, found, need), reason, need is None
+                    ledger.wait_targets(snaps, held, found, need, self.headroom_mb),
+                    reason,
+                    need is None,
                 )
                 return found.devices, evicted
             if not found.devices or not plan.blocked_by or time.monotonic() >= deadline:
-                raise self._refusal(need, reason, snaps, held, found)
+                raise ledger.refusal(self._views(snaps, held, ()), need, reason, found)
             log.info(
                 "[gpu-arbiter] %s waits for busy models: %s", reason, ", ".join(plan.blocked_by)
             )
             await asyncio.sleep(0.5)
 
-    def _check_the_box_can_hold(
-        self,
-        snaps: list[GpuSnapshot],
-        need: int,
-        reason: str,
-        pin: tuple[int, ...] | None,
-        span: int,
-    ) -> None:
-        """Refuse at once, and not as a 503 to retry, what no eviction or wait could ever
-        place: a pin to a GPU the box lacks, more GPUs than it has, a share bigger than a whole
-        card. (These read "cannot free 1000 MB: GPU 0 free=8000 MB, busy: none", Retry-After.)"""
-        indexes = [s.index for s in snaps]
-        wanted = len(pin) if pin else span
-        problem = None
-        if pin and (missing := [i for i in pin if i not in indexes]):
-            problem = f"it is pinned to GPU {missing} (the entry's gpus), and this box has GPUs"
-        elif wanted > len(indexes):
-            problem = f"it spans {wanted} GPUs, and this box has GPUs"
-        else:
-            totals = sorted((s.total_mb for s in snaps if not pin or s.index in pin), reverse=True)
-            each = share_mb(need, wanted)
-            if totals[wanted - 1] < each + self.headroom_mb:
-                room = f" (+{self.headroom_mb} MB headroom)" if self.headroom_mb else ""
-                problem = (
-                    f"it needs {each} MB{room} on each of {wanted} GPU(s), more than a whole "
-                    f"card holds ({', '.join(f'{t} MB' for t in totals)}), on GPUs"
-                )
-        if problem is not None:
-            raise InsufficientVram(
-                f"[gpu-arbiter] {reason} can never be placed here: {problem} {indexes}",
-                status=409,
-            )
-
-    def _targets(
-        self,
-        snaps: list[GpuSnapshot],
-        held: list[ledger.Held],
-        found: Placement,
-        need: int | None,
-    ) -> dict[int, int]:
-        """Free memory to wait for on each device of the placement."""
-        targets = {}
-        for snap in snaps:
-            if snap.index not in found.devices:
-                continue
-            if need is not None:
-                targets[snap.index] = share_mb(need, len(found.devices)) + self.headroom_mb
-            else:
-                # A whole device: never all of it (the driver and strangers hold some), so
-                # wait for what the evicted models held there, less 10% for estimates.
-                freed = sum(h.on(snap.index) for h in held if h.name in found.plan.evict)
-                targets[snap.index] = snap.free_mb + int(freed * 0.9)
-        return targets
-
     def cost_of(self, name: str) -> float | None:
-        """What evicting ``name`` costs: the measured time to start it again."""
-        return self.load_s.get(name)
-
-    def _pinned_refusal(self, need: int | None, reason: str, plan: Plan) -> InsufficientVram:
-        pinned = ", ".join(plan.pinned)
-        what = "the whole GPU" if need is None else f"{need} MB"
-        return InsufficientVram(
-            f"[gpu-arbiter] {reason} refused: {what} could only be freed by evicting pinned "
-            f"model(s) {pinned}, and a pinned model is never evicted (unpin it or stop it by "
-            "hand)",
-            status=409,
-        )
-
-    def _refusal(
-        self,
-        need: int | None,
-        reason: str,
-        snaps: list[GpuSnapshot],
-        held: list[ledger.Held],
-        found: Placement,
-    ) -> InsufficientVram:
-        views = self._views(snaps, held, ())
-        free = ", ".join(f"GPU {v.index} free={v.free_mb} MB" for v in views)
-        if len(views) == 1:
-            free = f"free={views[0].free_mb} MB"
-        busy = ", ".join(found.plan.blocked_by) or "none"
-        return InsufficientVram(
-            f"[gpu-arbiter] cannot free {need if need is not None else 'the GPU'} MB for "
-            f"{reason}: {free}, busy: {busy}",
-            headers={"Retry-After": "30"},
-        )
+        """What evicting ``name`` costs: the measured time to wake it (when it would sleep),
+        else to start it again."""
+        sleepable = any(h.name == name and h.sleep is not None for h in self.last_holdings)
+        return self.sleeps.cost_s(name, sleepable, self.load_s.get(name))
 
     async def _evict(
         self,
         names: tuple[str, ...],
-        evictors: dict[str, Callable[[], Awaitable[bool]]],
+        evictors: dict[str, Holding],
         reason: str,
+        held: list[ledger.Held] | None,
     ) -> list[str]:
+        """Evict each: by sleep where ``tiers`` chooses it (``held``: the ledger, for the host
+        RAM budget; None: stop them all), else by stop."""
         evicted = []
+        spent = 0
         for name in names:
-            if await evictors[name]():
+            holding = evictors[name]
+            how, why = "stop", "a lease takes the whole device"
+            if held is not None:
+                host = self._sleep_host_mb(holding)
+                tier = self.sleeps.tier(
+                    holding, held, load_s=self.load_s.get(name), host_mb=host, spent_mb=spent
+                )
+                how, why = tier.how, tier.why
+            if how == SLEEP and holding.sleep is not None:
+                done = await holding.sleep()
+                spent += self._sleep_host_mb(holding) if done else 0
+            else:
+                assert holding.evict is not None
+                done = await holding.evict()
+            if done:
                 evicted.append(name)
-                self._event("evict", model=name, reason=reason)
+                self._event("evict", model=name, reason=reason, tier=how, why=why)
                 self.last_holdings = [h for h in self.last_holdings if h.name != name]
                 if self.metrics is not None:
                     self.metrics.evictions.labels(reason.split()[0]).inc()
@@ -532,34 +487,28 @@ class VramArbiter:
     # --- reporting -----------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        snap = self.last_snapshot
         held = self._locate(self.last_holdings, self.last_devices)
         leases = self.leases.public()
         devices = ledger.report(self.last_devices, held, leases["leases"])
         if self.metrics is not None:
             self.metrics.gpu_ledger(devices)
+        budget = "measured" if self.probe.measures else "declared"
         return {
             **leases,
             "probe": self.probe.kind,
-            "budget": "none"
-            if not self.last_devices
-            else ("measured" if self.probe.measures else "declared"),
-            "gpu": None
-            if snap is None
-            else {
-                "name": snap.name,
-                "total_mb": snap.total_mb,
-                "used_mb": snap.used_mb,
-                "free_mb": snap.free_mb,
-            },
-            "models": [
-                {"name": h.name, "vram_mb": h.mb, "in_flight": h.holding.in_flight}
-                for h in held
-                if not h.holding.foreign
-            ],
-            "foreign": [{"name": h.name, "vram_mb": h.mb} for h in held if h.holding.foreign],
+            "budget": budget if self.last_devices else "none",
+            **ledger.status(self.last_snapshot, held),
             "devices": devices,
+            "host_ram": self.sleeps.public(held),
         }
+
+    def _sleep_host_mb(self, holding: Holding) -> int:
+        """The host RAM ``holding`` will hold asleep: measured last time, else its weights."""
+        entry = holding.entry
+        found = self.estimate_of(entry) if entry is not None else None
+        need = self.need_mb(entry) if entry is not None else holding.vram_mb
+        weights = found.weights_mb if found is not None else None
+        return self.sleeps.host_guess(holding.name, weights, need)
 
     def _event(self, event: str, **fields: Any) -> None:
         if self.request_log is not None:

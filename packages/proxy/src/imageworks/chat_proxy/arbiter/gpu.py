@@ -3,7 +3,7 @@
 Implementations behind one interface (``devices()``: every device, in index order), chosen by
 ``CHAT_PROXY_GPU_PROBE``: ``nvml`` (nvidia-ml-py, every device; every call runs in a thread,
 off the event loop), ``sim`` (the simulated GPU file named by ``CHAT_PROXY_GPU_SIM``, which
-fake engines allocate from: ``simgpu``) and ``none`` (no GPU: budgets come from the models'
+fake engines allocate from: ``simgpu.SimProbe``) and ``none`` (no GPU: budgets come from the models'
 declared ``vram_estimate_mb`` against ``CHAT_PROXY_GPU_TOTAL_MB``, one total per device, when it
 is set, otherwise nothing is gated). Tests bring their own (``testkit.gpu.FakeProbe``).
 """
@@ -13,10 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
-
-from imageworks.chat_proxy.errors import BackendUnavailable
 
 
 @dataclass(frozen=True)
@@ -44,12 +41,6 @@ class GpuProbe(Protocol):
     async def devices(self) -> list[GpuSnapshot]:
         """Every device now, by index; empty when there is no budget to enforce."""
         ...
-
-
-async def first_device(probe: GpuProbe) -> GpuSnapshot | None:
-    """Device 0 (what a one-GPU caller means by "the GPU")."""
-    devices = await probe.devices()
-    return devices[0] if devices else None
 
 
 class NvmlProbe:
@@ -109,27 +100,6 @@ class NvmlProbe:
 
     async def devices(self) -> list[GpuSnapshot]:
         return await asyncio.to_thread(self._read)
-
-
-class SimProbe:
-    """The simulated GPU (``simgpu``), read like NVML: per device, per process."""
-
-    kind = "sim"
-    measures = True
-
-    def __init__(self, path: Path) -> None:
-        from imageworks.chat_proxy.arbiter.simgpu import SimGpu
-
-        self.sim = SimGpu(path)
-        self.sim.totals()  # a missing or broken file fails at start-up, not on first use
-
-    async def devices(self) -> list[GpuSnapshot]:
-        from imageworks.chat_proxy.arbiter.simgpu import SimGpuError
-
-        try:
-            return await asyncio.to_thread(self.sim.read)
-        except SimGpuError as exc:  # broken since start-up: the request says so, not a 500
-            raise BackendUnavailable(str(exc)) from None
 
 
 # What a declared budget knows of a running model: the devices it runs on and its size.

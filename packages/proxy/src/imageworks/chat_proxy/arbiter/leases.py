@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from imageworks.chat_proxy.observe.metrics import Metrics
     from imageworks.chat_proxy.observe.requestlog import RequestLog
 
-log = logging.getLogger("imageworks.chat_proxy.leases")
+log = logging.getLogger(__name__)
 
 LEASE_FILE = "gpu_lease.json"
 

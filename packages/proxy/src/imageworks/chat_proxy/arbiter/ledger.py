@@ -6,7 +6,8 @@ places its own models) are located from that process's use on each device: all o
 device it uses, or, when it spreads over several, each model on the device with the most of
 the process's memory still unaccounted for, largest model first. Memory held by processes
 that are not ours is foreign. Effective free memory also subtracts what models still loading
-are booked for but do not hold yet, so two starts never count the same memory.
+are booked for but do not hold yet, so two starts never count the same memory. Sleeping models
+(vLLM sleep mode) hold host RAM, counted against the sleep budget (``host_used``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from imageworks.chat_proxy.arbiter.gpu import GpuSnapshot
-from imageworks.chat_proxy.arbiter.placement import Device, share_mb
-from imageworks.chat_proxy.arbiter.policy import Resident
+from imageworks.chat_proxy.arbiter.placement import Device, Placement, share_mb
+from imageworks.chat_proxy.arbiter.policy import Plan, Resident
 from imageworks.chat_proxy.arbiter.seams import Holding
+from imageworks.chat_proxy.errors import InsufficientVram
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,11 @@ def locate(
     ]
 
 
+def host_used(held: Sequence[Held]) -> int:
+    """Host RAM our sleeping models hold, MiB (what the sleep budget has spent)."""
+    return sum(h.holding.host_mb for h in held if h.holding.sleeping)
+
+
 def effective_free(
     snapshot: GpuSnapshot,
     held: Sequence[Held],
@@ -146,7 +153,12 @@ def report(
     for snap in snapshots:
         here = [h for h in held if h.on(snap.index)]
         models = [
-            {"name": h.name, "vram_mb": h.on(snap.index), "in_flight": h.holding.in_flight}
+            {
+                "name": h.name,
+                "vram_mb": h.on(snap.index),
+                "in_flight": h.holding.in_flight,
+                **({"sleeping": True, "host_mb": h.holding.host_mb} if h.holding.sleeping else {}),
+            }
             for h in here
             if not h.holding.foreign
         ]
@@ -171,3 +183,106 @@ def report(
             }
         )
     return rows
+
+
+def never_fits(
+    snaps: list[GpuSnapshot],
+    need: int,
+    reason: str,
+    pin: tuple[int, ...] | None,
+    span: int,
+    headroom_mb: int,
+) -> None:
+    """Refuse at once, and not as a 503 to retry, what no eviction or wait could ever
+    place: a pin to a GPU the box lacks, more GPUs than it has, a share bigger than a whole
+    card. (These read "cannot free 1000 MB: GPU 0 free=8000 MB, busy: none", Retry-After.)"""
+    indexes = [s.index for s in snaps]
+    wanted = len(pin) if pin else span
+    problem = None
+    if pin and (missing := [i for i in pin if i not in indexes]):
+        problem = f"it is pinned to GPU {missing} (the entry's gpus), and this box has GPUs"
+    elif wanted > len(indexes):
+        problem = f"it spans {wanted} GPUs, and this box has GPUs"
+    else:
+        totals = sorted((s.total_mb for s in snaps if not pin or s.index in pin), reverse=True)
+        each = share_mb(need, wanted)
+        if totals[wanted - 1] < each + headroom_mb:
+            room = f" (+{headroom_mb} MB headroom)" if headroom_mb else ""
+            problem = (
+                f"it needs {each} MB{room} on each of {wanted} GPU(s), more than a whole "
+                f"card holds ({', '.join(f'{t} MB' for t in totals)}), on GPUs"
+            )
+    if problem is not None:
+        raise InsufficientVram(
+            f"[gpu-arbiter] {reason} can never be placed here: {problem} {indexes}",
+            status=409,
+        )
+
+
+def wait_targets(
+    snaps: list[GpuSnapshot],
+    held: list[Held],
+    found: Placement,
+    need: int | None,
+    headroom_mb: int,
+) -> dict[int, int]:
+    """Free memory to wait for on each device of the placement."""
+    targets = {}
+    for snap in snaps:
+        if snap.index not in found.devices:
+            continue
+        if need is not None:
+            targets[snap.index] = share_mb(need, len(found.devices)) + headroom_mb
+        else:
+            # A whole device: never all of it (the driver and strangers hold some), so
+            # wait for what the evicted models held there, less 10% for estimates.
+            freed = sum(h.on(snap.index) for h in held if h.name in found.plan.evict)
+            targets[snap.index] = snap.free_mb + int(freed * 0.9)
+    return targets
+
+
+def refusal(
+    views: list[Device], need: int | None, reason: str, found: Placement
+) -> InsufficientVram:
+    """No room now, and none to be made by evicting: a 503 to retry later."""
+    free = ", ".join(f"GPU {v.index} free={v.free_mb} MB" for v in views)
+    if len(views) == 1:
+        free = f"free={views[0].free_mb} MB"
+    busy = ", ".join(found.plan.blocked_by) or "none"
+    return InsufficientVram(
+        f"[gpu-arbiter] cannot free {need if need is not None else 'the GPU'} MB for "
+        f"{reason}: {free}, busy: {busy}",
+        headers={"Retry-After": "30"},
+    )
+
+
+def status(snap: GpuSnapshot | None, held: list[Held]) -> dict[str, Any]:
+    """Device 0 and what holds memory, as ``/v1/gpu/status`` shows them."""
+    return {
+        "gpu": None
+        if snap is None
+        else {
+            "name": snap.name,
+            "total_mb": snap.total_mb,
+            "used_mb": snap.used_mb,
+            "free_mb": snap.free_mb,
+        },
+        "models": [
+            {"name": h.name, "vram_mb": h.mb, "in_flight": h.holding.in_flight}
+            for h in held
+            if not h.holding.foreign
+        ],
+        "foreign": [{"name": h.name, "vram_mb": h.mb} for h in held if h.holding.foreign],
+    }
+
+
+def pinned_refusal(need: int | None, reason: str, plan: Plan) -> InsufficientVram:
+    """Room only evicting a pinned model could make: refused, never done."""
+    pinned = ", ".join(plan.pinned)
+    what = "the whole GPU" if need is None else f"{need} MB"
+    return InsufficientVram(
+        f"[gpu-arbiter] {reason} refused: {what} could only be freed by evicting pinned "
+        f"model(s) {pinned}, and a pinned model is never evicted (unpin it or stop it by "
+        "hand)",
+        status=409,
+    )

@@ -8,6 +8,10 @@ back (its measured wake or load time, in coarse bands so that noise does not reo
 that cost about the same), then the least recently used; stop as soon as enough is free. The
 plan says whether the need can be met at all, so the caller can refuse early instead of
 evicting for nothing, and which pinned models stand in the way.
+
+How each chosen model goes is ``choose_tier``: sleep (vLLM sleep level 1: its weights parked in
+host RAM, its VRAM freed, woken in a fraction of a cold start) or stop, by what was measured
+for that model (its cold start against its wake) and the host RAM left in the budget.
 """
 
 from __future__ import annotations
@@ -95,3 +99,45 @@ def only_pinned_block(plan: Plan) -> bool:
     """The need cannot be met, nothing busy could free it by finishing, and a pinned model
     holds memory there: waiting is pointless, the answer is a refusal that names it."""
     return not plan.sufficient and not plan.blocked_by and bool(plan.pinned)
+
+
+SLEEP, STOP = "sleep", "stop"
+
+
+@dataclass(frozen=True)
+class Tier:
+    """How a model leaves the GPU, and why (said in the event stream and the JSONL)."""
+
+    how: str  # SLEEP or STOP
+    why: str
+
+
+def choose_tier(
+    *,
+    sleepable: bool,
+    load_s: float | None,
+    wake_s: float | None,
+    host_mb: int,
+    host_free_mb: int,
+) -> Tier:
+    """Sleep or stop a model being evicted. ``sleepable``: its engine runs with sleep mode;
+    ``load_s``/``wake_s``: its measured cold start and wake (None: never measured);
+    ``host_mb``: the host RAM it will hold asleep (measured last time, else its weights);
+    ``host_free_mb``: what the sleep budget has left. Sleep unless it cannot, its host RAM
+    does not fit the budget, or its measured wake is no cheaper than its measured cold start
+    (before either is measured, sleep: vLLM documents a wake far below a reload, and the
+    first one measures it)."""
+    if not sleepable:
+        return Tier(STOP, "no sleep mode")
+    if host_mb > host_free_mb:
+        return Tier(
+            STOP, f"host RAM budget full: asleep it holds {host_mb} MB, {host_free_mb} MB left"
+        )
+    if wake_s is not None and load_s is not None and wake_s >= load_s:
+        return Tier(
+            STOP, f"waking ({wake_s:.1f} s) is no cheaper than a cold start ({load_s:.1f} s)"
+        )
+    if wake_s is None:
+        return Tier(SLEEP, "wake not measured yet")
+    cold = "unmeasured" if load_s is None else f"{load_s:.1f} s"
+    return Tier(SLEEP, f"wake {wake_s:.2f} s against a cold start of {cold}")

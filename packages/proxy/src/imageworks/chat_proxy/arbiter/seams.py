@@ -3,6 +3,8 @@
 The lifecycle asks the arbiter (``GpuGate``) whether a request may use the GPU now and to make
 room before a start; the arbiter asks the lifecycle (``Residency``) what holds the GPU, how busy
 it is, how to evict it, and to restore what a lease evicted. Neither imports the other.
+Without an arbiter (unit tests, a model that takes no GPU) the lifecycle uses ``NO_GPU``, a
+gate that admits everything and makes no room: nobody asks "is there a gate?".
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ class Holding:
     # read from ``entry`` when there is one, else from these (an Ollama model's entry).
     pinned: bool = False
     priority: int = 0
+    # vLLM sleep mode: ``sleep`` puts it to sleep instead of stopping it (None: it cannot);
+    # a sleeping model holds ``host_mb`` of host RAM and only ``vram_mb`` (its residue) of VRAM.
+    sleep: Callable[[], Awaitable[bool]] | None = None
+    sleeping: bool = False
+    host_mb: int = 0
 
 
 class Residency(Protocol):
@@ -68,6 +75,45 @@ class GpuGate(Protocol):
         """The devices ``entry`` was placed on by ``make_room`` (None: no placement known)."""
         ...
 
+    def slept(self, entry: ModelEntry, host_mb: int | None) -> None:
+        """``entry`` went to sleep holding ``host_mb`` of host RAM (measured)."""
+        ...
+
+    def woke(self, entry: ModelEntry, wake_s: float) -> None:
+        """``entry`` woke in ``wake_s`` seconds (measured)."""
+        ...
+
     async def released(self, pid: int | None) -> bool:
         """After an engine stopped: wait (bounded) until the GPU no longer shows ``pid``."""
         ...
+
+
+class NoGpuGate:
+    """The gate where nothing is gated: no lease, no budget, nothing to wait for."""
+
+    def admit(self, entry: ModelEntry, token: str | None) -> None:
+        return None
+
+    async def make_room(self, entry: ModelEntry, need_mb: int | None = None) -> None:
+        return None
+
+    async def learn(self, entry: ModelEntry, pid: int | None) -> None:
+        return None
+
+    def share_of(self, entry: ModelEntry) -> float | None:
+        return None
+
+    def placement_of(self, entry: ModelEntry) -> tuple[int, ...] | None:
+        return None
+
+    def slept(self, entry: ModelEntry, host_mb: int | None) -> None:
+        return None
+
+    def woke(self, entry: ModelEntry, wake_s: float) -> None:
+        return None
+
+    async def released(self, pid: int | None) -> bool:
+        return True
+
+
+NO_GPU: GpuGate = NoGpuGate()

@@ -10,11 +10,16 @@ File shape::
 
     {"devices": [{"name": "simulated GPU 0", "total_mb": 24576}, ...],
      "release_delay_s": 0.5,
-     "allocations": [{"pid": 123, "device": 0, "mb": 8192, "label": "vllm", "freed_at": null}]}
+     "allocations": [{"pid": 123, "device": 0, "mb": 8192, "label": "vllm", "freed_at": null}],
+     "host": [{"pid": 123, "mb": 6144, "label": "vllm-sleep"}]}
+
+``host`` (optional) is host RAM a process holds for the simulation: a vLLM asleep keeps its
+weights there (sleep level 1). It goes when the process does (the OS reclaims it at once).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -25,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from imageworks.chat_proxy.arbiter.gpu import GpuSnapshot
-from imageworks.chat_proxy.supervision.process import pid_alive
+from imageworks.chat_proxy.errors import BackendUnavailable
+from imageworks.chat_proxy.supervision.procfs import pid_alive
 
 SIM_VARIABLE = "CHAT_PROXY_GPU_SIM"
 
@@ -68,6 +74,17 @@ def _shape_error(data: Any) -> str | None:
             "'allocations' must be a list of {\"pid\" > 0, \"device\" (an index of 'devices'), "
             '"mb" >= 0, "label", "freed_at": null or a time}'
         )
+    host = data.get("host", [])
+    if not isinstance(host, list) or not all(
+        isinstance(h, dict)
+        and _is_int(h.get("pid"))
+        and h["pid"] > 0
+        and _is_int(h.get("mb"))
+        and h["mb"] >= 0
+        and isinstance(h.get("label"), str)
+        for h in host
+    ):
+        return '\'host\' must be a list of {"pid" > 0, "mb" >= 0, "label"}'
     delay = data.get("release_delay_s", 0)
     if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not 0 <= delay < 3600:
         return "'release_delay_s' must be a number of seconds"
@@ -139,6 +156,7 @@ class SimGpu:
             if item["freed_at"] is None or now < item["freed_at"] + delay:
                 kept.append(item)
         data["allocations"] = kept
+        data["host"] = [h for h in data.get("host", []) if pid_alive(h["pid"])]
         return data
 
     def _write(self, data: dict[str, Any]) -> None:
@@ -202,6 +220,32 @@ class SimGpu:
                     item["freed_at"] = time.time()
             self._write(data)
 
+    def hold_host(self, mb: int, *, pid: int, label: str) -> None:
+        """``pid`` holds ``mb`` of host RAM (replacing what it held under ``label``)."""
+        with self._locked():
+            data = self._load()
+            data["host"] = [h for h in data["host"] if (h["pid"], h["label"]) != (pid, label)]
+            data["host"].append({"pid": pid, "mb": mb, "label": label})
+            self._write(data)
+
+    def free_host(self, pid: int, label: str | None = None) -> None:
+        """Give back the host RAM ``pid`` holds (only ``label``'s part, if named): at once."""
+        with self._locked():
+            data = self._load()
+            data["host"] = [
+                h for h in data["host"] if h["pid"] != pid or label not in (None, h["label"])
+            ]
+            self._write(data)
+
+    def host_held(self) -> dict[int, int]:
+        """Host RAM per process, MiB."""
+        with self._locked():
+            data = self._load()
+        held: dict[int, int] = {}
+        for item in data["host"]:
+            held[item["pid"]] = held.get(item["pid"], 0) + item["mb"]
+        return held
+
     def set_release_delay(self, seconds: float) -> None:
         with self._locked():
             data = self._load()
@@ -210,3 +254,20 @@ class SimGpu:
 
     def totals(self) -> list[int]:
         return [int(d["total_mb"]) for d in self._read_file()["devices"]]
+
+
+class SimProbe:
+    """The simulated GPU (this module), read like NVML: per device, per process."""
+
+    kind = "sim"
+    measures = True
+
+    def __init__(self, path: Path) -> None:
+        self.sim = SimGpu(path)
+        self.sim.totals()  # a missing or broken file fails at start-up, not on first use
+
+    async def devices(self) -> list[GpuSnapshot]:
+        try:
+            return await asyncio.to_thread(self.sim.read)
+        except SimGpuError as exc:  # broken since start-up: the request says so, not a 500
+            raise BackendUnavailable(str(exc)) from None

@@ -4,57 +4,64 @@ truth about every engine.
 Managed models live in slots (``slot.Slot``: the state machine). This module owns the slots, the
 per-model status and restart accounting (``modelstate``), and the loops that keep them true:
 engine exits are reported by each backend's supervisor the moment they happen, a reconcile loop
-asks every backend every ``CHAT_PROXY_RECONCILE_S`` whether what we believe ready still runs
-(and what Ollama holds), and a refused connection to a ready engine triggers a check at once.
+(``upkeep``) asks every backend every ``CHAT_PROXY_RECONCILE_S`` whether what we believe ready
+still runs (and what Ollama holds), and a refused connection to a ready engine triggers a check
+at once.
 Models the proxy does not manage (an entry with an explicit address, Ollama, ``openai``) only
-get their in-flight count and the passive state the last request or reconcile saw.
+get their in-flight count and the passive state the last request or reconcile saw. Every
+model's state is in one ``StatusBook`` (``modelstate``): the slots move managed models' states,
+this module the passive ones.
 
-The GPU arbiter is reached only through ``arbiter.seams.GpuGate``, and it reaches back only
-through ``holdings``/``restore`` (``seams.Residency``).
+The GPU arbiter is reached only through ``arbiter.seams.GpuGate`` (``NO_GPU`` when there is
+none, or for a model that takes no GPU), and it reaches back only through
+``holdings``/``restore`` (``seams.Residency``). The gate is made at construction, from the
+lifecycle itself (``gpu_gate=``): the arbiter needs the lifecycle as its residency.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from imageworks.chat_proxy.arbiter.seams import GpuGate, Holding
-from imageworks.chat_proxy.engines import idle
-from imageworks.chat_proxy.engines.backends import Backend
+from imageworks.chat_proxy.arbiter.seams import NO_GPU, GpuGate, Holding
+from imageworks.chat_proxy.engines.backends import Backend, StartRequest
 from imageworks.chat_proxy.engines.modelstate import (
     CRASHED,
-    FAILED,
+    LOADED,
     READY,
-    STARTING,
+    SLEEPING,
     STOPPED,
-    STOPPING,
     UNKNOWN,
     UNREACHABLE,
     ModelStatus,
     Restarts,
+    State,
+    StatusBook,
+    start_refusal,
 )
-from imageworks.chat_proxy.engines.slot import Slot, Ticket
-from imageworks.chat_proxy.errors import BackendUnavailable, ModelBackoff, ModelStartFailed
+from imageworks.chat_proxy.engines.slot import Slot
+from imageworks.chat_proxy.engines.turns import STRICT_TURNS, Collation, Ticket
+from imageworks.chat_proxy.errors import ProxyError
+from imageworks.chat_proxy.observe.metrics import Metrics
 from imageworks.chat_proxy.observe.requestlog import RequestLog, utc_now_iso
 from imageworks.chat_proxy.supervision.process import safe_name
 from imageworks.model_loader.registry import Registry
 from imageworks.model_loader.schema import ModelEntry
 
-if TYPE_CHECKING:
-    from imageworks.chat_proxy.observe.metrics import Metrics
-
 log = logging.getLogger(__name__)
 
-# Re-exported: callers name states and tickets through this module.
-__all__ = ["CRASHED", "FAILED", "READY", "STARTING", "STOPPED", "STOPPING", "UNKNOWN"]
-__all__ += ["UNREACHABLE", "Lifecycle", "ModelStatus", "Ticket"]
+
+def ttl_of(entry: ModelEntry, default_s: float) -> float:
+    """Seconds of idleness before ``entry`` is unloaded; 0: never."""
+    if entry.pinned:
+        return 0.0
+    return entry.ttl_s if entry.ttl_s is not None else default_s
 
 
 class Lifecycle:
@@ -69,6 +76,9 @@ class Lifecycle:
         request_log: RequestLog | None = None,
         restarts: Callable[[], Restarts] = Restarts,
         idle_ttl_s: float = 0.0,
+        metrics: Metrics | None = None,
+        gpu_gate: Callable[[Lifecycle], GpuGate] | None = None,
+        collation: Collation = STRICT_TURNS,
     ) -> None:
         self.backends = backends
         self.staging_dir = staging_dir
@@ -78,16 +88,20 @@ class Lifecycle:
         self.request_log = request_log
         self.new_restarts = restarts
         self.idle_ttl_s = idle_ttl_s
+        self.collation = collation  # in shared slots: see turns.Collation
+        self.metrics = metrics if metrics is not None else Metrics()
         self.slots: dict[str, Slot] = {}
-        self.gate: GpuGate | None = None  # set by the app once the arbiter exists
-        self.metrics: Metrics | None = None
         self._last_used: dict[str, float] = {}
-        self.statuses: dict[str, ModelStatus] = {}
+        self.book = StatusBook(on_change=self._publish)
         self.restarts: dict[str, Restarts] = {}
         self.in_flight: Counter[str] = Counter()
         self._checks: set[asyncio.Task[None]] = set()
-        # Bumped on every state change so cached views (the model list) know to refresh.
-        self.version = 0
+        self.gpu_gate: GpuGate = gpu_gate(self) if gpu_gate is not None else NO_GPU
+
+    @property
+    def version(self) -> int:
+        """Moves on with every state change, so cached views (the model list) refresh."""
+        return self.book.version
 
     def backend(self, entry: ModelEntry) -> Backend:
         return self.backends[entry.backend]
@@ -98,8 +112,12 @@ class Lifecycle:
             return None
         slot = self.slots.get(key)
         if slot is None:
-            slot = self.slots[key] = Slot(key, self.backend(entry), self)
+            slot = self.slots[key] = Slot(key, self.backend(entry), self, self.book)
         return slot
+
+    def gpu_for(self, entry: ModelEntry) -> GpuGate:
+        """The gate for ``entry``: the arbiter's, unless serving it takes no GPU."""
+        return self.gpu_gate if self.backend(entry).uses_gpu(entry) else NO_GPU
 
     def start_log(self, name: str) -> Path:
         return self.staging_dir / "autostart" / f"{safe_name(name)}.log"
@@ -117,12 +135,10 @@ class Lifecycle:
         self, entry: ModelEntry, *, autostart: bool, lease_token: str | None = None
     ) -> Ticket:
         backend = self.backend(entry)
-        if self.gate is not None and backend.uses_gpu(entry):
-            self.gate.admit(entry, lease_token)
+        self.gpu_for(entry).admit(entry, lease_token)
         slot = self.slot(entry)
         if slot is None:
-            if self.gate is not None:
-                await backend.prepare(entry, self.gate.make_room)
+            await backend.prepare(entry, self.gpu_gate.make_room)
             return self._hold(entry, Ticket(entry.name, backend.base_url(entry), 0.0, False), None)
         ticket = await slot.acquire(entry, autostart=autostart, queue_timeout=self.queue_timeout)
         return self._hold(entry, ticket, slot)
@@ -143,7 +159,7 @@ class Lifecycle:
                 if reached is False:  # refused by an engine we believe ready: look now
                     self._check_soon(slot)
             elif reached is not None:
-                self.set_status(name, READY if reached else UNREACHABLE)
+                self.book.move(name, READY if reached else UNREACHABLE)
 
         ticket._on_release = release
         return ticket
@@ -155,29 +171,9 @@ class Lifecycle:
 
     def may_start(self, entry: ModelEntry) -> None:
         """Raise if ``entry`` must not be started automatically now."""
-        name = entry.name
-        restarts = self.restarts_of(name)
-        now = time.monotonic()
-        status = self.statuses.get(name)
-        last = status.last_error if status else None
-        if restarts.halted:
-            raise ModelStartFailed(
-                f"model {name!r} is failed ({restarts.halted}; last crash: {last}); start it "
-                f"with 'imageworks-models activate-model {name}' or POST /admin/activate"
-            )
-        if status is not None and status.state == CRASHED and entry.restart == "never":
-            raise BackendUnavailable(
-                f"model {name!r} crashed ({last}) and its restart policy is 'never'; start it "
-                f"with 'imageworks-models activate-model {name}' or POST /admin/activate"
-            )
-        wait = restarts.wait_s(now)
-        if wait > 0:
-            raise ModelBackoff(
-                f"model {name!r} is not restarted for another {wait:.1f} s after "
-                f"{'a crash' if status and status.state == CRASHED else 'a failed start'}"
-                f" (last error: {last})",
-                headers={"Retry-After": restarts.retry_after(now)},
-            )
+        refusal = start_refusal(entry, self.restarts_of(entry.name), self.book.get(entry.name))
+        if refusal is not None:
+            raise refusal
 
     # --- operator actions ----------------------------------------------------------------------
 
@@ -186,7 +182,7 @@ class Lifecycle:
         loops (an operator's explicit request); returns once ready."""
         self.restarts_of(entry.name).reset()
         if self.state(entry) == CRASHED:
-            self.set_status(entry.name, STOPPED)  # the operator's word overrides 'never'
+            self.book.move(entry.name, STOPPED)  # the operator's word overrides 'never'
         ticket = await self.acquire(entry, autostart=True)
         ticket.release()
         return self.status(entry)
@@ -239,53 +235,12 @@ class Lifecycle:
         for backend in self.backends.values():
             await backend.close()
 
-    # --- the truth loop ------------------------------------------------------------------------
-
-    async def reconcile(self) -> None:
-        """Check every ready engine, stop the ones whose entry left the registry (once idle:
-        nothing may hide a running engine), and refresh what unmanaged engines report."""
-        names = set(self.registry().names)
-        for slot in list(self.slots.values()):
-            if slot.active is not None and slot.active not in names:
-                name = slot.active
-                if await slot.evict(name, "removed from the registry"):
-                    log.info("stopped %s: it is no longer in the registry", slot.key)
-                    if self.metrics is not None:
-                        self.metrics.idle_unloads.labels(name, "removed").inc()
-                continue
-            await slot.check()
-        entries = [e for e in self.registry() if e.servable and not self.managed(e)]
-        for backend in self.backends.values():
-            mine = [e for e in entries if e.backend == backend.kind]
-            if not mine:
-                continue
-            with contextlib.suppress(Exception):
-                for name, state in (await backend.observed(mine)).items():
-                    self.set_status(name, state)
-
-    async def reconcile_loop(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await self.reconcile()
-            except Exception as exc:  # the loop must outlive any one bad round
-                log.warning("reconcile failed: %s", exc)
-
-    # --- preload (idle unload lives in idle.py) ------------------------------------------
-
-    async def preload(self, names: Iterable[str]) -> None:
-        """Start the named models and those marked ``preload`` (at proxy start)."""
-        registry = self.registry()
-        wanted = set(names)
-        for entry in registry:
-            if not entry.servable or not self.managed(entry):
-                continue
-            if entry.preload or entry.name in wanted:
-                try:
-                    await self.activate(entry)
-                    self.event("preload", model=entry.name, result="ready")
-                except Exception as exc:
-                    self.event("preload", model=entry.name, result="failed", error=str(exc))
+    def idle_left(self, entry: ModelEntry) -> float | None:
+        """Seconds until ``entry`` is unloaded for idleness, if it is ready and idle now."""
+        slot, ttl = self.slot(entry), ttl_of(entry, self.idle_ttl_s)
+        if slot is None or ttl <= 0 or not slot.idle(entry.name):
+            return None
+        return max(0.0, ttl - (time.monotonic() - self.last_used(entry.name)))
 
     # --- the Residency the arbiter sees --------------------------------------------------------
 
@@ -296,16 +251,22 @@ class Lifecycle:
             entry = slot.entry
             if slot.active is None or entry is None or not slot.backend.uses_gpu(entry):
                 continue
+            asleep, status = slot.state == SLEEPING, self.status(entry)
+            can_sleep = slot.state == READY and slot.backend.sleepable(entry)
             found.append(
                 Holding(
                     entry.name,
-                    entry.vram_estimate_mb or 0,  # the arbiter knows better once it has measured
+                    0 if asleep else entry.vram_estimate_mb or 0,  # the arbiter measures better
                     self.last_used(entry.name),
                     slot.in_flight,
-                    protected=slot.state != READY,  # starting or stopping: its slot's business
+                    # starting, stopping, waking or a sleep under way: its slot's business
+                    protected=slot.state not in (READY, SLEEPING) or slot.switch_task is not None,
                     evict=functools.partial(slot.evict, entry.name, "vram"),
                     pid=slot.backend.pid_of(entry.name),
                     entry=entry,
+                    sleep=functools.partial(slot.sleep, entry.name) if can_sleep else None,
+                    sleeping=asleep,
+                    host_mb=(status.host_mb or 0) if asleep else 0,
                 )
             )
         entries = [e for e in registry if e.servable and not self.managed(e)]
@@ -327,40 +288,36 @@ class Lifecycle:
             if slot.active is not None and slot.entry is not None and not slot.making_room
         ]
 
-    async def make_room(self, entry: ModelEntry) -> None:
-        if self.gate is not None and self.backend(entry).uses_gpu(entry):
-            await self.gate.make_room(entry)
-
-    def gpu_share(self, entry: ModelEntry) -> float | None:
-        if self.gate is None or not self.backend(entry).uses_gpu(entry):
-            return None
-        return self.gate.share_of(entry)
-
     def gpu_devices(self, entry: ModelEntry) -> tuple[int, ...] | None:
         """The devices ``entry`` was placed on (its engine's CUDA_VISIBLE_DEVICES)."""
-        if self.gate is None or not self.backend(entry).uses_gpu(entry):
-            return None
-        return self.gate.placement_of(entry)
+        return self.gpu_for(entry).placement_of(entry)
+
+    # --- what the slots ask (``slot.SlotOwner``) and report --------------------------------------
+
+    async def room_for(self, entry: ModelEntry) -> StartRequest:
+        gpu = self.gpu_for(entry)
+        await gpu.make_room(entry)
+        return StartRequest(
+            entry,
+            self.start_log(entry.name),
+            self.start_timeout,
+            gpu_share=gpu.share_of(entry),
+            devices=gpu.placement_of(entry),
+        )
 
     async def learn(self, entry: ModelEntry, pid: int | None) -> None:
-        if self.gate is not None and self.backend(entry).uses_gpu(entry):
-            await self.gate.learn(entry, pid)
-
-    # --- what the slots report -----------------------------------------------------------------
+        await self.gpu_for(entry).learn(entry, pid)
 
     def started(self, entry: ModelEntry, load_ms: float) -> None:
         self.restarts_of(entry.name).started()
         self.touch(entry.name)  # its idle time counts from now
-        self.set_status(entry.name, READY, load_ms=load_ms)
-        self.statuses[entry.name].last_error = None  # running again: the old error is history
         self.event("autostart", model=entry.name, result="ready", load_ms=load_ms)
         self.count_load(entry.name, "ready", load_ms)
 
-    def start_failed(self, entry: ModelEntry, error: Any, *, backoff: bool = True) -> None:
+    def start_failed(self, entry: ModelEntry, error: ProxyError, *, backoff: bool = True) -> None:
         restarts = self.restarts_of(entry.name)
         if backoff:
             restarts.start_failed(time.monotonic())
-        self.set_status(entry.name, FAILED, error=error.message)
         self.event(
             "autostart",
             model=entry.name,
@@ -370,14 +327,21 @@ class Lifecycle:
         )
         self.count_load(entry.name, "failed", None)
 
-    def engine_crashed(self, name: str, why: str) -> None:
-        restarts = self.restarts_of(name)
-        looping = restarts.crashed(time.monotonic())
+    def slept(self, entry: ModelEntry, found: dict[str, Any]) -> None:
+        self.event("sleep", model=entry.name, **found)
+        self.gpu_for(entry).slept(entry, found.get("host_mb"))
+
+    def woke(self, entry: ModelEntry, wake_ms: float) -> None:
+        self.touch(entry.name)
+        self.event("wake", model=entry.name, wake_ms=wake_ms)
+        self.gpu_for(entry).woke(entry, wake_ms / 1000)
+
+    def crashed(self, name: str, why: str) -> bool:
+        looping = self.restarts_of(name).crashed(time.monotonic())
         log.warning("engine of %s crashed: %s", name, why)
-        self.set_status(name, FAILED if looping else CRASHED, error=why)
         self.event("crash", model=name, error=why, crash_loop=looping)
-        if self.metrics is not None:
-            self.metrics.engine_crashes.labels(name).inc()
+        self.metrics.engine_crashes.labels(name).inc()
+        return looping
 
     def restarts_of(self, name: str) -> Restarts:
         if name not in self.restarts:
@@ -391,23 +355,22 @@ class Lifecycle:
         return self._last_used.get(name, 0.0)
 
     def count_load(self, name: str, result: str, load_ms: float | None) -> None:
-        if self.metrics is not None:
-            self.metrics.model_loads.labels(name, result).inc()
-            if load_ms is not None:
-                self.metrics.model_load_seconds.labels(name).observe(load_ms / 1000)
+        self.metrics.model_loads.labels(name, result).inc()
+        if load_ms is not None:
+            self.metrics.model_load_seconds.labels(name).observe(load_ms / 1000)
 
     def status(self, entry: ModelEntry) -> ModelStatus:
         default = STOPPED if self.managed(entry) else UNKNOWN
-        return self.statuses.get(entry.name) or ModelStatus(state=default)
+        return self.book.get(entry.name) or ModelStatus(state=default)
 
-    def state(self, entry: ModelEntry) -> str:
+    def state(self, entry: ModelEntry) -> State:
         return self.status(entry).state
 
     def describe(self, entry: ModelEntry) -> dict[str, Any]:
         """The status as ``/admin/state`` shows it, with the restart accounting."""
         view = self.status(entry).public()
         if self.managed(entry):
-            left = idle.time_left(self, entry)
+            left = self.idle_left(entry)
             view["idle_unload_in_s"] = None if left is None else round(left, 1)
             view["pinned"] = entry.pinned
             used = self.last_used(entry.name)
@@ -419,30 +382,18 @@ class Lifecycle:
 
     def devices_of(self, entry: ModelEntry) -> list[int]:
         """Where ``entry`` runs now; [] when it is not loaded or nobody knows."""
-        if self.gate is None or self.state(entry) not in (READY, STARTING, STOPPING):
+        if self.state(entry) not in LOADED:
             return []
-        return list(self.gate.placement_of(entry) or ())
+        return list(self.gpu_gate.placement_of(entry) or ())
 
     def managed(self, entry: ModelEntry) -> bool:
         return self.backend(entry).slot_key(entry) is not None
 
-    def set_status(
-        self, name: str, state: str, *, error: str | None = None, load_ms: float | None = None
-    ) -> None:
-        current = self.statuses.get(name)
-        if current is not None and current.state == state and error is None and load_ms is None:
-            return
-        status = ModelStatus(
-            state=state,
-            last_error=error if error is not None else (current.last_error if current else None),
-        )
-        status.load_ms = load_ms if load_ms is not None else (current.load_ms if current else None)
-        self.statuses[name] = status
-        self.version += 1
-        if current is None or current.state != state:  # the event stream shows each change
-            bus = self.request_log.bus if self.request_log is not None else None
-            if bus is not None:
-                bus.publish({"ts": utc_now_iso(), "event": "state", "model": name, "state": state})
+    def _publish(self, name: str, state: State) -> None:
+        """The event stream (``/admin/events``) shows each change of a model's state."""
+        bus = self.request_log.bus if self.request_log is not None else None
+        if bus is not None:
+            bus.publish({"ts": utc_now_iso(), "event": "state", "model": name, "state": state})
 
     def event(self, event: str, **fields: Any) -> None:
         if self.request_log is not None:

@@ -14,6 +14,18 @@ Any exception during a start is a failure, never a retry loop: the engine is rea
 requests get the error at once, and the next start waits for the model's backoff. An engine
 that dies while ready (its supervisor says so, or a reconcile finds it gone) is ``crashed``:
 the slot reaps it and the next request restarts it, until a crash loop halts it.
+
+vLLM sleep mode: the arbiter may evict a sleep-able model by ``sleep`` instead of a stop (its
+weights go to host RAM, its engine stays): the model stays the slot's active one, ``sleeping``,
+and the next request for it wakes it (``waking``, after room is made on the GPU again) rather
+than starting it. Collation (``turns.Collation``): a bounded run of requests for the running
+model may still go first once another model has claimed the slot, so alternating clients do
+not swap on every request.
+
+The state of the slot's models lives in the ``StatusBook`` the slot is given (``state`` is its
+active model's entry there): the slot moves it, the lifecycle reads it, nobody copies it. What
+the slot may ask of its owner is ``owner.SlotOwner``: may this model start, make room and say how to
+start it, learn what it holds, and hear of a start, a failed start, a crash, a sleep or a wake.
 """
 
 from __future__ import annotations
@@ -23,89 +35,79 @@ import contextlib
 import functools
 import logging
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 from imageworks.chat_proxy.engines.backends import Backend
 from imageworks.chat_proxy.engines.modelstate import (
     CRASHED,
     FAILED,
     READY,
+    SLEEPING,
     STARTING,
     STOPPED,
     STOPPING,
+    WAKING,
+    State,
+    StatusBook,
 )
+from imageworks.chat_proxy.engines.owner import SlotOwner
+from imageworks.chat_proxy.engines.sleepmode import SleepMode
+from imageworks.chat_proxy.engines.turns import Ticket, Waiter, exception_text, wait_error
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
     InsufficientVram,
     ModelStartFailed,
-    ModelStartTimeout,
     ProxyError,
     QueueFull,
 )
 from imageworks.model_loader.schema import ModelEntry
 
-if TYPE_CHECKING:
-    from imageworks.chat_proxy.engines.lifecycle import Lifecycle
-
-log = logging.getLogger("imageworks.chat_proxy.engines.lifecycle")
+log = logging.getLogger(__name__)
 
 
-@dataclass
-class Ticket:
-    """One request's hold on a model; ``release`` exactly once when its response is done."""
-
-    name: str
-    base_url: str
-    wait_ms: float
-    loaded: bool
-    _on_release: Any = None
-    released: bool = False
-
-    def release(self, *, reached: bool | None = None) -> None:
-        if not self.released:
-            self.released = True
-            self._on_release(reached)
-
-
-@dataclass(eq=False)
-class _Waiter:
-    name: str
-
-
-def describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-class Slot:
-    def __init__(self, key: str, backend: Backend, owner: Lifecycle) -> None:
+class Slot(SleepMode):
+    def __init__(self, key: str, backend: Backend, owner: SlotOwner, book: StatusBook) -> None:
         self.key = key
         self.backend = backend
         self.owner = owner
+        self.book = book
         self.active: str | None = None
         self.entry: ModelEntry | None = None
-        self.state = STOPPED
         self.base_url: str | None = None
         self.in_flight = 0
         self.target: str | None = None  # the model that has claimed the next turn
-        self.waiters: list[_Waiter] = []
-        self.reserved: set[_Waiter] = set()  # admitted before anyone may claim the slot
+        self.waiters: list[Waiter] = []
+        self.reserved: set[Waiter] = set()  # admitted before anyone may claim the slot
         self.switch_task: asyncio.Task[None] | None = None
         self.switch_started = 0.0
-        self.making_room = False
-        self.stopping = False  # a stop in progress holds the slot: nobody starts meanwhile
+        self.making_room = False  # starting, but not on the GPU yet
         self.failures: dict[str, int] = {}
         self.errors: dict[str, ProxyError] = {}
+        self.collated = 0  # requests for the active model admitted past another's claim
         self._changed = asyncio.Event()
+
+    @property
+    def state(self) -> State:
+        """The state of the active model (stopped when there is none)."""
+        return STOPPED if self.active is None else self.book.state(self.active)
 
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def _admissible(self, name: str, waiter: _Waiter) -> bool:
+    def _admissible(self, name: str, waiter: Waiter) -> bool:
         if self.active != name or self.state != READY:
             return False
-        return self.target in (None, name) or waiter in self.reserved
+        return self.target in (None, name) or waiter in self.reserved or self._collate()
+
+    def _collate(self) -> bool:
+        """May a request for the running model go before the claimed swap (collation)?"""
+        if self.switch_task is not None:
+            return False
+        claimants = (w.since for w in self.waiters if w.name == self.target)
+        if not self.owner.collation.allows(self.collated, claimants, time.monotonic()):
+            return False
+        self.collated += 1
+        return True
 
     async def acquire(self, entry: ModelEntry, *, autostart: bool, queue_timeout: float) -> Ticket:
         name = entry.name
@@ -113,7 +115,7 @@ class Slot:
         deadline = started + queue_timeout
         failures_seen = self.failures.get(name, 0)
         loaded = False
-        waiter = _Waiter(name)
+        waiter = Waiter(name, started)
         self.waiters.append(waiter)
         try:
             while True:
@@ -125,8 +127,9 @@ class Slot:
                     return Ticket(name, self.base_url, wait_ms, loaded, self._release_one)
                 if self.failures.get(name, 0) != failures_seen:
                     raise self.errors[name]
+                waking = self.active == name and self.state == SLEEPING  # resident: it wakes
                 if self.target is None and not (self.active == name and self.state == STARTING):
-                    if not autostart:
+                    if not autostart and not waking:
                         raise BackendUnavailable(
                             f"model {name!r} is not running and autostart is disabled; start it "
                             f"with 'imageworks-models activate-model {name}' or "
@@ -144,12 +147,12 @@ class Slot:
                 if (
                     self.target == name
                     and self.switch_task is None
-                    and not self.stopping
+                    and self.state != STOPPING
                     and self.in_flight == 0
                 ):
                     loaded = True
                     self.switch_task = asyncio.create_task(self._switch(entry))
-                if self.active == name and self.state == STARTING:
+                if self.active == name and self.state in (STARTING, WAKING):
                     loaded = True
                     # Once our model is loading, its own start timeout is what bounds the wait.
                     deadline = max(deadline, self.switch_started + self.owner.start_timeout + 5)
@@ -175,21 +178,12 @@ class Slot:
         return True
 
     def _timeout_error(self, name: str, queue_timeout: float) -> ProxyError:
-        if self.active == name and self.state == STARTING:
-            return ModelStartTimeout(
-                f"model {name!r} is still loading; try again shortly", headers={"Retry-After": "10"}
-            )
-        busy = (
-            f"{self.active!r} is still serving {self.in_flight} request(s)"
-            if self.active and self.in_flight
-            else "the backend is busy switching models"
-        )
-        return QueueFull(
-            f"model {name!r} waited {queue_timeout:.0f} s for its turn: {busy}",
-            headers={"Retry-After": "10"},
+        loading = self.active == name and self.state in (STARTING, WAKING)
+        return wait_error(
+            name, queue_timeout, loading=loading, active=self.active, in_flight=self.in_flight
         )
 
-    def _leave_reserved(self, waiter: _Waiter) -> None:
+    def _leave_reserved(self, waiter: Waiter) -> None:
         if waiter in self.reserved:
             self.reserved.discard(waiter)
             if not self.reserved and self.target == waiter.name:
@@ -207,33 +201,32 @@ class Slot:
 
     async def _switch(self, entry: ModelEntry) -> None:
         name = entry.name
+        self.collated = 0
         try:
+            if self.active == name and self.state == SLEEPING:
+                await self._wake(entry)
+                return
             if self.active is not None:
                 await self._stop_active("swap")
-            self.active, self.entry, self.state, self.base_url = name, entry, STARTING, None
+            self.active, self.entry, self.base_url = name, entry, None
+            self.book.move(name, STARTING)
             self.switch_started = time.monotonic()
-            self.owner.set_status(name, STARTING)
             self._notify()
             self.making_room = True  # not on the GPU yet: a declared budget must not count it
             try:
-                await self.owner.make_room(entry)
+                request = await self.owner.room_for(entry)
             except Exception as exc:  # no room: nothing was started, so no backoff either
                 await self._start_failed(entry, exc, backoff=False)
                 return
             finally:
                 self.making_room = False
             try:
-                base_url = await self.backend.start(
-                    entry,
-                    self.owner.start_log(name),
-                    self.owner.start_timeout,
-                    gpu_share=self.owner.gpu_share(entry),
-                    devices=self.owner.gpu_devices(entry),
-                )
+                base_url = await self.backend.start(request)
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
                     await self.backend.stop(name)  # an abandoned start leaves no child
-                self.active, self.entry, self.state = None, None, STOPPED
+                self.book.move(name, STOPPED)
+                self.active, self.entry = None, None
                 raise
             except Exception as exc:
                 await self._start_failed(entry, exc)
@@ -241,17 +234,22 @@ class Slot:
             load_ms = round((time.monotonic() - self.switch_started) * 1000, 1)
             with contextlib.suppress(Exception):  # learning a footprint is best effort
                 await self.owner.learn(entry, self.backend.pid_of(name))
-            self.state, self.base_url = READY, base_url
+            self.base_url = base_url
+            self.book.move(name, READY, load_ms=load_ms, error=None)  # the old error is history
             self.owner.started(entry, load_ms)
-            self.reserved = {w for w in self.waiters if w.name == name}
-            if not self.reserved:
-                self.target = None
+            self._reserve(name)
             # Last, with no await after it: an exit from here on is seen once this switch is
             # over (the watch reports an engine that is already gone at once).
             self.backend.supervise(name, functools.partial(self.crashed, name))
         finally:
             self.switch_task = None
             self._notify()
+
+    def _reserve(self, name: str) -> None:
+        """``name`` just became ready: those waiting for it go before anyone may claim."""
+        self.reserved = {w for w in self.waiters if w.name == name}
+        if not self.reserved:
+            self.target = None
 
     async def _start_failed(
         self, entry: ModelEntry, exc: Exception, *, backoff: bool = True
@@ -260,27 +258,28 @@ class Slot:
         error = (
             exc
             if isinstance(exc, ProxyError)
-            else ModelStartFailed(f"model {name!r} failed to start: {describe(exc)}")
+            else ModelStartFailed(f"model {name!r} failed to start: {exception_text(exc)}")
         )
         if not isinstance(exc, ProxyError):
-            log.warning("starting %s failed: %s", name, describe(exc), exc_info=exc)
+            log.warning("starting %s failed: %s", name, exception_text(exc), exc_info=exc)
         # Report first: the waiting requests get the error now, not after the cleanup (which
         # may wait on a slow executor). The slot stays busy (switch_task) until it is done.
         self.failures[name] = self.failures.get(name, 0) + 1
         self.errors[name] = error
         self.target = None
+        self.book.move(name, FAILED, error=error.message)
         self.owner.start_failed(entry, error, backoff=backoff)
         self._notify()
         try:
             await self.backend.stop(name)  # reap whatever the start left behind
         except Exception as stop_exc:
-            log.warning("cleaning up after %s's failed start: %s", name, describe(stop_exc))
-        self.active, self.entry, self.state = None, None, STOPPED
+            log.warning("cleaning up after %s's failed start: %s", name, exception_text(stop_exc))
+        self.active, self.entry = None, None  # the model stays failed
 
     def adopt(self, entry: ModelEntry, base_url: str) -> None:
         """Take over an engine an earlier proxy started (it answered its health check)."""
-        self.active, self.entry, self.state, self.base_url = entry.name, entry, READY, base_url
-        self.owner.set_status(entry.name, READY)
+        self.active, self.entry, self.base_url = entry.name, entry, base_url
+        self.book.move(entry.name, READY)
         self.owner.event("adopt", model=entry.name, base_url=base_url)
         self.backend.supervise(entry.name, functools.partial(self.crashed, entry.name))
         self._notify()
@@ -289,10 +288,11 @@ class Slot:
 
     def crashed(self, name: str, why: str) -> None:
         """The engine serving ``name`` died while ready: reap it; the next request restarts it."""
-        if self.active != name or self.state != READY or self.switch_task is not None:
+        if self.active != name or self.state not in (READY, SLEEPING) or self.switch_task:
             return  # already stopping, swapping or restarting: not a crash of a ready engine
-        self.state, self.base_url = CRASHED, None
-        self.owner.engine_crashed(name, why)
+        self.base_url = None
+        looping = self.owner.crashed(name, why)
+        self.book.move(name, FAILED if looping else CRASHED, error=why)
         self.switch_task = asyncio.get_running_loop().create_task(self._reap(name))
         self._notify()
 
@@ -300,7 +300,7 @@ class Slot:
         try:
             with contextlib.suppress(Exception):
                 await self.backend.stop(name)
-            self.active, self.entry, self.state = None, None, STOPPED
+            self.active, self.entry = None, None  # the model stays crashed (or failed)
         finally:
             self.switch_task = None
             self._notify()
@@ -313,7 +313,7 @@ class Slot:
         try:
             alive = await self.backend.reconcile(entry)
         except Exception as exc:
-            log.warning("reconciling %s failed: %s", name, describe(exc))
+            log.warning("reconciling %s failed: %s", name, exception_text(exc))
             return
         if alive is False:
             self.crashed(name, f"the {self.backend.kind} engine of {name!r} is no longer running")
@@ -323,35 +323,36 @@ class Slot:
     async def _stop_active(self, reason: str) -> None:
         name = self.active
         assert name is not None
-        self.state, self.stopping = STOPPING, True
-        self.owner.set_status(name, STOPPING)
+        self.book.move(name, STOPPING)  # a stop in progress holds the slot: nobody starts
         self._notify()
         try:
             await self.backend.stop(name)
         except Exception as exc:  # a failed stop must not wedge the slot
             log.warning("stopping %s failed: %s", name, exc)
-        finally:
-            self.stopping = False
-        self.active, self.entry, self.state, self.base_url = None, None, STOPPED, None
-        self.owner.set_status(name, STOPPED)
+        self.book.move(name, STOPPED)
+        self.active, self.entry, self.base_url = None, None, None
         self.owner.event("unload", model=name, reason=reason)
         self._notify()
+
+    def _switching(self) -> bool:
+        """A start, a reap or a stop is under way."""
+        return self.switch_task is not None or self.state == STOPPING
 
     def idle(self, name: str) -> bool:
         """Is ``name`` the ready model here, serving no one, with nobody waiting for a turn?"""
         return (
             self.active == name
             and self.state == READY
-            and not self.stopping
             and not self.in_flight
             and self.switch_task is None
             and self.target in (None, name)
         )
 
     async def evict(self, name: str, reason: str) -> bool:
-        """Stop ``name`` now if it is idle here (the arbiter's eviction, or an idle TTL:
-        ``reason`` "idle")."""
-        if not self.idle(name):
+        """Stop ``name`` now if it is idle here, or asleep (the arbiter's eviction, or an idle
+        TTL: ``reason`` "idle")."""
+        asleep = self.active == name and self.state == SLEEPING and self.switch_task is None
+        if not self.idle(name) and not asleep:
             return False
         await self._stop_active("idle" if reason == "idle" else f"evict ({reason})")
         self._notify()
@@ -360,7 +361,7 @@ class Slot:
     async def deactivate(self, name: str | None, timeout: float) -> bool:
         """Stop the active model (if it is ``name``, or any when None) once it has drained."""
         deadline = time.monotonic() + timeout
-        while self.switch_task is not None or self.stopping or (self.active and self.in_flight):
+        while self._switching() or (self.active and self.in_flight):
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not await self._wait(remaining):
                 raise QueueFull(
@@ -381,6 +382,3 @@ class Slot:
                 await task  # its own cleanup stops a half-started engine
         if self.active is not None:
             await self._stop_active("shutdown")
-
-
-__all__ = ["CRASHED", "FAILED", "READY", "STARTING", "STOPPED", "STOPPING", "Slot", "Ticket"]

@@ -5,17 +5,104 @@ validated like bodies."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
-from starlette.types import Receive
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from imageworks.chat_proxy.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
+from imageworks.chat_proxy.errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServerBusy,
+    UnsupportedMediaType,
+)
 from imageworks.chat_proxy.request.payloads import parse_body
 
 ADMIN_BODY_LIMIT = 64 * 1024  # admin and lease bodies are a few small fields
 Q = TypeVar("Q", bound=BaseModel)
+
+
+class BodyBudget:
+    """The bytes of request bodies all requests in flight hold together, at most ``total``."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+
+    def take(self, size: int) -> None:
+        if self.used + size > self.total:
+            raise ServerBusy(
+                f"the proxy holds {self.used} bytes of request bodies, and its budget is "
+                f"{self.total} (CHAT_PROXY_BODY_BUDGET_BYTES); retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        self.used += size
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
+class BodyGuard:
+    """ASGI middleware: every request body is counted against the shared ``BodyBudget`` as it
+    arrives (its ``Content-Length`` up front, when it has one) and given back when the request
+    is answered; over the budget, the read fails at once with a 503 and ``Retry-After``, so
+    nothing half-read stays in memory. The whole body must also have arrived within
+    ``deadline_s`` of its first read: a client trickling a byte every few seconds passes every
+    idle limit but not this (408)."""
+
+    def __init__(self, app: ASGIApp, budget: BodyBudget, deadline_s: float) -> None:
+        self.app = app
+        self.budget = budget
+        self.deadline_s = deadline_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        budget = self.budget
+        declared = 0
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit():
+                declared = int(value)
+        taken = received = 0
+        deadline: float | None = None
+        complete = False
+
+        async def counted() -> Message:
+            nonlocal taken, received, deadline, complete
+            if complete:
+                return await receive()
+            loop = asyncio.get_running_loop()
+            if deadline is None:
+                deadline = loop.time() + self.deadline_s
+                if declared and declared <= budget.total:
+                    budget.take(declared)  # refused before a byte is read
+                    taken = declared
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"the request body did not arrive within {self.deadline_s:g} s "
+                    "(CHAT_PROXY_BODY_DEADLINE_S)"
+                ) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > taken:
+                    budget.take(received - taken)
+                    taken = received
+                complete = not message.get("more_body", False)
+            else:
+                complete = True
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        finally:
+            budget.give(taken)
 
 
 class ClientGone(Exception):
@@ -67,11 +154,28 @@ async def request_body(request: Request, limit: int, idle_timeout: float) -> byt
 async def json_object(
     request: Request, idle_timeout: float, *, optional: bool = False
 ) -> dict[str, Any]:
-    """A small JSON object body (admin, leases); ``optional``: an empty body is ``{}``."""
+    """A small JSON object body (admin, leases); ``optional``: an empty body is ``{}``.
+    A body must say it is ``application/json``: a web page can send ``text/plain`` (or a form)
+    to any address without the browser asking first, but not JSON (request/browser.py)."""
+    require_json_body(request.headers)
     raw = await request_body(request, ADMIN_BODY_LIMIT, idle_timeout)
     if optional and not raw.strip():
         return {}
     return parse_body(raw)
+
+
+def require_json_body(headers: Mapping[str, str]) -> None:
+    """415 for a request with a body that is not ``application/json`` (any parameters); a
+    request without a body passes."""
+    declared = headers.get("content-length")
+    if declared == "0" or not (declared or "transfer-encoding" in headers):
+        return
+    media = headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media != "application/json":
+        raise UnsupportedMediaType(
+            f"the body must be application/json, not {media or 'untyped'} "
+            "(send 'Content-Type: application/json')"
+        )
 
 
 def query(request: Request, model: type[Q]) -> Q:

@@ -59,6 +59,12 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return data
 
 
+def parse_valid(endpoint: str, raw: bytes) -> tuple[dict[str, Any], str]:
+    """``parse_body`` then ``validate``: the body and its model name (one call for the pool)."""
+    body = parse_body(raw)
+    return body, validate(endpoint, body)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

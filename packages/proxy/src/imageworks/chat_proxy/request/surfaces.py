@@ -2,7 +2,7 @@
 
 A row says the surface's paths, how its body is read (``json``, ``multipart``, ``raw``), where
 the model name is (``body``, ``form``, ``path``), how the body is checked, the error envelope
-(``openai``, ``anthropic``), the stream format (``upstream/streams.py``; None: never streamed),
+(``openai``, ``anthropic``), the stream format (``request/streams.py``; None: never streamed),
 the capability a model needs, the protocol a backend must speak (``PROTOCOLS`` per backend
 kind; an entry's ``protocols`` for an external server says its own) and the path under the
 engine's OpenAI base. Usage is read from the answer's ``usage`` (streamed: by the format) and
@@ -19,7 +19,7 @@ from typing import Any
 from imageworks.chat_proxy.errors import InvalidRequest
 from imageworks.chat_proxy.request import payloads
 from imageworks.chat_proxy.request.payloads import CHAT, COMPLETIONS, EMBEDDINGS
-from imageworks.chat_proxy.upstream.streams import ANTHROPIC, OPENAI, RESPONSES, StreamFormat
+from imageworks.chat_proxy.request.streams import ANTHROPIC, OPENAI, RESPONSES, StreamFormat
 from imageworks.model_loader.schema import ModelEntry
 
 RESPONSES_NAME, MESSAGES, COUNT_TOKENS = "responses", "messages", "count_tokens"

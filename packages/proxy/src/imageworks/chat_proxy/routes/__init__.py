@@ -1,1 +1,3 @@
-"""HTTP routes, one module per surface: the OpenAI API, operations (health, metrics), admin."""
+"""HTTP routes, one module per surface: ``openai`` (the forwarded endpoints and the model list),
+``admin`` and ``views`` (operator actions and what ``/admin/state`` shows), ``gpu`` (leases and
+GPU status), ``ops`` (health, metrics)."""

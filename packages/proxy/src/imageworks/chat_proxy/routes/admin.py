@@ -12,12 +12,12 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from imageworks.chat_proxy.auth import require_admin
-from imageworks.chat_proxy.engines.modelstate import STARTING
+from imageworks.chat_proxy.engines.modelstate import STARTING, WAKING
 from imageworks.chat_proxy.errors import InvalidRequest, RegistryInvalid
 from imageworks.chat_proxy.observe.events import sse
-from imageworks.chat_proxy.request.bodies import json_object, query
-from imageworks.chat_proxy.routes.openai import JSON, loading_progress, proxy_state, resolve
+from imageworks.chat_proxy.request.bodies import query
+from imageworks.chat_proxy.routes.guard import admin, admin_body
+from imageworks.chat_proxy.routes.openai import JSON, loading_progress, resolve
 from imageworks.chat_proxy.server.state import ProxyState
 from imageworks.chat_proxy.upstream.peers import Listed
 from imageworks.model_loader.errors import RegistryError, UnknownProfileError
@@ -41,23 +41,8 @@ class RequestsQuery(BaseModel):
         return value
 
 
-async def _admin(request: Request) -> ProxyState:
-    state = proxy_state(request)
-    require_admin(
-        request.headers,
-        state.config.admin_token,
-        peer=request.client.host if request.client else None,
-        api_keys=state.config.api_keys,
-    )
-    return state
-
-
-async def _body(request: Request, *, optional: bool = False) -> dict[str, Any]:
-    return await json_object(request, proxy_state(request).config.body_timeout_s, optional=optional)
-
-
 async def admin_state(request: Request) -> Response:
-    state = await _admin(request)
+    state = admin(request)
     for entry in state.registry:  # a model never run here shows what its files say
         lifecycle = state.lifecycle
         if entry.servable and lifecycle.managed(entry) and lifecycle.backend(entry).uses_gpu(entry):
@@ -96,7 +81,7 @@ def model_state(state: ProxyState, entry: ModelEntry) -> dict[str, Any]:
             "in_flight": lifecycle.in_flight.get(entry.name, 0),
             # While it loads: seconds so far, of about how many (its learned load time).
             "loading": loading_progress(state, entry).public()
-            if lifecycle.state(entry) == STARTING
+            if lifecycle.state(entry) in (STARTING, WAKING)
             else None,
             # Its size: declared, estimated from its files, learned; and which one is used.
             "vram": state.arbiter.sizing(entry)
@@ -145,32 +130,32 @@ def _managed_entry(state: ProxyState, name: Any) -> ModelEntry:
 
 async def admin_activate(request: Request) -> Response:
     """Start a model (swapping out another if they share a slot); answers once it is ready."""
-    state = await _admin(request)
-    entry = _managed_entry(state, (await _body(request)).get("model"))
+    state = admin(request)
+    entry = _managed_entry(state, (await admin_body(request)).get("model"))
     await state.lifecycle.activate(entry)
     return _json(model_state(state, entry))
 
 
 async def admin_deactivate(request: Request) -> Response:
     """Stop one model (``{"model": ...}``) or every model the proxy started (no body)."""
-    state = await _admin(request)
-    name = (await _body(request, optional=True)).get("model")
+    state = admin(request)
+    name = (await admin_body(request, optional=True)).get("model")
     entry = _managed_entry(state, name) if name is not None else None
     stopped = await state.lifecycle.deactivate(entry)
     return _json({"stopped": stopped})
 
 
 async def admin_requests(request: Request) -> Response:
-    state = await _admin(request)
+    state = admin(request)
     limit = query(request, RequestsQuery).limit
     recent = list(state.log.recent)[-limit:]
     return _json({"object": "list", "data": recent[::-1]})
 
 
 async def admin_profile(request: Request) -> Response:
-    state = await _admin(request)
+    state = admin(request)
     if request.method == "PUT":
-        name = (await _body(request)).get("name")
+        name = (await admin_body(request)).get("name")
         if not isinstance(name, str):
             raise InvalidRequest("'name' must be a profile name", param="name")
         previous = state.profile.name
@@ -186,9 +171,9 @@ async def admin_profile(request: Request) -> Response:
 
 
 async def admin_autostart(request: Request) -> Response:
-    state = await _admin(request)
+    state = admin(request)
     if request.method == "PUT":
-        enabled = (await _body(request)).get("enabled")
+        enabled = (await admin_body(request)).get("enabled")
         if not isinstance(enabled, bool):
             raise InvalidRequest("'enabled' must be true or false", param="enabled")
         state.autostart = enabled
@@ -196,7 +181,7 @@ async def admin_autostart(request: Request) -> Response:
 
 
 async def registry_reload(request: Request) -> Response:
-    state = await _admin(request)
+    state = admin(request)
     try:
         registry = await asyncio.to_thread(state.watcher.reload)  # parses and writes files
     except RegistryError as exc:
@@ -216,7 +201,7 @@ async def admin_events(request: Request) -> Response:
     ``Last-Event-ID``: also what the bus still holds after that id). A comment every 15 s keeps
     idle connections open; a slow reader misses events (a ``dropped`` event says how many)
     rather than slowing anyone down."""
-    state = await _admin(request)
+    state = admin(request)
     bus = state.log.bus
     if bus is None:
         raise InvalidRequest("this proxy has no event stream")

@@ -11,9 +11,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from imageworks.chat_proxy.auth import require_admin, require_api_key
+from imageworks.chat_proxy.auth import require_api_key
 from imageworks.chat_proxy.errors import InvalidRequest
-from imageworks.chat_proxy.request.bodies import json_object
+from imageworks.chat_proxy.routes.guard import admin, admin_body
 from imageworks.chat_proxy.routes.openai import JSON, proxy_state
 from imageworks.chat_proxy.server.state import ProxyState
 
@@ -23,14 +23,8 @@ def _json(data: Any) -> Response:
 
 
 async def _mutation(request: Request) -> tuple[ProxyState, dict[str, Any]]:
-    state = proxy_state(request)
-    require_admin(
-        request.headers,
-        state.config.admin_token,
-        peer=request.client.host if request.client else None,
-        api_keys=state.config.api_keys,
-    )
-    return state, await json_object(request, state.config.body_timeout_s, optional=True)
+    state = admin(request)
+    return state, await admin_body(request, optional=True)
 
 
 def _optional(
@@ -42,6 +36,31 @@ def _optional(
     wrong_type = not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)
     if wrong_type or (check is not None and not check(value)):
         raise InvalidRequest(f"'{name}' has an invalid value", param=name)
+    return value
+
+
+async def _device(state: ProxyState, body: dict[str, Any]) -> int | None:
+    """The ``device`` asked for: a device this box has (when it can tell)."""
+    device: int | None = _optional(body, "device", int, lambda v: 0 <= v < 64)
+    if device is not None:
+        known = [snap.index for snap in await state.arbiter.snapshot()]
+        if known and device not in known:
+            raise InvalidRequest(
+                f"there is no GPU device {device} here (devices: {known})", param="device"
+            )
+    return device
+
+
+def _printable(body: dict[str, Any], name: str, most: int) -> str | None:
+    """A text field that goes into logs: printable (no NUL, CR, LF), at most ``most`` long."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.isprintable() or len(value) > most:
+        raise InvalidRequest(
+            f"'{name}' must be printable text (no control characters) of at most {most} characters",
+            param=name,
+        )
     return value
 
 
@@ -62,21 +81,22 @@ async def gpu_status(request: Request) -> Response:
     status["not_budgeted"] = [
         {"name": entry.name, "backend": entry.backend, "why": why}
         for entry in state.registry
-        if state.visible(entry) and (why := state.backends[entry.backend].budgeted_elsewhere)
+        if state.visible(entry)
+        and (why := state.lifecycle.backends[entry.backend].budgeted_elsewhere)
     ]
     return _json(status)
 
 
 async def gpu_lease(request: Request) -> Response:
     state, body = await _mutation(request)
-    owner = body.get("owner")
-    if not isinstance(owner, str) or not 1 <= len(owner) <= 64:
+    owner = _printable(body, "owner", 64)
+    if not owner:
         raise InvalidRequest("'owner' is required (1 to 64 characters)", param="owner")
-    reason = _optional(body, "reason", str, lambda v: len(v) <= 512) or ""
+    reason = _printable(body, "reason", 512) or ""
     restart = _optional(body, "restart_model", bool)
     ttl = _optional(body, "ttl_s", (int, float), lambda v: 0 < v <= 86400)
     need = _optional(body, "need_mb", int, lambda v: v > 0)
-    device = _optional(body, "device", int, lambda v: 0 <= v < 64)
+    device = await _device(state, body)
     lease = await state.arbiter.leases.grant(
         owner, reason, restart_model=restart is not False, ttl_s=ttl, need_mb=need, device=device
     )
@@ -99,10 +119,10 @@ async def gpu_release(request: Request) -> Response:
 async def gpu_force_release(request: Request) -> Response:
     state, body = await _mutation(request)
     restoring = await state.arbiter.leases.force_release(
-        owner=_optional(body, "owner", str),
+        owner=_printable(body, "owner", 64),
         max_age_s=_optional(body, "max_age_s", (int, float), lambda v: v >= 0),
         restart_model=_optional(body, "restart_model", bool),
-        device=_optional(body, "device", int, lambda v: v >= 0),
+        device=await _device(state, body),
     )
     if restoring is None:
         return _json({"status": "idle", "restoring": []})

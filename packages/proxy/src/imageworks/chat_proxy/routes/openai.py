@@ -10,7 +10,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from imageworks.chat_proxy.auth import require_api_key
-from imageworks.chat_proxy.engines.modelstate import FAILED, READY, STARTING, UNREACHABLE
+from imageworks.chat_proxy.engines.modelstate import (
+    FAILED,
+    READY,
+    SLEEPING,
+    STARTING,
+    UNREACHABLE,
+    WAKING,
+)
 from imageworks.chat_proxy.routes.forward import loading_progress, resolve, route
 from imageworks.chat_proxy.server.state import ProxyState
 from imageworks.chat_proxy.upstream.peers import FORWARDED_HEADER, Listed
@@ -23,6 +30,7 @@ JSON = "application/json"
 
 # A model's state as llama.cpp's router reports it (``status.value``).
 LOAD_STATUS = {READY: "loaded", STARTING: "loading", FAILED: "failed", UNREACHABLE: "failed"}
+LOAD_STATUS |= {SLEEPING: "sleeping", WAKING: "loading"}
 
 
 def proxy_state(request: Request) -> ProxyState:

@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from imageworks.chat_proxy.auth import is_loopback, require_api_key
 from imageworks.chat_proxy.routes.openai import JSON, proxy_state
 
 VERSION = "0.1.0"
@@ -32,7 +33,13 @@ async def healthz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(proxy_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    """With API keys set, a client on another host needs one (or the admin token)."""
+    state = proxy_state(request)
+    peer = request.client.host if request.client else None
+    if state.config.api_keys and not is_loopback(peer):
+        accepted = (*state.config.api_keys, *filter(None, [state.config.admin_token]))
+        require_api_key(request.headers, accepted)
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 ROUTES = [

@@ -6,17 +6,16 @@ the path is built from the staging dir and the entry's own (percent-encoded) nam
 can read any other file. A link planted at that path is not followed, and only the tail of a
 regular file is read, so neither a link to a secret nor a FIFO nor a multi-GB log gets through.
 
-The registry view leaves credentials out: header values, secret-named fields and engine flags,
-environment values and the password in a URL are replaced by ``<hidden>``.
+The registry view leaves credentials out (``observe.redact``): header values, secret-named
+fields and engine flags, environment values (Ray's ``runtime_env.env_vars`` too), the user
+info and query values of URLs are replaced by ``<hidden>``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import re
 import stat
-import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,14 +25,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from imageworks.chat_proxy.errors import ModelNotFound
+from imageworks.chat_proxy.redact import redact
 from imageworks.chat_proxy.request.bodies import query
-from imageworks.chat_proxy.routes.admin import _admin, _json
+from imageworks.chat_proxy.routes.admin import _json
+from imageworks.chat_proxy.routes.guard import admin
 from imageworks.chat_proxy.server.state import ProxyState
 from imageworks.chat_proxy.supervision.process import safe_name
 from imageworks.model_loader.errors import UnknownModelError
 
 MAX_LOG_BYTES = 256 * 1024
-HIDDEN = "<hidden>"
 
 
 class LogQuery(BaseModel):
@@ -83,7 +83,7 @@ def read_tail(path: Path, lines: int, max_bytes: int) -> str | None:
 
 
 async def admin_logs(request: Request) -> Response:
-    state = await _admin(request)
+    state = admin(request)
     asked = query(request, LogQuery)
     try:
         entry = state.registry.resolve(asked.model)
@@ -101,85 +101,14 @@ async def admin_logs(request: Request) -> Response:
     )
 
 
-# Words that make a field or an engine flag a credential (``api_key``, ``hf_token``,
-# ``--api-key``); ``max_tokens`` or ``tokenizer`` are other words and stay visible.
-SECRET_WORDS = frozenset(
-    {"key", "apikey", "token", "secret", "password", "passwd", "credential", "credentials"}
-    | {"authorization", "cookie", "auth"}
-)
-# Mappings whose every value may be a credential: HTTP headers, an engine's environment.
-OPAQUE_MAPS = frozenset({"headers", "env", "environment"})
-
-
-def _secret_name(name: str) -> bool:
-    words = re.split(r"[^a-z0-9]+", name.lower().lstrip("-"))
-    # ``api_key_env`` names the variable that holds a key: the name is no secret.
-    return words[-1] != "env" and any(word in SECRET_WORDS for word in words)
-
-
-def _hide_in_url(text: str) -> str:
-    """A password in a URL's user info, and secret-named query parameters, are hidden."""
-    try:
-        parts = urllib.parse.urlsplit(text)
-    except ValueError:
-        return text
-    if not parts.scheme or not parts.netloc:
-        return text
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = f"{HIDDEN}@{netloc.rpartition('@')[2]}"
-    pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    query = parts.query
-    if any(_secret_name(k) for k, _ in pairs):
-        query = "&".join(f"{k}={HIDDEN if _secret_name(k) else v}" for k, v in pairs)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
-
-
-def _hide_in_args(args: list[Any]) -> list[Any]:
-    """``--api-key X`` and ``--api-key=X`` lose X."""
-    shown: list[Any] = []
-    hide_next = False
-    for arg in args:
-        if hide_next and isinstance(arg, str) and not arg.startswith("-"):
-            shown.append(HIDDEN)
-            hide_next = False
-            continue
-        hide_next = False
-        if isinstance(arg, str) and arg.startswith("-"):
-            flag, equals, _ = arg.partition("=")
-            if _secret_name(flag):
-                if equals:
-                    arg = f"{flag}={HIDDEN}"
-                else:
-                    hide_next = True
-        shown.append(_hidden(arg))
-    return shown
-
-
-def _hidden(value: Any, key: str = "") -> Any:
-    """``value`` with every credential in it replaced by ``<hidden>`` (keys stay visible)."""
-    if isinstance(value, dict):
-        if key.lower() in OPAQUE_MAPS:
-            return dict.fromkeys(value, HIDDEN)
-        return {
-            k: HIDDEN if _secret_name(str(k)) and value[k] not in (None, "") else _hidden(v, k)
-            for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return _hide_in_args(value)
-    if isinstance(value, str) and "://" in value:
-        return _hide_in_url(value)
-    return value
-
-
 async def admin_registry(request: Request) -> Response:
-    state = await _admin(request)
+    state = admin(request)
     registry = state.registry
     entries = [
         {
             "name": entry.name,
             "visible": state.visible(entry),
-            "entry": _hidden(registry.raw(entry.name)),
+            "entry": redact(registry.raw(entry.name)),
             "origins": registry.origins(entry.name),
             "sources": [
                 {"layer": layer, "file": file, "index": index}

@@ -1,3 +1,6 @@
-"""The running proxy: what it owns (state), start-up and shutdown (lifespan), the ASGI server
-(serving) and the staged autostart folder.
+"""The running proxy. ``state.ProxyState`` is every part one proxy owns, as plain fields;
+``lifespan`` opens them in order at start-up (the staging lock first, then the log, the engines
+and the arbiter), starts the background loops and closes everything in numbered steps at
+shutdown; ``serving`` runs the ASGI server (uvicorn or hypercorn); ``staging`` is the ``flock``
+that gives one proxy its staging dir.
 """

@@ -22,19 +22,23 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
+
 from imageworks.chat_proxy.arbiter.arbiter import VramArbiter
-from imageworks.chat_proxy.arbiter.gpu import GpuProbe, NoGpuProbe, NvmlProbe, SimProbe
+from imageworks.chat_proxy.arbiter.gpu import GpuProbe, NoGpuProbe, NvmlProbe
+from imageworks.chat_proxy.arbiter.simgpu import SimProbe
 from imageworks.chat_proxy.config import ProxyConfig
-from imageworks.chat_proxy.engines import idle
+from imageworks.chat_proxy.engines import upkeep
 from imageworks.chat_proxy.engines.backends import build_backends
-from imageworks.chat_proxy.engines.backends.vllm import VllmBackend
 from imageworks.chat_proxy.engines.lifecycle import Lifecycle
 from imageworks.chat_proxy.engines.modelstate import Restarts
+from imageworks.chat_proxy.engines.turns import Collation
 from imageworks.chat_proxy.observe.events import EventBus
 from imageworks.chat_proxy.observe.metrics import Metrics
+from imageworks.chat_proxy.observe.records import Records
 from imageworks.chat_proxy.observe.requestlog import RequestLog
 from imageworks.chat_proxy.request.admission import Admission
 from imageworks.chat_proxy.server.staging import StagingLock
@@ -42,15 +46,17 @@ from imageworks.chat_proxy.server.state import ProxyState
 from imageworks.chat_proxy.upstream.egress import Egress
 from imageworks.chat_proxy.upstream.peers import Peers
 from imageworks.chat_proxy.upstream.responses import ResponseBook
+from imageworks.chat_proxy.vision.pool import WorkerPool
 from imageworks.chat_proxy.vision.prepare import ImagePrep
 from imageworks.model_loader.profiles import PROFILES_FILE, ProfileManager
 from imageworks.model_loader.registry import Registry
 from imageworks.model_loader.watch import RegistryWatcher
 
-log = logging.getLogger("imageworks.chat_proxy")
+log = logging.getLogger(__name__)
 
 
 def make_probe(config: ProxyConfig, lifecycle: Lifecycle) -> GpuProbe:
+    """The probe ``CHAT_PROXY_GPU_PROBE`` asks for (``auto``: NVML where it works, else none)."""
     if config.gpu_probe == "sim":
         if config.gpu_sim is None:
             raise RuntimeError("CHAT_PROXY_GPU_PROBE=sim needs CHAT_PROXY_GPU_SIM (a file)")
@@ -64,6 +70,62 @@ def make_probe(config: ProxyConfig, lifecycle: Lifecycle) -> GpuProbe:
                     f"CHAT_PROXY_GPU_PROBE=nvml but NVML is unusable: {exc}"
                 ) from exc
     return NoGpuProbe(config.gpu_total_mb, lifecycle.declared_mb)
+
+
+def open_engines(
+    config: ProxyConfig,
+    registry: Callable[[], Registry],
+    request_log: RequestLog,
+    metrics: Metrics,
+    session: aiohttp.ClientSession,
+    probe: GpuProbe | None,
+) -> Lifecycle:
+    """The backends, the lifecycle over them and the GPU arbiter it asks (its ``gate``)."""
+    backends = build_backends(config)
+    for backend in backends.values():
+        backend.attach(session)
+
+    def restarts() -> Restarts:
+        return Restarts(
+            base_s=config.restart_backoff_s,
+            max_s=config.restart_backoff_max_s,
+            loop_limit=config.crash_loop_limit,
+            window_s=config.crash_loop_window_s,
+        )
+
+    def open_arbiter(residency: Lifecycle) -> VramArbiter:
+        return VramArbiter(
+            probe or make_probe(config, residency),
+            residency,
+            staging_dir=config.staging_dir,
+            headroom_mb=config.gpu_headroom_mb,
+            vram_timeout_s=config.vram_timeout_s,
+            wait_timeout_s=config.queue_timeout_s,
+            default_ttl_s=config.lease_ttl_s,
+            request_log=request_log,
+            metrics=metrics,
+            sleep_ram_mb=config.sleep_ram_mb,
+        )
+
+    lifecycle = Lifecycle(
+        backends,
+        staging_dir=config.staging_dir,
+        registry=registry,
+        start_timeout=config.start_timeout_s,
+        queue_timeout=config.queue_timeout_s,
+        request_log=request_log,
+        restarts=restarts,
+        idle_ttl_s=config.idle_ttl_s,
+        metrics=metrics,
+        gpu_gate=open_arbiter,
+        collation=Collation(config.collate_max, config.collate_wait_s),
+    )
+    arbiter = lifecycle.gpu_gate
+    assert isinstance(arbiter, VramArbiter)  # what open_arbiter made
+    budgeted = not (isinstance(arbiter.probe, NoGpuProbe) and not arbiter.probe.totals_mb)
+    for backend in backends.values():
+        backend.configure(budgeted=budgeted)
+    return lifecycle
 
 
 def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxyState:
@@ -82,46 +144,12 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
     metrics = Metrics()
     metrics.log_dropped.set_function(lambda: request_log.dropped)
     egress = Egress(config)
-    session = egress.session
-    backends = build_backends(config)
-    for backend in backends.values():
-        backend.attach(session)
-
-    def restarts() -> Restarts:
-        return Restarts(
-            base_s=config.restart_backoff_s,
-            max_s=config.restart_backoff_max_s,
-            loop_limit=config.crash_loop_limit,
-            window_s=config.crash_loop_window_s,
-        )
-
-    lifecycle = Lifecycle(
-        backends,
-        staging_dir=config.staging_dir,
-        registry=lambda: watcher.current,
-        start_timeout=config.start_timeout_s,
-        queue_timeout=config.queue_timeout_s,
-        request_log=request_log,
-        restarts=restarts,
-        idle_ttl_s=config.idle_ttl_s,
+    lifecycle = open_engines(
+        config, lambda: watcher.current, request_log, metrics, egress.session, probe
     )
-    lifecycle.metrics = metrics
-    arbiter = VramArbiter(
-        probe or make_probe(config, lifecycle),
-        lifecycle,
-        staging_dir=config.staging_dir,
-        headroom_mb=config.gpu_headroom_mb,
-        vram_timeout_s=config.vram_timeout_s,
-        wait_timeout_s=config.queue_timeout_s,
-        default_ttl_s=config.lease_ttl_s,
-        request_log=request_log,
-        metrics=metrics,
-    )
-    lifecycle.gate = arbiter
-    budgeted = not (isinstance(arbiter.probe, NoGpuProbe) and not arbiter.probe.totals_mb)
-    for backend in backends.values():
-        if isinstance(backend, VllmBackend):
-            backend.concurrent = budgeted  # several vLLM models at once where the ledger fits
+    arbiter = lifecycle.gpu_gate
+    assert isinstance(arbiter, VramArbiter)
+    pool = WorkerPool(config.vision_workers)
     state = ProxyState(
         config=config,
         watcher=watcher,
@@ -129,35 +157,42 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         egress=egress,
         log=request_log,
         metrics=metrics,
+        records=Records(request_log, metrics),
         lifecycle=lifecycle,
-        backends=backends,
         arbiter=arbiter,
         autostart=config.autostart_enabled,
         admission=Admission(config.max_concurrency, config.max_queue, metrics),
         staging_lock=staging_lock,
         peers=peers,
-        images=ImagePrep(config.vision_workers),
+        pool=pool,
+        images=ImagePrep(pool),
         responses=ResponseBook(config.log_path.with_name("response_ids.tsv")).load(),
     )
+    _announce(state)
+    return state
+
+
+def _announce(state: ProxyState) -> None:
+    """Registry reloads in the log and the metrics from now on, and the start-up record."""
+    config, request_log = state.config, state.log
 
     def on_reload(registry: Registry) -> None:
-        metrics.registry_reloads.labels("ok").inc()
+        state.metrics.registry_reloads.labels("ok").inc()
         request_log.event(
             "registry_reload", "registry", version=registry.version, entries=len(registry)
         )
 
-    watcher.subscribe(on_reload)
+    state.watcher.subscribe(on_reload)
     request_log.event(
         "startup",
         "proxy",
         host=config.host,
         port=config.port,
-        registry_version=watcher.current.version,
-        profile=profiles.active.name,
-        gpu_probe=arbiter.probe.kind,
-        lease_held=arbiter.leases.lease is not None,
+        registry_version=state.registry.version,
+        profile=state.profile.name,
+        gpu_probe=state.arbiter.probe.kind,
+        lease_held=state.arbiter.leases.lease is not None,
     )
-    return state
 
 
 async def start_background(state: ProxyState) -> list[asyncio.Task[Any]]:
@@ -170,10 +205,10 @@ async def start_background(state: ProxyState) -> list[asyncio.Task[Any]]:
     loop = asyncio.get_running_loop()
     return [
         loop.create_task(state.arbiter.leases.expiry_loop()),
-        loop.create_task(state.lifecycle.reconcile_loop(state.config.reconcile_s)),
-        loop.create_task(idle.idle_loop(state.lifecycle)),
+        loop.create_task(upkeep.reconcile_loop(state.lifecycle, state.config.reconcile_s)),
+        loop.create_task(upkeep.idle_loop(state.lifecycle)),
         # In the background: the proxy serves (and lists models) while they load.
-        loop.create_task(state.lifecycle.preload(state.config.preload)),
+        loop.create_task(upkeep.preload(state.lifecycle, state.config.preload)),
         *([loop.create_task(state.peers.poll_loop())] if state.peers else []),
     ]
 
@@ -190,7 +225,7 @@ async def close_state(state: ProxyState, background: list[asyncio.Task[Any]] | N
         ("release_lease", state.arbiter.leases.close(release=True)),
         ("stop_models", state.lifecycle.shutdown()),
     ]
-    for backend in state.backends.values():
+    for backend in state.lifecycle.backends.values():
         if backend.shutdown_step is not None:
             steps.append((backend.shutdown_step, backend.shutdown(entries)))
     for name, step in steps:
@@ -203,7 +238,7 @@ async def close_state(state: ProxyState, background: list[asyncio.Task[Any]] | N
             results[name] = f"failed: {why}"
     with contextlib.suppress(Exception):
         await state.egress.close()
-    state.images.close()
+    state.pool.close()
     state.log.event(
         "shutdown", "proxy", steps=results, seconds=round(time.monotonic() - started, 3)
     )

@@ -13,30 +13,63 @@ from typing import Any
 
 KEEP_ALIVE_S = 75.0  # an idle kept-alive connection; hypercorn's default, uvicorn's is 5 s
 HEADER_TIMEOUT_S = 10.0  # a request head must be complete within this (slow-header clients)
+MAX_HEADER_BYTES = 64 * 1024  # a request head (line and headers) larger than this is a 431
 
 
-def guarded_httptools(header_timeout: float) -> type[Any]:
+def _too_large_head(limit: int) -> bytes:
+    body = (
+        b'{"error": {"message": "the request head (request line and headers) is larger than '
+        + str(limit).encode()
+        + b' bytes (CHAT_PROXY_MAX_HEADER_BYTES)", "type": "invalid_request_error", '
+        b'"param": null, "code": "request_header_fields_too_large"}}'
+    )
+    return (
+        b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body
+    )
+
+
+def guarded_httptools(header_timeout: float, max_header_bytes: int = MAX_HEADER_BYTES) -> type[Any]:
     """uvicorn's httptools protocol, closing any connection whose request head is not complete
-    within ``header_timeout`` seconds of its first byte (or of the connection opening).
-    uvicorn itself only times out the idle gap between requests, so a client that sends half a
-    head would hold its connection for ever. Slow bodies are the app's to bound (it reads
-    them: ``CHAT_PROXY_BODY_TIMEOUT_S``)."""
+    within ``header_timeout`` seconds of its first byte (or of the connection opening), and
+    answering 431 to a head over ``max_header_bytes`` (httptools buffers a header whole, with
+    no limit: a 32 MB header was read and served). uvicorn itself only times out the idle gap
+    between requests, so a client that sends half a head would hold its connection for ever.
+    Slow bodies are the app's to bound (it reads them: ``CHAT_PROXY_BODY_TIMEOUT_S``)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    refusal = _too_large_head(max_header_bytes)
 
     class GuardedHttpTools(HttpToolsProtocol):
         _head_timer: asyncio.TimerHandle | None = None
+        _in_head = True  # between a request's first byte and its complete head
+        _head_bytes = 0
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm()
 
+        def data_received(self, data: bytes) -> None:
+            if self.transport.is_closing():
+                return
+            in_head = self._in_head
+            super().data_received(data)
+            if in_head and self._in_head and not self.transport.is_closing():
+                self._head_bytes += len(data)
+                if self._head_bytes > max_header_bytes:
+                    self._disarm()
+                    self.transport.write(refusal)
+                    self.transport.close()
+
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self._in_head, self._head_bytes = True, 0
             if self._head_timer is None:
                 self._arm()
 
         def on_headers_complete(self) -> None:
             self._disarm()
+            self._in_head = False
             super().on_headers_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -67,6 +100,7 @@ def uvicorn_config(
     graceful_timeout: float = 30.0,
     keep_alive_s: float = KEEP_ALIVE_S,
     header_timeout_s: float = HEADER_TIMEOUT_S,
+    max_header_bytes: int = MAX_HEADER_BYTES,
 ) -> Any:
     import uvicorn
 
@@ -74,7 +108,7 @@ def uvicorn_config(
         app,
         host=host,
         port=port,
-        http=guarded_httptools(header_timeout_s),
+        http=guarded_httptools(header_timeout_s, max_header_bytes),
         timeout_keep_alive=max(1, round(keep_alive_s)),
         log_level="warning",
         access_log=False,
@@ -92,6 +126,7 @@ def serve_uvicorn(
     graceful_timeout: float = 30.0,
     keep_alive_s: float = KEEP_ALIVE_S,
     header_timeout_s: float = HEADER_TIMEOUT_S,
+    max_header_bytes: int = MAX_HEADER_BYTES,
 ) -> None:
     import uvicorn
 
@@ -102,6 +137,7 @@ def serve_uvicorn(
         graceful_timeout=graceful_timeout,
         keep_alive_s=keep_alive_s,
         header_timeout_s=header_timeout_s,
+        max_header_bytes=max_header_bytes,
     )
     server = uvicorn.Server(config)
     # Once it has shut down, uvicorn raises the stopping signal again under the handlers it
@@ -122,6 +158,7 @@ def serve_hypercorn(
     graceful_timeout: float = 30.0,
     keep_alive_s: float = KEEP_ALIVE_S,
     header_timeout_s: float = HEADER_TIMEOUT_S,
+    max_header_bytes: int = MAX_HEADER_BYTES,
 ) -> None:
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
@@ -132,6 +169,7 @@ def serve_hypercorn(
     config.errorlog = "-"
     config.graceful_timeout = graceful_timeout  # in-flight requests get this long to finish
     config.keep_alive_timeout = keep_alive_s
+    config.h11_max_incomplete_size = max_header_bytes  # h11 refuses a larger head itself
     # Not config.read_timeout: hypercorn applies it to every socket read, also while a long
     # stream is being sent and the client has nothing to say; so no head timeout here.
     del header_timeout_s

@@ -2,10 +2,11 @@
 
 Nothing here runs an argv received from a client: the template comes from the supervisor's own
 configuration (a JSON array of strings in an environment variable) and the values from the
-registry it reads itself. A token that is exactly ``{extra_args}``, ``{chat_template_args}`` or
-``{tool_args}`` (the engine's tool-calling flags for an entry with ``capabilities.tools``)
-expands to a list; other ``{placeholders}`` are filled inside their token. Used by the proxy's
-llama.cpp engines (``CHAT_PROXY_LLAMACPP_LAUNCH_TEMPLATE``) and the vLLM executor
+registry it reads itself. A token that is exactly ``{extra_args}``, ``{chat_template_args}``,
+``{tool_args}`` (the engine's tool-calling flags for an entry with ``capabilities.tools``) or
+``{sleep_args}`` (vLLM's sleep-mode flag, for an entry the executor lets sleep) expands to a
+list; other ``{placeholders}`` are filled inside their token. Used by the proxy's llama.cpp
+engines (``CHAT_PROXY_LLAMACPP_LAUNCH_TEMPLATE``) and the vLLM executor
 (``IMAGEWORKS_VLLM_LAUNCH_TEMPLATE``).
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 
 from imageworks.model_loader.schema import ModelEntry
 
-LIST_TOKENS = frozenset({"{extra_args}", "{chat_template_args}", "{tool_args}"})
+LIST_TOKENS = frozenset({"{extra_args}", "{chat_template_args}", "{tool_args}", "{sleep_args}"})
 COMMON_FIELDS = frozenset(
     {"python", "model_path", "host", "port", "served_model_id", "logical_name"}
 )
@@ -87,6 +88,7 @@ def build_command(
     host: str,
     port: int,
     tool_args: Sequence[str] = (),
+    sleep_args: Sequence[str] = (),
     **more: Any,
 ) -> list[str]:
     model_path = entry.backend_config.model_path
@@ -107,6 +109,8 @@ def build_command(
             command += chat_template_args(entry)
         elif token == "{tool_args}":
             command += tool_args
+        elif token == "{sleep_args}":
+            command += sleep_args
         elif token != "{extra_args}":
             command.append(token.format_map(values))
     if "{extra_args}" in template:

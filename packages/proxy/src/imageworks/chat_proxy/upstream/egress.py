@@ -40,9 +40,12 @@ class Target:
     extra_headers: tuple[tuple[str, str], ...]
     api_key_env: str | None
     egress: Egress
+    model: str | None = None  # named in errors
 
     def url(self, path: str) -> URL:
-        return self.egress.parsed(self.base_url + path)
+        """``path`` after the base URL's path, before its query (``?api-version=...``)."""
+        base, mark, query = self.base_url.partition("?")
+        return self.egress.parsed(base.rstrip("/") + path + mark + query)
 
     def root_url(self, path: str) -> URL:
         """``path`` under the engine's root (its raw routes: /tokenize, /props, ...)."""
@@ -84,16 +87,16 @@ class Egress:
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         self._urls: dict[str, URL] = {}
-        self._contexts: dict[str, ssl.SSLContext] = {}
 
     def target(self, entry: ModelEntry, base_url: str) -> Target:
         bc = entry.backend_config
         return Target(
             base_url=base_url,
-            ssl=self._context(bc.ca_file) if bc.ca_file else True,
+            ssl=tls_context(bc.ca_file) if bc.ca_file else True,
             extra_headers=tuple(bc.headers.items()),
             api_key_env=bc.api_key_env,
             egress=self,
+            model=entry.name,
         )
 
     def parsed(self, url: str) -> URL:
@@ -105,19 +108,24 @@ class Egress:
             parsed = self._urls[url] = URL(url)
         return parsed
 
-    def _context(self, ca_file: str) -> ssl.SSLContext:
-        context = self._contexts.get(ca_file)
-        if context is None:
-            try:
-                context = ssl.create_default_context(cafile=ca_file)
-            except (OSError, ssl.SSLError) as exc:
-                raise BackendUnavailable(
-                    f"cannot load the backend's CA bundle {ca_file} (backend_config.ca_file): {exc}"
-                ) from None
-            if len(self._contexts) > _MAX_CACHED:
-                self._contexts.clear()
-            self._contexts[ca_file] = context
-        return context
-
     async def close(self) -> None:
         await self.session.close()
+
+
+_contexts: dict[str, ssl.SSLContext] = {}
+
+
+def tls_context(ca_file: str) -> ssl.SSLContext:
+    """The TLS context that trusts ``ca_file``, made once (for backends and peers alike)."""
+    context = _contexts.get(ca_file)
+    if context is None:
+        try:
+            context = ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise BackendUnavailable(
+                f"cannot load the backend's CA bundle {ca_file} (backend_config.ca_file): {exc}"
+            ) from None
+        if len(_contexts) > _MAX_CACHED:
+            _contexts.clear()
+        _contexts[ca_file] = context
+    return context

@@ -20,25 +20,26 @@ import json
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
 from starlette.types import Receive, Scope, Send
 
 from imageworks.chat_proxy.errors import (
-    BackendTimeout,
     BackendUnavailable,
     ProxyError,
     ShuttingDown,
     upstream_error,
 )
+from imageworks.chat_proxy.observe.records import Outcome
 from imageworks.chat_proxy.request.bodies import ClientGone
+from imageworks.chat_proxy.request.streams import DONE, OPENAI, StreamFormat
 from imageworks.chat_proxy.request.toolcalls import StreamConverter, convert_answer
 from imageworks.chat_proxy.upstream.egress import JSON, Egress, Target
-from imageworks.chat_proxy.upstream.streams import DONE, OPENAI, StreamFormat
+from imageworks.chat_proxy.upstream.failures import FAILURES, STALE, StreamBroken, classify
+from imageworks.chat_proxy.upstream.reading import TooLarge, read_capped
 
-__all__ = ["ClientGone", "Outcome", "SSEResponse", "open_upstream", "read_body", "send_error"]
+__all__ = ["ClientGone", "SSEResponse", "open_upstream", "read_body", "send_error"]
 
 T = TypeVar("T")
 
@@ -49,61 +50,25 @@ SSE_HEADERS = [
 ]
 _CHUNKED_ABOVE = 1024 * 1024
 _TAIL_CHUNKS = 8  # the usage chunk and [DONE] are in the last few network reads
+ERROR_BODY_LIMIT = 64 * 1024  # a backend's error answer: its message is in the first bytes
+ANSWER_LIMIT = 64 * 1024 * 1024  # a non-stream answer (CHAT_PROXY_MAX_ANSWER_BYTES)
 
 
-@dataclass
-class Outcome:
-    """What happened to one forwarded request; becomes the JSONL record and the metrics."""
-
-    started: float = field(default_factory=time.perf_counter)
-    status: int = 0
-    error: ProxyError | None = None
-    client_gone: bool = False
-    first_byte_at: float | None = None
-    finished_at: float | None = None
-    events: int = 0
-    usage: dict[str, Any] | None = None
-    answer: dict[str, Any] | None = None  # the final object of a Responses answer
-
-    @property
-    def ttft_ms(self) -> float | None:
-        if self.first_byte_at is None:
-            return None
-        return round((self.first_byte_at - self.started) * 1000, 2)
-
-    @property
-    def total_ms(self) -> float:
-        end = self.finished_at or time.perf_counter()
-        return round((end - self.started) * 1000, 2)
+MAX_TOKENS_COUNTED = 10**9  # more than any context: a count beyond it is not believed
 
 
-class StreamBroken(Exception):
-    """The backend ended an event stream without ``[DONE]``."""
+def sane_usage(usage: Any) -> dict[str, Any] | None:
+    """A backend's usage object with its token counts as believable integers: a count that is
+    not an integer from 0 to ``MAX_TOKENS_COUNTED`` (``1e308``, ``-5``, ``"many"``) is left out,
+    so it reaches neither the log nor the metrics as it came."""
+    if not isinstance(usage, dict):
+        return None
 
+    def believable(value: Any) -> bool:
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        return is_int and 0 <= value <= MAX_TOKENS_COUNTED
 
-_FAILURES = (aiohttp.ClientError, TimeoutError, StreamBroken)
-
-
-# A reused connection found dead as the request was written or before any answer came.
-_STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
-
-
-def _classify(exc: BaseException, url: object, during: str) -> ProxyError:
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return BackendUnavailable(f"timed out connecting to {url}")
-    if isinstance(exc, TimeoutError):
-        return BackendTimeout(f"backend sent nothing for too long {during} ({url})")
-    if isinstance(exc, aiohttp.ClientSSLError):
-        return BackendUnavailable(f"TLS with the backend at {url} failed: {exc}")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        reason = exc.os_error.strerror or str(exc.os_error) or type(exc.os_error).__name__
-        error = BackendUnavailable(f"cannot connect to backend at {url}: {reason}")
-        error.unreached = True  # nothing answered there: worth a look at the engine
-        return error
-    if isinstance(exc, aiohttp.ClientResponseError):  # a head aiohttp could not parse
-        return BackendUnavailable(f"backend sent a malformed response {during} ({url}): {exc}")
-    detail = str(exc) or type(exc).__name__
-    return BackendUnavailable(f"backend connection failed {during} ({url}): {detail}")
+    return {k: v for k, v in usage.items() if not k.endswith("_tokens") or believable(v)}
 
 
 async def open_upstream(
@@ -134,18 +99,18 @@ async def open_upstream(
                 method, url, data=data if method != "GET" else None, headers=headers, ssl=target.ssl
             )
             break
-        except _STALE as exc:
+        except STALE as exc:
             # A kept-alive connection the backend had already closed (llama.cpp's server drops
             # them after a few requests without saying so): nothing was answered, so the
             # request is sent once more, on a new connection. aiohttp never resends a POST.
             if attempt == 2 or isinstance(exc, aiohttp.ClientConnectorError):
-                raise _classify(exc, url, "before answering") from exc
-        except _FAILURES as exc:
-            raise _classify(exc, url, "before answering") from exc
+                raise classify(exc, url, "before answering", target.model) from exc
+        except FAILURES as exc:
+            raise classify(exc, url, "before answering", target.model) from exc
     if response.status >= 400:
         try:
-            raw = await response.read()
-        except _FAILURES:
+            raw = await read_capped(response, ERROR_BODY_LIMIT)
+        except (*FAILURES, TooLarge):  # a 300 MB "error page": its status is enough
             raw = b""
         finally:
             response.close()
@@ -171,14 +136,26 @@ def as_one_chunk(body: bytes) -> bytes | None:
     return json.dumps(data).encode()
 
 
-async def read_body(response: aiohttp.ClientResponse, outcome: Outcome) -> bytes:
-    """The whole body; the connection goes back to the pool (aiohttp closes it instead if the
-    body was not read to its end)."""
+async def read_body(
+    response: aiohttp.ClientResponse,
+    outcome: Outcome,
+    model: str | None = None,
+    limit: int = ANSWER_LIMIT,
+) -> bytes:
+    """The whole body, at most ``limit`` bytes (``CHAT_PROXY_MAX_ANSWER_BYTES``: a clear 502
+    past it); the connection goes back to the pool (it is closed instead if the body was not
+    read to its end)."""
     try:
-        raw = await response.read()
-    except _FAILURES as exc:
+        raw = await read_capped(response, limit)
+    except TooLarge:
         response.close()
-        raise _classify(exc, response.url, "while answering") from exc
+        who = f"the backend of model {model!r}" if model else "the backend"
+        raise BackendUnavailable(
+            f"{who} answered more than {limit} bytes (CHAT_PROXY_MAX_ANSWER_BYTES)"
+        ) from None
+    except FAILURES as exc:
+        response.close()
+        raise classify(exc, response.url, "while answering", model) from exc
     except BaseException:
         response.close()
         raise
@@ -190,7 +167,7 @@ async def read_body(response: aiohttp.ClientResponse, outcome: Outcome) -> bytes
             usage = json.loads(raw).get("usage")
         except (ValueError, AttributeError):
             usage = None
-        outcome.usage = usage if isinstance(usage, dict) else None
+        outcome.usage = sane_usage(usage)
     return raw
 
 
@@ -263,7 +240,11 @@ class SSEResponse:
         converter: StreamConverter | None = None,
         stream_format: StreamFormat = OPENAI,
         envelope: str = "openai",
+        model: str | None = None,
+        answer_limit: int = ANSWER_LIMIT,
     ) -> None:
+        self.model = model  # named in errors
+        self.answer_limit = answer_limit  # a whole (non-stream) answer
         self.converter = converter  # legacy function_call deltas -> tool_calls
         self.format = stream_format
         self.envelope = envelope
@@ -315,7 +296,7 @@ class SSEResponse:
             # Backends end the body right after [DONE]; read that last chunk terminator.
             async with asyncio.timeout(1.0):
                 await upstream.content.read()
-        except _FAILURES:
+        except FAILURES:
             upstream.close()
             return
         except asyncio.CancelledError:
@@ -352,7 +333,7 @@ class SSEResponse:
     async def _relay_whole(self, upstream: aiohttp.ClientResponse, send: Send) -> None:
         """A backend that answered a stream request with plain JSON: pass it on as it is."""
         try:
-            body = await read_body(upstream, self.outcome)
+            body = await read_body(upstream, self.outcome, self.model, self.answer_limit)
         except ProxyError as error:
             self.outcome.error = error
             await send_error(error, send, self.envelope)
@@ -376,7 +357,7 @@ class SSEResponse:
         chunk), then ``[DONE]``. Relayed raw, it ran into the next event's line and a client
         saw neither the answer nor an error."""
         try:
-            body = await read_body(upstream, self.outcome)
+            body = await read_body(upstream, self.outcome, self.model, self.answer_limit)
         except ProxyError as error:
             await self._fail(error, send)
             return
@@ -441,8 +422,8 @@ class SSEResponse:
             if not self._saw_done():
                 raise StreamBroken("stream ended without its last event")
             self.complete = True
-        except _FAILURES as exc:
-            await self._fail(_classify(exc, upstream.url, "mid-stream"), send)
+        except FAILURES as exc:
+            await self._fail(classify(exc, upstream.url, "mid-stream", self.model), send)
             return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -461,7 +442,7 @@ class SSEResponse:
         tail = b"".join(self.tail)
         usage, error = self.format.account(self.head, tail)
         if self.outcome.usage is None:
-            self.outcome.usage = usage
+            self.outcome.usage = sane_usage(usage)
         if self.outcome.error is None:
             self.outcome.error = error
         if self.outcome.status == 200 and self.format.done is None:

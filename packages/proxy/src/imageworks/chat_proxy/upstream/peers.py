@@ -30,14 +30,18 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from imageworks.chat_proxy.config import ConfigError, ProxyConfig
+from imageworks.chat_proxy.engines.modelstate import READY
 from imageworks.chat_proxy.errors import BackendUnavailable
+from imageworks.chat_proxy.redact import redact_text, redact_url
+from imageworks.chat_proxy.upstream.egress import tls_context
+from imageworks.chat_proxy.upstream.reading import TooLarge, read_capped
 from imageworks.model_loader.schema import ModelEntry
 
 log = logging.getLogger(__name__)
 
 FORWARDED_HEADER = "x-imageworks-forwarded"
 PEERS_FILE = "peers.json"
-READY = "ready"
+
 # What a peer's model list may weigh: a lying or broken peer must not fill this box's memory
 # (a 100-byte id a model: tens of thousands of models).
 MAX_MODELS_BYTES = 8 * 1024 * 1024
@@ -70,6 +74,12 @@ def load_peers(config: ProxyConfig) -> list[PeerConfig]:
     names = [p.name for p in peers]
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: peer names must be unique ({names})")
+    for peer in peers:  # a CA file that cannot be read fails the start, not every poll
+        if peer.ca_file:
+            try:
+                tls_context(peer.ca_file)
+            except BackendUnavailable as exc:
+                raise ConfigError(f"{source}: peer {peer.name!r}: {exc.message}") from None
     return peers
 
 
@@ -90,12 +100,12 @@ class Peer:
     models: list[PeerModel] = field(default_factory=list)
     last_ok: float | None = None  # monotonic time of the last answer
     last_error: str | None = None
-    ssl: ssl.SSLContext | bool = True  # True: the session's default context
     seen: Any = None  # what the model list last showed of it
 
-    def __post_init__(self) -> None:
-        if self.config.ca_file:
-            self.ssl = ssl.create_default_context(cafile=self.config.ca_file)
+    @property
+    def ssl(self) -> ssl.SSLContext | bool:
+        """The egress's context for its CA file; True: the session's default context."""
+        return tls_context(self.config.ca_file) if self.config.ca_file else True
 
     @property
     def name(self) -> str:
@@ -193,11 +203,12 @@ class Peers:
         ) as response:
             if response.status != 200:
                 raise ValueError(f"GET /v1/models answered {response.status}")
-            if (response.content_length or 0) > MAX_MODELS_BYTES:
-                raise ValueError(f"GET /v1/models is larger than {MAX_MODELS_BYTES} bytes")
-            body = await response.content.read(MAX_MODELS_BYTES + 1)
-            if len(body) > MAX_MODELS_BYTES:
-                raise ValueError(f"GET /v1/models is larger than {MAX_MODELS_BYTES} bytes")
+            try:
+                body = await read_capped(response, MAX_MODELS_BYTES)
+            except TooLarge:
+                raise ValueError(
+                    f"GET /v1/models is larger than {MAX_MODELS_BYTES} bytes"
+                ) from None
             data = json.loads(body)
         listed = data.get("data") if isinstance(data, dict) else None
         if not isinstance(listed, list):
@@ -307,10 +318,10 @@ class Peers:
         return [
             {
                 "name": p.name,
-                "url": p.config.url,
+                "url": redact_url(p.config.url),
                 "alive": self._alive(p),
                 "last_ok_s_ago": None if p.last_ok is None else round(now - p.last_ok, 1),
-                "last_error": p.last_error,
+                "last_error": None if p.last_error is None else redact_text(p.last_error),
                 "models": [m.id for m in p.models],
             }
             for p in self.peers.values()

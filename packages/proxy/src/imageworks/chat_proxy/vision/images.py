@@ -14,6 +14,7 @@ import base64
 import binascii
 import io
 import math
+import re
 import urllib.parse
 import warnings
 from dataclasses import dataclass
@@ -30,8 +31,16 @@ _BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 _MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
 
 
+_OBJECT_REPR = re.compile(r"<[^<>]{0,200}? at 0x[0-9a-fA-F]+>|\b0x[0-9a-fA-F]{6,}\b")
+
+
 class ImageError(ValueError):
-    """The image cannot be read; the message says why (the caller adds where it was)."""
+    """The image cannot be read; the message says why (the caller adds where it was). Object
+    reprs Pillow puts in its messages (``<_io.BytesIO object at 0x7f...>``) are cut: a heap
+    address is nobody's business."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_OBJECT_REPR.sub("the data", message))
 
 
 @dataclass(frozen=True)

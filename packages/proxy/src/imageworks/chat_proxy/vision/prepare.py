@@ -11,24 +11,18 @@ server-side request forgery hole). An engine that fetches URLs itself (vLLM, lla
 OpenAI-compatible server) gets the URL untouched, under its own rules; one that cannot
 (Ollama) gets a 400 that says how to allow the host.
 
-The pool is a thread pool of ``CHAT_PROXY_VISION_WORKERS`` threads: Pillow releases the GIL
-while it decodes, resizes and encodes, so the event loop keeps serving text requests while a
-batch of photographs is prepared, and at most that many images are worked on at once. The
-threads run at a lower priority than the loop's thread, so a core busy with photographs still
-goes to a text request first.
+The work runs in the CPU worker pool (``pool.WorkerPool``): Pillow releases the GIL while it
+decodes, resizes and encodes, so the event loop keeps serving text requests while a batch of
+photographs is prepared, and at most ``CHAT_PROXY_VISION_WORKERS`` images are worked on at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
-import os
-import threading
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -39,7 +33,6 @@ from imageworks.chat_proxy.errors import (
     CapabilityMismatch,
     InvalidRequest,
     PayloadTooLarge,
-    RateLimited,
 )
 from imageworks.chat_proxy.vision import history
 from imageworks.chat_proxy.vision.images import (
@@ -51,6 +44,7 @@ from imageworks.chat_proxy.vision.images import (
     prepare_inline,
 )
 from imageworks.chat_proxy.vision.lifting import LiftedBody
+from imageworks.chat_proxy.vision.pool import WorkerPool
 from imageworks.model_loader.schema import ModelEntry, RemoteImages
 
 T = TypeVar("T")
@@ -169,57 +163,14 @@ def host_allowed(url: str, remote: RemoteImages) -> bool:
     return False
 
 
-# How much lower the vision threads run than the event loop's thread (Linux nice values are per
-# thread): on a busy core the scheduler then gives the loop the CPU whenever it has work.
-WORKER_NICENESS = 10
-
-
-def _yield_to_the_loop() -> None:
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + WORKER_NICENESS)
-    except (AttributeError, OSError):  # not Linux: threads share the process's priority
-        pass
-
-
-# How many jobs (an image, a big body to cut or parse) may wait for each vision thread before
-# new requests are turned away: about 4 s of 12 MP photographs. Beyond it a burst of image
-# requests would only queue, each holding its body (up to CHAT_PROXY_MAX_BODY_BYTES).
-BACKLOG_PER_WORKER = 32
-
-
 class ImagePrep:
-    """The vision pool and the request walk; opened and closed by the lifespan."""
+    """Fits a request's images to its model; the work runs in the proxy's CPU worker pool."""
 
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self.backlog = workers * BACKLOG_PER_WORKER  # waiting, beyond those being worked on
-        self.pending = 0  # jobs handed to the pool and not finished
-        self.pool = ThreadPoolExecutor(
-            workers, thread_name_prefix="imageworks-vision", initializer=_yield_to_the_loop
-        )
-
-    def has_room(self) -> None:
-        """Called before a request's first job: a 429 (retry shortly) when the pool is behind
-        by its whole backlog. Jobs of requests already admitted are never refused."""
-        if self.pending >= self.workers + self.backlog:
-            raise RateLimited(
-                f"image preparation is at capacity ({self.pending} jobs waiting for "
-                f"{self.workers} threads, CHAT_PROXY_VISION_WORKERS); retry shortly",
-                headers={"Retry-After": "1"},
-            )
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        call = functools.partial(contextvars.copy_context().run, fn, *args)
-        self.pending += 1
-        try:
-            return await loop.run_in_executor(self.pool, call)
-        finally:
-            self.pending -= 1
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        return await self.pool.run(fn, *args)
 
     async def prepare(
         self,
@@ -298,7 +249,7 @@ class ImagePrep:
                     param=where(m, p),
                 )
         if jobs and lifted is None:  # a big body was admitted to the pool when it was cut
-            self.has_room()
+            self.pool.has_room()
         changed = await self._in_lanes(jobs)
         if policy.keep_last_turns is not None:
             trimmed, dropped = history.trim_turns(messages, policy.keep_last_turns, IMAGE_PARTS)
@@ -321,7 +272,7 @@ class ImagePrep:
             for job in waiting:
                 changed = await job() or changed
 
-        lanes = [asyncio.ensure_future(lane()) for _ in range(min(self.workers, len(jobs)))]
+        lanes = [asyncio.ensure_future(lane()) for _ in range(min(self.pool.workers, len(jobs)))]
         try:
             await asyncio.gather(*lanes)
         finally:

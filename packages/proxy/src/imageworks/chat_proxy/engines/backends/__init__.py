@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from imageworks.chat_proxy.config import ProxyConfig
-from imageworks.chat_proxy.engines.backends.base import Backend
+from imageworks.chat_proxy.engines.backends.base import Backend, StartRequest
 from imageworks.chat_proxy.engines.backends.llamacpp import LlamaCppBackend
 from imageworks.chat_proxy.engines.backends.ollama import OllamaBackend
 from imageworks.chat_proxy.engines.backends.openai import OpenAIBackend
@@ -20,4 +20,4 @@ def build_backends(config: ProxyConfig) -> dict[str, Backend]:
     return {kind: cls(config) for kind, cls in BACKEND_KINDS.items()}
 
 
-__all__ = ["BACKEND_KINDS", "Backend", "build_backends"]
+__all__ = ["BACKEND_KINDS", "Backend", "StartRequest", "build_backends"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,6 +25,20 @@ from imageworks.model_loader.schema import ModelEntry
 # How a backend learns what the lifecycle knows of a model: (last used, requests in flight).
 Usage = Callable[[str], tuple[float, int]]
 MakeRoom = Callable[[ModelEntry], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    """What a start needs: the entry, where the engine's log goes, how long it may take to
+    answer; ``gpu_share``: the fraction of the GPU the ledger budgets for it (engines that
+    reserve a fraction, like vLLM, use it); ``devices``: the GPUs the arbiter placed it on (its
+    ``CUDA_VISIBLE_DEVICES``), None: not placed."""
+
+    entry: ModelEntry
+    log_path: Path
+    timeout: float
+    gpu_share: float | None = None
+    devices: tuple[int, ...] | None = None
 
 
 def cuda_env(devices: tuple[int, ...] | None) -> dict[str, str] | None:
@@ -99,23 +114,30 @@ class Backend:
         """Models with the same key cannot run at once; None: the proxy does not manage it."""
         return None
 
-    async def start(
-        self,
-        entry: ModelEntry,
-        log_path: Path,
-        timeout: float,
-        *,
-        gpu_share: float | None = None,
-        devices: tuple[int, ...] | None = None,
-    ) -> str:
-        """Start ``entry`` and return its OpenAI base URL once it answers. On any failure
-        nothing it spawned may be left running. ``gpu_share``: the fraction of the GPU the
-        ledger budgets for it (engines that reserve a fraction, like vLLM, use it); ``devices``:
-        the GPUs the arbiter placed it on (its ``CUDA_VISIBLE_DEVICES``), None: not placed."""
+    def configure(self, *, budgeted: bool) -> None:
+        """Told once at start-up whether the GPU has a budget to enforce (a measured or a
+        declared total); a kind that runs several models at once only where the budget says
+        they fit (vLLM) decides here."""
+
+    async def start(self, request: StartRequest) -> str:
+        """Start ``request.entry`` and return its OpenAI base URL once it answers. On any
+        failure nothing it spawned may be left running."""
         raise NotImplementedError(f"{self.kind} models are not started by the proxy")
 
     async def stop(self, name: str) -> None:
         """Stop ``name`` and wait until it is gone (a no-op for one that is not running)."""
+
+    def sleepable(self, entry: ModelEntry) -> bool:
+        """Can ``entry`` leave the GPU by sleeping rather than stopping (vLLM sleep mode)?"""
+        return False
+
+    async def sleep(self, name: str) -> dict[str, Any]:
+        """Put ``name`` to sleep: ``{"sleep_ms", "host_mb"}`` as measured."""
+        raise NotImplementedError(f"{self.kind} models do not sleep")
+
+    async def wake(self, name: str) -> float:
+        """Wake ``name``; returns the measured wake time, ms."""
+        raise NotImplementedError(f"{self.kind} models do not sleep")
 
     def supervise(self, name: str, on_exit: Callable[[str], None]) -> None:
         """Arrange for ``on_exit(why)`` to be called as soon as ``name``'s engine dies. Kinds

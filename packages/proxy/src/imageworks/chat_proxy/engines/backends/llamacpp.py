@@ -14,10 +14,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 from imageworks.chat_proxy.config import ProxyConfig
-from imageworks.chat_proxy.engines.backends.base import Backend, cuda_env, has_explicit_address
+from imageworks.chat_proxy.engines.backends.base import (
+    Backend,
+    StartRequest,
+    cuda_env,
+    has_explicit_address,
+)
 from imageworks.chat_proxy.errors import ModelStartFailed, ModelStartTimeout
 from imageworks.chat_proxy.supervision import launch
 from imageworks.chat_proxy.supervision.process import (
@@ -26,12 +30,12 @@ from imageworks.chat_proxy.supervision.process import (
     RecordStore,
     StartFailed,
     StartTimedOut,
-    find_launched,
     free_port,
 )
+from imageworks.chat_proxy.supervision.procfs import find_launched
 from imageworks.model_loader.schema import ModelEntry
 
-log = logging.getLogger("imageworks.chat_proxy.llamacpp")
+log = logging.getLogger(__name__)
 
 # The bundled server (xllamacpp): llama-server's flags, so registry extra_args mean the same.
 DEFAULT_TEMPLATE: tuple[str, ...] = (
@@ -92,18 +96,11 @@ class LlamaCppBackend(Backend):
     def slot_key(self, entry: ModelEntry) -> str | None:
         return None if has_explicit_address(entry) else f"llamacpp:{entry.name}"
 
-    async def start(
-        self,
-        entry: ModelEntry,
-        log_path: Path,
-        timeout: float,
-        *,
-        gpu_share: float | None = None,
-        devices: tuple[int, ...] | None = None,
-    ) -> str:
+    async def start(self, request: StartRequest) -> str:
+        entry, log_path, timeout = request.entry, request.log_path, request.timeout
         port = free_port()
         argv = server_argv(entry, port, self.template)
-        process = ManagedProcess(argv, log_path, env=cuda_env(devices))
+        process = ManagedProcess(argv, log_path, env=cuda_env(request.devices))
         extra = {"model": entry.name, "port": port}
         try:
             # A pending record before the spawn: a proxy killed between the spawn and the

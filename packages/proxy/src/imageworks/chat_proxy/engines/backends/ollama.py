@@ -24,10 +24,10 @@ from imageworks.chat_proxy.config import ProxyConfig
 from imageworks.chat_proxy.engines.backends.base import Backend, MakeRoom, Usage
 from imageworks.chat_proxy.engines.modelstate import READY, STOPPED, UNREACHABLE
 from imageworks.chat_proxy.errors import BackendUnavailable
-from imageworks.chat_proxy.supervision.process import listening_pid, pid_alive
+from imageworks.chat_proxy.supervision.procfs import listening_pid, pid_alive
 from imageworks.model_loader.schema import ModelEntry
 
-log = logging.getLogger("imageworks.chat_proxy.ollama")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import aiohttp
 
 from imageworks.chat_proxy.config import ProxyConfig
 from imageworks.chat_proxy.engines.backends import ray_apps
-from imageworks.chat_proxy.engines.backends.base import Backend
+from imageworks.chat_proxy.engines.backends.base import Backend, StartRequest
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
     ModelStartFailed,
@@ -79,15 +79,8 @@ class RayBackend(Backend):
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    async def start(
-        self,
-        entry: ModelEntry,
-        log_path: Path,
-        timeout: float,
-        *,
-        gpu_share: float | None = None,
-        devices: tuple[int, ...] | None = None,
-    ) -> str:
+    async def start(self, request: StartRequest) -> str:
+        entry, log_path, timeout = request.entry, request.log_path, request.timeout
         app = ray_apps.application(entry)
         name = app["name"]
         await asyncio.to_thread(

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 
 from imageworks.chat_proxy.config import ProxyConfig
-from imageworks.chat_proxy.engines.backends.base import Backend, has_explicit_address
+from imageworks.chat_proxy.engines.backends.base import Backend, StartRequest, has_explicit_address
 from imageworks.chat_proxy.errors import (
     BackendUnavailable,
     ModelStartFailed,
@@ -41,7 +41,10 @@ class VllmBackend(Backend):
     def __init__(self, config: ProxyConfig) -> None:
         super().__init__(config)
         self.pids: dict[str, int | None] = {}
-        self.concurrent = False  # set by the lifespan when there is a GPU budget
+        self.concurrent = False  # several models at once: only where a GPU budget says they fit
+
+    def configure(self, *, budgeted: bool) -> None:
+        self.concurrent = budgeted
 
     def uses_gpu(self, entry: ModelEntry) -> bool:
         return True
@@ -51,15 +54,9 @@ class VllmBackend(Backend):
             return None
         return f"vllm:{entry.name}" if self.concurrent else EXECUTOR_SLOT
 
-    async def start(
-        self,
-        entry: ModelEntry,
-        log_path: Path,
-        timeout: float,
-        *,
-        gpu_share: float | None = None,
-        devices: tuple[int, ...] | None = None,
-    ) -> str:
+    async def start(self, request: StartRequest) -> str:
+        entry, log_path, timeout = request.entry, request.log_path, request.timeout
+        gpu_share, devices = request.gpu_share, request.devices
         share = f" with {gpu_share} of the GPU" if gpu_share else ""
         share += f" on GPU {','.join(map(str, devices))}" if devices else ""
         await asyncio.to_thread(
@@ -96,6 +93,25 @@ class VllmBackend(Backend):
             return
         await self._call("/admin/deactivate", {}, 30.0)
 
+    def sleepable(self, entry: ModelEntry) -> bool:
+        """Sleep mode needs the entry's word and a ledger (a slot per model) to account for it."""
+        return (
+            self.concurrent and entry.backend_config.sleep_mode and self.slot_key(entry) is not None
+        )
+
+    async def sleep(self, name: str) -> dict[str, Any]:
+        run = await self._call("/admin/sleep", {"model": name, "level": 1}, 60.0)
+        if run.get("sleeping") is not True:
+            raise ModelStartFailed(f"the vLLM executor did not put {name!r} to sleep: {run}")
+        return {"sleep_ms": run.get("sleep_ms"), "host_mb": run.get("host_mb")}
+
+    async def wake(self, name: str) -> float:
+        run = await self._call("/admin/wake", {"model": name}, self.config.start_timeout_s)
+        if run.get("sleeping") is not False or run.get("status") != "running":
+            raise ModelStartFailed(f"the vLLM executor did not wake {name!r}: {run}")
+        took = run.get("wake_ms")
+        return float(took) if isinstance(took, int | float) else 0.0
+
     async def reconcile(self, entry: ModelEntry) -> bool | None:
         """The executor's word: is it still running this model? Unreachable: cannot tell."""
         try:
@@ -117,6 +133,8 @@ class VllmBackend(Backend):
         for name, run in runs.items():
             base_url = run.get("base_url")
             if run.get("status") != "running" or name not in names or not isinstance(base_url, str):
+                continue
+            if run.get("sleeping"):  # not adopted: the next activation wakes it
                 continue
             pid = run.get("pid")
             self.pids[name] = pid if isinstance(pid, int) else None

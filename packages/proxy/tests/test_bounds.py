@@ -1,0 +1,151 @@
+"""Bounded under hostile input (issue 24, findings 6 and 8): a total for the bodies in flight,
+a limit on request heads, a total deadline for a body, and caps on what a backend answers."""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+from aiohttp import web
+
+from testkit.fake_engine import entry_for
+from testkit.servers import AiohttpServer
+
+MB = 1024 * 1024
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _answer(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+        if b"\r\n\r\n" in data and data.rstrip().endswith(b"}}"):
+            break
+    return data
+
+
+def test_a_32_mb_request_header_is_431(proxy_factory) -> None:
+    proxy = proxy_factory([])
+    with socket.create_connection(("127.0.0.1", proxy.server.port), timeout=10) as sock:
+        sock.sendall(b"GET /v1/healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nx-big: ")
+        sent = 0
+        while sent < 32 * MB and not select.select([sock], [], [], 0)[0]:
+            try:
+                sock.sendall(b"a" * (64 * 1024))
+            except OSError:
+                break
+            sent += 64 * 1024
+        answer = sock.recv(65536)
+    assert sent < 32 * MB  # answered (and closed) before the header was all sent
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b'"request_header_fields_too_large"' in answer
+    assert proxy.client.get("/v1/healthz").status_code == 200
+
+
+def test_bodies_in_flight_are_held_within_their_budget(proxy_factory) -> None:
+    # 20 clients each start a 30 MB body and stall: three fit in the 100 MB budget, the
+    # other 17 are refused at once (503, Retry-After) before their bodies are read.
+    proxy = proxy_factory([], max_body_bytes=31 * MB, body_budget_bytes=100 * MB)
+    budget = proxy.server.app.bodies
+    socks = []
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % (30 * MB)
+    )
+    try:
+        for _ in range(20):
+            sock = socket.create_connection(("127.0.0.1", proxy.server.port), timeout=10)
+            sock.sendall(head + b"{" + b" " * 4096)
+            socks.append(sock)
+        deadline = time.monotonic() + 10
+        refused = []
+        for sock in socks:
+            sock.settimeout(max(0.1, deadline - time.monotonic()) if not refused else 0.5)
+            try:
+                answer = _answer(sock)
+            except TimeoutError:
+                continue  # still being read: within the budget
+            refused.append(answer)
+        assert len(refused) == 17, [a[:80] for a in refused]
+        for answer in refused:
+            assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+            assert b"retry-after: 1" in answer.lower() and b'"server_busy"' in answer
+        assert budget.used == 90 * MB <= budget.total
+    finally:
+        for sock in socks:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while budget.used and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert budget.used == 0  # nothing kept once the clients left
+
+
+def test_a_trickled_body_meets_the_total_deadline(proxy_factory) -> None:
+    proxy = proxy_factory([], body_timeout_s=2, body_deadline_s=1)
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", proxy.server.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+            b"content-type: application/json\r\ncontent-length: 1000\r\n\r\n"
+        )
+        sock.settimeout(0.3)
+        answer = b""
+        while not answer and time.monotonic() - started < 8:
+            sock.sendall(b" ")  # one byte every 0.3 s: never idle for the 2 s idle limit
+            try:
+                answer = _answer(sock)
+            except TimeoutError:
+                continue
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b"CHAT_PROXY_BODY_DEADLINE_S" in answer
+    assert time.monotonic() - started < 4
+
+
+class Liar:
+    """A backend that answers too much: a huge error page, or a huge answer."""
+
+    def __init__(self) -> None:
+        self.status = 500
+        self.size = 300 * MB
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        self.server = AiohttpServer(app)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(status=self.status)
+        response.content_type = "application/json"
+        await response.prepare(request)
+        block = b" " * MB
+        try:
+            for _ in range(self.size // MB):
+                await response.write(block)
+        except (ConnectionError, RuntimeError):
+            pass
+        return response
+
+
+@pytest.fixture
+def liar() -> Iterator[Liar]:
+    served = Liar()
+    yield served
+    served.server.stop()
+
+
+def test_a_backends_huge_error_body_and_answer_are_capped(proxy_factory, liar: Liar) -> None:
+    proxy = proxy_factory(
+        [entry_for("m", liar.server.url, backend="openai")], max_answer_bytes=2 * MB
+    )
+    started = time.monotonic()
+    error = proxy.client.post("/v1/chat/completions", json=CHAT)
+    assert error.status_code == 502, error.text
+    assert error.json()["error"]["code"] == "backend_unavailable"
+    liar.status, liar.size = 200, 100 * MB
+    answer = proxy.client.post("/v1/chat/completions", json=CHAT)
+    assert answer.status_code == 502, answer.text
+    assert "more than 2097152 bytes" in answer.json()["error"]["message"]
+    assert "CHAT_PROXY_MAX_ANSWER_BYTES" in answer.json()["error"]["message"]
+    assert time.monotonic() - started < 10  # neither 300 MB nor 100 MB was read
