@@ -42,7 +42,10 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "requestlog": (f"{PROXY}/observe/requestlog.py", [f"{PT}/test_requestlog.py"]),
     "process": (f"{PROXY}/supervision/process.py", [f"{PT}/test_process.py"]),
     "placement": (f"{PROXY}/arbiter/placement.py", [f"{PT}/test_placement.py"]),
-    "ledger": (f"{PROXY}/arbiter/ledger.py", [f"{PT}/test_ledger.py"]),
+    "ledger": (
+        f"{PROXY}/arbiter/ledger.py",
+        [f"{PT}/test_ledger.py", f"{PT}/test_vram_arbiter.py"],  # the arbiter's pure parts
+    ),
     "simgpu": (f"{PROXY}/arbiter/simgpu.py", [f"{PT}/test_simgpu.py"]),
     "images": (f"{PROXY}/vision/images.py", [f"{PT}/test_images.py", f"{PT}/test_vision.py"]),
     "toolcalls": (

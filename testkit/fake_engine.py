@@ -1,8 +1,9 @@
 """Fake LLM engines that speak the real protocols, for tests and the benchmark.
 
-One aiohttp app per flavour: ``vllm`` (flat error bodies, ``usage: null`` on chunks when usage
-is requested), ``llamacpp`` (``timings``, nested errors, ``/health``) and ``ollama`` (its
-OpenAI layer at ``/v1`` plus ``/api/tags``, ``/api/ps``, ``/api/generate``, ``/api/chat``).
+One aiohttp app per flavour: ``vllm`` (errors nested as vLLM 0.32 has them; asked for usage, a
+last chunk with it and no ``usage`` key before), ``llamacpp`` (``timings``, nested errors,
+``/health``) and ``ollama`` (its OpenAI layer at ``/v1`` plus ``/api/tags``, ``/api/ps``,
+``/api/generate``, ``/api/chat``).
 
 The served model id picks the behaviour, so a registry entry's ``served_model_id`` is the
 test's script:
@@ -49,6 +50,14 @@ from aiohttp import web
 from imageworks.chat_proxy.arbiter.simgpu import SIM_VARIABLE, SimGpu
 
 ANSWER_WORDS = ["Hello", " from", " {flavour}", "!"]
+# The "type" vLLM 0.32 gives an error of each status (its exception's name).
+_VLLM_ERROR_TYPES = {
+    404: "NotFoundError",
+    422: "UnprocessableEntityError",
+    500: "InternalServerError",
+    501: "NotImplementedError",
+    503: "ServiceUnavailableError",
+}
 
 
 @dataclass
@@ -190,14 +199,23 @@ class FakeEngine:
         if self.loaded.pop(tag, None) is not None and self.sim is not None:
             self.sim.free(os.getpid(), f"ollama:{tag}")
 
-    def error(self, status: int, message: str) -> web.Response:
+    def error(self, status: int, message: str, anthropic: bool = False) -> web.Response:
+        if self.flavour == "vllm" and anthropic:
+            # vLLM's /v1/messages: its own errors in Anthropic's envelope (a body its request
+            # model refuses still comes in the OpenAI one).
+            kind = _VLLM_ERROR_TYPES.get(status, "BadRequestError")
+            return web.json_response(
+                {"type": "error", "error": {"type": kind, "message": message}}, status=status
+            )
         if self.flavour == "vllm":
+            # vLLM 0.32 (nested since 0.10.1; before it the same keys flat, with "object").
             body: dict[str, Any] = {
-                "object": "error",
-                "message": message,
-                "type": "BadRequestError",
-                "param": None,
-                "code": status,
+                "error": {
+                    "message": message,
+                    "type": _VLLM_ERROR_TYPES.get(status, "BadRequestError"),
+                    "param": None,
+                    "code": status,
+                }
             }
         elif self.flavour == "ollama":
             body = {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
@@ -219,7 +237,6 @@ class FakeEngine:
         cid: str,
         delta: dict[str, Any] | None,
         finish: str | None = None,
-        usage_null: bool = False,
     ) -> bytes:
         data: dict[str, Any] = {
             "id": cid,
@@ -230,8 +247,6 @@ class FakeEngine:
             if delta is None
             else [{"index": 0, "delta": delta, "finish_reason": finish}],
         }
-        if usage_null:
-            data["usage"] = None
         if self.flavour == "llamacpp":
             data["system_fingerprint"] = "b0-fake"
         return b"data: " + json.dumps(data).encode() + b"\n\n"
@@ -333,11 +348,8 @@ class FakeEngine:
         )
         await response.prepare(request)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        usage_null = include_usage and self.flavour == "vllm"
         cid = "chatcmpl-fakestream"
-        await response.write(
-            self.chunk(model, cid, {"role": "assistant", "content": ""}, usage_null=usage_null)
-        )
+        await response.write(self.chunk(model, cid, {"role": "assistant", "content": ""}))
         if model == "hang-stream":
             await asyncio.sleep(3600)
         pieces: list[dict[str, Any]]
@@ -363,13 +375,13 @@ class FakeEngine:
         for index, delta in enumerate(pieces):
             if model == "slow":
                 await asyncio.sleep(0.05)
-            await response.write(self.chunk(model, cid, delta, usage_null=usage_null))
+            await response.write(self.chunk(model, cid, delta))
             if model == "die" and index == 2:
                 assert request.transport is not None
                 await asyncio.sleep(0.05)  # let the chunks already written reach the client
                 request.transport.abort()  # an engine crash: the socket just goes away
                 return response
-        await response.write(self.chunk(model, cid, {}, finish, usage_null=usage_null))
+        await response.write(self.chunk(model, cid, {}, finish))
         if include_usage and model != "no-usage":
             usage_chunk = json.loads(self.chunk(model, cid, None)[6:])
             usage_chunk["usage"] = self.usage(body, len(pieces))
@@ -554,7 +566,7 @@ class FakeEngine:
         body = await self.record(request)
         model = str(body.get("model"))
         if model.startswith("fail-"):
-            return self.error(int(model[5:]), f"scripted failure {model}")
+            return self.error(int(model[5:]), f"scripted failure {model}", anthropic=True)
         if model == "hang":
             await asyncio.sleep(3600)
         text = "".join(w.format(flavour=self.flavour) for w in ANSWER_WORDS)

@@ -66,6 +66,25 @@ def png_declaring(width: int, height: int) -> bytes:
     )
 
 
+def png_solid(
+    width: int, height: int, rgba: tuple[int, int, int, int] = (200, 40, 40, 128)
+) -> bytes:
+    """An RGBA PNG of one colour, written row by row (never ``width`` x ``height`` pixels in
+    memory): 9459x9459 is a 367 KB file that decodes to 358 MB."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    row = b"\0" + bytes(rgba) * width  # filter type 0, then the pixels
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
 def gif_bytes(width: int = 40, height: int = 30) -> bytes:
     out = io.BytesIO()
     Image.new("P", (width, height), 3).save(out, "GIF")

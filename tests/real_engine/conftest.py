@@ -134,6 +134,19 @@ class Stack:
             self.cold_starts.append(time.monotonic() - started)
         return self.executor_state()
 
+    def records(self) -> list[dict[str, Any]]:
+        """The proxy's request records so far, once its log writer has caught up (it writes
+        in batches; a stream's record follows its last byte)."""
+        log = self.root / "logs" / "chat_proxy.jsonl"
+        lines: list[str] = []
+        for _ in range(40):
+            again = log.read_text().splitlines() if log.exists() else []
+            if again and again == lines:
+                break
+            lines = again
+            time.sleep(0.1)
+        return [r for r in map(json.loads, lines) if r.get("event") == "request"]
+
     def chat(self, **body: Any) -> httpx.Response:
         body.setdefault("model", CHAT)
         body.setdefault("temperature", 0)

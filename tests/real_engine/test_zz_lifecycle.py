@@ -9,6 +9,7 @@ import os
 import signal
 from pathlib import Path
 
+import anthropic
 import pytest
 from tests.real_engine.conftest import CHAT, EMBED, Stack
 
@@ -54,9 +55,22 @@ def test_a_swap_to_a_real_embedding_model_and_back(stack: Stack) -> None:
     state = stack.executor_state()
     assert state["logical_name"] == EMBED
     assert not any(map(pid_alive, chat_group))  # one model at a time: the chat vLLM is gone
-    back = stack.chat(messages=QUESTION)
-    assert back.status_code == 200 and "Paris" in back.json()["choices"][0]["message"]["content"]
+    # Back to the chat model, cold, through the anthropic SDK: the stream opens with loading
+    # comments while the executor starts vLLM again, and the SDK reads past them.
+    client = anthropic.Anthropic(base_url=stack.url, api_key="none", max_retries=0, timeout=400)
+    with client.messages.stream(
+        model=CHAT,
+        max_tokens=16,
+        messages=QUESTION,  # type: ignore[arg-type]
+        extra_body={"temperature": 0},  # the SDK has no temperature argument; the API does
+    ) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    client.close()
+    assert "Paris" in text and final.usage.output_tokens > 0
     assert stack.executor_state()["logical_name"] == CHAT
+    cold = [r for r in stack.records() if r["endpoint"] == "messages"][-1]
+    assert cold["status"] == 200 and cold["stream"] and cold["load_ms"] > 1000, cold
 
 
 def test_kill_9_of_vllm_is_noticed_and_recovered(stack: Stack) -> None:
@@ -72,7 +86,12 @@ def test_kill_9_of_vllm_is_noticed_and_recovered(stack: Stack) -> None:
     assert eventually(crashed, timeout=30)
     # vLLM's engine process notices its server's death and exits on its own.
     assert eventually(lambda: not any(map(pid_alive, group)), timeout=60)
-    again = stack.chat(messages=QUESTION)  # the next request starts it again
+    # The next request starts it again, whatever its surface: here Anthropic's count_tokens.
+    client = anthropic.Anthropic(base_url=stack.url, api_key="none", max_retries=0, timeout=400)
+    counted = client.messages.count_tokens(model=CHAT, messages=QUESTION)  # type: ignore[arg-type]
+    client.close()
+    assert counted.input_tokens > 0
+    again = stack.chat(messages=QUESTION)
     assert again.status_code == 200 and "Paris" in again.json()["choices"][0]["message"]["content"]
     restarted = stack.executor_state()
     assert restarted["status"] == "running" and restarted["pid"] != running["pid"]

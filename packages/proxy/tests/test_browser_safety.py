@@ -77,6 +77,32 @@ def test_page_style_requests_are_refused_on_every_admin_and_lease_route(proxy_fa
     assert proxy.client.put("/admin/autostart", json={"enabled": True}, headers=own).is_success
 
 
+def test_a_refused_host_or_origin_has_a_request_id_and_a_record(proxy_factory) -> None:
+    """Refused before any route runs, and still traceable: the answer has an x-request-id (the
+    client's own when it sent a sane one) and the JSONL log a record of the refusal."""
+    proxy = proxy_factory([], admin_token="s3cret-admin-token")
+    rebound = proxy.client.get(
+        "/admin/requests", headers={"host": "rebind.evil.example", "x-request-id": "trace-1"}
+    )
+    assert rebound.status_code == 403 and rebound.headers["x-request-id"] == "trace-1"
+    page = proxy.client.post(
+        "/v1/gpu/lease",
+        content=b"{}",
+        headers={**PAGE, "authorization": "Bearer s3cret-admin-token"},
+    )
+    assert page.status_code == 403 and page.headers.get("x-request-id")
+    assert len(page.headers.get_list("x-request-id")) == 1
+    records = {r["request_id"]: r for r in proxy.records()}
+    assert records["trace-1"]["status"] == 403
+    assert records["trace-1"]["error_code"] == "err_host_not_allowed"
+    assert records["trace-1"]["endpoint"] == "/admin/requests"
+    lease = records[page.headers["x-request-id"]]
+    assert lease["error_code"] == "err_origin_not_allowed" and lease["endpoint"] == "/v1/gpu/lease"
+    assert "s3cret-admin-token" not in proxy.log_path.read_text()
+    # An answered request still has exactly one id.
+    assert len(proxy.client.get("/v1/models").headers.get_list("x-request-id")) == 1
+
+
 def test_host_names_a_setting_adds_are_accepted(proxy_factory) -> None:
     proxy = proxy_factory([], allowed_hosts="imageworks-chat-proxy, Box.LAN")
     for host in ("imageworks-chat-proxy:8100", "box.lan", "localhost:1", "[::1]:8100", "10.0.0.5"):
@@ -119,7 +145,7 @@ def test_refusals_and_internal_errors_on_the_messages_routes_use_anthropics_enve
     proxy_factory, monkeypatch
 ) -> None:
     # Every error on /v1/messages is Anthropic's shape, the guard's and an unexpected 500's too.
-    from imageworks.chat_proxy.routes import forward
+    from imageworks.chat_proxy.routes import relay
 
     proxy = proxy_factory([])
     body = b'{"model": "m", "max_tokens": 5, "messages": []}'
@@ -134,7 +160,7 @@ def test_refusals_and_internal_errors_on_the_messages_routes_use_anthropics_enve
     async def broken(*args: object) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(forward, "forward", broken)
+    monkeypatch.setattr(relay, "forward", broken)
     crash = proxy.client.post("/v1/messages", content=body)
     assert crash.status_code == 500 and crash.json()["type"] == "error", crash.text
     assert crash.json()["error"]["type"] == "api_error"

@@ -34,6 +34,20 @@ from imageworks.chat_proxy.errors import (
             "too long",
             "upstream_error",
         ),
+        # vLLM 0.32 (since 0.10.1): the same keys nested, the code still an integer; the
+        # param of a field its request model refused ("body.max_tokens").
+        (
+            {
+                "error": {
+                    "message": "Input should be a valid integer",
+                    "type": "Bad Request",
+                    "param": "body.max_tokens",
+                    "code": 400,
+                }
+            },
+            "Input should be a valid integer",
+            "upstream_error",
+        ),
         # OpenAI / llama.cpp / Ollama's OpenAI layer: nested.
         (
             {

@@ -24,12 +24,14 @@ from imageworks.chat_proxy.vision.images import (
     DataUrl,
     Fit,
     ImageError,
+    open_inline,
     prepare_fetched,
     prepare_inline,
 )
 from imageworks.chat_proxy.vision.lifting import LIFT_MIN, LiftedBody
 from imageworks.chat_proxy.vision.pool import WorkerPool
-from imageworks.chat_proxy.vision.prepare import IMAGE_PARTS, VisionPolicy, host_allowed
+from imageworks.chat_proxy.vision.prepare import IMAGE_PARTS, VisionPolicy
+from imageworks.chat_proxy.vision.remote import host_allowed
 from imageworks.model_loader.schema import ModelEntry, RemoteImages
 from imageworks.vllm_executor.launcher import DEFAULT_TEMPLATE, build_command
 from testkit.images import (
@@ -176,18 +178,18 @@ def test_one_requests_images_go_to_the_pool_a_few_at_a_time_and_stop_at_the_firs
 
     def counting(url: str | bytes, fit: Fit) -> Any:
         started.append(1)
-        return prepare_inline(url, fit)
+        return open_inline(url, fit)
 
-    monkeypatch.setattr(vision, "prepare_inline", counting)
+    monkeypatch.setattr(vision, "open_inline", counting)
     prep = vision.ImagePrep(WorkerPool(workers=1))
     real_run = prep.run
 
-    async def run(fn: Any, *args: Any) -> Any:
+    async def run(fn: Any, *args: Any, holding: int = 0) -> Any:
         nonlocal in_pool, most_in_pool
         in_pool += 1
         most_in_pool = max(most_in_pool, in_pool)
         try:
-            return await real_run(fn, *args)
+            return await real_run(fn, *args, holding=holding)
         finally:
             in_pool -= 1
 

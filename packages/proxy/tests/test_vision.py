@@ -432,9 +432,9 @@ def test_image_requests_beyond_the_pools_backlog_are_a_429_and_text_is_never_hel
 
     def stuck(url: str | bytes, fit: Any) -> Any:
         release.wait(60)
-        return images.prepare_inline(url, fit)
+        return images.open_inline(url, fit)
 
-    monkeypatch.setattr(vision, "prepare_inline", stuck)
+    monkeypatch.setattr(vision, "open_inline", stuck)
     proxy = proxy_factory([entry_for("m", fake_vllm.url, capabilities=VISION)], vision_workers=1)
     prep = proxy.state.pool
     prep.backlog = 2

@@ -28,7 +28,7 @@ from imageworks.chat_proxy.errors import MethodNotAllowed, NotFound, ProxyError
 from imageworks.chat_proxy.request.bodies import BodyBudget, BodyGuard
 from imageworks.chat_proxy.request.browser import AllowedHosts, BrowserGuard, is_admin_path
 from imageworks.chat_proxy.request.surfaces import BY_PATH, RAW, RESPONSE_BY_ID, envelope_of
-from imageworks.chat_proxy.routes import admin, forward, gpu, openai, ops, views
+from imageworks.chat_proxy.routes import admin, byid, gpu, openai, ops, raw, relay, views
 from imageworks.chat_proxy.server.lifespan import close_state, open_state, start_background
 from imageworks.chat_proxy.upstream.forwarding import send_error
 
@@ -102,22 +102,26 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = ""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                rid = value.decode("latin-1")
-                break
-        if not _CLIENT_ID.match(rid):
-            rid = _request_ids.next()
-        scope.setdefault("state", {})["request_id"] = rid
-        header = (b"x-request-id", rid.encode())
+        state = scope.setdefault("state", {})
+        rid = state.get("request_id", "")
+        header = None  # an outer one has given the id, and adds the header
+        if not rid:
+            for name, value in scope["headers"]:
+                if name == b"x-request-id":
+                    rid = value.decode("latin-1")
+                    break
+            if not _CLIENT_ID.match(rid):
+                rid = _request_ids.next()
+            state["request_id"] = rid
+            header = (b"x-request-id", rid.encode())
         started = False
 
         async def send_with_id(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message["headers"] = [*message.get("headers", ()), header]
+                if header is not None:
+                    message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
         try:
@@ -158,12 +162,24 @@ class ProxyApp:
         guarded = BodyGuard(
             self._dispatch, self.bodies, config.body_deadline_s if config else 300.0
         )
-        self._entry: ASGIApp = BrowserGuard(
-            guarded, hosts or AllowedHosts("127.0.0.1"), cors_origins
+        # The request id first: a request the Host or Origin rules refuse has one too, and
+        # its JSONL record.
+        self._entry: ASGIApp = RequestIdMiddleware(
+            BrowserGuard(
+                guarded, hosts or AllowedHosts("127.0.0.1"), cors_origins, self._record_refusal
+            )
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._entry(scope, receive, send)
+
+    def _record_refusal(self, scope: Scope, error: ProxyError) -> None:
+        state = getattr(self.state, "proxy", None)
+        if state is not None:
+            client = scope.get("client")
+            state.records.refusal(
+                scope["state"]["request_id"], scope["path"], client[0] if client else None, error
+            )
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -188,13 +204,13 @@ class ProxyApp:
             )
             await send_error(error, send, surface.envelope)
             return
-        await forward.forward(self.state.proxy, surface, scope, receive, send)
+        await relay.forward(self.state.proxy, surface, scope, receive, send)
 
     async def _response_by_id(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await forward.by_id(self.state.proxy, RESPONSE_BY_ID, scope, receive, send)
+        await byid.by_id(self.state.proxy, RESPONSE_BY_ID, scope, receive, send)
 
     async def _upstream(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await forward.run(forward.RawCall(self.state.proxy, RAW, scope), scope, receive, send)
+        await relay.run(raw.RawCall(self.state.proxy, RAW, scope), scope, receive, send)
 
 
 def create_app(config: ProxyConfig | None = None, *, probe: GpuProbe | None = None) -> ProxyApp:

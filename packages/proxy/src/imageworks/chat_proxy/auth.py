@@ -9,15 +9,59 @@ docker), decided per request from the socket's peer rather than from the configu
 - without an admin token, admin calls from another host are refused even with an API key.
 
 Tokens are compared in constant time.
+
+API keys may be named (``CHAT_PROXY_API_KEYS=@/path/keys.json``: each key with a name and the
+models or deployment profiles it may use); the name, never the key, goes to the JSONL record
+and /metrics, and a key used for a model it may not use is a 403 naming the key's name.
+Keys given as a plain comma list are named ``key1``, ``key2``... and may use every model.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hmac
 import ipaddress
 from collections.abc import Iterable, Mapping
+from typing import Protocol
 
-from imageworks.chat_proxy.errors import Unauthorized
+from pydantic import BaseModel, ConfigDict, Field
+
+from imageworks.chat_proxy.errors import Forbidden, Unauthorized
+
+
+class _Entry(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    def visible_in(self, profile: str) -> bool: ...
+
+
+class NamedKey(BaseModel):
+    """One API key, its name (shown) and what it may use: the models whose names match one of
+    ``models`` (exact names or ``*`` patterns) or that one of ``profiles`` offers; with
+    neither, every model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")
+    key: str = Field(min_length=1, repr=False)
+    models: tuple[str, ...] | None = None
+    profiles: tuple[str, ...] | None = None
+
+    def may_use(self, entry: _Entry) -> bool:
+        if self.models is None and self.profiles is None:
+            return True
+        if any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in self.models or ()):
+            return True
+        return any(entry.visible_in(profile) for profile in self.profiles or ())
+
+    def require(self, entry: _Entry) -> None:
+        if not self.may_use(entry):
+            raise Forbidden(
+                f"the API key {self.name!r} may not use model {entry.name!r} (its models "
+                "and profiles are set in the CHAT_PROXY_API_KEYS file)",
+                param="model",
+            )
 
 
 def is_loopback(host: str | None) -> bool:
@@ -49,6 +93,24 @@ def _presented(headers: Mapping[str, str], *extra_headers: str) -> list[str]:
 def _matches(presented: Iterable[str], accepted: Iterable[str]) -> bool:
     accepted = list(accepted)
     return any(hmac.compare_digest(p.encode(), a.encode()) for p in presented for a in accepted)
+
+
+def identify(headers: Mapping[str, str], keys: tuple[NamedKey, ...]) -> NamedKey | None:
+    """The named key the request presents (None when no keys are set); 401 otherwise. Every
+    key is compared, in constant time, whichever matches."""
+    if not keys:
+        return None
+    found = None
+    for presented in _presented(headers, "x-api-key"):
+        for key in keys:
+            if hmac.compare_digest(presented.encode(), key.key.encode()):
+                found = found or key
+    if found is None:
+        raise Unauthorized(
+            "missing or invalid API key: send 'Authorization: Bearer <key>' "
+            "(keys are set with CHAT_PROXY_API_KEYS)"
+        )
+    return found
 
 
 def require_api_key(headers: Mapping[str, str], keys: tuple[str, ...]) -> None:

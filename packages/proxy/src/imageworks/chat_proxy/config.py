@@ -7,6 +7,7 @@ fails at start with the variable's name and the reason (``ConfigError``).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,12 +16,14 @@ from typing import Any, Literal
 from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from imageworks.chat_proxy.auth import is_loopback
+from imageworks.chat_proxy.auth import NamedKey, is_loopback
 from imageworks.chat_proxy.redact import redact_text
 
 PREFIX = "CHAT_PROXY_"
 ENV_FILES = (".env", ".env.local")  # lowest precedence first
-SECRET_FIELDS = frozenset({"api_keys", "admin_token"})
+SECRET_FIELDS = frozenset({"api_keys", "named_keys", "admin_token"})
+# Set from api_keys, never from a variable of its own.
+DERIVED_FIELDS = frozenset({"named_keys"})
 
 
 class ConfigError(ValueError):
@@ -104,7 +107,10 @@ class ProxyConfig(BaseModel):
     lease_ttl_s: float = Field(default=900.0, gt=0)
     shutdown_step_timeout_s: float = Field(default=30.0, gt=0)
     vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    # A comma list of keys, or "@/path/keys.json": a JSON array of {name, key, models,
+    # profiles} (named_keys: what each key may use; a plain list's keys are key1, key2...).
     api_keys: tuple[str, ...] = ()
+    named_keys: tuple[NamedKey, ...] = ()
     admin_token: str | None = None
     recent_requests: int = Field(default=500, ge=1, le=100_000)
     # Back-pressure: requests forwarded at once per model (0: no limit; an entry's
@@ -120,6 +126,10 @@ class ProxyConfig(BaseModel):
     vision_max_images: int = Field(default=0, ge=0)
     vision_max_image_bytes: int = Field(default=20_000_000, ge=1)
     vision_workers: int = Field(default=2, ge=1, le=64)
+    # Decoded pixels the vision threads may hold at once, counted before decoding (an image
+    # that needs more: 413; one that does not fit now waits up to queue_timeout_s, then 503).
+    # 512 MB holds the largest image Pillow opens (89 MP at 4 bytes a pixel).
+    vision_decode_budget_mb: int = Field(default=512, ge=16, le=1024 * 1024)
     # Browser origins allowed to call the API (comma-separated; "*" for any, never with
     # credentials). Empty: no CORS headers at all.
     cors_origins: tuple[str, ...] = ()
@@ -138,6 +148,21 @@ class ProxyConfig(BaseModel):
     peers: str = ""
     peer_poll_s: float = Field(default=5.0, gt=0)
     peer_grace_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_the_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "named_keys" in data:
+            return data
+        value = data.get("api_keys", ())
+        if isinstance(value, str) and value.strip().startswith("@"):
+            named = read_keys_file(Path(value.strip()[1:]).expanduser())
+        else:
+            keys = cls._split_keys(value)
+            if not isinstance(keys, (list, tuple)) or not all(isinstance(k, str) for k in keys):
+                return data  # the field's own validation says what is wrong
+            named = tuple(NamedKey(name=f"key{i}", key=k) for i, k in enumerate(keys, 1))
+        return {**data, "api_keys": tuple(k.key for k in named), "named_keys": named}
 
     @field_validator("api_keys", "preload", "cors_origins", "allowed_hosts", mode="before")
     @classmethod
@@ -204,7 +229,7 @@ class ProxyConfig(BaseModel):
         merged.update(os.environ if environ is None else environ)
         values: dict[str, Any] = {}
         for name in cls.model_fields:
-            if env_name(name) in merged:
+            if env_name(name) in merged and name not in DERIVED_FIELDS:
                 values[name] = merged[env_name(name)]
         # The registry and staging dirs are shared with the CLI and the console.
         if "registry_dir" not in values and merged.get("IMAGEWORKS_REGISTRY_DIR"):
@@ -222,6 +247,7 @@ class ProxyConfig(BaseModel):
         shown = self.model_dump(mode="json", exclude=set(SECRET_FIELDS))
         shown = {k: redact_text(v) if isinstance(v, str) else v for k, v in shown.items()}
         shown["api_keys_set"] = bool(self.api_keys)
+        shown["api_key_names"] = [key.name for key in self.named_keys]
         shown["admin_token_set"] = bool(self.admin_token)
         return shown
 
@@ -233,6 +259,35 @@ class ProxyConfig(BaseModel):
 
     def __repr__(self) -> str:
         return f"ProxyConfig(host={self.host!r}, port={self.port}, ...)"
+
+
+def read_keys_file(path: Path) -> tuple[NamedKey, ...]:
+    """The named keys of a ``CHAT_PROXY_API_KEYS=@file``: a JSON array of objects with
+    ``name``, ``key`` and optionally ``models`` and ``profiles``. Names and keys unique. The
+    message of a bad file names the variable and the entry, never a key."""
+    where = f"{env_name('api_keys')} file {path}"
+    try:
+        listed = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"{where} cannot be read ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise ValueError(f"{where} is not JSON ({exc})") from None
+    if not isinstance(listed, list) or not listed:
+        raise ValueError(f"{where} must hold a non-empty JSON array of keys")
+    named: list[NamedKey] = []
+    for i, item in enumerate(listed):
+        try:
+            named.append(NamedKey.model_validate(item))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'entry'}: {e['msg']}" for e in exc.errors()
+            )
+            raise ValueError(f"{where}, entry {i}: {problems}") from None
+    for field in ("name", "key"):
+        values = [getattr(k, field) for k in named]
+        if len(set(values)) != len(values):
+            raise ValueError(f"{where}: two keys have the same {field}")
+    return tuple(named)
 
 
 def _describe(exc: ValidationError) -> str:

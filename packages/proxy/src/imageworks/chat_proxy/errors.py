@@ -271,8 +271,8 @@ class UpstreamError(ProxyError):
 
 
 def upstream_error(status: int, raw: bytes, retry_after: str | None = None) -> ProxyError:
-    """Turn a backend's error response (vLLM flat, OpenAI nested, Ollama native) into ours.
-    ``Retry-After`` is passed on with a 429 or a 503."""
+    """Turn a backend's error response (OpenAI and vLLM nested, vLLM < 0.10.1 flat, Ollama
+    native) into ours. ``Retry-After`` is passed on with a 429 or a 503."""
     message, code, param = _parse_upstream_error(raw)
     text = message or raw[:500].decode("utf-8", "replace").strip() or f"HTTP {status}"
     error: ProxyError

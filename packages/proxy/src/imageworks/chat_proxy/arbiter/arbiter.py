@@ -16,22 +16,23 @@ What holds the GPU comes from the lifecycle through ``seams.Residency``; leases 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import math
 import time
 from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imageworks.chat_proxy.arbiter import ledger
+from imageworks.chat_proxy.arbiter import ledger, memory, sizing
 from imageworks.chat_proxy.arbiter.estimate import Estimate, estimate
+from imageworks.chat_proxy.arbiter.eviction import Evictions
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe, GpuSnapshot
 from imageworks.chat_proxy.arbiter.leases import LeaseDesk
-from imageworks.chat_proxy.arbiter.placement import Device, Placement, place, share_mb
-from imageworks.chat_proxy.arbiter.policy import Plan, only_pinned_block, plan_exclusive
+from imageworks.chat_proxy.arbiter.placement import Device, Placement, place
+from imageworks.chat_proxy.arbiter.policy import Plan, only_pinned_block
 from imageworks.chat_proxy.arbiter.seams import Holding, Residency
-from imageworks.chat_proxy.arbiter.tiers import SLEEP, SleepBook
-from imageworks.chat_proxy.errors import InsufficientVram, InvalidRequest
+from imageworks.chat_proxy.arbiter.tiers import SleepBook
+from imageworks.chat_proxy.errors import InvalidRequest
 from imageworks.chat_proxy.observe.progress import SLOW_FACTOR
 from imageworks.chat_proxy.supervision.procfs import pid_alive
 from imageworks.model_loader.schema import ModelEntry
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class VramArbiter:
+class VramArbiter(Evictions):
     def __init__(
         self,
         probe: GpuProbe,
@@ -118,31 +119,18 @@ class VramArbiter:
     def need_mb(self, entry: ModelEntry) -> int:
         """What ``entry`` takes over all its devices: its own share of each when it sets one
         (vLLM reserves exactly that), else its learned footprint, else its estimate."""
-        own = entry.backend_config.gpu_memory_utilization
         devices = self._devices_of(entry)
         total = self._total_of(devices[0])
-        if own and total:
-            return math.ceil(own * total) * max(len(devices), entry.gpu_span)
-        found = self.estimate_of(entry)
-        return (
-            self.learned_mb.get(entry.name)
-            or (found.total_mb if found else None)
-            or entry.vram_estimate_mb
-            or 0
-        )
-
-    @staticmethod
-    def _estimate_key(entry: ModelEntry) -> tuple[str, str | None, tuple[str, ...]]:
-        config = entry.backend_config
-        return (entry.name, config.model_path, tuple(config.extra_args))
+        learned, found = self.learned_mb.get(entry.name), self.estimate_of(entry)
+        return sizing.need_mb(entry, devices, total, learned, found)
 
     def estimate_of(self, entry: ModelEntry) -> Estimate | None:
         """The estimate read from ``entry``'s files, once ``estimate_now`` has read them."""
-        return self.estimates.get(self._estimate_key(entry))
+        return self.estimates.get(sizing.estimate_key(entry))
 
     async def estimate_now(self, entry: ModelEntry) -> Estimate | None:
         """Read ``entry``'s files (once per model path and arguments), off the event loop."""
-        key = self._estimate_key(entry)
+        key = sizing.estimate_key(entry)
         if key not in self.estimates:
             self.estimates[key] = await asyncio.to_thread(estimate, entry)
         return self.estimates[key]
@@ -152,19 +140,9 @@ class VramArbiter:
         which one placement uses now."""
         found = self.estimate_of(entry)
         learned = self.learned_mb.get(entry.name)
-        if entry.backend_config.gpu_memory_utilization:
-            used = "share"
-        elif learned:
-            used = "learned"
-        elif found is not None:
-            used = "estimate"
-        elif entry.vram_estimate_mb:
-            used = "declared"
-        else:
-            used = None
         return {
             "need_mb": self.need_mb(entry) or None,
-            "from": used,
+            "from": sizing.source(entry, learned, found),
             "declared_mb": entry.vram_estimate_mb,
             "estimate": found.public() if found else None,
             "learned_mb": learned,
@@ -189,11 +167,7 @@ class VramArbiter:
         that vLLM reserves what the ledger budgets, not a fixed 90%; None without a known
         total or need."""
         devices = self._devices_of(entry)
-        total = self._total_of(devices[0])
-        need = share_mb(self.need_mb(entry), len(devices))
-        if not total or need <= 0:
-            return None
-        return min(1.0, math.ceil(need / total * 100) / 100)
+        return sizing.share(self.need_mb(entry), len(devices), self._total_of(devices[0]))
 
     def placement_of(self, entry: ModelEntry) -> tuple[int, ...] | None:
         return self.placements.get(entry.name)
@@ -271,15 +245,8 @@ class VramArbiter:
         a kill -9): the memory the probe still shows for them is coming back, as it does a
         moment after any process exits. Past ``vram_timeout_s`` it counts as a stranger's
         again (memory that never came back is not ours to wait for)."""
-        now = time.monotonic()
         current = {h.pid for h in holdings}
-        exiting = set()
-        for pid, seen in list(self._engine_pids.items()):
-            if now - seen > self.vram_timeout_s:
-                del self._engine_pids[pid]
-            elif pid not in current and not pid_alive(pid):
-                exiting.add(pid)
-        return frozenset(exiting)
+        return memory.exiting_pids(self._engine_pids, current, self.vram_timeout_s, pid_alive)
 
     def _views(
         self, snaps: list[GpuSnapshot], held: list[ledger.Held], lent: Collection[int]
@@ -299,16 +266,7 @@ class VramArbiter:
             return self.placements.get(holding.name) or tuple(holding.entry.gpus or ()) or None
 
         held = ledger.locate(holdings, snaps, placed, self.held_mb, self.cost_of)
-        for item in held:
-            pid = item.holding.pid
-            if not item.devices:
-                continue
-            if item.holding.entry is None:  # where Ollama put its models shows in /admin/state
-                self.placements[item.name] = item.devices
-            elif item.name not in self.placements and any(pid in s.processes for s in snaps):
-                # An engine this proxy adopted after a restart: placed where its process holds
-                # memory (the earlier proxy's placement died with it).
-                self.placements[item.name] = item.devices
+        ledger.adopt(held, snaps, self.placements)
         return held
 
     # --- making room ---------------------------------------------------------------------------
@@ -344,21 +302,9 @@ class VramArbiter:
         span: int,
         lease: bool,
     ) -> Placement:
-        if need is None:  # a whole device for a lease: everything idle there goes
-            device = (pin or (0,))[0]
-            mine = [h.resident(device) for h in held if not h.holding.foreign and h.on(device)]
-            if not snaps:  # no budget: the whole GPU is everything idle, wherever it is
-                mine = [h.resident(None) for h in held if not h.holding.foreign]
-            return Placement((device,), plan_exclusive(mine))
         lent = set() if lease else self.leases.lent()
-        views = self._views(snaps, held, lent)
-        found = place(views, need, pin=pin, span=span, headroom_mb=self.headroom_mb)
-        if not found.devices and lent:
-            # Only lent devices could take it: the request was admitted with the lease's
-            # token (``admit`` refuses anyone else), so the holder's model may use its device.
-            views = self._views(snaps, held, ())
-            found = place(views, need, pin=pin, span=span, headroom_mb=self.headroom_mb)
-        return found
+        views = functools.partial(self._views, snaps, held)
+        return ledger.plan(snaps, held, need, pin, span, lent, views, self.headroom_mb)
 
     async def _free(
         self,
@@ -418,71 +364,18 @@ class VramArbiter:
         sleepable = any(h.name == name and h.sleep is not None for h in self.last_holdings)
         return self.sleeps.cost_s(name, sleepable, self.load_s.get(name))
 
-    async def _evict(
-        self,
-        names: tuple[str, ...],
-        evictors: dict[str, Holding],
-        reason: str,
-        held: list[ledger.Held] | None,
-    ) -> list[str]:
-        """Evict each: by sleep where ``tiers`` chooses it (``held``: the ledger, for the host
-        RAM budget; None: stop them all), else by stop."""
-        evicted = []
-        spent = 0
-        for name in names:
-            holding = evictors[name]
-            how, why = "stop", "a lease takes the whole device"
-            if held is not None:
-                host = self._sleep_host_mb(holding)
-                tier = self.sleeps.tier(
-                    holding, held, load_s=self.load_s.get(name), host_mb=host, spent_mb=spent
-                )
-                how, why = tier.how, tier.why
-            if how == SLEEP and holding.sleep is not None:
-                done = await holding.sleep()
-                spent += self._sleep_host_mb(holding) if done else 0
-            else:
-                assert holding.evict is not None
-                done = await holding.evict()
-            if done:
-                evicted.append(name)
-                self._event("evict", model=name, reason=reason, tier=how, why=why)
-                self.last_holdings = [h for h in self.last_holdings if h.name != name]
-                if self.metrics is not None:
-                    self.metrics.evictions.labels(reason.split()[0]).inc()
-        return evicted
-
     async def _await_memory(self, targets: dict[int, int], reason: str, whole: bool) -> None:
         """Evicted processes take a moment to give memory back: wait until the probe agrees
         on every device of the placement."""
-        deadline = time.monotonic() + self.vram_timeout_s
-        logged = False
-        while True:
-            snaps = {s.index: s for s in await self.snapshot()}
-            short = {
-                d: (want, snaps[d].free_mb)
-                for d, want in targets.items()
-                if d in snaps and snaps[d].free_mb < want
-            }
-            if not short:
-                return
-            device, (want, free) = next(iter(short.items()))
-            if not logged:
-                log.info(
-                    "[gpu-arbiter] waiting for VRAM need=%s free=%s (%s, GPU %s)",
-                    want - (0 if whole else self.headroom_mb),
-                    free,
-                    reason,
-                    device,
-                )
-                logged = True
-            if time.monotonic() >= deadline:
-                raise InsufficientVram(
-                    f"[gpu-arbiter] VRAM did not come back within {self.vram_timeout_s:.0f} s for "
-                    f"{reason}: need={want} MB free={free} MB",
-                    headers={"Retry-After": "30"},
-                )
-            await asyncio.sleep(0.2)
+        await memory.await_memory(
+            self.snapshot,
+            targets,
+            reason,
+            whole,
+            timeout_s=self.vram_timeout_s,
+            headroom_mb=self.headroom_mb,
+            log=log,
+        )
 
     # --- reporting -----------------------------------------------------------------------------
 
@@ -501,14 +394,6 @@ class VramArbiter:
             "devices": devices,
             "host_ram": self.sleeps.public(held),
         }
-
-    def _sleep_host_mb(self, holding: Holding) -> int:
-        """The host RAM ``holding`` will hold asleep: measured last time, else its weights."""
-        entry = holding.entry
-        found = self.estimate_of(entry) if entry is not None else None
-        need = self.need_mb(entry) if entry is not None else holding.vram_mb
-        weights = found.weights_mb if found is not None else None
-        return self.sleeps.host_guess(holding.name, weights, need)
 
     def _event(self, event: str, **fields: Any) -> None:
         if self.request_log is not None:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from imageworks.chat_proxy.arbiter.gpu import GpuSnapshot
-from imageworks.chat_proxy.arbiter.placement import Device, Placement, share_mb
-from imageworks.chat_proxy.arbiter.policy import Plan, Resident
+from imageworks.chat_proxy.arbiter.placement import Device, Placement, place, share_mb
+from imageworks.chat_proxy.arbiter.policy import Plan, Resident, plan_exclusive
 from imageworks.chat_proxy.arbiter.seams import Holding
 from imageworks.chat_proxy.errors import InsufficientVram
 
@@ -90,6 +90,48 @@ def locate(
 def host_used(held: Sequence[Held]) -> int:
     """Host RAM our sleeping models hold, MiB (what the sleep budget has spent)."""
     return sum(h.holding.host_mb for h in held if h.holding.sleeping)
+
+
+def adopt(
+    held: Sequence[Held], snaps: Sequence[GpuSnapshot], placements: dict[str, tuple[int, ...]]
+) -> None:
+    """Record in ``placements`` where located models are that the arbiter did not place: an
+    Ollama model (where Ollama put it shows in /admin/state), an engine adopted after a restart
+    (where its process holds memory: the earlier proxy's placement died with it)."""
+    for item in held:
+        pid = item.holding.pid
+        if not item.devices:
+            continue
+        if item.holding.entry is None or (
+            item.name not in placements and any(pid in s.processes for s in snaps)
+        ):
+            placements[item.name] = item.devices
+
+
+def plan(
+    snaps: Sequence[GpuSnapshot],
+    held: Sequence[Held],
+    need: int | None,
+    pin: tuple[int, ...] | None,
+    span: int,
+    lent: Collection[int],
+    views: Callable[[Collection[int]], list[Device]],
+    headroom_mb: int,
+) -> Placement:
+    """Where ``need`` MB goes (None: a whole device, for a lease) and what must be evicted
+    there; ``views``: the devices as placement sees them with the given devices lent."""
+    if need is None:  # a whole device for a lease: everything idle there goes
+        device = (pin or (0,))[0]
+        mine = [h.resident(device) for h in held if not h.holding.foreign and h.on(device)]
+        if not snaps:  # no budget: the whole GPU is everything idle, wherever it is
+            mine = [h.resident(None) for h in held if not h.holding.foreign]
+        return Placement((device,), plan_exclusive(mine))
+    found = place(views(lent), need, pin=pin, span=span, headroom_mb=headroom_mb)
+    if not found.devices and lent:
+        # Only lent devices could take it: the request was admitted with the lease's
+        # token (``admit`` refuses anyone else), so the holder's model may use its device.
+        found = place(views(()), need, pin=pin, span=span, headroom_mb=headroom_mb)
+    return found
 
 
 def effective_free(

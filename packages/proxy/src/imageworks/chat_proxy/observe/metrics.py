@@ -40,6 +40,7 @@ class Finished(NamedTuple):
     prompt_tokens: int | None
     completion_tokens: int | None
     images: ImageStats | None = None
+    key_name: str | None = None
 
 
 class Metrics:
@@ -51,6 +52,12 @@ class Metrics:
             "chat_proxy_requests",
             "Requests answered, by outcome",
             ["endpoint", "model", "backend", "status"],
+            registry=r,
+        )
+        self.key_requests = Counter(
+            "chat_proxy_key_requests",
+            "Requests answered, by the name of their API key (never the key) and model",
+            ["key", "model", "status"],
             registry=r,
         )
         self.errors = Counter(
@@ -186,6 +193,8 @@ class Metrics:
         while self._finished:
             f = self._finished.popleft()
             self.requests.labels(f.endpoint, f.model, f.backend, str(f.status)).inc()
+            if f.key_name is not None:
+                self.key_requests.labels(f.key_name, f.model, str(f.status)).inc()
             self.latency.labels(f.endpoint, f.backend).observe(f.total_s)
             if f.error_code:
                 self.errors.labels(f.endpoint, f.error_code).inc()

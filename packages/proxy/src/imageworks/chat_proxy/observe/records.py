@@ -48,6 +48,7 @@ class RequestInfo:
     queue_depth: int = 0  # this request's place in that wait queue, 0 if it did not wait
     images: ImageStats | None = None  # what image preparation did (requests with images)
     tools: bool = False  # the request declared tools: legacy function_call answers converted
+    key_name: str | None = None  # the name of its API key (never the key), when keys are set
 
 
 @dataclass
@@ -158,6 +159,7 @@ FIELDS: tuple[Field, ...] = (
     Field("request_id", lambda f: f.request_id),
     Field("endpoint", lambda f: f.info.endpoint),
     Field("client", lambda f: f.info.client),
+    Field("key_name", lambda f: f.info.key_name),
     Field("model", lambda f: f.info.model),
     Field("logical_name", lambda f: f.entry_attr("name")),
     Field("backend", lambda f: f.entry_attr("backend")),
@@ -212,6 +214,7 @@ def finished(facts: Facts) -> Finished:
         facts.prompt_tokens if isinstance(facts.prompt_tokens, int) else None,
         facts.completion_tokens if isinstance(facts.completion_tokens, int) else None,
         facts.info.images,
+        facts.info.key_name,
     )
 
 

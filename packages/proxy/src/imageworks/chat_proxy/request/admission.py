@@ -1,8 +1,8 @@
 """Back-pressure: how many requests per model are forwarded at once, and how many may wait.
 
 Each model with a limit (its entry's ``max_concurrency``, else ``CHAT_PROXY_MAX_CONCURRENCY``;
-0 is no limit) has a gate: up to the limit, requests pass at once; beyond it they wait in a
-FIFO of at most ``CHAT_PROXY_MAX_QUEUE``; beyond that, or after waiting
+0 is no limit) has a ``Turnstile``: up to the limit, requests pass at once; beyond it they wait
+in a FIFO of at most ``CHAT_PROXY_MAX_QUEUE``; beyond that, or after waiting
 ``CHAT_PROXY_QUEUE_TIMEOUT_S``, they are refused with 429 ``rate_limited`` and ``Retry-After``,
 so that an overloaded backend tells clients to back off instead of every latency growing.
 
@@ -21,7 +21,11 @@ from imageworks.model_loader.schema import ModelEntry
 RETRY_AFTER_S = 1
 
 
-class Gate:
+class Turnstile:
+    """One model's turnstile: at most ``limit`` requests through at once, the rest in a FIFO.
+    (Not the GPU gate, ``arbiter/seams.GpuGate``: GPU memory and leases for a model's start.)
+    """
+
     def __init__(self, name: str, limit: int, admission: Admission) -> None:
         self.name = name
         self.limit = limit
@@ -81,15 +85,15 @@ class Admission:
         self.default_limit = default_limit
         self.max_queue = max_queue
         self.metrics = metrics
-        self._gates: dict[str, Gate] = {}
+        self._gates: dict[str, Turnstile] = {}
 
-    def gate(self, entry: ModelEntry) -> Gate | None:
-        """The model's gate; None when it has no limit (the common case costs a lookup)."""
+    def gate(self, entry: ModelEntry) -> Turnstile | None:
+        """The model's turnstile; None when it has no limit (the common case costs a lookup)."""
         limit = entry.max_concurrency or self.default_limit
         if not limit:
             return None
         gate = self._gates.get(entry.name)
         if gate is None:
-            gate = self._gates[entry.name] = Gate(entry.name, limit, self)
+            gate = self._gates[entry.name] = Turnstile(entry.name, limit, self)
         gate.limit = limit  # a registry edit applies from the next request on
         return gate

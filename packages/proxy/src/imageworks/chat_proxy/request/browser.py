@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -119,9 +119,11 @@ class BrowserGuard:
         app: ASGIApp,
         hosts: AllowedHosts,
         cors_origins: tuple[str, ...] = (),
+        on_refusal: Callable[[Scope, ProxyError], None] | None = None,
     ) -> None:
         self.app = app
         self.hosts = hosts
+        self.on_refusal = on_refusal  # told of each refusal (the proxy's JSONL record)
         self.cors_origins = frozenset(o.rstrip("/") for o in cors_origins)
         self.cors: ASGIApp | None = None
         if cors_origins:
@@ -145,18 +147,17 @@ class BrowserGuard:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        envelope = envelope_of(path)
         host = _header(scope, b"host")
         if host is None or not self.hosts.allows(host):
-            await _refuse(
+            await self._refuse(
                 ForbiddenHost(
                     f"the Host header {host!r} does not name this server; add the name to "
                     "CHAT_PROXY_ALLOWED_HOSTS if clients reach it by that name"
                     if host is not None
                     else "the request has no Host header"
                 ),
+                scope,
                 send,
-                envelope,
             )
             return
         method: str = scope["method"]
@@ -166,15 +167,18 @@ class BrowserGuard:
         raw_write = path.startswith("/upstream/") and method not in SAFE_METHODS
         if is_admin_path(path) or raw_write:
             if origin is not None and not same_origin(origin, host):
-                await _refuse(
+                await self._refuse(
                     ForbiddenOrigin(
                         f"admin and lease calls are not taken from web pages (Origin {origin!r})"
                     ),
+                    scope,
                     send,
                 )
                 return
             if method == "OPTIONS" and _header(scope, b"access-control-request-method"):
-                await _refuse(ForbiddenOrigin("CORS is not offered on admin and lease paths"), send)
+                await self._refuse(
+                    ForbiddenOrigin("CORS is not offered on admin and lease paths"), scope, send
+                )
                 return
             await self.app(scope, receive, send)
             return
@@ -183,17 +187,22 @@ class BrowserGuard:
             return
         if not self._cors_allows(origin):
             if method not in SAFE_METHODS or _header(scope, b"access-control-request-method"):
-                await _refuse(
+                await self._refuse(
                     ForbiddenOrigin(
                         f"the origin {origin!r} is not allowed (CHAT_PROXY_CORS_ORIGINS)"
                     ),
+                    scope,
                     send,
-                    envelope,
                 )
                 return
             await self.app(scope, receive, send)
             return
         await (self.cors or self.app)(scope, receive, send)
+
+    async def _refuse(self, error: ProxyError, scope: Scope, send: Send) -> None:
+        if self.on_refusal is not None:
+            self.on_refusal(scope, error)
+        await _refuse(error, send, envelope_of(scope["path"]))
 
 
 async def _refuse(error: ProxyError, send: Send, envelope: str = "openai") -> None:

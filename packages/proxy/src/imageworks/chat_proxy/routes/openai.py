@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from imageworks.chat_proxy.auth import require_api_key
+from imageworks.chat_proxy.auth import NamedKey, identify
 from imageworks.chat_proxy.engines.modelstate import (
     FAILED,
     READY,
@@ -18,7 +18,7 @@ from imageworks.chat_proxy.engines.modelstate import (
     UNREACHABLE,
     WAKING,
 )
-from imageworks.chat_proxy.routes.forward import loading_progress, resolve, route
+from imageworks.chat_proxy.routes.routing import loading_progress, resolve, route
 from imageworks.chat_proxy.server.state import ProxyState
 from imageworks.chat_proxy.upstream.peers import FORWARDED_HEADER, Listed
 from imageworks.model_loader.schema import ModelEntry
@@ -92,22 +92,46 @@ def models_body(state: ProxyState, local_only: bool = False) -> bytes:
     return body
 
 
+class _Listed:
+    """A model of the list as a key's rules see it: a peer's model is judged by its name (this
+    box's profiles say nothing about it)."""
+
+    def __init__(self, state: ProxyState, item: dict[str, Any]) -> None:
+        self.name: str = item["id"]
+        self.entry = None if "peer" in item["imageworks"] else state.registry.find(self.name)
+
+    def visible_in(self, profile: str) -> bool:
+        return self.entry is not None and self.entry.visible_in(profile)
+
+
+def restricted(key: NamedKey | None) -> bool:
+    return key is not None and (key.models is not None or key.profiles is not None)
+
+
 async def list_models(request: Request) -> Response:
+    """Every model this box offers, or only those the request's API key may use."""
     state = proxy_state(request)
-    require_api_key(request.headers, state.config.api_keys)
+    key = identify(request.headers, state.config.named_keys)
     local_only = FORWARDED_HEADER in request.headers
-    return Response(models_body(state, local_only), media_type=JSON)
+    if key is None or not restricted(key):
+        return Response(models_body(state, local_only), media_type=JSON)
+    data = [i for i in models_data(state, local_only) if key.may_use(_Listed(state, i))]
+    return Response(json.dumps({"object": "list", "data": data}).encode(), media_type=JSON)
 
 
 async def get_model(request: Request) -> Response:
     state = proxy_state(request)
-    require_api_key(request.headers, state.config.api_keys)
+    key = identify(request.headers, state.config.named_keys)
     name = request.path_params["model_id"]
     if state.peers and FORWARDED_HEADER not in request.headers:
         for item in models_data(state, local_only=False):
             if item["id"] == name:
+                if key is not None:
+                    key.require(_Listed(state, item))
                 return Response(json.dumps(item).encode(), media_type=JSON)
     entry = resolve(state, name)
+    if key is not None:
+        key.require(entry)
     return Response(json.dumps(model_object(state, entry)).encode(), media_type=JSON)
 
 

@@ -46,6 +46,7 @@ from imageworks.chat_proxy.server.state import ProxyState
 from imageworks.chat_proxy.upstream.egress import Egress
 from imageworks.chat_proxy.upstream.peers import Peers
 from imageworks.chat_proxy.upstream.responses import ResponseBook
+from imageworks.chat_proxy.vision.budget import MB
 from imageworks.chat_proxy.vision.pool import WorkerPool
 from imageworks.chat_proxy.vision.prepare import ImagePrep
 from imageworks.model_loader.profiles import PROFILES_FILE, ProfileManager
@@ -165,7 +166,7 @@ def open_state(config: ProxyConfig, *, probe: GpuProbe | None = None) -> ProxySt
         staging_lock=staging_lock,
         peers=peers,
         pool=pool,
-        images=ImagePrep(pool),
+        images=ImagePrep(pool, config.vision_decode_budget_mb * MB, config.queue_timeout_s),
         responses=ResponseBook(config.log_path.with_name("response_ids.tsv")).load(),
     )
     _announce(state)

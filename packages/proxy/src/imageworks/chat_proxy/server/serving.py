@@ -71,6 +71,8 @@ def guarded_httptools(header_timeout: float, max_header_bytes: int = MAX_HEADER_
             self._disarm()
             self._in_head = False
             super().on_headers_complete()
+            if self.scope.get("http_version") == "1.0":
+                _close_delimited(self.cycle)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
@@ -90,6 +92,30 @@ def guarded_httptools(header_timeout: float, max_header_bytes: int = MAX_HEADER_
                 self.transport.close()
 
     return GuardedHttpTools
+
+
+def _close_delimited(cycle: Any) -> None:
+    """An HTTP/1.0 client gets an answer of unknown length (a stream) as a body that ends when
+    the connection closes, as HTTP/1.0 has it: uvicorn would send it chunked, a coding HTTP/1.0
+    does not know (the client reads the chunk sizes as part of the body). uvicorn closes an
+    HTTP/1.0 connection after each answer, so the body's end is the close. Set before the
+    request's task first runs, so the app gets this ``send``."""
+    send_chunked = cycle.send
+    unknown_length = False
+
+    async def send(message: Any) -> None:
+        nonlocal unknown_length
+        if message["type"] == "http.response.start" and not cycle.response_started:
+            named = {bytes(name).lower() for name, _ in message.get("headers", ())}
+            if not named & {b"content-length", b"transfer-encoding"}:
+                unknown_length = True
+                cycle.chunked_encoding = False  # uvicorn then writes the body bytes as they are
+        elif message["type"] == "http.response.body" and unknown_length:
+            # uvicorn counts the body against a length; this one is as long as it is.
+            cycle.expected_content_length = len(message.get("body", b""))
+        await send_chunked(message)
+
+    cycle.send = send
 
 
 def uvicorn_config(

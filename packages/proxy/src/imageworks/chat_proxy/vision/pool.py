@@ -11,6 +11,7 @@ are.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import os
@@ -63,14 +64,34 @@ class WorkerPool:
                 headers={"Retry-After": "1"},
             )
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run(
+        self, fn: Callable[..., T], *args: Any, when_done: Callable[[], None] | None = None
+    ) -> T:
+        """``fn(*args)`` in a worker thread. The job counts as pending until its thread is
+        done with it, not until its caller stops waiting (a client gone): then ``when_done``
+        runs, on the loop (the image prep gives back its decode budget there). A job not yet
+        started when its caller stops waiting never starts."""
         loop = asyncio.get_running_loop()
         call = functools.partial(contextvars.copy_context().run, fn, *args)
         self.pending += 1
-        try:
-            return await loop.run_in_executor(self.executor, call)
-        finally:
+
+        def done() -> None:
             self.pending -= 1
+            if when_done is not None:
+                when_done()
+
+        try:
+            job = self.executor.submit(call)
+        except BaseException:
+            done()
+            raise
+
+        def finished(_: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to count
+                loop.call_soon_threadsafe(done)
+
+        job.add_done_callback(finished)
+        return await asyncio.wrap_future(job)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -35,16 +34,19 @@ from imageworks.chat_proxy.errors import (
     PayloadTooLarge,
 )
 from imageworks.chat_proxy.vision import history
+from imageworks.chat_proxy.vision.budget import MB, DecodeBudget
 from imageworks.chat_proxy.vision.images import (
     DataUrl,
     Fit,
     ImageError,
+    Opened,
     Prepared,
-    prepare_fetched,
-    prepare_inline,
+    open_fetched,
+    open_inline,
 )
 from imageworks.chat_proxy.vision.lifting import LiftedBody
 from imageworks.chat_proxy.vision.pool import WorkerPool
+from imageworks.chat_proxy.vision.remote import fetch_image, host_allowed
 from imageworks.model_loader.schema import ModelEntry, RemoteImages
 
 T = TypeVar("T")
@@ -148,29 +150,39 @@ def where(m: int, p: int) -> str:
     return f"messages[{m}].content[{p}]"
 
 
-def host_allowed(url: str, remote: RemoteImages) -> bool:
-    try:
-        split = urllib.parse.urlsplit(url)
-    except ValueError:
-        return False
-    host = (split.hostname or "").lower().rstrip(".")
-    if split.scheme not in ("http", "https") or not host:
-        return False
-    for allowed in remote.allow_hosts:
-        allowed = allowed.lower().rstrip(".")
-        if host == allowed or (allowed.startswith("*.") and host.endswith(allowed[1:])):
-            return True
-    return False
-
-
 class ImagePrep:
     """Fits a request's images to its model; the work runs in the proxy's CPU worker pool."""
 
-    def __init__(self, pool: WorkerPool) -> None:
+    def __init__(
+        self, pool: WorkerPool, decode_budget_bytes: int = 512 * MB, wait_s: float = 120.0
+    ) -> None:
         self.pool = pool
+        self.budget = DecodeBudget(decode_budget_bytes)
+        self.wait_s = wait_s
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self.pool.run(fn, *args)
+    async def run(self, fn: Callable[..., T], *args: Any, holding: int = 0) -> T:
+        """``fn(*args)`` in the pool; ``holding`` bytes of the decode budget stay taken until
+        its thread is done with it (``WorkerPool.run``'s ``when_done``): a caller that stops
+        waiting (a client gone) frees nothing a thread still uses."""
+        if not holding:
+            return await self.pool.run(fn, *args)
+        return await self.pool.run(
+            fn, *args, when_done=functools.partial(self.budget.give, holding)
+        )
+
+    async def decode(self, opened: Opened, at: str) -> Prepared:
+        """Take the decode budget ``opened`` needs, then decode and fit it in the pool."""
+        cost = opened.cost
+        if cost > self.budget.total:
+            raise PayloadTooLarge(
+                f"the image at {at} would take {-(-cost // MB)} MB decoded; images are "
+                f"decoded within {self.budget.total // MB} MB "
+                "(CHAT_PROXY_VISION_DECODE_BUDGET_MB)",
+                param=at,
+            )
+        if cost:
+            await self.budget.take(cost, self.wait_s)
+        return await self.run(opened.finish, holding=cost)
 
     async def prepare(
         self,
@@ -303,7 +315,8 @@ class ImagePrep:
                 param=where(m, p),
             )
         try:
-            prepared = await self.run(prepare_inline, url, policy.fit)
+            opened = await self.run(open_inline, url, policy.fit)
+            prepared = await self.decode(opened, where(m, p))
         except ImageError as exc:
             raise InvalidRequest(
                 f"the image at {where(m, p)} cannot be read: {exc}", param=where(m, p)
@@ -324,7 +337,8 @@ class ImagePrep:
         raw = await fetch_image(session, url, remote, where(m, p))
         stats.fetched += 1
         try:
-            prepared = await self.run(prepare_fetched, raw, policy.fit)
+            opened = await self.run(open_fetched, raw, policy.fit)
+            prepared = await self.decode(opened, where(m, p))
         except ImageError as exc:
             raise InvalidRequest(
                 f"the image fetched for {where(m, p)} cannot be read: {exc}", param=where(m, p)
@@ -349,46 +363,3 @@ class ImagePrep:
             part["type"] = "image_url"
         part["image_url"] = new
         return True
-
-
-async def fetch_image(
-    session: aiohttp.ClientSession, url: str, remote: RemoteImages, at: str
-) -> bytes:
-    """GET an allow-listed image: no redirects (they could leave the allow-list), at most
-    ``max_bytes``, within ``timeout_s`` in all."""
-    try:
-        async with asyncio.timeout(remote.timeout_s):
-            async with session.get(
-                url, allow_redirects=False, headers={"accept": "image/*"}
-            ) as response:
-                if response.status != 200:
-                    raise InvalidRequest(
-                        f"fetching the image at {at} ({url}) got HTTP {response.status}"
-                        + (" (redirects are not followed)" if 300 <= response.status < 400 else ""),
-                        param=at,
-                    )
-                if (response.content_length or 0) > remote.max_bytes:
-                    raise _too_big(at, remote)
-                data = bytearray()
-                async for chunk in response.content.iter_chunked(65536):
-                    data += chunk
-                    if len(data) > remote.max_bytes:
-                        raise _too_big(at, remote)
-                return bytes(data)
-    except TimeoutError:
-        raise InvalidRequest(
-            f"fetching the image at {at} ({url}) took longer than {remote.timeout_s} s",
-            param=at,
-        ) from None
-    except aiohttp.ClientError as exc:
-        raise InvalidRequest(
-            f"fetching the image at {at} ({url}) failed: {exc or type(exc).__name__}", param=at
-        ) from None
-
-
-def _too_big(at: str, remote: RemoteImages) -> PayloadTooLarge:
-    return PayloadTooLarge(
-        f"the image at {at} is larger than {remote.max_bytes} bytes "
-        "(vision.remote_images.max_bytes)",
-        param=at,
-    )
