@@ -6,8 +6,8 @@
 ``tiers``: the simulated GPU (24000 MB) and the fake vLLM, two models that do not fit together
 (14000 MB each), requests alternating between them; once with sleep mode off (every swap stops
 one model and cold-starts the other) and once on (the other sleeps and wakes, ``--wake-s``).
-``interleaved``: no GPU budget (one shared executor slot), two clients each keeping two
-requests in flight, alternating between two models that cannot run at once; with collation
+``interleaved``: no GPU budget (one shared executor slot), two clients on a fixed schedule,
+alternating between two models that cannot run at once; with collation
 off (``CHAT_PROXY_COLLATE_MAX=0``) and on; reports swaps, p50 and p99 of request latency.
 """
 
@@ -53,11 +53,10 @@ class _Box:
         )
         self.log = root / "proxy" / "logs" / "chat_proxy.jsonl"
 
-    def chat(self, model: str) -> float:
+    def chat(self, model: str, stream: bool = False) -> float:
         started = time.perf_counter()
-        answer = httpx.post(
-            self.url + "/v1/chat/completions", json={"model": model, **CHAT}, timeout=300
-        )
+        body = {"model": model, **CHAT, "stream": stream}
+        answer = httpx.post(self.url + "/v1/chat/completions", json=body, timeout=300)
         answer.raise_for_status()
         return time.perf_counter() - started
 
@@ -98,20 +97,25 @@ def _percentile(values: list[float], share: float) -> float:
 
 
 def _alternate(box: _Box, rounds: int) -> list[float]:
-    """Two clients, two requests in flight each, every worker alternating between the models
-    (the workers start half a cycle apart, so the queue interleaves ABAB)."""
+    """Two clients, one on each model, sending on a fixed schedule (open loop: a request every
+    0.25 s in all, ABAB), each answer a 0.5 s stream: requests for the resident model keep
+    arriving while one for the other model waits, the load under which strict first-come turns
+    swap on nearly every request (issue 26). Closed-loop workers that waited for each answer
+    drained the slot between requests and left nothing to collate."""
     latencies: list[float] = []
     lock = threading.Lock()
 
-    def client(offset: int) -> None:
-        for i in range(rounds):
-            took = box.chat(("model-a", "model-b")[(i + offset) % 2])
-            with lock:
-                latencies.append(took)
+    def one(model: str) -> None:
+        took = box.chat(model, stream=True)  # "slow" streams for 0.5 s
+        with lock:
+            latencies.append(took)
 
-    workers = [threading.Thread(target=client, args=(n,)) for n in range(4)]
-    for worker in workers:
+    workers = []
+    for i in range(2 * rounds):
+        worker = threading.Thread(target=one, args=(("model-a", "model-b")[i % 2],))
         worker.start()
+        workers.append(worker)
+        time.sleep(0.25)
     for worker in workers:
         worker.join()
     return latencies
