@@ -427,12 +427,18 @@ def _require_admin(request: Request, executor: Executor) -> None:
     require_admin(request.headers, executor.config.admin_token, peer=peer)
 
 
-async def activate(request: Request) -> Response:
+async def _model_request(request: Request) -> tuple[Executor, dict[str, Any]]:
+    """The admin-guarded body of a request about one model: its ``model`` a registry name."""
     executor = _executor(request)
     _require_admin(request, executor)
     body = await json_object(request, idle_timeout=30.0)
     if not isinstance(body.get("model"), str):
         raise InvalidRequest('body must be {"model": "<registry name>"}', param="model")
+    return executor, body
+
+
+async def activate(request: Request) -> Response:
+    executor, body = await _model_request(request)
     share = body.get("gpu_memory_utilization")
     valid = isinstance(share, int | float) and not isinstance(share, bool) and 0 < share <= 1
     if share is not None and not valid:
@@ -465,11 +471,7 @@ async def deactivate(request: Request) -> Response:
 
 
 async def sleep_model(request: Request) -> Response:
-    executor = _executor(request)
-    _require_admin(request, executor)
-    body = await json_object(request, idle_timeout=30.0)
-    if not isinstance(body.get("model"), str):
-        raise InvalidRequest('body must be {"model": "<registry name>"}', param="model")
+    executor, body = await _model_request(request)
     level = body.get("level", 1)
     if level not in (1, 2) or isinstance(level, bool):
         raise InvalidRequest("'level' must be 1 or 2", param="level")
@@ -477,11 +479,7 @@ async def sleep_model(request: Request) -> Response:
 
 
 async def wake_model(request: Request) -> Response:
-    executor = _executor(request)
-    _require_admin(request, executor)
-    body = await json_object(request, idle_timeout=30.0)
-    if not isinstance(body.get("model"), str):
-        raise InvalidRequest('body must be {"model": "<registry name>"}', param="model")
+    executor, body = await _model_request(request)
     return JSONResponse(await executor.wake(body["model"]))
 
 
