@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -38,6 +39,62 @@ class LoopThread:
         self.thread.join(10)
         if not self.thread.is_alive():  # a loop left open leaks its self-pipe (ResourceWarning)
             self.loop.close()
+
+
+_SCHEDSTAT = Path("/proc/thread-self/schedstat")  # run time, run-queue wait, slices (ns)
+
+
+def _queued_ns() -> int:
+    """Nanoseconds this thread has spent runnable but waiting for a CPU (0: not known here)."""
+    try:
+        return int(_SCHEDSTAT.read_bytes().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+class LoopWatch:
+    """The callbacks that held one loop's thread for longer than ``threshold_s``.
+
+    asyncio's debug mode times a callback by the wall clock; on a loaded machine the OS takes
+    the CPU from the loop's thread in the middle of any callback, and a 1 ms callback "takes"
+    50 ms. Here the time a callback held the loop is its wall time less the time its thread
+    waited in the CPU's run queue (``/proc/thread-self/schedstat``): what remains is the time it
+    ran or was blocked in a call (an fsync, a process wait), which is what makes a callback slow.
+    """
+
+    _watches: dict[int, LoopWatch] = {}
+    _original: Callable[[asyncio.Handle], None] | None = None
+
+    def __init__(self, threshold_s: float) -> None:
+        self.threshold_s = threshold_s
+        self.slow: list[str] = []
+
+    def watch(self, thread: threading.Thread) -> None:
+        """Watch the callbacks ``thread`` runs (every loop's handles run through one method)."""
+        assert thread.ident is not None
+        if LoopWatch._original is None:
+            LoopWatch._original = asyncio.events.Handle._run
+            asyncio.events.Handle._run = _watched_run  # type: ignore[method-assign,assignment]
+        LoopWatch._watches[thread.ident] = self
+
+    def forget(self, thread: threading.Thread) -> None:
+        LoopWatch._watches.pop(thread.ident or 0, None)
+
+
+def _watched_run(handle: asyncio.Handle) -> None:
+    original = LoopWatch._original
+    assert original is not None
+    watch = LoopWatch._watches.get(threading.get_ident())
+    if watch is None:
+        original(handle)
+        return
+    started, queued = time.perf_counter(), _queued_ns()
+    try:
+        original(handle)
+    finally:
+        held = time.perf_counter() - started - (_queued_ns() - queued) / 1e9
+        if held >= watch.threshold_s:
+            watch.slow.append(f"{handle!r} held the loop for {held * 1000:.1f} ms")
 
 
 class AiohttpServer:
@@ -75,8 +132,8 @@ class UvicornServer:
         slow_callback_s: float = 0,
         **timeouts: Any,
     ) -> None:
-        """``slow_callback_s``: run the loop in asyncio's debug mode, which logs (logger
-        ``asyncio``) every callback that holds the loop longer than this."""
+        """``slow_callback_s``: note in ``self.watch.slow`` every callback that holds the loop
+        longer than this (``LoopWatch``)."""
         import uvicorn
 
         from imageworks.chat_proxy.server.serving import uvicorn_config
@@ -87,9 +144,9 @@ class UvicornServer:
         config = uvicorn_config(app, "127.0.0.1", self.port, graceful_timeout=2, **timeouts)
         self._server = uvicorn.Server(config)
         self._loop = LoopThread("uvicorn-server")
+        self.watch = LoopWatch(slow_callback_s)
         if slow_callback_s:
-            self._loop.loop.set_debug(True)
-            self._loop.loop.slow_callback_duration = slow_callback_s
+            self.watch.watch(self._loop.thread)
         self._done = threading.Event()
 
         async def run() -> None:
@@ -106,6 +163,7 @@ class UvicornServer:
             return
         self._server.should_exit = True
         self._done.wait(15)
+        self.watch.forget(self._loop.thread)
         self._loop.close()
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 from aiohttp import web
 
+from imageworks.chat_proxy.config import BODY_COST
 from testkit.fake_engine import entry_for
 from testkit.servers import AiohttpServer
 
@@ -46,9 +47,10 @@ def test_a_32_mb_request_header_is_431(proxy_factory) -> None:
 
 
 def test_bodies_in_flight_are_held_within_their_budget(proxy_factory) -> None:
-    # 20 clients each start a 30 MB body and stall: three fit in the 100 MB budget, the
-    # other 17 are refused at once (503, Retry-After) before their bodies are read.
-    proxy = proxy_factory([], max_body_bytes=31 * MB, body_budget_bytes=100 * MB)
+    # 20 clients each start a 30 MB body and stall: each costs three times its size, so three
+    # fit in the 300 MB budget, and the other 17 are refused at once (503, Retry-After) before
+    # their bodies are read.
+    proxy = proxy_factory([], max_body_bytes=31 * MB, body_budget_bytes=300 * MB)
     budget = proxy.server.app.bodies
     socks = []
     head = (
@@ -73,7 +75,7 @@ def test_bodies_in_flight_are_held_within_their_budget(proxy_factory) -> None:
         for answer in refused:
             assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
             assert b"retry-after: 1" in answer.lower() and b'"server_busy"' in answer
-        assert budget.used == 90 * MB <= budget.total
+        assert budget.used == 3 * BODY_COST * 30 * MB <= budget.total
     finally:
         for sock in socks:
             sock.close()

@@ -29,6 +29,7 @@ from imageworks.chat_proxy.request.bodies import BodyBudget, BodyGuard
 from imageworks.chat_proxy.request.browser import AllowedHosts, BrowserGuard, is_admin_path
 from imageworks.chat_proxy.request.surfaces import BY_PATH, RAW, RESPONSE_BY_ID, envelope_of
 from imageworks.chat_proxy.routes import admin, byid, gpu, openai, ops, raw, relay, views
+from imageworks.chat_proxy.server.heap import freeze_startup_heap
 from imageworks.chat_proxy.server.lifespan import close_state, open_state, start_background
 from imageworks.chat_proxy.upstream.forwarding import send_error
 
@@ -213,8 +214,12 @@ class ProxyApp:
         await relay.run(raw.RawCall(self.state.proxy, RAW, scope), scope, receive, send)
 
 
-def create_app(config: ProxyConfig | None = None, *, probe: GpuProbe | None = None) -> ProxyApp:
-    """The proxy app. ``probe`` replaces the configured GPU probe (tests inject a fake one)."""
+def create_app(
+    config: ProxyConfig | None = None, *, probe: GpuProbe | None = None, freeze_heap: bool = False
+) -> ProxyApp:
+    """The proxy app. ``probe`` replaces the configured GPU probe (tests inject a fake one);
+    ``freeze_heap``: the process is the proxy's own (the command line), and what its start
+    built is frozen for the garbage collector (``freeze_startup_heap``)."""
     config = config or ProxyConfig.load()
 
     @contextlib.asynccontextmanager
@@ -222,6 +227,8 @@ def create_app(config: ProxyConfig | None = None, *, probe: GpuProbe | None = No
         state = open_state(config, probe=probe)
         app.state.proxy = state
         background = await start_background(state)
+        if freeze_heap:
+            freeze_startup_heap()
         try:
             yield
         finally:

@@ -15,6 +15,7 @@ from imageworks.chat_proxy.app import create_app
 from imageworks.chat_proxy.arbiter.gpu import nvml_available
 from imageworks.chat_proxy.arbiter.simgpu import SimGpu, SimGpuError
 from imageworks.chat_proxy.config import ConfigError, ProxyConfig
+from imageworks.chat_proxy.server.heap import give_big_blocks_back
 from imageworks.chat_proxy.server.serving import serve_hypercorn, serve_uvicorn
 from imageworks.model_loader.errors import RegistryError
 from imageworks.model_loader.profiles import PROFILES_FILE, ProfileManager
@@ -60,7 +61,8 @@ def main(host: str | None, port: int | None, server: str | None, log_level: str)
             check_sim_gpu(config.gpu_sim)
     except (ConfigError, RegistryError) as exc:
         raise click.ClickException(str(exc)) from None
-    app = create_app(config)
+    give_big_blocks_back()
+    app = create_app(config, freeze_heap=True)
     click.echo(
         f"imageworks-chat-proxy listening on http://{config.host}:{config.port} "
         f"({config.server}); Ctrl+C to stop",

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from imageworks.chat_proxy.config import BODY_COST
 from imageworks.chat_proxy.errors import (
     InvalidRequest,
     PayloadTooLarge,
@@ -26,7 +27,8 @@ Q = TypeVar("Q", bound=BaseModel)
 
 
 class BodyBudget:
-    """The bytes of request bodies all requests in flight hold together, at most ``total``."""
+    """The memory the request bodies of all requests in flight cost together, at most
+    ``total`` bytes; each body counts ``BODY_COST`` times its size."""
 
     def __init__(self, total: int) -> None:
         self.total = total
@@ -35,8 +37,9 @@ class BodyBudget:
     def take(self, size: int) -> None:
         if self.used + size > self.total:
             raise ServerBusy(
-                f"the proxy holds {self.used} bytes of request bodies, and its budget is "
-                f"{self.total} (CHAT_PROXY_BODY_BUDGET_BYTES); retry shortly",
+                f"the request bodies in flight cost {self.used} bytes of memory, and their "
+                f"budget is {self.total} (CHAT_PROXY_BODY_BUDGET_BYTES, each body counted "
+                f"{BODY_COST} times its size); retry shortly",
                 headers={"Retry-After": "1"},
             )
         self.used += size
@@ -46,12 +49,12 @@ class BodyBudget:
 
 
 class BodyGuard:
-    """ASGI middleware: every request body is counted against the shared ``BodyBudget`` as it
-    arrives (its ``Content-Length`` up front, when it has one) and given back when the request
-    is answered; over the budget, the read fails at once with a 503 and ``Retry-After``, so
-    nothing half-read stays in memory. The whole body must also have arrived within
-    ``deadline_s`` of its first read: a client trickling a byte every few seconds passes every
-    idle limit but not this (408)."""
+    """ASGI middleware: every request body is counted (at ``BODY_COST`` times its size) against
+    the shared ``BodyBudget`` as it arrives (its ``Content-Length`` up front, when it has one)
+    and given back when the request is answered; over the budget, the read fails at once with a
+    503 and ``Retry-After``, so nothing half-read stays in memory. The whole body must also
+    have arrived within ``deadline_s`` of its first read: a client trickling a byte every few
+    seconds passes every idle limit but not this (408)."""
 
     def __init__(self, app: ASGIApp, budget: BodyBudget, deadline_s: float) -> None:
         self.app = app
@@ -78,9 +81,9 @@ class BodyGuard:
             loop = asyncio.get_running_loop()
             if deadline is None:
                 deadline = loop.time() + self.deadline_s
-                if declared and declared <= budget.total:
-                    budget.take(declared)  # refused before a byte is read
-                    taken = declared
+                if declared and declared * BODY_COST <= budget.total:
+                    budget.take(declared * BODY_COST)  # refused before a byte is read
+                    taken = declared * BODY_COST
             try:
                 async with asyncio.timeout_at(deadline):
                     message = await receive()
@@ -91,9 +94,9 @@ class BodyGuard:
                 ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > taken:
-                    budget.take(received - taken)
-                    taken = received
+                if received * BODY_COST > taken:
+                    budget.take(received * BODY_COST - taken)
+                    taken = received * BODY_COST
                 complete = not message.get("more_body", False)
             else:
                 complete = True
