@@ -153,9 +153,6 @@ class ProxyApp:
     ) -> None:
         self.app = app
         self.state = app.state
-        self._forwarded = RequestIdMiddleware(self._forward)
-        self._by_id = RequestIdMiddleware(self._response_by_id)
-        self._raw = RequestIdMiddleware(self._upstream)
         config: ProxyConfig | None = getattr(app.state, "config", None)
         self.bodies = BodyBudget(config.body_budget_bytes if config else 256 * 1024 * 1024)
         # Host, Origin and CORS rules before any route (request/browser.py); then every body
@@ -186,11 +183,11 @@ class ProxyApp:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
         elif scope["path"] in BY_PATH:
-            await self._forwarded(scope, receive, send)
+            await self._forward(scope, receive, send)
         elif scope["path"].startswith(("/v1/responses/", "/responses/")):
-            await self._by_id(scope, receive, send)
+            await self._response_by_id(scope, receive, send)
         elif scope["path"].startswith("/upstream/"):
-            await self._raw(scope, receive, send)
+            await self._upstream(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
