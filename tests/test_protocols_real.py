@@ -1,7 +1,7 @@
 """The other protocols against the real embedded llama.cpp, with the real client libraries:
 the openai SDK's Responses (stream, not, and a previous_response_id follow-up), the anthropic
 SDK's messages (create, stream, count_tokens, on a cold model: autostart with loading
-comments), langchain-openai on the Responses API.
+comments), langchain-openai on the Responses API, litellm's responses().
 
 Written for whichever chat model the shipped registry provides (``shipped_chat_model``). The
 ``ENGINES`` parameter is the hook for the real_engine tier: a vLLM arm joins it there.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import anthropic
@@ -111,3 +112,41 @@ def test_langchain_on_the_responses_api(shipped) -> None:
     answer = chat.invoke("Say hello.")
     assert answer.text.strip()
     assert any(r["endpoint"] == "responses" for r in proxy.records())
+
+
+def test_litellm_responses_stream_and_a_follow_up(shipped, monkeypatch) -> None:
+    """litellm's ``responses()`` with an ``openai/`` model and the proxy as its base: the
+    Responses API passed through (not litellm's chat bridge), streamed and not, and a
+    ``previous_response_id`` follow-up that reaches the engine that made the first."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch from GitHub
+    with warnings.catch_warnings():  # its import warns of its own deprecations
+        warnings.simplefilter("ignore")
+        import litellm
+
+    proxy, model = shipped
+    # litellm fakes a stream (one non-stream request) for a model it has no facts about; a
+    # user who names the model's facts gets the real one.
+    litellm.register_model(
+        {f"openai/{model}": {"litellm_provider": "openai", "supports_native_streaming": True}}
+    )
+    common = {
+        "model": f"openai/{model}",
+        "api_base": proxy.url + "/v1",
+        "api_key": "none",
+        "max_output_tokens": 12,
+        "timeout": 120,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = litellm.responses(input="My name is Ada.", **common)
+        follow = litellm.responses(
+            input="What is my name?", previous_response_id=first.id, **common
+        )
+        events = list(litellm.responses(input="Say hello.", stream=True, **common))
+    assert first.status == "completed" and first.output
+    assert follow.status == "completed"
+    assert [e.type for e in events][-1] == "response.completed"
+    records = [r for r in proxy.records() if r["endpoint"] == "responses"]
+    assert [r["status"] for r in records] == [200, 200, 200], records
+    assert [r["stream"] for r in records] == [False, False, True]
+    assert all(r["completion_tokens"] and not r["usage_estimated"] for r in records)
