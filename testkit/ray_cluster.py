@@ -42,8 +42,22 @@ class RayHead:
         # Unix socket paths under it must stay short (108 bytes), so not pytest's tmp_path.
         self.temp_dir = Path(tempfile.mkdtemp(prefix="iwray-", dir="/tmp"))
         self.process: subprocess.Popen[bytes] | None = None
+        self._exited_early = False  # the last ``ray start`` exited (rather than timed out)
 
-    def start(self) -> RayHead:
+    def start(self, attempts: int = 3) -> RayHead:
+        """A head on loopback; ``ray start`` exits with 1 now and then on a loaded machine (its
+        own start-up deadlines), so an exit is tried again, and only the last one's log is
+        the reason given."""
+        for _ in range(attempts - 1):
+            try:
+                return self._start_once()
+            except RayUnavailable:
+                if not self._exited_early:
+                    raise
+                self.temp_dir = Path(tempfile.mkdtemp(prefix="iwray-", dir="/tmp"))
+        return self._start_once()
+
+    def _start_once(self) -> RayHead:
         ray = Path(sys.executable).with_name("ray")
         if not ray.exists():
             raise RayUnavailable("the ray CLI is not installed (the dev group's ray[serve])")
@@ -84,6 +98,7 @@ class RayHead:
             # Serve applications under testkit/ are imported by Ray's workers.
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         }
+        self._exited_early = False
         log = (self.temp_dir / "ray-start.log").open("wb")
         self.process = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -94,6 +109,7 @@ class RayHead:
             if self.process.poll() is not None:
                 tail = self.log_tail()
                 self.stop()
+                self._exited_early = True
                 raise RayUnavailable(f"ray start exited with {self.process.returncode}: {tail}")
             if self.serve_api_answers():
                 return self
