@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe
 from imageworks.chat_proxy.config import ConfigError, ProxyConfig
-from imageworks.chat_proxy.errors import MethodNotAllowed, NotFound, ProxyError
+from imageworks.chat_proxy.errors import MethodNotAllowed, NotFound, ProxyError, internal_error
 from imageworks.chat_proxy.request.bodies import BodyBudget, BodyGuard
 from imageworks.chat_proxy.request.browser import AllowedHosts, BrowserGuard, is_admin_path
 from imageworks.chat_proxy.request.surfaces import BY_PATH, RAW, RESPONSE_BY_ID, envelope_of
@@ -131,7 +131,7 @@ class RequestIdMiddleware:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if started:
                 raise
-            error = ProxyError(f"internal error: {type(exc).__name__}; request id {rid}")
+            error = internal_error(exc, rid)
             if envelope_of(scope["path"]) != "openai":
                 await send_error(error, send_with_id, envelope_of(scope["path"]))
                 return
