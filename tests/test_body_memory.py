@@ -86,7 +86,10 @@ def test_twenty_30_mb_bodies_at_once_keep_the_process_within_the_body_budget(
         assert grew <= BUDGET / MB, f"the process grew by {grew:.0f} MB, over the budget"
         time.sleep(1)
         kept = _status_mb(proxy.pid, "VmRSS") - idle
-        assert kept <= 64, f"{kept:.0f} MB kept after the bodies were answered"
+        # Given back: 1-4 MB are kept. Without the fixed threshold glibc also raises its trim
+        # threshold (to twice the mmap threshold, up to 64 MB) and keeps 61 MB free on its
+        # heap: a bound of 64 MB could not see that.
+        assert kept <= 32, f"{kept:.0f} MB kept after the bodies were answered"
     finally:
         proxy.send_signal(signal.SIGINT)
         proxy.communicate(timeout=60)  # its output pipe drained and closed
