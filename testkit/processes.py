@@ -184,14 +184,18 @@ def proxy_env(**env: str) -> dict[str, str]:
 
 
 def start_proxy(
-    root: Path, entries: list[dict[str, object]], **env: str
+    root: Path, entries: list[dict[str, object]], *, uvicorn: bool = False, **env: str
 ) -> tuple[subprocess.Popen[bytes], str]:
     """``imageworks-chat-proxy`` as a real process over a registry of the test's own, in
-    ``root`` (its staging dir and log are there); returns the process and its URL."""
+    ``root`` (its staging dir and log are there); returns the process and its URL.
+    ``uvicorn``: started as the runbook's ``uvicorn imageworks.chat_proxy.app:app``."""
     write_registry(root, entries)
     port = free_port()
+    command = (
+        ["uvicorn", "imageworks.chat_proxy.app:app"] if uvicorn else ["imageworks.chat_proxy.cli"]
+    )
     process = subprocess.Popen(
-        [sys.executable, "-m", "imageworks.chat_proxy.cli", "--port", str(port)],
+        [sys.executable, "-m", *command, "--port", str(port)],
         cwd=root,
         env=proxy_env(**env),
         stdout=subprocess.PIPE,

@@ -59,11 +59,14 @@ async def _send_at_once(url: str, body: bytes, clients: int) -> list[tuple[int, 
         return await asyncio.gather(*(one() for _ in range(clients)))
 
 
+@pytest.mark.parametrize("uvicorn", [False, True], ids=["cli", "uvicorn-app"])
 def test_twenty_30_mb_bodies_at_once_keep_the_process_within_the_body_budget(
-    tmp_path: Path,
+    tmp_path: Path, uvicorn: bool
 ) -> None:
+    # Both ways to run the proxy (runbook 2.1): its command, and uvicorn given its module's app.
     engine, engine_url = start_engine(tmp_path)
-    proxy, url = start_proxy(tmp_path, [entry_for("m", engine_url, backend="llamacpp")])
+    entries = [entry_for("m", engine_url, backend="llamacpp")]
+    proxy, url = start_proxy(tmp_path, entries, uvicorn=uvicorn)
     try:
         warm = asyncio.run(
             _send_at_once(
@@ -86,7 +89,10 @@ def test_twenty_30_mb_bodies_at_once_keep_the_process_within_the_body_budget(
         assert grew <= BUDGET / MB, f"the process grew by {grew:.0f} MB, over the budget"
         time.sleep(1)
         kept = _status_mb(proxy.pid, "VmRSS") - idle
-        assert kept <= 64, f"{kept:.0f} MB kept after the bodies were answered"
+        # Given back: 1-4 MB are kept. Without the fixed threshold glibc also raises its trim
+        # threshold (to twice the mmap threshold, up to 64 MB) and keeps 61 MB free on its
+        # heap: a bound of 64 MB could not see that.
+        assert kept <= 32, f"{kept:.0f} MB kept after the bodies were answered"
     finally:
         proxy.send_signal(signal.SIGINT)
         proxy.communicate(timeout=60)  # its output pipe drained and closed

@@ -128,3 +128,19 @@ def test_every_setting_is_documented() -> None:
     settings = [f for f in ProxyConfig.model_fields if f not in DERIVED_FIELDS]
     missing = [env_name(f) for f in settings if f"`{env_name(f)}`" not in doc]
     assert not missing, f"settings missing from docs/configuration.md: {missing}"
+
+
+def test_a_body_budget_below_three_bodies_is_refused_with_the_figures(tmp_path: Path) -> None:
+    # An operator who raises the largest body (or lowers the budget) is told both values and
+    # the least budget that would do, without pydantic's own words.
+    with pytest.raises(ConfigError) as caught:
+        ProxyConfig.load(environ={"CHAT_PROXY_MAX_BODY_BYTES": "100000000"}, cwd=tmp_path)
+    message = str(caught.value)
+    assert "CHAT_PROXY_BODY_BUDGET_BYTES is 268435456" in message, message
+    assert "3 times CHAT_PROXY_MAX_BODY_BYTES (100000000): 300000000 or more" in message
+    assert "Value error" not in message, message
+    budget = {"CHAT_PROXY_MAX_BODY_BYTES": "100000000", "CHAT_PROXY_BODY_BUDGET_BYTES": "3e8"}
+    with pytest.raises(ConfigError, match="CHAT_PROXY_BODY_BUDGET_BYTES: "):
+        ProxyConfig.load(environ=budget, cwd=tmp_path)  # a number of bytes, in digits
+    budget["CHAT_PROXY_BODY_BUDGET_BYTES"] = "300000000"
+    assert ProxyConfig.load(environ=budget, cwd=tmp_path).body_budget_bytes == 300_000_000

@@ -24,12 +24,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imageworks.chat_proxy.arbiter.gpu import GpuProbe
 from imageworks.chat_proxy.config import ConfigError, ProxyConfig
-from imageworks.chat_proxy.errors import MethodNotAllowed, NotFound, ProxyError
+from imageworks.chat_proxy.errors import MethodNotAllowed, NotFound, ProxyError, internal_error
 from imageworks.chat_proxy.request.bodies import BodyBudget, BodyGuard
 from imageworks.chat_proxy.request.browser import AllowedHosts, BrowserGuard, is_admin_path
 from imageworks.chat_proxy.request.surfaces import BY_PATH, RAW, RESPONSE_BY_ID, envelope_of
 from imageworks.chat_proxy.routes import admin, byid, gpu, openai, ops, raw, relay, views
-from imageworks.chat_proxy.server.heap import freeze_startup_heap
+from imageworks.chat_proxy.server.heap import freeze_startup_heap, give_big_blocks_back
 from imageworks.chat_proxy.server.lifespan import close_state, open_state, start_background
 from imageworks.chat_proxy.upstream.forwarding import send_error
 
@@ -131,7 +131,7 @@ class RequestIdMiddleware:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if started:
                 raise
-            error = ProxyError(f"internal error: {type(exc).__name__}; request id {rid}")
+            error = internal_error(exc, rid)
             if envelope_of(scope["path"]) != "openai":
                 await send_error(error, send_with_id, envelope_of(scope["path"]))
                 return
@@ -245,13 +245,16 @@ _built: ProxyApp | None = None
 
 
 def __getattr__(name: str) -> Any:
-    """``app``: the application built from the environment, once, when first looked up."""
+    """``app``: the application built from the environment, once, when first looked up; the
+    process that looks it up serves it (``uvicorn imageworks.chat_proxy.app:app``), so its heap
+    is the proxy's own, as under the command line (``server/heap.py``)."""
     global _built
     if name != "app":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if _built is None:
         try:
-            _built = create_app()
+            _built = create_app(freeze_heap=True)
+            give_big_blocks_back()
         except ConfigError as exc:  # one line naming the variable, as the CLI prints it
             raise SystemExit(f"Error: {exc}") from None
     return _built

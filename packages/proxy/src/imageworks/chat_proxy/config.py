@@ -209,11 +209,13 @@ class ProxyConfig(BaseModel):
 
     @model_validator(mode="after")
     def _budget_holds_a_body(self) -> ProxyConfig:
-        if self.body_budget_bytes < BODY_COST * self.max_body_bytes:
+        least = BODY_COST * self.max_body_bytes
+        if self.body_budget_bytes < least:
             raise ValueError(
-                f"{env_name('body_budget_bytes')} must be at least {BODY_COST} times "
-                f"{env_name('max_body_bytes')} (a body costs about {BODY_COST} times its size "
-                "while it is forwarded), or the largest body allowed could never be taken"
+                f"{env_name('body_budget_bytes')} is {self.body_budget_bytes}, and must be at "
+                f"least {BODY_COST} times {env_name('max_body_bytes')} ({self.max_body_bytes}): "
+                f"{least} or more (a body costs about {BODY_COST} times its size while it is "
+                "forwarded), or the largest body allowed could never be taken"
             )
         return self
 
@@ -305,5 +307,6 @@ def _describe(exc: ValidationError) -> str:
     for error in exc.errors():
         field = str(error["loc"][0]) if error["loc"] else ""
         where = env_name(field) if field else "configuration"
-        problems.append(f"{where}: {error['msg']}")
+        # A rule across fields (a model validator) names its variables itself.
+        problems.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
     return "; ".join(problems)

@@ -104,6 +104,13 @@ class ProxyError(Exception):
         return json.dumps(self.anthropic_body()).encode()
 
 
+def internal_error(exc: BaseException, request_id: str | None = None) -> ProxyError:
+    """The 500 for an exception no step expected (a bug): its type, never its text (which
+    may hold an address or a path), and the request id to find its traceback in the log."""
+    text = f"internal error: {type(exc).__name__}"
+    return ProxyError(f"{text}; request id {request_id}" if request_id else text)
+
+
 class InvalidRequest(ProxyError):
     status = 400
     code = "invalid_request"

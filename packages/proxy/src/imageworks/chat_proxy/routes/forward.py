@@ -338,6 +338,7 @@ class Exchange:
         self.info = info
         self.gate = gate  # entered: a turn under the model's max_concurrency
         self.ticket: Ticket | None = None
+        self.finished = False
         state.metrics.in_flight.inc()
 
     async def acquire(self, entry: ModelEntry) -> str:
@@ -348,7 +349,11 @@ class Exchange:
         return self.ticket.base_url
 
     def finish(self, outcome: Outcome) -> None:
-        """Record: release the model and the turn, write the JSONL record and the metrics."""
+        """Record: release the model and the turn, write the JSONL record and the metrics
+        (once: a second call does nothing)."""
+        if self.finished:
+            return
+        self.finished = True
         if self.ticket is not None:
             refused = isinstance(outcome.error, BackendUnavailable) and outcome.error.unreached
             self.ticket.release(reached=None if outcome.client_gone else not refused)

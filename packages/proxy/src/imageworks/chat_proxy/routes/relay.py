@@ -14,7 +14,7 @@ from collections.abc import Callable
 from starlette.types import Receive, Scope, Send
 
 from imageworks.chat_proxy.engines.modelstate import SLEEPING, STARTING, WAKING
-from imageworks.chat_proxy.errors import ProxyError, ShuttingDown
+from imageworks.chat_proxy.errors import ProxyError, ShuttingDown, internal_error
 from imageworks.chat_proxy.observe.records import Outcome
 from imageworks.chat_proxy.request.surfaces import RESPONSES_NAME, Surface
 from imageworks.chat_proxy.request.toolcalls import StreamConverter, convert_answer
@@ -51,13 +51,23 @@ async def run(call: Call, scope: Scope, receive: Receive, send: Send) -> None:
         outcome.client_gone = True
         state.records.request(info, outcome)
         return
+    except Exception as exc:  # a bug: the RequestIdMiddleware answers the 500, this records it
+        outcome.error = internal_error(exc, info.request_id)
+        state.records.request(info, outcome)
+        raise
     exchange = Exchange(
         state, info, call.gate if call.gate is not None and not call.loading else None
     )
-    if info.stream:
-        await relay_stream(call, exchange, scope, receive, send)
-    else:
-        await relay_answer(call, exchange, receive, send)
+    try:
+        if info.stream:
+            await relay_stream(call, exchange, scope, receive, send)
+        else:
+            await relay_answer(call, exchange, receive, send)
+    except Exception as exc:  # a bug: the model, its turn and the record are let go all the same
+        if outcome.error is None:
+            outcome.error = internal_error(exc, info.request_id)
+        exchange.finish(outcome)  # once: a relay that finished it already is left as it was
+        raise
 
 
 async def relay_stream(

@@ -1,6 +1,7 @@
 """The proxy process's heap: big blocks given back to the OS when freed, and what the start
 built kept out of the garbage collector's way. Both are for the proxy's own process (the command
-line), not for a process that imports the app (the tests start hundreds)."""
+line, or uvicorn serving ``imageworks.chat_proxy.app:app``), not for a process that imports
+``create_app`` (the tests start hundreds)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,12 @@ from typing import TypeVar
 import aiohttp
 from starlette.types import Receive, Scope, Send
 
-from imageworks.chat_proxy.errors import BackendUnavailable, ProxyError, ShuttingDown
+from imageworks.chat_proxy.errors import (
+    BackendUnavailable,
+    ProxyError,
+    ShuttingDown,
+    internal_error,
+)
 from imageworks.chat_proxy.observe.records import Outcome
 from imageworks.chat_proxy.request.bodies import ClientGone
 from imageworks.chat_proxy.request.streams import DONE, OPENAI, StreamFormat
@@ -122,6 +127,10 @@ class SSEResponse:
                             await self._fail(self.outcome.error, send)
                         else:
                             await send_error(self.outcome.error, send, self.envelope)
+            raise
+        except Exception as exc:  # a bug: recorded as the 500 it is (the RequestIdMiddleware)
+            if self.outcome.error is None:
+                self.outcome.error = internal_error(exc)
             raise
         finally:
             self.outcome.finished_at = time.perf_counter()
