@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 
 from imageworks.chat_proxy.config import BODY_COST
+from testkit.entries import eventually
 from testkit.fake_engine import entry_for
 from testkit.servers import AiohttpServer
 
@@ -47,30 +48,32 @@ def test_a_32_mb_request_header_is_431(proxy_factory) -> None:
 
 
 def test_bodies_in_flight_are_held_within_their_budget(proxy_factory) -> None:
-    # 20 clients each start a 30 MB body and stall: each costs three times its size, so three
-    # fit in the 300 MB budget, and the other 17 are refused at once (503, Retry-After) before
-    # their bodies are read.
+    # 20 clients each send 29 MB of a 30 MB body and stall: each costs three times its
+    # declared size from its first bytes, so three fit in the 300 MB budget, and the other 17
+    # are refused at once (503, Retry-After) on their Content-Length, before a byte is read.
     proxy = proxy_factory([], max_body_bytes=31 * MB, body_budget_bytes=300 * MB)
     budget = proxy.server.app.bodies
-    socks = []
+    socks, refused = [], []
     head = (
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
         b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % (30 * MB)
     )
+    most = b"{" + b" " * (29 * MB - 1)
     try:
         for _ in range(20):
             sock = socket.create_connection(("127.0.0.1", proxy.server.port), timeout=10)
-            sock.sendall(head + b"{" + b" " * 4096)
             socks.append(sock)
-        deadline = time.monotonic() + 10
-        refused = []
-        for sock in socks:
-            sock.settimeout(max(0.1, deadline - time.monotonic()) if not refused else 0.5)
+            sock.sendall(head)
+            sock.settimeout(0.5)
             try:
-                answer = _answer(sock)
+                refused.append(_answer(sock))
+                continue
             except TimeoutError:
-                continue  # still being read: within the budget
-            refused.append(answer)
+                pass  # being read: within the budget
+            sock.settimeout(10)
+            sock.sendall(most)
+            read = (len(socks) - len(refused)) * BODY_COST * 30 * MB
+            assert eventually(lambda read=read: budget.used == read, 10), budget.used
         assert len(refused) == 17, [a[:80] for a in refused]
         for answer in refused:
             assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
@@ -79,10 +82,32 @@ def test_bodies_in_flight_are_held_within_their_budget(proxy_factory) -> None:
     finally:
         for sock in socks:
             sock.close()
-    deadline = time.monotonic() + 10
-    while budget.used and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert budget.used == 0  # nothing kept once the clients left
+    assert eventually(lambda: budget.used == 0, 10)  # nothing kept once the clients left
+
+
+def test_connections_that_declare_big_bodies_and_send_none_hold_no_budget(
+    proxy_factory, fake_vllm
+) -> None:
+    """The Content-Length was taken up front: three connections declaring 28 MiB each and
+    sending nothing held 252 of the default 256 MiB, and every body over 1.3 MB got 503."""
+    proxy = proxy_factory([entry_for("m", fake_vllm.url)])
+    budget = proxy.server.app.bodies
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % (28 * MB)
+    )
+    socks = [socket.create_connection(("127.0.0.1", proxy.server.port)) for _ in range(8)]
+    try:
+        for sock in socks:
+            sock.sendall(head)
+        time.sleep(0.5)  # every head read, every body awaited
+        assert budget.used == 0
+        two_mb = {**CHAT, "model": "m", "messages": [{"role": "user", "content": "x" * 2 * MB}]}
+        answer = proxy.client.post("/v1/chat/completions", json=two_mb)
+        assert answer.status_code == 200, answer.text
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def test_a_trickled_body_meets_the_total_deadline(proxy_factory) -> None:

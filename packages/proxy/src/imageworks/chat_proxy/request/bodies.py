@@ -34,7 +34,8 @@ class BodyBudget:
         self.total = total
         self.used = 0
 
-    def take(self, size: int) -> None:
+    def check(self, size: int) -> None:
+        """503 unless ``size`` more would fit now (nothing is taken)."""
         if self.used + size > self.total:
             raise ServerBusy(
                 f"the request bodies in flight cost {self.used} bytes of memory, and their "
@@ -42,6 +43,9 @@ class BodyBudget:
                 f"{BODY_COST} times its size); retry shortly",
                 headers={"Retry-After": "1"},
             )
+
+    def take(self, size: int) -> None:
+        self.check(size)
         self.used += size
 
     def give(self, size: int) -> None:
@@ -50,11 +54,14 @@ class BodyBudget:
 
 class BodyGuard:
     """ASGI middleware: every request body is counted (at ``BODY_COST`` times its size) against
-    the shared ``BodyBudget`` as it arrives (its ``Content-Length`` up front, when it has one)
-    and given back when the request is answered; over the budget, the read fails at once with a
-    503 and ``Retry-After``, so nothing half-read stays in memory. The whole body must also
-    have arrived within ``deadline_s`` of its first read: a client trickling a byte every few
-    seconds passes every idle limit but not this (408)."""
+    the shared ``BodyBudget`` and given back when the request is answered; over the budget, the
+    read fails at once with a 503 and ``Retry-After``, so nothing half-read stays in memory. A
+    ``Content-Length`` that would not fit now is refused before a byte is read; one that fits is
+    taken whole when the body's first bytes arrive (a body once begun is not refused half-way
+    for others begun after it), not with the head: connections that declared big bodies and
+    sent nothing held the budget for free (three of 28 MiB, against the default). The whole
+    body must also have arrived within ``deadline_s`` of its first read: a client trickling a
+    byte every few seconds passes every idle limit but not this (408)."""
 
     def __init__(self, app: ASGIApp, budget: BodyBudget, deadline_s: float) -> None:
         self.app = app
@@ -79,11 +86,11 @@ class BodyGuard:
             if complete:
                 return await receive()
             loop = asyncio.get_running_loop()
-            if deadline is None:
+            first = deadline is None
+            if first:
                 deadline = loop.time() + self.deadline_s
                 if declared and declared * BODY_COST <= budget.total:
-                    budget.take(declared * BODY_COST)  # refused before a byte is read
-                    taken = declared * BODY_COST
+                    budget.check(declared * BODY_COST)  # refused before a byte is read
             try:
                 async with asyncio.timeout_at(deadline):
                     message = await receive()
@@ -94,6 +101,9 @@ class BodyGuard:
                 ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                if first and declared and declared * BODY_COST <= budget.total:
+                    budget.take(declared * BODY_COST)  # the whole body, once it is coming
+                    taken = declared * BODY_COST
                 if received * BODY_COST > taken:
                     budget.take(received * BODY_COST - taken)
                     taken = received * BODY_COST
