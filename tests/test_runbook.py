@@ -192,6 +192,11 @@ def test_the_runbook_works_as_written(project: Path, cleanup: list[object]) -> N
     assert json.loads(lines[3])["status"] == "stopped"
     answer = shell.run(book["chat"]).strip()
     assert "Paris" in answer, answer  # the default model is an instruct one
+    # The record is written just after the answer, by the log's own thread: an operator's
+    # next command comes seconds later, this test's a few milliseconds (beside a CPU hog the
+    # record was not there yet). Wait for it as the operator would, then run the command.
+    log = project / "logs" / "chat_proxy.jsonl"
+    assert eventually(lambda: '"event": "request"' in log.read_text(), 10)
     logged = shell.run(book["logs"])
     assert '"event":"request"' in logged and '"status":200' in logged
     assert "chat_proxy_requests_total{" in logged

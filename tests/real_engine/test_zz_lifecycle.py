@@ -77,7 +77,12 @@ def test_kill_9_of_vllm_is_noticed_and_recovered(stack: Stack) -> None:
     running = stack.activate(CHAT)
     group = group_of(running["pid"])
     os.kill(running["pid"], signal.SIGKILL)
-    assert eventually(lambda: stack.executor_state()["status"] == "failed", timeout=30)
+    # The executor notices at once (a pidfd) and reports "failed"; but the proxy, which polls
+    # it, then stops the crashed run (the engine's group) and the executor reports "stopped".
+    # Beside a CPU hog the proxy got there before this test's first look (02:39:32 noticed,
+    # 02:39:39 stopped), so the executor's own word is its log line, not a passing state.
+    exited = f"vLLM (pid {running['pid']}) exited with code -9"
+    assert eventually(lambda: exited in (stack.root / "executor.out").read_text(), timeout=30)
 
     def crashed() -> bool:
         models = stack.client.get("/admin/state").json()["models"]
