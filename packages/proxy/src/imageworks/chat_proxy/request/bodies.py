@@ -77,6 +77,9 @@ class BodyGuard:
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit():
                 declared = int(value)
+        # What a declared body costs, when the budget could ever hold it (a larger one is the
+        # body limit's 413, not a 503).
+        reserve = declared * BODY_COST if declared * BODY_COST <= budget.total else 0
         taken = received = 0
         deadline: float | None = None
         complete = False
@@ -89,8 +92,8 @@ class BodyGuard:
             first = deadline is None
             if first:
                 deadline = loop.time() + self.deadline_s
-                if declared and declared * BODY_COST <= budget.total:
-                    budget.check(declared * BODY_COST)  # refused before a byte is read
+                if reserve:
+                    budget.check(reserve)  # refused before a byte is read
             try:
                 async with asyncio.timeout_at(deadline):
                     message = await receive()
@@ -101,9 +104,9 @@ class BodyGuard:
                 ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if first and declared and declared * BODY_COST <= budget.total:
-                    budget.take(declared * BODY_COST)  # the whole body, once it is coming
-                    taken = declared * BODY_COST
+                if first and reserve:
+                    budget.take(reserve)  # the whole body, once it is coming
+                    taken = reserve
                 if received * BODY_COST > taken:
                     budget.take(received * BODY_COST - taken)
                     taken = received * BODY_COST
