@@ -70,10 +70,11 @@ class Proxy:
         return Path(self.config.log_path)
 
     def records(self, event: str = "request") -> list[dict[str, Any]]:
-        """The log's records of one kind, once the writer has caught up: it writes in batches
-        up to ``batch_s`` apart, and a stream's record follows its last byte, which a client
-        may have read before the proxy has finished the request: an empty log is not taken as
-        caught up until the deadline (under load that gap was over 50 ms)."""
+        """The log's records of one kind, once the writer has caught up: each read first waits
+        for the writer to write what is queued (it writes in batches up to ``batch_s`` apart),
+        and a stream's record follows its last byte, which a client may have read before the
+        proxy has finished the request: an empty log is not taken as caught up until the
+        deadline (under load that gap was over 50 ms)."""
         lines, deadline = self._log_lines(), time.monotonic() + 2
         while time.monotonic() < deadline:
             time.sleep(0.05)
@@ -88,6 +89,7 @@ class Proxy:
         return [r for r in map(json.loads, lines) if r.get("event") == event]
 
     def _log_lines(self) -> list[str]:
+        self.state.log.flush()
         return self.log_path.read_text().splitlines() if self.log_path.exists() else []
 
     def write_registry(self, entries: list[dict[str, Any]]) -> None:

@@ -333,3 +333,20 @@ _IMAGE_FIELDS = {
     "image_prep_ms",
     "messages_trimmed",
 }
+
+
+def test_flush_returns_once_everything_queued_before_it_is_written(tmp_path: Path) -> None:
+    path = tmp_path / "logs" / "chat_proxy.jsonl"
+    log = RequestLog(path, max_bytes=10_000_000, backups=1, batch_s=60).start()
+    try:
+        log.write({"event": "request", "request_id": "first"})
+        assert eventually(lambda: len(all_records(path)) == 1)  # written at once, then a rest
+        for i in range(50):  # queued during the writer's 60 s rest
+            log.write({"event": "request", "request_id": str(i)})
+        started = time.monotonic()
+        assert log.flush(timeout=5)
+        assert time.monotonic() - started < 2  # the rest was cut short
+        assert [r["request_id"] for r in all_records(path)] == ["first", *map(str, range(50))]
+    finally:
+        log.close()
+    assert not log.flush()  # a stopped writer: nothing to wait for

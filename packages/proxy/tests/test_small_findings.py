@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from imageworks.chat_proxy.app import ProxyApp, create_app
 from imageworks.chat_proxy.config import ProxyConfig
-from imageworks.chat_proxy.upstream.forwarding import sane_usage
+from imageworks.chat_proxy.observe.records import sane_usage
 from imageworks.chat_proxy.vision.images import Fit, ImageError, fit_image
 from testkit.gpu import FakeProbe
 

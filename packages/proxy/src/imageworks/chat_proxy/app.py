@@ -158,7 +158,10 @@ class ProxyApp:
         # Host, Origin and CORS rules before any route (request/browser.py); then every body
         # counted against the budget of bodies in flight, within a total deadline.
         guarded = BodyGuard(
-            self._dispatch, self.bodies, config.body_deadline_s if config else 300.0
+            self._dispatch,
+            self.bodies,
+            config.body_deadline_s if config else 300.0,
+            config.body_timeout_s if config else 30.0,
         )
         # The request id first: a request the Host or Origin rules refuse has one too, and
         # its JSONL record.

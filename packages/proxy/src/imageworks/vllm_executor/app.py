@@ -431,7 +431,7 @@ async def _model_request(request: Request) -> tuple[Executor, dict[str, Any]]:
     """The admin-guarded body of a request about one model: its ``model`` a registry name."""
     executor = _executor(request)
     _require_admin(request, executor)
-    body = await json_object(request, idle_timeout=30.0)
+    body = await json_object(request)
     if not isinstance(body.get("model"), str):
         raise InvalidRequest('body must be {"model": "<registry name>"}', param="model")
     return executor, body
@@ -463,7 +463,7 @@ async def activate(request: Request) -> Response:
 async def deactivate(request: Request) -> Response:
     executor = _executor(request)
     _require_admin(request, executor)
-    body = await json_object(request, idle_timeout=30.0, optional=True)
+    body = await json_object(request, optional=True)
     name = body.get("model")
     if name is not None and not isinstance(name, str):
         raise InvalidRequest("'model' must be a registry name", param="model")
@@ -521,4 +521,4 @@ def create_app(config: ExecutorConfig | None = None) -> BrowserGuard:
     # must not reach /admin/* here either. The proxy calls it by IMAGEWORKS_VLLM_PUBLIC_HOST.
     hosts = AllowedHosts(config.host, (config.public_host, *config.allowed_hosts))
     # Its bodies are a few small fields: 64 KiB each, 4 MiB together, within 60 s each.
-    return BrowserGuard(BodyGuard(app, BodyBudget(4 * 1024 * 1024), 60.0), hosts)
+    return BrowserGuard(BodyGuard(app, BodyBudget(4 * 1024 * 1024), 60.0, 30.0), hosts)

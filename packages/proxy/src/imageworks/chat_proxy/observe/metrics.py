@@ -11,7 +11,8 @@ queued tuple costs almost nothing, and a scrape always sees every finished reque
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter as Tally
+from collections import defaultdict, deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
+TallyOf = Tally[tuple[str, ...]]
 _FOLD_AT = 2048  # queued requests: bounds the memory and the time one fold takes
 
 
@@ -189,23 +191,43 @@ class Metrics:
             self.fold()
 
     def fold(self) -> None:
-        """Add the queued requests to the counters and histograms."""
+        """Add the queued requests to the counters and histograms: summed per label set first,
+        so that each label set is looked up once per fold, not once per request."""
+        requests: TallyOf = Tally()
+        keys: TallyOf = Tally()
+        errors: TallyOf = Tally()
+        tokens: TallyOf = Tally()
+        latency: dict[tuple[str, ...], list[float]] = defaultdict(list)
+        ttft: dict[tuple[str, ...], list[float]] = defaultdict(list)
         while self._finished:
             f = self._finished.popleft()
-            self.requests.labels(f.endpoint, f.model, f.backend, str(f.status)).inc()
+            requests[f.endpoint, f.model, f.backend, str(f.status)] += 1
             if f.key_name is not None:
-                self.key_requests.labels(f.key_name, f.model, str(f.status)).inc()
-            self.latency.labels(f.endpoint, f.backend).observe(f.total_s)
+                keys[f.key_name, f.model, str(f.status)] += 1
+            latency[f.endpoint, f.backend].append(f.total_s)
             if f.error_code:
-                self.errors.labels(f.endpoint, f.error_code).inc()
+                errors[f.endpoint, f.error_code] += 1
             if f.ttft_s is not None:
-                self.ttft.labels(f.backend).observe(f.ttft_s)
+                ttft[(f.backend,)].append(f.ttft_s)
             if f.prompt_tokens is not None:
-                self.tokens.labels(f.model, "prompt").inc(f.prompt_tokens)
+                tokens[f.model, "prompt"] += f.prompt_tokens
             if f.completion_tokens is not None:
-                self.tokens.labels(f.model, "completion").inc(f.completion_tokens)
+                tokens[f.model, "completion"] += f.completion_tokens
             if f.images is not None:
                 self._fold_images(f.model, f.images)
+        for counter, tally in (
+            (self.requests, requests),
+            (self.key_requests, keys),
+            (self.errors, errors),
+            (self.tokens, tokens),
+        ):
+            for labels, amount in tally.items():
+                counter.labels(*labels).inc(amount)
+        for histogram, samples in ((self.latency, latency), (self.ttft, ttft)):
+            for labels, values in samples.items():
+                child = histogram.labels(*labels)
+                for value in values:
+                    child.observe(value)
 
     def _fold_images(self, model: str, stats: ImageStats) -> None:
         for action, count in (

@@ -13,6 +13,7 @@ goes to a thread (``requestlog``), and the metrics are only queued (``metrics.re
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,32 @@ if TYPE_CHECKING:
 
 # Surfaces whose answers are generations: without usage from the backend, it is estimated.
 GENERATIONS = frozenset({"chat", "completions", "responses", "messages"})
+MAX_TOKENS_COUNTED = 10**9  # more than any context: a count beyond it is not believed
+
+
+def sane_usage(usage: Any) -> dict[str, Any] | None:
+    """A backend's usage object with its token counts as believable integers: a count that is
+    not an integer from 0 to ``MAX_TOKENS_COUNTED`` (``1e308``, ``-5``, ``"many"``) is left out,
+    so it reaches neither the log nor the metrics as it came."""
+    if not isinstance(usage, dict):
+        return None
+
+    def believable(value: Any) -> bool:
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        return is_int and 0 <= value <= MAX_TOKENS_COUNTED
+
+    return {k: v for k, v in usage.items() if not k.endswith("_tokens") or believable(v)}
+
+
+def usage_in(whole: bytes) -> dict[str, Any] | None:
+    """The usage object of a whole JSON answer, if it has one."""
+    if b'"usage"' not in whole:
+        return None
+    try:
+        answer = json.loads(whole)
+    except (ValueError, RecursionError):
+        return None
+    return sane_usage(answer.get("usage")) if isinstance(answer, dict) else None
 
 
 @dataclass
@@ -64,6 +91,15 @@ class Outcome:
     events: int = 0
     usage: dict[str, Any] | None = None
     answer: dict[str, Any] | None = None  # the final object of a Responses answer
+    # A whole answer as relayed: its usage is read when the request is recorded, after the
+    # answer was sent (parsing it first kept the client waiting for the log's sake).
+    whole: bytes | None = None
+
+    def read_usage(self) -> dict[str, Any] | None:
+        if self.usage is None and self.whole is not None:
+            self.usage = usage_in(self.whole)
+        self.whole = None
+        return self.usage
 
     @property
     def ttft_ms(self) -> float | None:
@@ -106,7 +142,7 @@ class Facts:
             facts.code = "err_client_disconnected"
         else:
             facts.code = error.log_code if error else None
-        usage = outcome.usage or {}
+        usage = outcome.read_usage() or {}
         # Normalised: Responses and Anthropic Messages say input/output tokens.
         facts.prompt_tokens = usage.get("prompt_tokens", usage.get("input_tokens"))
         facts.completion_tokens = usage.get("completion_tokens", usage.get("output_tokens"))

@@ -52,6 +52,65 @@ class BodyBudget:
         self.used -= size
 
 
+class BodyClock:
+    """The two time limits of one request's body, kept on one timer: nothing may arrive for
+    ``idle_s`` while the app waits for it (``CHAT_PROXY_BODY_TIMEOUT_S``), and the whole body
+    must have come within ``deadline_s`` of its first read (``CHAT_PROXY_BODY_DEADLINE_S``).
+    Past either, the read waiting for the body fails with a 408. (Two ``asyncio.timeout``
+    blocks around every read, one per limit, were two timers set and cancelled per request.)"""
+
+    def __init__(self, idle_s: float, deadline_s: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        now = self.loop.time()
+        self.idle_s, self.deadline_s = idle_s, deadline_s
+        self.deadline = now + deadline_s
+        self.waiting_since: float | None = None  # None: the app is not waiting for the body
+        self.reader: asyncio.Task[Any] | None = None
+        self.expired: RequestTimeout | None = None
+        self.timer: asyncio.TimerHandle | None = self.loop.call_at(
+            min(self.deadline, now + idle_s), self._look
+        )
+
+    async def read(self, receive: Receive) -> Message:
+        """``receive()``, within the limits."""
+        if self.reader is None:
+            self.reader = asyncio.current_task()
+        self.waiting_since = self.loop.time()
+        try:
+            return await receive()
+        except asyncio.CancelledError:
+            if self.expired is not None and self.reader is not None and self.reader.uncancel() == 0:
+                raise self.expired from None
+            raise
+        finally:
+            self.waiting_since = None
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _look(self) -> None:
+        self.timer = None
+        now, since = self.loop.time(), self.waiting_since
+        if since is not None and self.reader is not None:
+            if now >= self.deadline:
+                self.expired = RequestTimeout(
+                    f"the request body did not arrive within {self.deadline_s:g} s "
+                    "(CHAT_PROXY_BODY_DEADLINE_S)"
+                )
+            elif now - since >= self.idle_s:
+                self.expired = RequestTimeout(
+                    f"the request body stopped arriving for {self.idle_s:g} s "
+                    "(CHAT_PROXY_BODY_TIMEOUT_S)"
+                )
+            if self.expired is not None:
+                self.reader.cancel()
+                return
+        idle_ends = (since if since is not None else now) + self.idle_s
+        self.timer = self.loop.call_at(min(self.deadline, idle_ends), self._look)
+
+
 class BodyGuard:
     """ASGI middleware: every request body is counted (at ``BODY_COST`` times its size) against
     the shared ``BodyBudget`` and given back when the request is answered; over the budget, the
@@ -59,14 +118,16 @@ class BodyGuard:
     ``Content-Length`` that would not fit now is refused before a byte is read; one that fits is
     taken whole when the body's first bytes arrive (a body once begun is not refused half-way
     for others begun after it), not with the head: connections that declared big bodies and
-    sent nothing held the budget for free (three of 28 MiB, against the default). The whole
-    body must also have arrived within ``deadline_s`` of its first read: a client trickling a
-    byte every few seconds passes every idle limit but not this (408)."""
+    sent nothing held the budget for free (three of 28 MiB, against the default). Nothing may
+    arrive for ``idle_s`` while the app waits for the body (408), and the whole body must have
+    arrived within ``deadline_s`` of its first read: a client trickling a byte every few
+    seconds passes the idle limit but not this (408); ``BodyClock``."""
 
-    def __init__(self, app: ASGIApp, budget: BodyBudget, deadline_s: float) -> None:
+    def __init__(self, app: ASGIApp, budget: BodyBudget, deadline_s: float, idle_s: float) -> None:
         self.app = app
         self.budget = budget
         self.deadline_s = deadline_s
+        self.idle_s = idle_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -81,27 +142,19 @@ class BodyGuard:
         # body limit's 413, not a 503).
         reserve = declared * BODY_COST if declared * BODY_COST <= budget.total else 0
         taken = received = 0
-        deadline: float | None = None
+        clock: BodyClock | None = None
         complete = False
 
         async def counted() -> Message:
-            nonlocal taken, received, deadline, complete
+            nonlocal taken, received, clock, complete
             if complete:
                 return await receive()
-            loop = asyncio.get_running_loop()
-            first = deadline is None
-            if first:
-                deadline = loop.time() + self.deadline_s
+            first = clock is None
+            if clock is None:
                 if reserve:
                     budget.check(reserve)  # refused before a byte is read
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                raise RequestTimeout(
-                    f"the request body did not arrive within {self.deadline_s:g} s "
-                    "(CHAT_PROXY_BODY_DEADLINE_S)"
-                ) from None
+                clock = BodyClock(self.idle_s, self.deadline_s)
+            message = await clock.read(receive)
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if first and reserve:
@@ -113,11 +166,15 @@ class BodyGuard:
                 complete = not message.get("more_body", False)
             else:
                 complete = True
+            if complete:
+                clock.stop()
             return message
 
         try:
             await self.app(scope, counted, send)
         finally:
+            if clock is not None:
+                clock.stop()
             budget.give(taken)
 
 
@@ -125,11 +182,9 @@ class ClientGone(Exception):
     """The client disconnected before the answer was complete."""
 
 
-async def read_limited(
-    receive: Receive, declared: str | None, limit: int, *, idle_timeout: float = 30.0
-) -> bytes:
-    """The request body, refused as soon as it is known to exceed ``limit`` bytes, or when
-    nothing arrives for ``idle_timeout`` seconds."""
+async def read_limited(receive: Receive, declared: str | None, limit: int) -> bytes:
+    """The request body, refused as soon as it is known to exceed ``limit`` bytes. Its time
+    limits are the ``BodyGuard``'s, which every request passes."""
     if declared:
         if not (declared.isascii() and declared.isdigit()):
             raise InvalidRequest("the content-length header is not a number")
@@ -138,14 +193,7 @@ async def read_limited(
     chunks: list[bytes] = []
     size = 0
     while True:
-        try:
-            async with asyncio.timeout(idle_timeout):
-                message = await receive()
-        except TimeoutError:
-            raise RequestTimeout(
-                f"the request body stopped arriving for {idle_timeout:g} s "
-                "(CHAT_PROXY_BODY_TIMEOUT_S)"
-            ) from None
+        message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone()
         chunk = message.get("body", b"")
@@ -158,23 +206,19 @@ async def read_limited(
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def request_body(request: Request, limit: int, idle_timeout: float) -> bytes:
+async def request_body(request: Request, limit: int) -> bytes:
     try:
-        return await read_limited(
-            request.receive, request.headers.get("content-length"), limit, idle_timeout=idle_timeout
-        )
+        return await read_limited(request.receive, request.headers.get("content-length"), limit)
     except ClientGone:
         raise InvalidRequest("the client disconnected while sending the body") from None
 
 
-async def json_object(
-    request: Request, idle_timeout: float, *, optional: bool = False
-) -> dict[str, Any]:
+async def json_object(request: Request, *, optional: bool = False) -> dict[str, Any]:
     """A small JSON object body (admin, leases); ``optional``: an empty body is ``{}``.
     A body must say it is ``application/json``: a web page can send ``text/plain`` (or a form)
     to any address without the browser asking first, but not JSON (request/browser.py)."""
     require_json_body(request.headers)
-    raw = await request_body(request, ADMIN_BODY_LIMIT, idle_timeout)
+    raw = await request_body(request, ADMIN_BODY_LIMIT)
     if optional and not raw.strip():
         return {}
     return parse_body(raw)

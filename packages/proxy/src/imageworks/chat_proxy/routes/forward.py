@@ -157,10 +157,7 @@ class Call:
         state = self.state
         self.identify()
         raw = await read_limited(
-            receive,
-            self.headers.get("content-length"),
-            state.config.max_body_bytes,
-            idle_timeout=state.config.body_timeout_s,
+            receive, self.headers.get("content-length"), state.config.max_body_bytes
         )
         self.info.prompt_bytes = len(raw)
         if self.surface.body == "json":

@@ -29,4 +29,4 @@ def admin(request: Request) -> ProxyState:
 
 async def admin_body(request: Request, *, optional: bool = False) -> dict[str, Any]:
     """The request's JSON object (``optional``: an empty body is ``{}``)."""
-    return await json_object(request, proxy_state(request).config.body_timeout_s, optional=optional)
+    return await json_object(request, optional=optional)

@@ -30,31 +30,29 @@ def _too_large_head(limit: int) -> bytes:
 
 
 def guarded_httptools(header_timeout: float, max_header_bytes: int = MAX_HEADER_BYTES) -> type[Any]:
-    """uvicorn's httptools protocol, closing any connection whose request head is not complete
-    within ``header_timeout`` seconds of its first byte (or of the connection opening), and
-    answering 431 to a head over ``max_header_bytes`` (httptools buffers a header whole, with
-    no limit: a 32 MB header was read and served). uvicorn itself only times out the idle gap
-    between requests, so a client that sends half a head would hold its connection for ever.
-    Slow bodies are the app's to bound (it reads them: ``CHAT_PROXY_BODY_TIMEOUT_S``)."""
+    """uvicorn's httptools protocol, closing a connection whose request head is not complete
+    ``header_timeout`` s after its first byte or the connection's opening (uvicorn times only the
+    gaps between requests), and a 431 past ``max_header_bytes`` (a 32 MB header was served)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     refusal = _too_large_head(max_header_bytes)
 
     class GuardedHttpTools(HttpToolsProtocol):
         _head_timer: asyncio.TimerHandle | None = None
-        _in_head = True  # between a request's first byte and its complete head
+        _head_since: float | None = None  # when the head being read began; None: no head
         _head_bytes = 0
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._arm()
+            self._head_since = self.loop.time()
+            self._arm(self._head_since)
 
         def data_received(self, data: bytes) -> None:
             if self.transport.is_closing():
                 return
-            in_head = self._in_head
+            in_head = self._head_since is not None
             super().data_received(data)
-            if in_head and self._in_head and not self.transport.is_closing():
+            if in_head and self._head_since is not None and not self.transport.is_closing():
                 self._head_bytes += len(data)
                 if self._head_bytes > max_header_bytes:
                     self._disarm()
@@ -63,35 +61,89 @@ def guarded_httptools(header_timeout: float, max_header_bytes: int = MAX_HEADER_
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._in_head, self._head_bytes = True, 0
+            self._head_since, self._head_bytes = self.loop.time(), 0
             if self._head_timer is None:
-                self._arm()
+                self._arm(self._head_since)
 
         def on_headers_complete(self) -> None:
-            self._disarm()
-            self._in_head = False
+            # The timer runs on (one per request was a call_later and a cancel on each).
+            self._head_since = None
             super().on_headers_complete()
-            if self.scope.get("http_version") == "1.0":
-                _close_delimited(self.cycle)
+            _adapt(self.cycle, self.loop)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             super().connection_lost(exc)
 
-        def _arm(self) -> None:
-            self._head_timer = self.loop.call_later(header_timeout, self._head_timed_out)
+        def _arm(self, since: float) -> None:
+            self._head_timer = self.loop.call_at(since + header_timeout, self._look)
 
         def _disarm(self) -> None:
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None
 
-        def _head_timed_out(self) -> None:
-            self._head_timer = None
-            if not self.transport.is_closing():
+        def _look(self) -> None:
+            self._head_timer, since = None, self._head_since
+            if since is not None and self.loop.time() - since < header_timeout:
+                self._arm(since)  # a later request's head, begun since the timer was set
+            elif since is not None and not self.transport.is_closing():
                 self.transport.close()
 
     return GuardedHttpTools
+
+
+def _adapt(cycle: Any, loop: asyncio.AbstractEventLoop) -> None:
+    """A new request's cycle, before its task first runs: its head written with its body, and
+    an HTTP/1.0 client's stream not chunked."""
+    if cycle.scope.get("http_version") == "1.0":
+        _close_delimited(cycle)
+    HeadWithBody(cycle, loop)
+
+
+class HeadWithBody:
+    """The transport of one request's cycle until its head is out: the response head is held
+    until the body's first bytes are written in the same step of the event loop, and both go
+    out in one write (one system call, one TCP segment: the client wakes once for a whole
+    small answer, not twice). A head with nothing after it in that step goes out at the end of
+    the step. Then the cycle gets its transport back: the rest of the response (a stream's
+    chunks) is written as before."""
+
+    __slots__ = ("_cycle", "_flush", "_head", "_loop", "transport")
+
+    def __init__(self, cycle: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._cycle = cycle
+        self._loop = loop
+        self.transport: asyncio.Transport = cycle.transport
+        self._head: bytes | None = None
+        self._flush: asyncio.Handle | None = None
+        cycle.transport = self
+
+    def write(self, data: bytes) -> None:
+        if self._flush is None:  # the first write: the head (or a 100 Continue before it)
+            self._head = data
+            self._flush = self._loop.call_soon(self.flush)
+            return
+        self._flush.cancel()
+        head, self._head = self._head, None
+        self._cycle.transport = self.transport
+        self.transport.write(data if head is None else head + data)
+
+    def flush(self) -> None:
+        head, self._head = self._head, None
+        self._cycle.transport = self.transport
+        if head is not None and not self.transport.is_closing():
+            self.transport.write(head)
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def __getattr__(self, name: str) -> Any:  # anything else the cycle may ask of a transport
+        return getattr(self.transport, name)
 
 
 def _close_delimited(cycle: Any) -> None:

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import time
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import aiohttp
 from starlette.types import Receive, Send
@@ -36,23 +35,6 @@ T = TypeVar("T")
 _CHUNKED_ABOVE = 1024 * 1024
 ERROR_BODY_LIMIT = 64 * 1024  # a backend's error answer: its message is in the first bytes
 ANSWER_LIMIT = 64 * 1024 * 1024  # a non-stream answer (CHAT_PROXY_MAX_ANSWER_BYTES)
-
-
-MAX_TOKENS_COUNTED = 10**9  # more than any context: a count beyond it is not believed
-
-
-def sane_usage(usage: Any) -> dict[str, Any] | None:
-    """A backend's usage object with its token counts as believable integers: a count that is
-    not an integer from 0 to ``MAX_TOKENS_COUNTED`` (``1e308``, ``-5``, ``"many"``) is left out,
-    so it reaches neither the log nor the metrics as it came."""
-    if not isinstance(usage, dict):
-        return None
-
-    def believable(value: Any) -> bool:
-        is_int = isinstance(value, int) and not isinstance(value, bool)
-        return is_int and 0 <= value <= MAX_TOKENS_COUNTED
-
-    return {k: v for k, v in usage.items() if not k.endswith("_tokens") or believable(v)}
 
 
 async def open_upstream(
@@ -128,12 +110,7 @@ async def read_body(
     response.release()
     outcome.first_byte_at = outcome.finished_at = time.perf_counter()
     outcome.status = response.status
-    if b'"usage"' in raw:
-        try:
-            usage = json.loads(raw).get("usage")
-        except (ValueError, AttributeError):
-            usage = None
-        outcome.usage = sane_usage(usage)
+    outcome.whole = raw  # its usage is read when it is recorded, after it was sent
     return raw
 
 

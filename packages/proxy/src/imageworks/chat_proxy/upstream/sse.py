@@ -28,7 +28,7 @@ from imageworks.chat_proxy.errors import (
     ShuttingDown,
     internal_error,
 )
-from imageworks.chat_proxy.observe.records import Outcome
+from imageworks.chat_proxy.observe.records import Outcome, sane_usage
 from imageworks.chat_proxy.request.bodies import ClientGone
 from imageworks.chat_proxy.request.streams import DONE, OPENAI, StreamFormat
 from imageworks.chat_proxy.request.toolcalls import StreamConverter, convert_answer
@@ -36,10 +36,10 @@ from imageworks.chat_proxy.upstream.failures import FAILURES, StreamBroken, clas
 from imageworks.chat_proxy.upstream.forwarding import (
     ANSWER_LIMIT,
     read_body,
-    sane_usage,
     send_error,
     until_disconnect,
 )
+from imageworks.chat_proxy.upstream.idle import IdleLimit
 
 T = TypeVar("T")
 
@@ -253,6 +253,7 @@ class SSEResponse:
     async def _pump(self, upstream: aiohttp.ClientResponse, send: Send) -> None:
         outcome = self.outcome
         done, stream_format = self.format.done, self.format
+        idle = IdleLimit.take_over(upstream)
         try:
             async for chunk in upstream.content.iter_any():
                 if outcome.first_byte_at is None:
@@ -272,7 +273,11 @@ class SSEResponse:
                     self.complete = True
                     await send({"type": "http.response.body", "body": chunk, "more_body": False})
                     return
+                if idle is not None:
+                    idle.got()  # sending to a slow client is not the backend's idle time
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if idle is not None:
+                    idle.waiting()
             rest = self.converter.flush() if self.converter is not None else b""
             if rest:
                 self.tail.append(rest)
@@ -283,6 +288,9 @@ class SSEResponse:
         except FAILURES as exc:
             await self._fail(classify(exc, upstream.url, "mid-stream", self.model), send)
             return
+        finally:
+            if idle is not None:
+                idle.stop()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _fail(self, error: ProxyError, send: Send) -> None:
