@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
     from imageworks.chat_proxy.observe.events import EventBus
 
 log = logging.getLogger(__name__)
+
+
+_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)  # one, not one per record
+_GIL_EVERY = 16  # records serialised between chances for the event loop to take the GIL
 
 
 def utc_now_iso() -> str:
@@ -123,17 +128,24 @@ class RequestLog:
         batch: list[bytes] = []
         size = 0
         marks: list[threading.Event] = []
+        serialised = 0
         while self._pending:
             record = self._pending.popleft()
             if isinstance(record, threading.Event):
                 marks.append(record)  # a flush waits for what came before it
                 continue
             try:
-                line = json.dumps(record, ensure_ascii=False, default=str).encode() + b"\n"
+                line = _ENCODER.encode(record).encode() + b"\n"
             except Exception:  # a bad record must not kill the writer
                 self.dropped += 1
                 log.exception("request log record could not be serialised")
                 continue
+            serialised += 1
+            if serialised % _GIL_EVERY == 0:
+                # The event loop gets the GIL if it wants it: it would otherwise wait for a
+                # whole batch to be serialised (a hundred records: a millisecond and more,
+                # the p99 of a request) before it could answer the next one.
+                time.sleep(0)
             if batch and self._size + size + len(line) > self.max_bytes:
                 self._write(batch)
                 batch, size = [], 0
