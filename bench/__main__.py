@@ -10,9 +10,10 @@ arm: the default proxy with a concurrency limit, and without one, at twice the c
 default proxy was measured to have (M60).
 
 Rig (performance-anchors.md §6): the mock and this load generator on core 0, each proxy on
-core 1 (taskset), one worker. Arms are interleaved round by round; latency figures are the
-median over rounds of each round's percentile. Writes ``bench/results/<stamp>.json`` (raw
-percentiles per arm, ratios, versions, machine) and ``.md`` (the table), and prints the table.
+core 1 (taskset), one worker. Arms are interleaved round by round, the order reversed every
+other round; latency figures are the median over rounds of each round's percentile. Writes
+``bench/results/<stamp>.json`` (raw percentiles per arm, ratios, versions, machine) and ``.md``
+(the table), and prints the table.
 """
 
 from __future__ import annotations
@@ -60,11 +61,18 @@ def machine() -> dict[str, Any]:
     }
 
 
+def in_turn(arms: list[Arm], index: int) -> list[Arm]:
+    """The arms in round ``index``'s order: reversed every other round, so that no arm always
+    runs right after the one before it (the direct arm leaves the proxies' core idle, and the
+    arm after it met a cold core every round)."""
+    return arms if index % 2 == 0 else arms[::-1]
+
+
 async def latency_rounds(arms: list[Arm], rounds: int, per_round: int) -> dict[str, Any]:
     per_arm: dict[str, list[dict[str, float]]] = {a.name: [] for a in arms}
     async with loadgen.session() as http:
-        for _ in range(rounds):
-            for arm in arms:
+        for index in range(rounds):
+            for arm in in_turn(arms, index):
                 sample = loadgen.Latency()
                 await loadgen.closed_loop(http, arm.url, "m0", per_round, sample)
                 per_arm[arm.name].append(sample.summary())
@@ -82,8 +90,8 @@ async def latency_rounds(arms: list[Arm], rounds: int, per_round: int) -> dict[s
 async def m60_rounds(arms: list[Arm], rounds: int, per_round: int) -> dict[str, Any]:
     per_arm: dict[str, list[float]] = {a.name: [] for a in arms}
     async with loadgen.session() as http:
-        for _ in range(rounds):
-            for arm in arms:
+        for index in range(rounds):
+            for arm in in_turn(arms, index):
                 sample = loadgen.Latency()
                 await loadgen.closed_loop(http, arm.url, "m60", per_round, sample)
                 per_arm[arm.name].append(loadgen.pct(sample.samples_ms, 99))
@@ -93,8 +101,8 @@ async def m60_rounds(arms: list[Arm], rounds: int, per_round: int) -> dict[str, 
 async def stream_rounds(arms: list[Arm], rounds: int, per_round: int) -> dict[str, Any]:
     streams: dict[str, list[loadgen.Stream]] = {a.name: [] for a in arms}
     async with loadgen.session() as http:
-        for _ in range(rounds):
-            for arm in arms:
+        for index in range(rounds):
+            for arm in in_turn(arms, index):
                 for _ in range(per_round):
                     streams[arm.name].append(await loadgen.one_stream(http, arm.url))
     return {name: loadgen.stream_summary(s) for name, s in streams.items()}
@@ -105,8 +113,8 @@ async def concurrent_rounds(arms: list[Arm], count: int, rounds: int) -> dict[st
     rate moves by +-5% between runs of the same arm (its ramp-up is most of what it measures),
     so each arm's figure is its median run; its errors are summed and its gap is the worst."""
     runs: dict[str, list[dict[str, Any]]] = {a.name: [] for a in arms}
-    for _ in range(rounds):
-        for arm in arms:
+    for index in range(rounds):
+        for arm in in_turn(arms, index):
             runs[arm.name].append(await loadgen.concurrent_streams(arm.url, count))
     out: dict[str, Any] = {}
     for name, results in runs.items():
@@ -127,8 +135,8 @@ async def ttft_rounds(arms: list[Arm], rounds: int, per_round: int) -> dict[str,
     """Time to first token on the opening of S20 (``s20-first``), many samples per arm."""
     samples: dict[str, list[float]] = {a.name: [] for a in arms}
     async with loadgen.session() as http:
-        for _ in range(rounds):
-            for arm in arms:
+        for index in range(rounds):
+            for arm in in_turn(arms, index):
                 for _ in range(per_round):
                     stream = await loadgen.one_stream(http, arm.url, "s20-first")
                     samples[arm.name].append(stream.ttft_ms)

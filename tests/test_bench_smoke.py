@@ -119,3 +119,18 @@ def test_swap_arms_run(arm: str, count: tuple[str, str], lines: tuple[str, str])
         assert line in result.stdout, result.stdout
     if arm == "tiers":
         assert "'sleep'" in result.stdout  # the sleep arm's evictions were by sleep
+
+
+def test_the_paired_comparison_of_two_trees_runs(tmp_path: Path) -> None:
+    """``bench.ab`` with the same tree on both sides, one short round (no timing asserted)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.ab", "--b", str(REPO), "--rounds", "1", "--no-streams"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["A", "B"], result.stdout
+    assert "cpu_us" in lines[1] and "(x" in lines[1] and "p50_ms" in lines[1]
