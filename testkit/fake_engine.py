@@ -18,6 +18,7 @@ test's script:
 ``no-usage``       never reports usage
 ``json-for-stream`` answers a stream request with plain JSON
 ``function-call``  answers (streamed or not) with a legacy ``function_call``
+``function-call-trickle`` the same, its second event sent in 10-byte pieces 0.1 s apart
 ``json-prose``     a plain answer whose prose holds a JSON object with a "name"
 =================  ===============================================================
 Every request is recorded (``requests``: the parsed body and the exact bytes); handlers cut off
@@ -283,7 +284,7 @@ class FakeEngine:
                 words = [f" w{i}" for i in range(10)]
             if model == "json-prose":
                 words = ["Here is the record: ", '{"name": "Alice", "age": 30}', " as asked."]
-            if model == "function-call":
+            if model in ("function-call", "function-call-trickle"):
                 return await self.function_call(request, body, model)
             # As the real engines: a request with tools gets a call, unless the last turn is the
             # tool's result or tool_choice is "none" (then it answers in words, and a client's
@@ -421,11 +422,19 @@ class FakeEngine:
             {"function_call": {"arguments": '{"city": '}},
             {"function_call": {"arguments": '"Paris"}'}},
         ]
-        events = b"".join(self.chunk(model, cid, d) for d in deltas)
-        events += self.chunk(model, cid, {}, "function_call") + b"data: [DONE]\n\n"
-        # Written in pieces that cut events in two, as a network read may.
-        for start in range(0, len(events), 37):
-            await response.write(events[start : start + 37])
+        events = [self.chunk(model, cid, d) for d in deltas]
+        events.append(self.chunk(model, cid, {}, "function_call") + b"data: [DONE]\n\n")
+        # Written in pieces that cut events in two, as a network read may. Trickled, the second
+        # event comes in 10-byte pieces 0.1 s apart: longer to arrive whole than a short read
+        # limit, though no piece is late.
+        trickled = events.pop(1) if model == "function-call-trickle" else b""
+        parts = [events[0], trickled, b"".join(events[1:])] if trickled else [b"".join(events)]
+        for part in parts:
+            size = 10 if part is trickled else 37
+            for start in range(0, len(part), size):
+                if part is trickled:
+                    await asyncio.sleep(0.1)
+                await response.write(part[start : start + size])
         await response.write_eof()
         return response
 

@@ -279,3 +279,25 @@ def test_engine_control_fields_are_refused_unless_the_entry_allows_them(
     assert allowed.status_code == 200
     (sent,) = fake_vllm.engine.requests
     assert sent.body is not None and sent.body[field] == value
+
+
+def test_a_tool_call_event_arriving_in_pieces_is_not_a_silent_backend(
+    proxy_factory, fake_vllm
+) -> None:
+    # The legacy function_call event comes in pieces 0.1 s apart, 1.5 s to arrive whole: each
+    # piece resets the 0.5 s idle limit, though the converter sends nothing until the event ends.
+    entry = entry_for(
+        "m",
+        fake_vllm.url,
+        served="function-call-trickle",
+        capabilities={"text": True, "tools": True},
+    )
+    proxy = proxy_factory([entry], read_timeout_s=0.5)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    body = {**CHAT, "model": "m", "tools": tools, "stream": True}
+    answer = proxy.client.post("/v1/chat/completions", json=body)
+    events = sse_events(answer.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert not any("error" in c for c in chunks), chunks
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"

@@ -8,6 +8,7 @@ import contextlib
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,18 @@ def test_slow_clients_are_cut_off(proxy_factory) -> None:
             answer += more
         assert answer.startswith(b"HTTP/1.1 408 ")
         assert b'"request_timeout"' in answer
+
+
+def test_a_slow_head_is_timed_from_the_connection_opening(proxy_factory) -> None:
+    proxy = proxy_factory([], header_timeout_s=1.0)
+    with socket.create_connection(("127.0.0.1", proxy.server.port), timeout=10) as sock:
+        opened = time.monotonic()
+        time.sleep(0.9)  # silent for most of the limit, then a head that never ends
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        assert sock.recv(1024) == b""
+        waited = time.monotonic() - opened
+    # Closed at the limit from the opening (1.0 s), not a whole limit after the first byte (1.9).
+    assert 0.9 <= waited < 1.6, waited
 
 
 def test_a_stream_for_a_stopped_model_with_autostart_off_is_refused_before_the_first_byte(

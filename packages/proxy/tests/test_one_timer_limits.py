@@ -132,6 +132,27 @@ def test_a_cancel_from_elsewhere_stays_a_cancel() -> None:
     asyncio.run(run())
 
 
+def test_a_cancel_landing_with_the_expiry_stays_a_cancel() -> None:
+    async def run() -> None:
+        clock = BodyClock(idle_s=0.05, deadline_s=10)
+
+        async def slow() -> Any:
+            await asyncio.sleep(1)
+
+        task = asyncio.ensure_future(clock.read(slow))
+        await asyncio.sleep(0)
+        assert clock.timer is not None
+        # The server's cancel due in the same step as the idle expiry: two cancels on the task,
+        # the expiry's taken back; the task ends cancelled, not as a 408 nobody is there to get.
+        asyncio.get_running_loop().call_at(clock.timer.when(), task.cancel)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert clock.expired is not None  # the expiry did fire with it
+        clock.stop()
+
+    asyncio.run(run())
+
+
 class Transport:
     def __init__(self) -> None:
         self.writes: list[bytes] = []

@@ -350,3 +350,14 @@ def test_flush_returns_once_everything_queued_before_it_is_written(tmp_path: Pat
     finally:
         log.close()
     assert not log.flush()  # a stopped writer: nothing to wait for
+
+
+def test_a_lone_surrogate_from_a_client_does_not_lose_its_record(tmp_path: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    log = RequestLog(path, max_bytes=10_000, backups=1).start()
+    sent = json.loads('"gpt\\ud800-x"')  # a model name as a client's JSON may spell it
+    log.write({"event": "request", "model": sent})
+    log.close()
+    assert log.dropped == 0
+    (record,) = all_records(path)
+    assert record["model"] == sent

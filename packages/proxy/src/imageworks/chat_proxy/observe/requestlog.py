@@ -135,7 +135,9 @@ class RequestLog:
                 marks.append(record)  # a flush waits for what came before it
                 continue
             try:
-                line = _ENCODER.encode(record).encode() + b"\n"
+                # A lone surrogate (a client's "\ud800", kept by the body's decoding) is
+                # written as its JSON escape, which reads back as the same string.
+                line = _ENCODER.encode(record).encode("utf-8", "backslashreplace") + b"\n"
             except Exception:  # a bad record must not kill the writer
                 self.dropped += 1
                 log.exception("request log record could not be serialised")

@@ -73,8 +73,7 @@ class BodyClock:
 
     async def read(self, receive: Receive) -> Message:
         """``receive()``, within the limits."""
-        if self.reader is None:
-            self.reader = asyncio.current_task()
+        self.reader = asyncio.current_task()  # the task waiting now is the one to fail
         self.waiting_since = self.loop.time()
         try:
             return await receive()

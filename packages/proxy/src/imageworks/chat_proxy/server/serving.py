@@ -31,8 +31,8 @@ def _too_large_head(limit: int) -> bytes:
 
 def guarded_httptools(header_timeout: float, max_header_bytes: int = MAX_HEADER_BYTES) -> type[Any]:
     """uvicorn's httptools protocol, closing a connection whose request head is not complete
-    ``header_timeout`` s after its first byte or the connection's opening (uvicorn times only the
-    gaps between requests), and a 431 past ``max_header_bytes`` (a 32 MB header was served)."""
+    ``header_timeout`` s after the connection's opening (later heads: after their first byte),
+    and a 431 past ``max_header_bytes`` (a 32 MB header was served)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     refusal = _too_large_head(max_header_bytes)
@@ -61,13 +61,14 @@ def guarded_httptools(header_timeout: float, max_header_bytes: int = MAX_HEADER_
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._head_since, self._head_bytes = self.loop.time(), 0
+            if self._head_since is None:  # a later request (the first is timed from the opening)
+                self._head_since = self.loop.time()
             if self._head_timer is None:
                 self._arm(self._head_since)
 
         def on_headers_complete(self) -> None:
             # The timer runs on (one per request was a call_later and a cancel on each).
-            self._head_since = None
+            self._head_since, self._head_bytes = None, 0
             super().on_headers_complete()
             _adapt(self.cycle, self.loop)
 

@@ -264,6 +264,8 @@ class SSEResponse:
                 if self.converter is not None:
                     chunk = self.converter.feed(chunk)
                     if not chunk:  # an event cut in two: its end is still to come
+                        if idle is not None:
+                            idle.waiting()  # its piece came: the backend is not silent
                         continue
                 self.tail.append(chunk)
                 if chunk.endswith(done) if done is not None else stream_format.ends(chunk):
