@@ -13,6 +13,7 @@ goes to a thread (``requestlog``), and the metrics are only queued (``metrics.re
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -230,9 +231,29 @@ FIELDS: tuple[Field, ...] = (
 )
 
 
+def _runs(
+    fields: tuple[Field, ...],
+) -> tuple[tuple[Callable[[Facts], bool] | None, tuple[Field, ...]], ...]:
+    """``fields`` in runs that share their ``when`` (None: always), each asked once per line."""
+    always = Field("", lambda f: None).when
+    runs = [
+        (None if when is always else when, tuple(group))
+        for when, group in itertools.groupby(fields, key=lambda f: f.when)
+    ]
+    return tuple(runs)
+
+
+_RUNS = _runs(FIELDS)
+
+
 def line(facts: Facts) -> dict[str, Any]:
     """The JSONL record of one request."""
-    return {f.name: f.value(facts) for f in FIELDS if f.when(facts)}
+    record: dict[str, Any] = {}
+    for when, fields in _RUNS:
+        if when is None or when(facts):
+            for f in fields:
+                record[f.name] = f.value(facts)
+    return record
 
 
 def finished(facts: Facts) -> Finished:

@@ -23,7 +23,6 @@ import time
 from typing import Any
 
 import aiohttp
-from starlette.datastructures import Headers
 from starlette.types import Receive, Scope
 
 from imageworks.chat_proxy.auth import NamedKey, identify
@@ -110,6 +109,13 @@ async def admit(
 # --- one request -----------------------------------------------------------------------------
 
 
+def _headers(scope: Scope) -> dict[str, str]:
+    """The request's headers by (lower-case) name, the first of each, as Starlette's
+    ``Headers.get`` has them: one pass, where each ``Headers`` lookup walked the list (and one
+    for a header not sent raised a KeyError inside)."""
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(scope["headers"])}
+
+
 class Call:
     """One forwarded request: what the steps learn about it, and the steps that need it."""
 
@@ -117,7 +123,7 @@ class Call:
         self.state = state
         self.surface = surface
         self.scope = scope
-        self.headers = headers = Headers(scope=scope)
+        self.headers = headers = _headers(scope)
         client = scope.get("client")
         self.info = RequestInfo(
             scope["state"]["request_id"], surface.name, client[0] if client else None

@@ -11,6 +11,8 @@ import asyncio
 import signal
 from typing import Any
 
+from imageworks.chat_proxy.departure import CONNECTION, Departure
+
 KEEP_ALIVE_S = 75.0  # an idle kept-alive connection; hypercorn's default, uvicorn's is 5 s
 HEADER_TIMEOUT_S = 10.0  # a request head must be complete within this (slow-header clients)
 MAX_HEADER_BYTES = 64 * 1024  # a request head (line and headers) larger than this is a 431
@@ -29,21 +31,51 @@ def _too_large_head(limit: int) -> bytes:
     )
 
 
+class _HeadTimer:
+    """One timer per connection for its request heads (a ``call_later`` and a cancel for each
+    request's head were two timer operations per request): when it fires it looks at the head
+    being read, closes the connection if that began ``header_timeout`` ago, else arms itself
+    again for it."""
+
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    header_timeout: float
+    _head_timer: asyncio.TimerHandle | None = None
+    _head_since: float | None = None  # when the head being read began; None: no head
+
+    def _arm(self, since: float) -> None:
+        self._head_timer = self.loop.call_at(since + self.header_timeout, self._look)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _look(self) -> None:
+        self._head_timer, since = None, self._head_since
+        if since is not None and self.loop.time() - since < self.header_timeout:
+            self._arm(since)  # a later request's head, begun since the timer was set
+        elif since is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
 def guarded_httptools(header_timeout: float, max_header_bytes: int = MAX_HEADER_BYTES) -> type[Any]:
     """uvicorn's httptools protocol, closing a connection whose request head is not complete
     ``header_timeout`` s after the connection's opening (later heads: after their first byte),
-    and a 431 past ``max_header_bytes`` (a 32 MB header was served)."""
+    and a 431 past ``max_header_bytes`` (a 32 MB header was served). Its requests' tasks are
+    told when it is lost (``departure.py``)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     refusal = _too_large_head(max_header_bytes)
 
-    class GuardedHttpTools(HttpToolsProtocol):
-        _head_timer: asyncio.TimerHandle | None = None
-        _head_since: float | None = None  # when the head being read began; None: no head
+    class GuardedHttpTools(_HeadTimer, HttpToolsProtocol):
         _head_bytes = 0
+        _departure: Departure | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self.header_timeout = header_timeout
+            self._departure = Departure(self.flow.resume_reading)
             self._head_since = self.loop.time()
             self._arm(self._head_since)
 
@@ -69,27 +101,18 @@ def guarded_httptools(header_timeout: float, max_header_bytes: int = MAX_HEADER_
         def on_headers_complete(self) -> None:
             # The timer runs on (one per request was a call_later and a cancel on each).
             self._head_since, self._head_bytes = None, 0
-            super().on_headers_complete()
+            connection = CONNECTION.set(self._departure)  # the request's task copies it
+            try:
+                super().on_headers_complete()
+            finally:
+                CONNECTION.reset(connection)
             _adapt(self.cycle, self.loop)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             super().connection_lost(exc)
-
-        def _arm(self, since: float) -> None:
-            self._head_timer = self.loop.call_at(since + header_timeout, self._look)
-
-        def _disarm(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-
-        def _look(self) -> None:
-            self._head_timer, since = None, self._head_since
-            if since is not None and self.loop.time() - since < header_timeout:
-                self._arm(since)  # a later request's head, begun since the timer was set
-            elif since is not None and not self.transport.is_closing():
-                self.transport.close()
+            if self._departure is not None:
+                self._departure.gone()
 
     return GuardedHttpTools
 

@@ -7,7 +7,8 @@ Bodies travel as bytes through aiohttp's client (the app's one ``ClientSession``
 relay of a streamed answer is ``sse.py``.
 
 A client that goes away cancels the upstream request, whether it was streaming or still
-waiting for a non-streaming answer: both paths watch ``receive()`` for ``http.disconnect``.
+waiting for a non-streaming answer: the proxy's own server tells the request (``departure``);
+under another, a task watches ``receive()`` for ``http.disconnect``.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import io
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from typing import TypeVar
 
 import aiohttp
 from starlette.types import Receive, Send
 
+from imageworks.chat_proxy.departure import CONNECTION
 from imageworks.chat_proxy.errors import BackendUnavailable, ProxyError, upstream_error
 from imageworks.chat_proxy.observe.records import Outcome
 from imageworks.chat_proxy.request.bodies import ClientGone
@@ -116,18 +118,28 @@ async def read_body(
 
 async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
     """Run ``work`` in this task; if the client disconnects first, cancel it and raise
-    ``ClientGone``. One watcher task per request: this is on the hot path."""
+    ``ClientGone``. Told by the proxy's own server (``departure.py``); under another, one
+    watcher task per request."""
     current = asyncio.current_task()
     assert current is not None
+    departure = CONNECTION.get()
     gone = False
 
-    async def watch() -> None:
+    def leave() -> None:
         nonlocal gone
-        await _wait_for_disconnect(receive)
         gone = True
         current.cancel()
 
-    watcher = asyncio.ensure_future(watch())
+    async def watch() -> None:
+        await _wait_for_disconnect(receive)
+        leave()
+
+    if departure is not None and departure.lost:
+        if isinstance(work, Coroutine):
+            work.close()
+        raise ClientGone()
+    told = departure.watch(leave) if departure is not None else None
+    watcher = asyncio.ensure_future(watch()) if departure is None else None
     try:
         return await work
     except asyncio.CancelledError:
@@ -135,7 +147,10 @@ async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
             raise ClientGone() from None
         raise
     finally:
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
+        elif departure is not None:
+            departure.watch(told)
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
