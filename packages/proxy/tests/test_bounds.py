@@ -47,6 +47,42 @@ def test_a_32_mb_request_header_is_431(proxy_factory) -> None:
     assert proxy.client.get("/v1/healthz").status_code == 200
 
 
+def test_a_later_request_head_too_large_is_431_too(proxy_factory) -> None:
+    # The second head on a kept-alive connection began in a read that the count skipped (no
+    # head was being read when it came): one read holding a whole 150 KB head was served.
+    proxy = proxy_factory([])
+    models = b"GET /v1/models HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+    with socket.create_connection(("127.0.0.1", proxy.server.port), timeout=10) as sock:
+        sock.sendall(models + b"\r\n")
+        first = b""
+        while b"\r\n\r\n" not in first:
+            first += sock.recv(65536)
+        head, _, body = first.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        while len(body) < length:
+            body += sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        sock.sendall(models + b"x-big: " + b"a" * 150_000 + b"\r\n\r\n")
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert proxy.client.get("/v1/healthz").status_code == 200
+
+
+def test_a_big_body_before_a_pipelined_head_is_not_counted_as_head(proxy_factory) -> None:
+    # One read: a request with a 100 KB body, then the start of the next request's head. The
+    # whole read was counted against the head begun in it, and the first request got a 431.
+    proxy = proxy_factory([])
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "%s"}]}' % (b"a" * 100_000)
+    first = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+    )
+    with socket.create_connection(("127.0.0.1", proxy.server.port), timeout=10) as sock:
+        sock.sendall(first + body + b"GET /v1/models HTTP/1.1\r\nhost: 127.0.0.1\r\n")
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 404 "), answer[:200]  # no model "m": not a 431
+
+
 def test_bodies_in_flight_are_held_within_their_budget(proxy_factory) -> None:
     # 20 clients each send 29 MB of a 30 MB body and stall: each costs three times its
     # declared size from its first bytes, so three fit in the 300 MB budget, and the other 17

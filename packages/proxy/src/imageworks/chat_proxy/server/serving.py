@@ -31,6 +31,10 @@ def _too_large_head(limit: int) -> bytes:
     )
 
 
+class _HeadTooLarge(Exception):
+    """A request head past the limit, found by the parser's callback."""
+
+
 class _HeadTimer:
     """One timer per connection for its request heads (a ``call_later`` and a cancel for each
     request's head were two timer operations per request): when it fires it looks at the head
@@ -42,6 +46,43 @@ class _HeadTimer:
     header_timeout: float
     _head_timer: asyncio.TimerHandle | None = None
     _head_since: float | None = None  # when the head being read began; None: no head
+    # The head's size limit, kept by the same protocol (uvicorn's ``url`` and ``headers``).
+    max_header_bytes: int
+    refusal: bytes
+    url: bytes
+    headers: list[tuple[bytes, bytes]]
+    _head_bytes = 0  # of the head being read, so far
+    _read = 0  # the bytes of the read being parsed
+    _fresh = False  # the head being read began in the read being parsed, after other bytes
+
+    def _count(self, in_head: bool, read: int) -> None:
+        """A read parsed, its head not complete: counted, and refused past the limit. A head
+        begun in this read counts what the parser took of it (the read began with what came
+        before it: a pipelining client's 100 KB body was a 431); one begun before counts the
+        whole read."""
+        whole = in_head and not self._fresh
+        self._head_bytes = self._head_bytes + read if whole else self._parsed_head()
+        if self._head_bytes > self.max_header_bytes:
+            self._refuse()
+
+    def _complete(self) -> None:
+        """A head complete: refused, its request not served, if the read that ended it made
+        it too large. Only a read that could have is measured (a later request's head begins
+        in a read the count did not take: one 150 KB head in one read was served)."""
+        counted, self._head_bytes = self._head_bytes, 0
+        limit = self.max_header_bytes
+        if counted + self._read > limit and self._parsed_head() > limit:
+            self._refuse()
+            raise _HeadTooLarge()  # stops the parser: uvicorn's 400 is not sent after it
+
+    def _parsed_head(self) -> int:
+        """The head's URL and headers as parsed: at most its size on the wire."""
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+
+    def _refuse(self) -> None:
+        self._disarm()
+        self.transport.write(self.refusal)
+        self.transport.close()
 
     def _arm(self, since: float) -> None:
         self._head_timer = self.loop.call_at(since + self.header_timeout, self._look)
@@ -66,11 +107,11 @@ def guarded_httptools(header_timeout: float, max_header_bytes: int = MAX_HEADER_
     told when it is lost (``departure.py``)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    refusal = _too_large_head(max_header_bytes)
+    limit = max_header_bytes
 
     class GuardedHttpTools(_HeadTimer, HttpToolsProtocol):
-        _head_bytes = 0
         _departure: Departure | None = None
+        max_header_bytes, refusal = limit, _too_large_head(limit)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -82,25 +123,27 @@ def guarded_httptools(header_timeout: float, max_header_bytes: int = MAX_HEADER_
         def data_received(self, data: bytes) -> None:
             if self.transport.is_closing():
                 return
-            in_head = self._head_since is not None
+            in_head, self._read = self._head_since is not None, len(data)
+            self._fresh = False
             super().data_received(data)
-            if in_head and self._head_since is not None and not self.transport.is_closing():
-                self._head_bytes += len(data)
-                if self._head_bytes > max_header_bytes:
-                    self._disarm()
-                    self.transport.write(refusal)
-                    self.transport.close()
+            if self._head_since is not None and not self.transport.is_closing():
+                self._count(in_head, len(data))
+
+        def send_400_response(self, msg: str) -> None:
+            if not self.transport.is_closing():  # closed: a 431 went out (``_complete``)
+                super().send_400_response(msg)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
             if self._head_since is None:  # a later request (the first is timed from the opening)
-                self._head_since = self.loop.time()
+                self._head_since, self._fresh = self.loop.time(), True
             if self._head_timer is None:
                 self._arm(self._head_since)
 
         def on_headers_complete(self) -> None:
             # The timer runs on (one per request was a call_later and a cancel on each).
-            self._head_since, self._head_bytes = None, 0
+            self._head_since = None
+            self._complete()
             connection = CONNECTION.set(self._departure)  # the request's task copies it
             try:
                 super().on_headers_complete()
