@@ -5,8 +5,10 @@ uvicorn (the runbook's ``uvicorn imageworks.chat_proxy.app:app``)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -108,3 +110,30 @@ def test_the_proxy_protocol_watches_without_a_task_of_its_own() -> None:
             served.stop()
     told, watched = counts
     assert watched == told + 1  # plain uvicorn: the request's task and its watcher
+
+
+def test_a_pipelining_client_that_leaves_leaves_no_error_behind() -> None:
+    # Two requests in one packet, then the client goes: the first (running) is told and ends
+    # without an answer; uvicorn marks only the newest request disconnected, and logged "ASGI
+    # callable returned without starting response" for the first.
+    app = Watched()
+    errors: list[str] = []
+
+    class Note(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            errors.append(record.getMessage())
+
+    note = Note(logging.ERROR)
+    served = Served(app, True)  # (uvicorn's logging set-up first: it drops other handlers)
+    logging.getLogger("uvicorn.error").addHandler(note)
+    try:
+        with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+            sock.sendall(REQUEST + REQUEST)
+            assert app.waiting.wait(10)
+        assert app.told.wait(10)
+        assert app.outcome == "gone"
+        time.sleep(0.2)  # uvicorn's check runs as the request's task ends
+    finally:
+        served.stop()
+        logging.getLogger("uvicorn.error").removeHandler(note)
+    assert errors == []

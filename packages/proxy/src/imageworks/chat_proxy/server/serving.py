@@ -100,6 +100,24 @@ class _HeadTimer:
             self.transport.close()
 
 
+class _OpenCycles:
+    """The requests of one connection not yet answered. uvicorn tells only the newest that its
+    client left; a pipelining client's earlier request, the one running, was cancelled all the
+    same (``departure.py``), ended unanswered, and was logged as the app's error ("ASGI callable
+    returned without starting response") with a 500 sent to nobody."""
+
+    _open: tuple[Any, ...] = ()
+
+    def _opened(self, cycle: Any) -> None:
+        self._open = (*(c for c in self._open if not c.response_complete), cycle)
+
+    def _all_gone(self) -> None:
+        for cycle in self._open:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+
+
 def guarded_httptools(header_timeout: float, max_header_bytes: int = MAX_HEADER_BYTES) -> type[Any]:
     """uvicorn's httptools protocol, closing a connection whose request head is not complete
     ``header_timeout`` s after the connection's opening (later heads: after their first byte),
@@ -109,7 +127,7 @@ def guarded_httptools(header_timeout: float, max_header_bytes: int = MAX_HEADER_
 
     limit = max_header_bytes
 
-    class GuardedHttpTools(_HeadTimer, HttpToolsProtocol):
+    class GuardedHttpTools(_HeadTimer, _OpenCycles, HttpToolsProtocol):
         _departure: Departure | None = None
         max_header_bytes, refusal = limit, _too_large_head(limit)
 
@@ -149,11 +167,13 @@ def guarded_httptools(header_timeout: float, max_header_bytes: int = MAX_HEADER_
                 super().on_headers_complete()
             finally:
                 CONNECTION.reset(connection)
+            self._opened(self.cycle)
             _adapt(self.cycle, self.loop)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             super().connection_lost(exc)
+            self._all_gone()
             if self._departure is not None:
                 self._departure.gone()
 
